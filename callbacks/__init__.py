@@ -1,0 +1,1 @@
+"""Pruning strategies as Lightning Callbacks, one strategy per module."""

@@ -1,0 +1,58 @@
+"""The ``lthmaml`` command: LightningCLI over any LightningModule and DataModule (fit, validate,
+test, predict), with the defaults a MAML run needs and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lthmaml.errors import LthmamlError
+
+TRAINER_DEFAULTS = {
+    # MAML adapts with gradients inside validation and test: inference mode would forbid it.
+    "inference_mode": False,
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default"},
+    },
+}
+
+
+class MetaCLI(LightningCLI):
+    """LightningCLI with a configurable ModelCheckpoint (``--checkpoint.*``) always present and
+    ``--test_after_fit`` to test the best checkpoint when ``fit`` ends."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint."
+        )
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    try:
+        MetaCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=TRAINER_DEFAULTS,
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    except LthmamlError as error:
+        print(f"lthmaml: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Mask-aware layers.
+
+``torch.nn.utils.prune`` and ``parametrize`` keep the real weight behind a property, which
+``higher``'s functional copy loses.  Here the mask is a plain buffer and the forward pass reads
+``self.weight`` directly, so ``higher`` swaps in fast weights and still multiplies by the mask:
+a pruned entry is zero in every adapted model and receives a zero meta-gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WeightTransform = Callable[[Tensor], Tensor]
+"""Maps the stored parameter to the weight the layer computes with (e.g. Powerpropagation)."""
+
+
+class MaskedMixin:
+    """Adds a ``mask`` buffer (same shape as ``weight``) and an optional weight transform.
+
+    The effective weight is ``transform(weight) * mask``; every forward uses it, so
+    reparametrisations and pruning compose and survive ``higher.monkeypatch``.
+    """
+
+    weight: Tensor
+    mask: Tensor
+    weight_transform: Optional[WeightTransform]
+
+    def _init_mask(self) -> None:
+        self.register_buffer("mask", torch.ones_like(self.weight, dtype=self.weight.dtype))
+        self.weight_transform = None
+
+    def effective_weight(self) -> Tensor:
+        weight = self.weight if self.weight_transform is None else self.weight_transform(self.weight)
+        return weight * self.mask
+
+
+class MaskedLinear(MaskedMixin, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_mask()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+class MaskedConv2d(MaskedMixin, nn.Conv2d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **kwargs) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, **kwargs)
+        self._init_mask()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+def masked_layers(model: nn.Module) -> dict[str, MaskedMixin]:
+    """The prunable layers of ``model`` by qualified name, in definition order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MaskedMixin)}

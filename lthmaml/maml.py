@@ -1,0 +1,281 @@
+"""MAML (Finn et al. 2017) as a LightningModule, with the inner loop through ``higher``.
+
+Meta-training adapts and back-propagates one task at a time, accumulating the meta-gradient
+(manual optimization): the graph of one task is freed before the next is built, so peak memory
+does not grow with the meta-batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import higher
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import CatMetric, MeanMetric
+
+from lthmaml.data.tasks import TaskBatch
+from lthmaml.errors import ConfigError
+
+
+@dataclass
+class TaskResult:
+    """Query-set metrics of one task before and after adaptation (accuracy is None for regression)."""
+
+    loss_pre: Optional[Tensor]
+    loss_post: Tensor
+    acc_pre: Optional[Tensor] = None
+    acc_post: Optional[Tensor] = None
+
+
+def task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy for integer labels (classification), MSE for real targets (regression)."""
+    if targets.dtype in (torch.int64, torch.int32):
+        return F.cross_entropy(outputs, targets)
+    return F.mse_loss(outputs, targets)
+
+
+def task_accuracy(outputs: Tensor, targets: Tensor) -> Optional[Tensor]:
+    if targets.dtype not in (torch.int64, torch.int32):
+        return None
+    return (outputs.argmax(-1) == targets).float().mean()
+
+
+def mean_and_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean and half-width of the normal 95% confidence interval, as MAML papers report."""
+    values = values.double().flatten()
+    if values.numel() < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(1.96 * values.std(unbiased=True) / math.sqrt(values.numel()))
+
+
+class MAML(pl.LightningModule):
+    """Model-Agnostic Meta-Learning.
+
+    Args:
+        net: the network to meta-learn (built from mask-aware layers so that it can be pruned).
+        inner_lr: the inner-loop SGD step size (alpha in the paper).
+        inner_steps: inner steps during meta-training.
+        eval_inner_steps: inner steps at validation, test and predict (MAML evaluates with more).
+        first_order: drop second derivatives (FOMAML): the meta-gradient is the query gradient
+            at the adapted weights.
+        learn_inner_lr: learn one inner learning rate per parameter tensor (Meta-SGD / MAML++).
+        optimizer, lr_scheduler: the meta-optimizer, configurable the LightningCLI way.
+        gradient_clip_val: clip the meta-gradient norm (manual optimization does not use the
+            Trainer's clipping).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: int = 3,
+        first_order: bool = False,
+        learn_inner_lr: bool = False,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        gradient_clip_val: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        if inner_steps < 1 or eval_inner_steps < 0:
+            raise ConfigError("model.inner_steps must be >= 1 and model.eval_inner_steps >= 0")
+        if first_order and learn_inner_lr:
+            raise ConfigError(
+                "model.learn_inner_lr needs second-order meta-gradients: set model.first_order: false"
+            )
+        # Under LightningCLI the given config (net as class_path/init_args) is saved, so
+        # load_from_checkpoint can rebuild the net; otherwise the module object is not pickled.
+        cli_config = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=None if cli_config else ["net", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.net = net
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps
+        self.first_order = first_order
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.gradient_clip_val = gradient_clip_val
+        self.inner_lrs = (
+            nn.ParameterList(nn.Parameter(torch.tensor(float(inner_lr))) for _ in net.parameters())
+            if learn_inner_lr
+            else None
+        )
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{name}": MeanMetric()
+                for stage in ("train", "val", "test")
+                for name in ("loss_pre", "loss_post", "acc_pre", "acc_post")
+            }
+        )
+        self.test_per_task = nn.ModuleDict({name: CatMetric() for name in ("loss_post", "acc_post")})
+        self.test_results: dict[str, float] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # ------------------------------------------------------------------ the inner loop
+    def inner_optimizer(self) -> torch.optim.SGD:
+        """Plain SGD with one parameter group per tensor, so learned rates map one to one."""
+        return torch.optim.SGD([{"params": [p]} for p in self.net.parameters()], lr=self.inner_lr)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int, track_higher_grads: bool):
+        """A context manager yielding the functional net adapted to one support set.
+
+        With ``track_higher_grads`` the adapted weights stay a differentiable function of the
+        meta-parameters (second-order MAML); without it they are fresh leaves.
+        """
+        override = {"lr": list(self.inner_lrs)} if self.inner_lrs is not None else None
+        ctx = higher.innerloop_ctx(
+            self.net,
+            self.inner_optimizer(),
+            copy_initial_weights=False,
+            track_higher_grads=track_higher_grads,
+            override=override,
+        )
+        return _Adapted(ctx, support_x, support_y, steps)
+
+    def meta_train_task(self, task: TaskBatch, scale: float) -> TaskResult:
+        """Adapt to one task and back-propagate ``scale`` times its query loss into ``.grad``.
+
+        Only post-adaptation metrics: a pre-adaptation pass would cost a forward per task in
+        the hot loop, and validation reports it anyway.
+        """
+        with self.adapt(task.support_x, task.support_y, self.inner_steps, not self.first_order) as adapted:
+            logits = adapted(task.query_x)
+            loss = task_loss(logits, task.query_y)
+            self._backward_meta_loss(loss * scale, adapted)
+        return TaskResult(loss_pre=None, loss_post=loss.detach(), acc_post=task_accuracy(logits.detach(), task.query_y))
+
+    def evaluate_task(self, task: TaskBatch) -> TaskResult:
+        """Query metrics before and after ``eval_inner_steps`` of adaptation (no meta-gradient)."""
+        with torch.no_grad():
+            pre_logits = self.net(task.query_x)
+        with self.adapt(task.support_x, task.support_y, self.eval_inner_steps, False) as adapted:
+            post_logits = adapted(task.query_x).detach()
+        return TaskResult(
+            loss_pre=task_loss(pre_logits, task.query_y),
+            loss_post=task_loss(post_logits, task.query_y),
+            acc_pre=task_accuracy(pre_logits, task.query_y),
+            acc_post=task_accuracy(post_logits, task.query_y),
+        )
+
+    def _backward_meta_loss(self, loss: Tensor, adapted: nn.Module) -> None:
+        if not self.first_order:
+            self.manual_backward(loss)
+            return
+        # First-order: the query gradient at the adapted weights is the meta-gradient.
+        grads = torch.autograd.grad(loss, list(adapted.parameters()))
+        for param, grad in zip(self.net.parameters(), grads):
+            param.grad = grad if param.grad is None else param.grad + grad
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        scale = 1.0 / batch.num_tasks
+        results = [self.meta_train_task(batch.task(i), scale) for i in range(batch.num_tasks)]
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
+        optimizer.step()
+        self._log_results("train", results)
+        return torch.stack([r.loss_post for r in results]).mean()
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _evaluate(self, batch: TaskBatch, stage: str) -> list[TaskResult]:
+        if torch.is_inference_mode_enabled():
+            raise ConfigError(
+                "MAML adapts with gradients during evaluation: set trainer.inference_mode: false"
+            )
+        with torch.enable_grad():
+            results = [self.evaluate_task(batch.task(i)) for i in range(batch.num_tasks)]
+        self._log_results(stage, results)
+        return results
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        for result in self._evaluate(batch, "test"):
+            self.test_per_task["loss_post"].update(result.loss_post)
+            if result.acc_post is not None:
+                self.test_per_task["acc_post"].update(result.acc_post)
+
+    def on_test_epoch_start(self) -> None:
+        for metric in self.test_per_task.values():
+            metric.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = {}
+        for name, metric in self.test_per_task.items():
+            if metric.update_count == 0:
+                continue
+            mean, ci95 = mean_and_ci95(metric.compute())
+            self.test_results[name] = mean
+            self.test_results[f"{name}_ci95"] = ci95
+            self.log(f"test/{name}_ci95", ci95)
+        tasks = int(self.test_per_task["loss_post"].compute().numel())
+        summary = "; ".join(
+            f"{label} {self.test_results[key]:.4f} +- {self.test_results[key + '_ci95']:.4f}"
+            for key, label in (("acc_post", "accuracy"), ("loss_post", "loss (MSE for regression)"))
+            if key in self.test_results
+        )
+        rank_zero_info(
+            f"Post-adaptation on {tasks} test tasks ({self.eval_inner_steps} inner steps), "
+            f"mean +- 95% CI: {summary}"
+        )
+
+    def predict_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        """Adapted query predictions: class probabilities, or regression outputs."""
+        with torch.enable_grad():
+            outputs = []
+            for i in range(batch.num_tasks):
+                task = batch.task(i)
+                with self.adapt(task.support_x, task.support_y, self.eval_inner_steps, False) as adapted:
+                    out = adapted(task.query_x).detach()
+                outputs.append(out.softmax(-1) if task.query_y.dtype == torch.int64 else out)
+        return torch.stack(outputs)
+
+    def _log_results(self, stage: str, results: list[TaskResult]) -> None:
+        on_step = stage == "train"
+        for name in ("loss_pre", "loss_post", "acc_pre", "acc_post"):
+            values = [getattr(r, name) for r in results]
+            if values[0] is None:
+                continue
+            metric = self.metrics[f"{stage}_{name}"]
+            metric(torch.stack(values))
+            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name.endswith("post"))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+
+class _Adapted:
+    """Enters ``higher``'s context, takes the inner steps, and yields the adapted functional net."""
+
+    def __init__(self, ctx, support_x: Tensor, support_y: Tensor, steps: int) -> None:
+        self.ctx, self.support_x, self.support_y, self.steps = ctx, support_x, support_y, steps
+
+    def __enter__(self) -> nn.Module:
+        fnet, diffopt = self.ctx.__enter__()
+        for _ in range(self.steps):
+            diffopt.step(task_loss(fnet(self.support_x), self.support_y))
+        return fnet
+
+    def __exit__(self, *exc) -> None:
+        self.ctx.__exit__(*exc)
