@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/sinusoid.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow bench lint tensorboard clean
+.PHONY: setup run test test-slow lint tensorboard clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,13 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/lthmaml fit -c $(CONFIG) --test_after_fit true --trainer.enable_progress_bar false
 
+# Tests use tiny tensors: one intra-op thread each is much faster than two fighting over two cores.
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest $(PYTEST_ARGS)
 
+# The slow end-to-end tests (real Omniglot subset, kills and resumes); CI runs those marked `ci`.
 test-slow: $(STAMP)
-	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -m "$(or $(MARK),slow)" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lthmaml callbacks tests bench

@@ -122,6 +122,16 @@ class MAML(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def setup(self, stage: str) -> None:
+        """Catch a net whose output width differs from the tasks' N-way before torch does."""
+        ways = getattr(self.trainer.datamodule, "ways", None)
+        out_features = getattr(self.net, "out_features", None)
+        if ways is not None and out_features is not None and ways != out_features:
+            raise ConfigError(
+                f"model.init_args.net.init_args.out_features={out_features} but data.init_args.ways={ways}: "
+                "set them equal"
+            )
+
     # ------------------------------------------------------------------ the inner loop
     def inner_optimizer(self) -> torch.optim.SGD:
         """Plain SGD with one parameter group per tensor, so learned rates map one to one."""

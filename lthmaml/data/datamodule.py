@@ -1,0 +1,156 @@
+"""Lightning DataModules that serve meta-batches of tasks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from lthmaml.data.fewshot import FewShotTasks
+from lthmaml.data.omniglot import OmniglotImages, SplitSpec, check_class_split, load_omniglot, split_classes
+from lthmaml.data.sinusoid import SinusoidTasks
+from lthmaml.data.tasks import EpisodeDataset, EpochSampler, TaskSource
+
+
+class EpisodicDataModule(pl.LightningDataModule, ABC):
+    """Training tasks are fresh every epoch; validation and test tasks are fixed by ``seed``.
+
+    Args:
+        meta_batch_size: tasks per meta-update (and per evaluation batch).
+        tasks_per_epoch: training tasks per epoch (``tasks_per_epoch // meta_batch_size`` steps).
+        val_tasks, test_tasks: sizes of the fixed evaluation sets (600 test tasks as in MAML).
+        seed: keys every task; two evaluations of one model give identical numbers.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        meta_batch_size: int = 32,
+        tasks_per_epoch: int = 3200,
+        val_tasks: int = 200,
+        test_tasks: int = 600,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.meta_batch_size = meta_batch_size
+        self.tasks_per_epoch = tasks_per_epoch
+        self.val_tasks = val_tasks
+        self.test_tasks = test_tasks
+        self.seed = seed
+        self.num_workers = num_workers
+
+    @abstractmethod
+    def task_source(self, split: str) -> TaskSource:
+        """The task distribution of ``split`` (train, val or test)."""
+
+    def _loader(self, split: str, num_tasks: int, train: bool) -> DataLoader:
+        dataset = EpisodeDataset(self.task_source(split), num_tasks, self.seed, split)
+        return DataLoader(
+            dataset,
+            batch_size=self.meta_batch_size,
+            sampler=EpochSampler(num_tasks) if train else None,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.tasks_per_epoch, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_tasks, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.test_tasks, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+class SinusoidDataModule(EpisodicDataModule):
+    """Sinusoid regression; every split draws from the same continuous task distribution.
+
+    Args:
+        shots: K support points per task.
+        query_shots: query points per task (the meta-loss during training, the metric at test).
+    """
+
+    def __init__(self, shots: int = 5, query_shots: int = 10, meta_batch_size: int = 25, **kwargs) -> None:
+        super().__init__(meta_batch_size=meta_batch_size, **kwargs)
+        self.shots = shots
+        self.query_shots = query_shots
+
+    def task_source(self, split: str) -> SinusoidTasks:
+        return SinusoidTasks(shots=self.shots, query_shots=self.query_shots)
+
+
+class OmniglotDataModule(EpisodicDataModule):
+    """N-way K-shot Omniglot classification (MAML section 5.2) on a seeded split of classes.
+
+    Images are read in :meth:`setup`, not here, so that building the module (``--print_config``)
+    stays instant.
+
+    Args:
+        root: folder with the official zips, their unpacked folders, or ``<alphabet>/<character>/*.png``.
+        ways, shots, query_shots: the episode shape (N classes, K support and Q query images each).
+        image_size: images are resized to ``image_size`` squared (28 in MAML).
+        class_split: meta-train/val/test shares of the classes: fractions (floats) or counts (ints,
+            e.g. ``[1200, 100, 323]`` for the full set).
+        split_by_alphabet: split whole alphabets instead of characters.
+        split_seed: keys the class permutation, apart from ``seed`` so that task seeds can vary on
+            one split.
+        augment_rotations: on meta-train, each class at 90/180/270 degrees is a new class.
+        cache_dir: where decoded images are cached (default ``$LTHMAML_CACHE`` or ``~/.cache/lthmaml``).
+        **kwargs: :class:`EpisodicDataModule` arguments (meta_batch_size, tasks_per_epoch, ...).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        ways: int = 5,
+        shots: int = 1,
+        query_shots: int = 15,
+        image_size: int = 28,
+        class_split: SplitSpec = (0.6, 0.2, 0.2),
+        split_by_alphabet: bool = False,
+        split_seed: int = 0,
+        augment_rotations: bool = True,
+        cache_dir: Optional[str] = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_class_split(class_split)
+        self.root = root
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.image_size = image_size
+        self.class_split = list(class_split)
+        self.split_by_alphabet = split_by_alphabet
+        self.split_seed = split_seed
+        self.augment_rotations = augment_rotations
+        self.cache_dir = cache_dir
+        self.data: Optional[OmniglotImages] = None
+        self.class_indices: dict[str, list[int]] = {}
+        self._sources: dict[str, FewShotTasks] = {}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.data is None:
+            self.data = load_omniglot(self.root, self.image_size, self.cache_dir)
+            self.class_indices = split_classes(
+                self.data.classes, self.class_split, self.split_seed, self.split_by_alphabet
+            )
+
+    def task_source(self, split: str) -> FewShotTasks:
+        if split not in self._sources:
+            self.setup()
+            self._sources[split] = FewShotTasks(
+                self.data.images[self.class_indices[split]],
+                self.ways,
+                self.shots,
+                self.query_shots,
+                rotations=self.augment_rotations and split == "train",
+                name=split,
+            )
+        return self._sources[split]

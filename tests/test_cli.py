@@ -1,0 +1,99 @@
+"""The ``lthmaml`` LightningCLI: configs, subcommands, run folders and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lthmaml.cli import main
+from lthmaml.maml import MAML
+from lthmaml.models import MLP
+
+REPO = Path(__file__).resolve().parents[1]
+SINUSOID = str(REPO / "configs" / "sinusoid.yaml")
+TINY = [
+    "--trainer.max_epochs", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--data.init_args.tasks_per_epoch", "50",
+    "--data.init_args.meta_batch_size", "10",
+    "--data.init_args.val_tasks", "20",
+    "--data.init_args.test_tasks", "20",
+]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_print_config_resolves_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", SINUSOID, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"] == "lthmaml.maml.MAML"
+    assert config["model"]["init_args"]["inner_lr"] == 0.01
+    assert config["trainer"]["inference_mode"] is False
+    assert config["checkpoint"]["monitor"] == "val/loss_post"
+
+
+def test_configs_stack_with_repeated_c(tmp_path, capsys):
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  init_args:\n    inner_lr: 0.05\n    first_order: true\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", SINUSOID, "-c", str(override), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["inner_lr"] == 0.05
+    assert config["model"]["init_args"]["first_order"] is True
+    assert config["model"]["init_args"]["eval_inner_steps"] == 10  # kept from the first file
+
+
+def test_unknown_config_key_names_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    inner_learning_rate: 0.05\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", SINUSOID, "-c", str(bad)])
+    assert exit_info.value.code == 2
+    assert "inner_learning_rate" in capsys.readouterr().err
+
+
+def test_fit_writes_run_folder_then_test_and_predict_from_the_checkpoint(in_tmp, capsys, caplog):
+    main(["fit", "-c", SINUSOID, *TINY, "--test_after_fit", "true"])
+    run = in_tmp / "runs" / "sinusoid" / "version_0"
+    assert (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert "Post-adaptation on 20 test tasks (10 inner steps), mean +- 95% CI" in caplog.text
+
+    model = MAML.load_from_checkpoint(last)
+    assert isinstance(model.net, MLP) and model.inner_lr == 0.01
+
+    for sub in ("validate", "test", "predict"):
+        main([sub, "-c", SINUSOID, *TINY, "--ckpt_path", str(last)])
+    captured = capsys.readouterr()
+    assert "test/loss_post" in captured.out and "val/loss_post" in captured.out
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(in_tmp):
+    main(["fit", "-c", SINUSOID, *TINY])
+    last = in_tmp / "runs" / "sinusoid" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["fit", "-c", SINUSOID, *TINY, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
+    resumed = torch.load(in_tmp / "runs" / "sinusoid" / "version_1" / "checkpoints" / "last.ckpt",
+                         weights_only=False)
+    assert resumed["global_step"] == 10 and resumed["epoch"] == 1
+
+
+def test_ways_mismatch_is_a_one_line_config_error(in_tmp, capsys, monkeypatch):
+    from lthmaml.data import SinusoidDataModule
+
+    monkeypatch.setattr(SinusoidDataModule, "ways", 5, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", SINUSOID, *TINY])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lthmaml: error:") and "out_features=1" in err and "ways=5" in err
