@@ -8,7 +8,8 @@ a pruned entry is zero in every adapted model and receives a zero meta-gradient.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

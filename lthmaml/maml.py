@@ -163,7 +163,9 @@ class MAML(pl.LightningModule):
             logits = adapted(task.query_x)
             loss = task_loss(logits, task.query_y)
             self._backward_meta_loss(loss * scale, adapted)
-        return TaskResult(loss_pre=None, loss_post=loss.detach(), acc_post=task_accuracy(logits.detach(), task.query_y))
+        return TaskResult(
+            loss_pre=None, loss_post=loss.detach(), acc_post=task_accuracy(logits.detach(), task.query_y)
+        )
 
     def evaluate_task(self, task: TaskBatch) -> TaskResult:
         """Query metrics before and after ``eval_inner_steps`` of adaptation (no meta-gradient)."""
@@ -266,7 +268,9 @@ class MAML(pl.LightningModule):
                 continue
             metric = self.metrics[f"{stage}_{name}"]
             metric(torch.stack(values))
-            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name.endswith("post"))
+            self.log(
+                f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name.endswith("post")
+            )
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())

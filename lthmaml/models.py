@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -58,9 +58,7 @@ class Conv4(nn.Module):
 class MLP(nn.Module):
     """A ReLU multilayer perceptron; the default 1-40-40-1 is the MAML sinusoid regressor."""
 
-    def __init__(
-        self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1
-    ) -> None:
+    def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1) -> None:
         super().__init__()
         self.out_features = out_features
         widths = [in_features, *hidden]

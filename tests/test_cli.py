@@ -15,12 +15,18 @@ from lthmaml.models import MLP
 REPO = Path(__file__).resolve().parents[1]
 SINUSOID = str(REPO / "configs" / "sinusoid.yaml")
 TINY = [
-    "--trainer.max_epochs", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--data.init_args.tasks_per_epoch", "50",
-    "--data.init_args.meta_batch_size", "10",
-    "--data.init_args.val_tasks", "20",
-    "--data.init_args.test_tasks", "20",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.tasks_per_epoch",
+    "50",
+    "--data.init_args.meta_batch_size",
+    "10",
+    "--data.init_args.val_tasks",
+    "20",
+    "--data.init_args.test_tasks",
+    "20",
 ]
 
 
@@ -83,8 +89,9 @@ def test_resume_from_last_checkpoint_continues_the_step_count(in_tmp):
     main(["fit", "-c", SINUSOID, *TINY])
     last = in_tmp / "runs" / "sinusoid" / "version_0" / "checkpoints" / "last.ckpt"
     main(["fit", "-c", SINUSOID, *TINY, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
-    resumed = torch.load(in_tmp / "runs" / "sinusoid" / "version_1" / "checkpoints" / "last.ckpt",
-                         weights_only=False)
+    resumed = torch.load(
+        in_tmp / "runs" / "sinusoid" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False
+    )
     assert resumed["global_step"] == 10 and resumed["epoch"] == 1
 
 

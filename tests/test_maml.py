@@ -208,9 +208,16 @@ def test_mean_and_ci95_matches_the_normal_interval():
 def test_short_sinusoid_run_adapts_well_below_the_unadapted_mse():
     torch.manual_seed(0)
     net = MLP()
-    dm = SinusoidDataModule(shots=10, query_shots=10, meta_batch_size=10, tasks_per_epoch=4000, test_tasks=100)
-    model = MAML(net, inner_lr=0.02, inner_steps=1, eval_inner_steps=10,
-                 optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    dm = SinusoidDataModule(
+        shots=10, query_shots=10, meta_batch_size=10, tasks_per_epoch=4000, test_tasks=100
+    )
+    model = MAML(
+        net,
+        inner_lr=0.02,
+        inner_steps=1,
+        eval_inner_steps=10,
+        optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
+    )
     trainer(max_epochs=1).fit(model, datamodule=dm)
     results = trainer().test(model, datamodule=dm, verbose=False)[0]
     assert results["test/loss_post"] < 0.6 * results["test/loss_pre"]

@@ -40,7 +40,9 @@ class FewShotTasks:
         classes, examples = images.shape[:2]
         pool = classes * self.rotations
         if ways < 1 or shots < 1 or query_shots < 1:
-            raise ConfigError(f"data.ways, data.shots and data.query_shots must be >= 1 (got {ways}, {shots}, {query_shots})")
+            raise ConfigError(
+                f"data.ways, data.shots, data.query_shots must be >= 1 (got {ways}, {shots}, {query_shots})"
+            )
         if ways > pool:
             raise ConfigError(
                 f"data.ways={ways} but the {name} split has only {pool} classes"

@@ -7,7 +7,8 @@ index)``, so evaluation sets are fixed and a resumed run sees the same training 
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Protocol
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ class TaskBatch(NamedTuple):
     query_x: Tensor
     query_y: Tensor
 
-    def task(self, index: int) -> "TaskBatch":
+    def task(self, index: int) -> TaskBatch:
         return TaskBatch(*(field[index] for field in self))
 
     @property
