@@ -57,6 +57,22 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
         return self._conv_forward(x, self.effective_weight(), self.bias)
 
 
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose output channels can be switched off by a ``channel_mask`` buffer.
+
+    Zeroing a conv filter is not enough to remove a channel: the BatchNorm after it would still
+    emit its shift ``beta``, and the inner loop would adapt ``beta`` away from zero. Multiplying
+    the output by the mask keeps a pruned channel at exactly zero and its parameters' gradients too.
+    """
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.register_buffer("channel_mask", torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * self.channel_mask.view(1, -1, *([1] * (x.dim() - 2)))
+
+
 def masked_layers(model: nn.Module) -> dict[str, MaskedMixin]:
     """The prunable layers of ``model`` by qualified name, in definition order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MaskedMixin)}

@@ -6,14 +6,14 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lthmaml.layers import MaskedConv2d, MaskedLinear
+from lthmaml.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     """3x3 conv, BatchNorm on the batch's own statistics (as MAML does), ReLU, 2x2 max-pool."""
     return nn.Sequential(
         MaskedConv2d(in_channels, out_channels, 3, padding=1),
-        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        MaskedBatchNorm2d(out_channels, track_running_stats=False),
         nn.ReLU(),
         nn.MaxPool2d(2),
     )

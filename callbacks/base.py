@@ -1,0 +1,127 @@
+"""What every pruning callback does the same way, so a strategy file holds only its method.
+
+Written after Lightning's own ``ModelPruning``: masks are re-applied after every optimizer step,
+sparsity is logged, and the callback's state rides in the checkpoint so a resumed fit continues
+the schedule. Round bookkeeping (``rounds/round_XX/{mask.safetensors, metrics.json, model.ckpt}``)
+and the per-round table printed at fit end live here too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lthmaml import sparsity
+from lthmaml.sparsity import Scope
+
+
+class PruningCallback(Callback):
+    """Base class of the pruning strategies.
+
+    Args:
+        scope: rank scores over all layers together (``global``) or within each layer.
+        exclude: names of mask-aware layers never pruned (e.g. ``net.head``).
+        layer_rates: layers pruned on their own at a multiple of the rate (``{net.head: 0.5}``
+            prunes the output layer at half rate, as the LTH papers do).
+    """
+
+    def __init__(
+        self,
+        scope: Scope = "global",
+        exclude: Sequence[str] = (),
+        layer_rates: Optional[Mapping[str, float]] = None,
+    ) -> None:
+        self.scope = scope
+        self.exclude = tuple(exclude)
+        self.layer_rates = dict(layer_rates or {})
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ engine calls for strategies
+    def prunable(self, pl_module: pl.LightningModule) -> dict[str, sparsity.MaskedMixin]:
+        return sparsity.prunable_layers(pl_module, self.exclude)
+
+    def prune(self, pl_module: pl.LightningModule, scores: Mapping[str, Tensor], fraction: float) -> None:
+        """Remove ``fraction`` of the remaining weights with the lowest ``scores``."""
+        masks = sparsity.prune_lowest(
+            sparsity.masks_of(pl_module), scores, fraction, self.scope, self.layer_rates
+        )
+        sparsity.load_masks(pl_module, masks)
+
+    @staticmethod
+    def reset_optimizers(trainer: pl.Trainer) -> None:
+        """Fresh optimizer and scheduler state, as a new training round starts from scratch."""
+        trainer.strategy.setup_optimizers(trainer)
+
+    @staticmethod
+    def run_dir(trainer: pl.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def write_round(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, Any]
+    ) -> Path:
+        """Record a finished round: masks, metrics JSON and a checkpoint under ``rounds/round_XX``."""
+        report = sparsity.sparsity_report(pl_module)
+        record = {"round": len(self.history), "sparsity": report.sparsity, **metrics}
+        self.history.append(record)
+        folder = self.run_dir(trainer) / "rounds" / f"round_{record['round']:02d}"
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            sparsity.save_masks(folder / "mask.safetensors", sparsity.masks_of(pl_module), record)
+            (folder / "metrics.json").write_text(
+                json.dumps({**record, "layers": report.as_dict()["layers"]}, indent=2)
+            )
+        trainer.save_checkpoint(folder / "model.ckpt")
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(
+                {f"prune/{k}": float(v) for k, v in record.items() if isinstance(v, (int, float))},
+                step=trainer.global_step,
+            )
+        return folder
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.prunable(pl_module)  # fail early, naming the layers, if exclude is wrong
+        # Checkpoints must be written after a round's pruning step, which runs at epoch end.
+        for checkpoint in trainer.checkpoint_callbacks:
+            checkpoint._save_on_train_epoch_end = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        sparsity.apply_masks(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("sparsity", sparsity.sparsity_report(pl_module).sparsity)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank_zero_info(
+            f"{type(self).__name__}: final sparsity\n{sparsity.sparsity_report(pl_module).table()}"
+        )
+        if self.history:
+            rank_zero_info(round_table(self.history))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+def round_table(history: Sequence[Mapping[str, Any]]) -> str:
+    """The per-round table printed at fit end: every numeric field of each round's record."""
+    keys = [k for k in history[0] if isinstance(history[0][k], (int, float))]
+    for record in history[1:]:
+        keys += [k for k in record if k not in keys and isinstance(record[k], (int, float))]
+    lines = ["".join(f"{k:>16}" for k in keys)]
+    for record in history:
+        cells = []
+        for key in keys:
+            value = record.get(key, "")
+            cells.append(f"{value:>16.4f}" if isinstance(value, float) else f"{value!s:>16}")
+        lines.append("".join(cells))
+    return "\n".join(lines)
