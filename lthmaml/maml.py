@@ -8,6 +8,7 @@ does not grow with the meta-batch size.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -188,6 +189,21 @@ class MAML(pl.LightningModule):
         grads = torch.autograd.grad(loss, list(adapted.parameters()))
         for param, grad in zip(self.net.parameters(), grads):
             param.grad = grad if param.grad is None else param.grad + grad
+
+    def task_losses(self, batch: TaskBatch, adapted: bool = False) -> Iterator[Tensor]:
+        """One loss per task for pruning criteria, differentiable w.r.t. the meta-parameters.
+
+        ``adapted=False``: the support loss at the meta-parameters (the meta-gradient pruning
+        criterion's first-order task gradient). ``adapted=True``: the query loss after the
+        training inner loop, whose last forward pass is the query's (Taylor pruning observes it).
+        """
+        for i in range(batch.num_tasks):
+            task = batch.task(i)
+            if not adapted:
+                yield task_loss(self.net(task.support_x), task.support_y)
+                continue
+            with self.adapt(task.support_x, task.support_y, self.inner_steps, False) as fnet:
+                yield task_loss(fnet(task.query_x), task.query_y)
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
