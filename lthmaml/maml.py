@@ -13,17 +13,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import higher
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
 from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError
+from lthmaml.module import NetModule
 
 
 @dataclass
@@ -57,7 +56,7 @@ def mean_and_ci95(values: Tensor) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(unbiased=True) / math.sqrt(values.numel()))
 
 
-class MAML(pl.LightningModule):
+class MAML(NetModule):
     """Model-Agnostic Meta-Learning.
 
     Args:
@@ -85,25 +84,19 @@ class MAML(pl.LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         gradient_clip_val: Optional[float] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(net, optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=self.unsaved_hparams())
         if inner_steps < 1 or eval_inner_steps < 0:
             raise ConfigError("model.inner_steps must be >= 1 and model.eval_inner_steps >= 0")
         if first_order and learn_inner_lr:
             raise ConfigError(
                 "model.learn_inner_lr needs second-order meta-gradients: set model.first_order: false"
             )
-        # Under LightningCLI the given config (net as class_path/init_args) is saved, so
-        # load_from_checkpoint can rebuild the net; otherwise the module object is not pickled.
-        cli_config = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if cli_config else ["net", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
-        self.net = net
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
         self.inner_lrs = (
             nn.ParameterList(nn.Parameter(torch.tensor(float(inner_lr))) for _ in net.parameters())
@@ -119,9 +112,6 @@ class MAML(pl.LightningModule):
         )
         self.test_per_task = nn.ModuleDict({name: CatMetric() for name in ("loss_post", "acc_post")})
         self.test_results: dict[str, float] = {}
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
     def setup(self, stage: str) -> None:
         """Catch a net whose output width differs from the tasks' N-way before torch does."""
@@ -287,12 +277,6 @@ class MAML(pl.LightningModule):
             self.log(
                 f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name.endswith("post")
             )
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
 
 class _Adapted:

@@ -10,14 +10,14 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lthmaml.data.omniglot import load_omniglot
+from lthmaml.module import NetModule
 
 
-class Classifier(pl.LightningModule):
+class Classifier(NetModule):
     """Cross-entropy training of ``net`` on (image, label) batches."""
 
     def __init__(
@@ -26,15 +26,8 @@ class Classifier(pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
-        super().__init__()
-        cli_config = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if cli_config else ["net", "optimizer", "lr_scheduler"])
-        self.net = net
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        super().__init__(net, optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=self.unsaved_hparams())
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
@@ -57,12 +50,6 @@ class Classifier(pl.LightningModule):
         """The loss pruning criteria differentiate: here one per batch (there is no inner loop)."""
         x, y = batch
         yield F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
 
 class OmniglotClassificationDataModule(pl.LightningDataModule):

@@ -1,0 +1,46 @@
+"""What the LightningModules here share: a net, a configurable optimizer, portable hyperparameters."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
+
+
+class NetModule(pl.LightningModule):
+    """A LightningModule around ``net`` with the optimizer and scheduler given the LightningCLI way.
+
+    Under LightningCLI the given config (``net`` as class_path/init_args) is saved as
+    hyperparameters, so ``load_from_checkpoint`` rebuilds the net; outside it the module objects
+    are left out instead of being pickled into the checkpoint.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+
+    @staticmethod
+    def unsaved_hparams() -> Optional[list[str]]:
+        """``ignore=`` for ``save_hyperparameters`` in a subclass ``__init__``."""
+        cli_config = _given_hyperparameters.get() is not None
+        return None if cli_config else ["net", "optimizer", "lr_scheduler"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
