@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lthmaml import sparsity
+from lthmaml.errors import ConfigError
 from lthmaml.sparsity import Scope
 
 
@@ -47,10 +48,20 @@ class PruningCallback(Callback):
     def prunable(self, pl_module: pl.LightningModule) -> dict[str, sparsity.MaskedMixin]:
         return sparsity.prunable_layers(pl_module, self.exclude)
 
-    def prune(self, pl_module: pl.LightningModule, scores: Mapping[str, Tensor], fraction: float) -> None:
-        """Remove ``fraction`` of the remaining weights with the lowest ``scores``."""
+    def prune(
+        self,
+        pl_module: pl.LightningModule,
+        scores: Mapping[str, Tensor],
+        fraction: float,
+        rounds: Optional[int] = None,
+    ) -> None:
+        """Remove ``fraction`` of the remaining weights with the lowest ``scores``.
+
+        With ``rounds=r``, prune up to ``1 - (1 - fraction) ** r`` of all weights instead (round r of
+        an iterative schedule; see :func:`lthmaml.sparsity.prune_lowest`).
+        """
         masks = sparsity.prune_lowest(
-            sparsity.masks_of(pl_module), scores, fraction, self.scope, self.layer_rates
+            sparsity.masks_of(pl_module), scores, fraction, self.scope, self.layer_rates, rounds
         )
         sparsity.load_masks(pl_module, masks)
 
@@ -77,7 +88,7 @@ class PruningCallback(Callback):
             (folder / "metrics.json").write_text(
                 json.dumps({**record, "layers": report.as_dict()["layers"]}, indent=2)
             )
-        trainer.save_checkpoint(folder / "model.ckpt")
+        trainer.save_checkpoint(folder / "model.ckpt", weights_only=False)  # optimizer, callbacks too
         if trainer.logger is not None:
             trainer.logger.log_metrics(
                 {f"prune/{k}": float(v) for k, v in record.items() if isinstance(v, (int, float))},
@@ -87,10 +98,13 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.prunable(pl_module)  # fail early, naming the layers, if exclude is wrong
-        # Checkpoints must be written after a round's pruning step, which runs at epoch end.
-        for checkpoint in trainer.checkpoint_callbacks:
-            checkpoint._save_on_train_epoch_end = True
+        layers = self.prunable(pl_module)  # fail early, naming the layers, if exclude is wrong
+        unknown = sorted(set(self.layer_rates) - set(layers))
+        if unknown:  # ... and if layer_rates is (its names differ between nets: net.head, net.net.4)
+            raise ConfigError(
+                f"{type(self).__name__}: layer_rates names {unknown}, which are not prunable layers of "
+                f"{type(pl_module).__name__}; choose from {sorted(layers)}"
+            )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         sparsity.apply_masks(pl_module)
@@ -117,11 +131,12 @@ def round_table(history: Sequence[Mapping[str, Any]]) -> str:
     keys = [k for k in history[0] if isinstance(history[0][k], (int, float))]
     for record in history[1:]:
         keys += [k for k in record if k not in keys and isinstance(record[k], (int, float))]
-    lines = ["".join(f"{k:>16}" for k in keys)]
+    widths = [max(12, len(key) + 2) for key in keys]
+    lines = ["".join(f"{key:>{width}}" for key, width in zip(keys, widths))]
     for record in history:
         cells = []
-        for key in keys:
+        for key, width in zip(keys, widths):
             value = record.get(key, "")
-            cells.append(f"{value:>16.4f}" if isinstance(value, float) else f"{value!s:>16}")
+            cells.append(f"{value:>{width}.4f}" if isinstance(value, float) else f"{value!s:>{width}}")
         lines.append("".join(cells))
     return "\n".join(lines)

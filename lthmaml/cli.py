@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lthmaml.checkpointing import LastCheckpoint
 from lthmaml.errors import ConfigError, LthmamlError
 
 TRAINER_DEFAULTS = {
@@ -24,12 +26,12 @@ TRAINER_DEFAULTS = {
 
 
 class MetaCLI(LightningCLI):
-    """LightningCLI with a configurable ModelCheckpoint (``--checkpoint.*``) always present and
+    """LightningCLI with a configurable best-checkpoint callback (``--checkpoint.*``), a
+    ``last.ckpt`` written every epoch (resume with ``--ckpt_path .../last.ckpt``), and
     ``--test_after_fit`` to test the best checkpoint when ``fit`` ends."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint."
         )
@@ -47,6 +49,12 @@ class MetaCLI(LightningCLI):
             if threads < 1:
                 raise ConfigError(f"--threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.checkpoint_callback is not None:  # checkpointing can be switched off
+            trainer.callbacks.append(LastCheckpoint())
+        return trainer
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):

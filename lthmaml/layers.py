@@ -63,14 +63,21 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     Zeroing a conv filter is not enough to remove a channel: the BatchNorm after it would still
     emit its shift ``beta``, and the inner loop would adapt ``beta`` away from zero. Multiplying
     the output by the mask keeps a pruned channel at exactly zero and its parameters' gradients too.
+
+    ``output_hook``, when set, sees the masked output and returns what the layer emits (Taylor
+    pruning multiplies a gate of ones there to read activation x gradient). It is a plain
+    attribute like ``weight_transform``, so ``higher``'s functional copy keeps it; forward hooks
+    registered on the module are not copied and would not fire inside the inner loop.
     """
 
     def __init__(self, num_features: int, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
         self.register_buffer("channel_mask", torch.ones(num_features))
+        self.output_hook: Optional[Callable[[Tensor], Tensor]] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) * self.channel_mask.view(1, -1, *([1] * (x.dim() - 2)))
+        out = super().forward(x) * self.channel_mask.view(1, -1, *([1] * (x.dim() - 2)))
+        return out if self.output_hook is None else self.output_hook(out)
 
 
 def masked_layers(model: nn.Module) -> dict[str, MaskedMixin]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Union
 
 from torch import Tensor, nn
 
@@ -25,7 +26,8 @@ class Conv4(nn.Module):
     Args:
         out_features: number of classes per task (the N in N-way).
         in_channels: image channels (1 for Omniglot).
-        hidden_channels: filters per conv block (64 in the MAML paper).
+        hidden_channels: filters per conv block (64 in the MAML paper), or one width per block
+            (what ``lthmaml.sparsity.shrink`` builds after filter pruning).
         image_size: side of the square input; fixes the head's input width.
         blocks: number of conv blocks.
     """
@@ -34,22 +36,32 @@ class Conv4(nn.Module):
         self,
         out_features: int = 5,
         in_channels: int = 1,
-        hidden_channels: int = 64,
+        hidden_channels: Union[int, Sequence[int]] = 64,
         image_size: int = 28,
         blocks: int = 4,
     ) -> None:
         super().__init__()
+        widths = [hidden_channels] * blocks if isinstance(hidden_channels, int) else list(hidden_channels)
+        if len(widths) != blocks:
+            raise ValueError(f"hidden_channels has {len(widths)} widths for {blocks} blocks")
         self.out_features = out_features
         self.in_channels = in_channels
         self.image_size = image_size
-        channels = [in_channels] + [hidden_channels] * blocks
+        self.architecture = {
+            "out_features": out_features,
+            "in_channels": in_channels,
+            "hidden_channels": widths,
+            "image_size": image_size,
+            "blocks": blocks,
+        }
+        channels = [in_channels, *widths]
         self.features = nn.Sequential(*(conv_block(a, b) for a, b in zip(channels, channels[1:])))
         side = image_size
         for _ in range(blocks):
             side //= 2
         if side < 1:
             raise ValueError(f"image_size={image_size} is too small for {blocks} pooling blocks")
-        self.head = MaskedLinear(hidden_channels * side * side, out_features)
+        self.head = MaskedLinear(widths[-1] * side * side, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))

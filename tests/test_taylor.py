@@ -1,0 +1,500 @@
+"""Taylor filter pruning (Molchanov et al. 2017) and ``shrink``: the criterion against a hand
+computation, the ranking, the schedule, pruned channels held at zero, shrunk nets, YAML runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import higher
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks.taylor import TaylorFilterPruning, layer_normalized, lowest_filters, taylor_scores
+from lthmaml import sparsity
+from lthmaml.cli import main
+from lthmaml.data import EpisodicDataModule, FewShotTasks, SinusoidDataModule
+from lthmaml.data.tasks import TaskBatch
+from lthmaml.errors import ConfigError
+from lthmaml.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
+from lthmaml.maml import MAML
+from lthmaml.models import MLP, Conv4
+from lthmaml.supervised import Classifier
+
+REPO = Path(__file__).resolve().parents[1]
+CONVS = ("net.features.0.0", "net.features.1.0")
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    options = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def conv_net(hidden: int = 4, blocks: int = 2) -> Conv4:
+    torch.manual_seed(0)
+    return Conv4(out_features=3, hidden_channels=hidden, image_size=8, blocks=blocks)
+
+
+class TinyImageTasks(EpisodicDataModule):
+    """3-way 1-shot tasks (2 query images a class) on 8x8 random images."""
+
+    ways = 3
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.images = torch.rand(8, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def task_source(self, split):
+        return FewShotTasks(self.images, ways=3, shots=1, query_shots=2, name=split)
+
+
+class TinyImages(pl.LightningDataModule):
+    """24 labelled 8x8 random images in batches of 6, for the supervised Classifier."""
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.rand(24, 1, 8, 8, generator=generator)
+        y = torch.randint(0, 3, (24,), generator=generator)
+        return DataLoader(TensorDataset(x, y), batch_size=6)
+
+
+def batchnorms_of(model: nn.Module) -> dict[str, MaskedBatchNorm2d]:
+    return {name: bn for name, (_, bn) in sparsity.conv_batchnorm_pairs(model).items()}
+
+
+def hand_taylor(net: Conv4, loss_of) -> list[Tensor]:
+    """|mean over examples and positions of a * dL/da| per channel of each BatchNorm output,
+    with plain forward hooks and retained gradients (no gates)."""
+    outputs: list[Tensor] = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outputs.append(out)
+
+    handles = [block[1].register_forward_hook(keep) for block in net.features]
+    loss_of(net).backward()
+    for handle in handles:
+        handle.remove()
+    query = outputs[-len(net.features) :]  # the last forward pass is the loss's
+    return [(a * a.grad).mean(dim=(0, 2, 3)).abs().detach() for a in query]
+
+
+def normalized(values: Tensor) -> Tensor:
+    return values / values.norm()
+
+
+def alive_of(model: nn.Module) -> dict[str, Tensor]:
+    return {
+        name: sparsity.alive_channels(conv)
+        for name, (conv, _) in sparsity.conv_batchnorm_pairs(model).items()
+    }
+
+
+# ---------------------------------------------------------------------------------- the criterion
+def test_taylor_score_of_the_classifier_batch_loss_matches_a_hand_computation():
+    net = conv_net()
+    model = Classifier(net)
+    sparsity.prune_channels(model, "net.features.0.0", [2])
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    scores, count = taylor_scores(batchnorms_of(model), model.task_losses((x, y), adapted=True))
+    expected = hand_taylor(copy.deepcopy(net), lambda n: F.cross_entropy(n(x), y))
+    assert count == 1
+    for name, want in zip(CONVS, expected):
+        torch.testing.assert_close(scores[name], want, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(layer_normalized(scores)[name], normalized(want), rtol=0, atol=1e-6)
+    assert scores[CONVS[0]][2] == 0 and torch.all(scores[CONVS[0]][[0, 1, 3]] > 0)
+    assert all(bn.output_hook is None for bn in batchnorms_of(model).values())  # gates removed
+
+
+def test_taylor_score_of_maml_is_the_adapted_query_loss_summed_over_tasks_of_abs():
+    net = conv_net()
+    model = MAML(net, inner_lr=0.3, inner_steps=2)
+    generator = torch.Generator().manual_seed(1)
+    batch = TaskBatch(
+        torch.rand(2, 3, 1, 8, 8, generator=generator),
+        torch.tensor([[0, 1, 2], [2, 1, 0]]),
+        torch.rand(2, 6, 1, 8, 8, generator=generator),
+        torch.tensor([[0, 1, 2, 0, 1, 2], [1, 1, 0, 0, 2, 2]]),
+    )
+    scores, count = taylor_scores(batchnorms_of(model), model.task_losses(batch, adapted=True))
+
+    def adapted_query_loss(task: TaskBatch):
+        def loss_of(copy_net: Conv4) -> Tensor:
+            for _ in range(2):  # the inner loop by hand: plain SGD at the inner learning rate
+                grads = torch.autograd.grad(
+                    F.cross_entropy(copy_net(task.support_x), task.support_y), list(copy_net.parameters())
+                )
+                with torch.no_grad():
+                    for param, grad in zip(copy_net.parameters(), grads):
+                        param -= 0.3 * grad
+            return F.cross_entropy(copy_net(task.query_x), task.query_y)
+
+        return loss_of
+
+    per_task = [hand_taylor(copy.deepcopy(net), adapted_query_loss(batch.task(i))) for i in range(2)]
+    unadapted = hand_taylor(
+        copy.deepcopy(net), lambda n: F.cross_entropy(n(batch.query_x[0]), batch.query_y[0])
+    )
+    assert count == 2
+    for layer, name in enumerate(CONVS):
+        want = per_task[0][layer] + per_task[1][layer]
+        torch.testing.assert_close(scores[name], want, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(layer_normalized(scores)[name], normalized(want), rtol=0, atol=1e-6)
+    # The gates survived higher's functional copy: the inner loop changed the scores.
+    assert (per_task[0][0] - unadapted[0]).abs().max() > 1e-3 * per_task[0][0].max()
+
+
+def test_layer_normalisation_decides_the_global_ranking_and_lowest_filters_go_first():
+    raw = {"a": torch.tensor([1.0, 100.0, 100.0, 100.0]), "b": torch.tensor([0.5, 0.6, 0.7, 0.8])}
+    alive = {name: torch.ones(4, dtype=torch.bool) for name in raw}
+    assert lowest_filters(raw, alive, 2) == {"b": [0, 1]}  # unnormalised, layer b would lose two
+    assert lowest_filters(layer_normalized(raw), alive, 2) == {"a": [0], "b": [0]}
+    assert lowest_filters(layer_normalized(raw), alive, 3) == {"a": [0], "b": [0, 1]}
+    # Already pruned filters are not candidates; a layer never loses its last filter.
+    alive = {"a": torch.tensor([False, True, False, False]), "b": torch.tensor([True, True, False, True])}
+    scores = {"a": torch.tensor([0.0, 0.0, 0.0, 0.0]), "b": torch.tensor([9.0, 0.3, 0.0, 0.2])}
+    assert lowest_filters(scores, alive, 2) == {"b": [3, 1]}
+    assert lowest_filters(scores, alive, 5) == {"b": [3, 1]}
+    # Ties go to the earlier layer, then the lower index.
+    assert lowest_filters(
+        {"a": torch.ones(3), "b": torch.ones(3)}, {"a": torch.ones(3), "b": torch.ones(3)}, 3
+    ) == {
+        "a": [0, 1],
+        "b": [0],
+    }
+
+
+# ---------------------------------------------------------------------------------- the schedule
+class SpyTaylor(TaylorFilterPruning):
+    """Records the normalised scores and living filters just before each pruning step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
+
+    def prune_step(self, trainer, pl_module, count):
+        sums = {name: s.clone() for name, s in self.score_sums.items()}
+        self.seen.append((layer_normalized(sums), alive_of(pl_module)))
+        super().prune_step(trainer, pl_module, count)
+
+
+def test_maml_schedule_prunes_lowest_filters_stops_at_target_and_keeps_them_at_zero(tmp_path):
+    net = conv_net()  # 2 blocks x 4 = 8 filters
+    model = MAML(net, inner_lr=0.3)
+    callback = SpyTaylor(filters_per_step=3, steps_between=2, target_fraction=0.5, accumulate_batches=1)
+    data = TinyImageTasks(meta_batch_size=2, tasks_per_epoch=14)
+    trainer(max_steps=7, callbacks=[callback], default_root_dir=tmp_path).fit(model, datamodule=data)
+
+    # Steps 2 and 4 prune 3 then 1 filter (the target is round(0.5 * 8) = 4); steps 5-7 only train.
+    assert [(r["step"], r["filters_pruned"], r["filters_remaining"]) for r in callback.history] == [
+        (2, 3, 5),
+        (4, 4, 4),
+    ]
+    assert [r["tasks_scored"] for r in callback.history] == [2, 2]  # one batch of 2 tasks each time
+    assert callback.steps == 4 and callback.score_sums == {}
+    alive = alive_of(model)
+    assert sum(int(a.sum()) for a in alive.values()) == 4 and all(a.sum() >= 1 for a in alive.values())
+
+    # Each step removed filters scoring no higher than any filter it left in a layer of more than one.
+    for index, (scores, alive_before) in enumerate(callback.seen):
+        alive_after = callback.seen[index + 1][1] if index + 1 < len(callback.seen) else alive
+        removed = [
+            float(scores[n][c])
+            for n in scores
+            for c in (alive_before[n] & ~alive_after[n]).nonzero().flatten()
+        ]
+        kept = [
+            float(scores[n][c])
+            for n in scores
+            if int(alive_after[n].sum()) > 1
+            for c in alive_after[n].nonzero().flatten()
+        ]
+        assert removed and max(removed) <= min(kept)
+
+    # Round folders: one per pruning step, with the masks and the filters left per layer.
+    rounds = sorted((tmp_path / "rounds").iterdir())
+    assert [p.name for p in rounds] == ["round_00", "round_01"]
+    metrics = json.loads((rounds[1] / "metrics.json").read_text())
+    assert metrics["filters_remaining"] == 4 and sum(metrics["channels"].values()) == 4
+    saved = sparsity.read_masks(rounds[1] / "mask.safetensors")
+    assert all(torch.equal(saved[name], mask) for name, mask in sparsity.masks_of(model).items())
+    assert (rounds[1] / "model.ckpt").is_file()
+
+    # Pruned channels: zero raw weights after three Adam steps, zero maps after BN and after adaptation.
+    task = data.task_source("train").sample(np.random.default_rng(0))
+    for block, name in zip(net.features, CONVS):
+        dead = ~alive[name]
+        assert torch.all(block[0].weight[dead] == 0)
+        assert torch.all(block[1].weight[dead] == 0) and torch.all(block[1].bias[dead] == 0)
+    maps = block_outputs(net, task.query_x)
+    with model.adapt(task.support_x, task.support_y, 3, False) as adapted:
+        adapted_maps = block_outputs(adapted, task.query_x)
+    for name, out, adapted_out in zip(CONVS, maps, adapted_maps):
+        dead = ~alive[name]
+        assert torch.all(out[:, dead] == 0) and torch.all(adapted_out[:, dead] == 0)
+        assert out[:, ~dead].abs().sum() > 0
+    # A fresh optimizer step (no mask re-application) moves nothing into a pruned map either.
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0, momentum=0.9, weight_decay=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(net(task.support_x), task.support_y).backward()
+        optimizer.step()
+    for name, out in zip(CONVS, block_outputs(net, task.query_x)):
+        assert torch.all(out[:, ~alive[name]] == 0)
+
+
+def block_outputs(net: nn.Module, x: Tensor) -> list[Tensor]:
+    """The map after each block's BatchNorm."""
+    outs = []
+    with torch.no_grad():
+        for block in net.features:
+            outs.append(block[1](block[0](x)))
+            x = block[3](block[2](outs[-1]))
+    return outs
+
+
+def test_classifier_prunes_by_the_batch_loss_and_logs_filters_remaining(tmp_path):
+    model = Classifier(conv_net())
+    callback = TaylorFilterPruning(
+        filters_per_step=2, steps_between=1, target_fraction=0.5, accumulate_batches=1
+    )
+    fit = trainer(max_epochs=2, callbacks=[callback], default_root_dir=tmp_path)
+    fit.fit(model, datamodule=TinyImages())
+    assert [(r["step"], r["filters_remaining"], r["tasks_scored"]) for r in callback.history] == [
+        (1, 6, 1),
+        (2, 4, 1),
+    ]
+    assert fit.callback_metrics["filters_remaining"] == 4
+    assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round_00", "round_01"]
+    assert sum(int(a.sum()) for a in alive_of(model).values()) == 4
+    x = torch.rand(5, 1, 8, 8)
+    for name, out in zip(CONVS, block_outputs(model.net, x)):
+        assert torch.all(out[:, ~alive_of(model)[name]] == 0)
+
+
+def test_state_survives_a_checkpoint_round_trip():
+    callback = TaylorFilterPruning(steps_between=4, accumulate_batches=2)
+    callback.steps, callback.tasks_scored = 6, 10
+    callback.score_sums = {"net.features.0.0": torch.tensor([1.0, 2.0])}
+    callback.history = [{"round": 0, "filters_remaining": 7}]
+    restored = TaylorFilterPruning(steps_between=4)
+    restored.load_state_dict(callback.state_dict())
+    assert (restored.steps, restored.tasks_scored, restored.history) == (6, 10, callback.history)
+    assert torch.equal(restored.score_sums["net.features.0.0"], torch.tensor([1.0, 2.0]))
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_a_net_without_conv_layers_is_a_config_error_naming_the_callback():
+    model = MAML(MLP(hidden=(8, 8)))
+    data = SinusoidDataModule(shots=2, query_shots=2, meta_batch_size=2, tasks_per_epoch=2)
+    with pytest.raises(
+        ConfigError, match="TaylorFilterPruning prunes conv filters, but MAML has no MaskedConv2d"
+    ):
+        trainer(max_steps=1, callbacks=[TaylorFilterPruning()]).fit(model, datamodule=data)
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="target_fraction"):
+        TaylorFilterPruning(target_fraction=1.0)
+    with pytest.raises(ConfigError, match="accumulate_batches"):
+        TaylorFilterPruning(accumulate_batches=0)
+    with pytest.raises(ConfigError, match="filters_per_step"):
+        TaylorFilterPruning(filters_per_step=0)
+    # 0.9 of 8 filters would leave one of the two layers empty.
+    with pytest.raises(ConfigError, match="keeps at least one"):
+        trainer(max_steps=1, callbacks=[TaylorFilterPruning(target_fraction=0.9)]).fit(
+            Classifier(conv_net()), datamodule=TinyImages()
+        )
+    with pytest.raises(ConfigError, match="net.features.7.0"):
+        trainer(max_steps=1, callbacks=[TaylorFilterPruning(exclude=["net.features.7.0"])]).fit(
+            Classifier(conv_net()), datamodule=TinyImages()
+        )
+
+
+# ---------------------------------------------------------------------------------- shrink
+def pruned_conv_net() -> Conv4:
+    """5 filters a block; channels pruned in both blocks, plus unstructured zeros everywhere and
+    BatchNorm parameters away from their defaults (so a wrongly kept beta would show)."""
+    net = conv_net(hidden=5)
+    with torch.no_grad():
+        for block in net.features:
+            block[1].weight.uniform_(0.5, 1.5)
+            block[1].bias.uniform_(-0.5, 0.5)
+    sparsity.load_masks(
+        net, sparsity.prune_lowest(sparsity.masks_of(net), sparsity.magnitude_scores(net), 0.3, "layerwise")
+    )
+    sparsity.prune_channels(net, "features.0.0", [1, 3])
+    sparsity.prune_channels(net, "features.1.0", [0, 4])
+    return net
+
+
+def test_shrink_preserves_outputs_and_adaptation_with_fewer_parameters():
+    net = pruned_conv_net()
+    shrunk = sparsity.shrink(net)
+    x = torch.rand(7, 1, 8, 8)
+    torch.testing.assert_close(shrunk(x), net(x), rtol=0, atol=1e-5)
+    # Exactly the removed channels' weights are gone: conv0 3x1x9+3, bn0 2x3, conv1 3x3x9+3, bn1 2x3,
+    # head 3x(3x2x2)+3.
+    assert sum(p.numel() for p in shrunk.parameters()) == 30 + 6 + 84 + 6 + 39
+    assert sum(p.numel() for p in net.parameters()) == 50 + 10 + 230 + 10 + 63
+    assert shrunk.architecture == {
+        "out_features": 3,
+        "in_channels": 1,
+        "hidden_channels": [3, 3],
+        "image_size": 8,
+        "blocks": 2,
+    }
+    # Still mask-aware, with the kept weights' masks: the unstructured zeros survive.
+    conv0, conv1 = shrunk.features[0][0], shrunk.features[1][0]
+    assert isinstance(conv1, MaskedConv2d) and isinstance(shrunk.head, MaskedLinear)
+    assert isinstance(shrunk.features[1][1], MaskedBatchNorm2d)
+    keep0, keep1 = torch.tensor([0, 2, 4]), torch.tensor([1, 2, 3])
+    assert torch.equal(conv0.mask, net.features[0][0].mask[keep0])
+    assert torch.equal(conv1.mask, net.features[1][0].mask[keep1][:, keep0])
+    assert int((conv1.mask == 0).sum()) > 0 and int((shrunk.head.mask == 0).sum()) > 0
+    # The MAML inner loop adapts both to the same outputs (removed weights get zero gradient).
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    outs = []
+    for model in (net, shrunk):
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=False) as (f, d):
+            for _ in range(2):
+                d.step(F.cross_entropy(f(x), y))
+            outs.append(f(x).detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    # The architecture record rebuilds the shape: the state dict loads and gives the same outputs.
+    rebuilt = Conv4(**shrunk.architecture)
+    rebuilt.load_state_dict(shrunk.state_dict())
+    torch.testing.assert_close(rebuilt(x), net(x), rtol=0, atol=1e-5)
+
+
+def test_shrink_keeps_the_original_and_the_random_state_untouched():
+    net = pruned_conv_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    sparsity.shrink(net)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_shrink_of_an_unsupported_architecture_is_a_config_error():
+    with pytest.raises(ConfigError, match="supports lthmaml.models.Conv4 nets, got MLP"):
+        sparsity.shrink(MLP())
+    with pytest.raises(ConfigError, match=r"pass the LightningModule's \.net"):
+        sparsity.shrink(MAML(conv_net()))
+    odd = conv_net()
+    odd.features[1][2] = nn.Tanh()
+    with pytest.raises(ConfigError, match="features.1 is not a lthmaml.models.conv_block"):
+        sparsity.shrink(odd)
+    empty = conv_net()
+    sparsity.prune_channels(empty, "features.1.0", [0, 1, 2, 3])
+    with pytest.raises(ConfigError, match="features.1 has no channel left"):
+        sparsity.shrink(empty)
+
+
+# ---------------------------------------------------------------------------------- from YAML
+OMNIGLOT = str(REPO / "configs" / "omniglot_5way1shot.yaml")
+TAYLOR = str(REPO / "configs" / "prune" / "taylor.yaml")
+
+
+def test_prune_config_stacks_on_the_omniglot_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", OMNIGLOT, "-c", TAYLOR, "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    (callback,) = config["trainer"]["callbacks"]
+    assert callback["class_path"] == "callbacks.taylor.TaylorFilterPruning"
+    assert callback["init_args"] == {
+        "filters_per_step": 8,
+        "steps_between": 20,
+        "target_fraction": 0.5,
+        "accumulate_batches": 5,
+        "exclude": [],
+    }
+    assert config["trainer"]["logger"]["init_args"]["name"] == "omniglot_5way1shot"
+    assert config["checkpoint"]["monitor"] == "val/acc_post"
+
+
+def test_sinusoid_mlp_with_the_taylor_config_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["fit", "-c", str(REPO / "configs" / "sinusoid.yaml"), "-c", TAYLOR, "--trainer.logger", "false"]
+        )
+    assert exit_info.value.code == 2
+    assert "TaylorFilterPruning prunes conv filters" in capsys.readouterr().err
+
+
+def test_tiny_omniglot_fit_from_yaml_writes_rounds_and_a_pruned_checkpoint(
+    tmp_path, monkeypatch, fake_omniglot, lthmaml_cache
+):
+    root = fake_omniglot.folder({"Alpha": [f"character{i:02d}" for i in range(1, 11)]})
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "max_epochs": 1,
+                    "enable_progress_bar": False,
+                    "callbacks": [
+                        {
+                            "class_path": "callbacks.taylor.TaylorFilterPruning",
+                            "init_args": {"filters_per_step": 2, "steps_between": 2, "accumulate_batches": 1},
+                        }
+                    ],
+                },
+                "model": {
+                    "init_args": {
+                        "net": {
+                            "init_args": {
+                                "out_features": 3,
+                                "hidden_channels": 4,
+                                "image_size": 8,
+                                "blocks": 2,
+                            }
+                        }
+                    }
+                },
+                "data": {
+                    "init_args": {
+                        "root": str(root),
+                        "ways": 3,
+                        "query_shots": 1,
+                        "image_size": 8,
+                        "class_split": [4, 3, 3],
+                        "meta_batch_size": 2,
+                        "tasks_per_epoch": 8,
+                        "val_tasks": 2,
+                        "test_tasks": 2,
+                    }
+                },
+            }
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "-c", OMNIGLOT, "-c", TAYLOR, "-c", str(tiny)])
+    run = tmp_path / "runs" / "omniglot_5way1shot" / "version_0"
+    remaining = [json.loads((run / "rounds" / f"round_0{i}" / "metrics.json").read_text()) for i in range(2)]
+    assert [(m["step"], m["filters_remaining"]) for m in remaining] == [(2, 6), (4, 4)]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    masks = checkpoint["state_dict"]
+    assert sum(int(masks[f"{conv}.mask"].flatten(1).any(1).sum()) for conv in CONVS) == 4
+    assert sum(int(masks[f"{conv[:-2]}.1.channel_mask"].sum()) for conv in CONVS) == 4
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if "TaylorFilterPruning" in k]
+    assert len(state["history"]) == 2 and state["steps"] == 4
