@@ -104,3 +104,20 @@ def test_ways_mismatch_is_a_one_line_config_error(in_tmp, capsys, monkeypatch):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lthmaml: error:") and "out_features=1" in err and "ways=5" in err
+
+
+PRUNE_CONFIGS = sorted((REPO / "configs" / "prune").glob("*.yaml"))
+BASE_CONFIGS = ["omniglot_5way1shot.yaml", "supervised_omniglot.yaml"]
+
+
+@pytest.mark.parametrize("prune", PRUNE_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("base", BASE_CONFIGS)
+def test_every_pruning_config_stacks_on_maml_and_supervised_configs(base, prune, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(REPO / "configs" / base), "-c", str(prune), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["callbacks"] and all(
+        c["class_path"].startswith("callbacks.") for c in config["trainer"]["callbacks"]
+    )
+    assert config["model"]["class_path"].startswith("lthmaml.")
