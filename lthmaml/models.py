@@ -73,6 +73,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1) -> None:
         super().__init__()
         self.out_features = out_features
+        self.architecture = {"in_features": in_features, "hidden": list(hidden), "out_features": out_features}
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(widths, widths[1:]):
