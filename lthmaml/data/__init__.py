@@ -4,6 +4,8 @@ from lthmaml.data.datamodule import EpisodicDataModule, OmniglotDataModule, Sinu
 from lthmaml.data.fewshot import FewShotTasks
 from lthmaml.data.omniglot import OmniglotImages, load_omniglot, split_classes
 from lthmaml.data.sinusoid import SinusoidTasks
+from lthmaml.data.taskfolder import TaskFolderDataModule, check_compatible, read_image
+from lthmaml.data.taskfolder_build import make_image_task, make_sinusoid_task
 from lthmaml.data.tasks import EpisodeDataset, EpochSampler, TaskBatch
 
 __all__ = [
@@ -18,4 +20,9 @@ __all__ = [
     "TaskBatch",
     "load_omniglot",
     "split_classes",
+    "TaskFolderDataModule",
+    "check_compatible",
+    "make_image_task",
+    "make_sinusoid_task",
+    "read_image",
 ]

@@ -13,7 +13,6 @@ pickle), keyed by a digest of the file list with sizes and CRCs or mtimes, and t
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -27,9 +26,10 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch import Tensor
 
+from lthmaml.data.images import decode_image
 from lthmaml.data.tasks import SPLITS
 from lthmaml.errors import ConfigError, DataError
 
@@ -153,18 +153,6 @@ def find_images(root: Union[str, Path]) -> dict[str, list[ImageFile]]:
 
 
 # ---------------------------------------------------------------------------------- decoding
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """PNG bytes to an ``[image_size, image_size]`` uint8 array with ink 255 (Omniglot is black on white).
-
-    LANCZOS down-sampling to 28x28 as in the MAML reference code.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        gray = image.convert("L")
-    if gray.size != (image_size, image_size):
-        gray = gray.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    return 255 - np.asarray(gray, dtype=np.uint8)
-
-
 def _decode_all(root: Path, classes: dict[str, list[ImageFile]], examples: int, image_size: int) -> Tensor:
     """uint8 ``[classes, examples, 1, H, W]``; each zip is opened once."""
     out = np.empty((len(classes), examples, 1, image_size, image_size), dtype=np.uint8)

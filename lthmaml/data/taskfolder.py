@@ -1,0 +1,382 @@
+"""A few-shot task folder: the handful of local examples a device fine-tunes on, and what it predicts.
+
+Classification (images)::
+
+    root/support/<label>/*.png      the labelled examples to fine-tune on (required)
+    root/val/<label>/*.png          optional held-out labelled examples (early stopping)
+    root/query/<label>/*.png        optional: labelled query, accuracy can be reported
+    root/query/*.png                or: unlabelled query, only predictions
+
+Regression (CSV with a header)::
+
+    root/support.csv   x,y          required
+    root/val.csv       x,y          optional
+    root/query.csv     x[,y]        optional; without a y column it is unlabelled
+
+Labels are the sorted names of the ``support/`` folders; label ``i`` is class ``i`` of the net.
+Images are preprocessed exactly as in meta-training (:func:`lthmaml.data.images.decode_image`:
+grayscale with alpha on white paper, EXIF rotation, padded square, LANCZOS to ``image_size``
+squared, ink 1.0 on paper 0.0). JPEG, BMP, GIF, WebP and TIFF are
+read too: a phone camera does not write PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lthmaml.data.images import decode_image
+from lthmaml.errors import ConfigError, DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLITS = ("support", "val", "query")
+UNLABELLED = -1
+"""The class target of an unlabelled query image (regression: NaN)."""
+LAYOUT = (
+    "support/<label>/*.png [val/<label>/*.png] [query/*.png or query/<label>/*.png], "
+    "or support.csv [val.csv] [query.csv] with a header x,y"
+)
+
+
+# ---------------------------------------------------------------------------------- images
+def read_image(path: Union[str, Path], image_size: int = 28) -> Tensor:
+    """One image file as the net sees it: float ``[1, image_size, image_size]``, ink 1.0, paper 0.0."""
+    path = Path(path)
+    try:
+        ink = decode_image(path.read_bytes(), image_size)
+    except Exception as error:  # any decoder failure (OSError, SyntaxError, zlib, bombs) = unreadable
+        reason = str(error) or type(error).__name__
+        raise DataError(f"cannot read image {path} ({reason}): replace or delete the file") from None
+    return torch.from_numpy(ink).float().div_(255.0).unsqueeze(0)
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith((".", "__MACOSX"))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name; other files (notes, thumbs) are ignored."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _label_folders(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
+
+
+def _scan_labelled(folder: Path, known: Optional[list[str]]) -> dict[str, list[Path]]:
+    """``folder/<label>/*`` images per label; ``known`` (the support labels) bounds val and query."""
+    loose = _images_in(folder)
+    if loose:
+        raise DataError(
+            f"{loose[0]} is not inside a label folder: move the images of {folder} into "
+            f"{folder}/<label>/ folders, one per class"
+        )
+    found: dict[str, list[Path]] = {}
+    for label_folder in _label_folders(folder):
+        images = _images_in(label_folder)
+        if not images:
+            raise DataError(
+                f"label folder {label_folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
+                "add images or remove the folder"
+            )
+        if known is not None and label_folder.name not in known:
+            raise DataError(
+                f"label folder {label_folder} names no class of {folder.parent / 'support'} "
+                f"({', '.join(known)}): rename it to one of those or add support/{label_folder.name}/"
+            )
+        found[label_folder.name] = images
+    if not found:
+        raise DataError(f"{folder} holds no label folders: add {folder}/<label>/*.png or remove {folder}")
+    return found
+
+
+# ---------------------------------------------------------------------------------- CSV
+def read_csv(path: Union[str, Path], require_y: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """``x`` and ``y`` columns (header row; other columns are ignored) as float ``[rows, 1]``.
+
+    ``y`` is None when the file has no y column and ``require_y`` is False (an unlabelled query).
+    """
+    path = Path(path)
+    columns = "x,y" if require_y else "x (and optionally y)"
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet BOMs
+            reader = csv.reader(handle)
+            header = next((row for row in reader if any(cell.strip() for cell in row)), None)
+            if header is None:
+                raise DataError(f"{path} is empty: write a header {columns} and one row per example")
+            names = [cell.strip().lower() for cell in header]
+            missing = [c for c in ("x", "y") if c not in names and (require_y or c == "x")]
+            if missing:
+                raise DataError(
+                    f"{path} has no column {' or '.join(missing)} (header: {','.join(header)}): "
+                    f"its first row must name the columns {columns}"
+                )
+            wanted = [c for c in ("x", "y") if c in names]
+            index = {c: names.index(c) for c in wanted}
+            values: dict[str, list[float]] = {c: [] for c in wanted}
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue  # blank lines
+                number = len(values["x"]) + 1
+                for column in wanted:
+                    cell = row[index[column]].strip() if index[column] < len(row) else ""
+                    try:
+                        value = float(cell)
+                    except ValueError:
+                        value = math.nan
+                    if not math.isfinite(value):
+                        raise DataError(
+                            f"{path} row {number} (line {reader.line_num}): {column} = {cell!r} is not a "
+                            "finite number: fix or delete the row"
+                        )
+                    values[column].append(value)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(
+            f"cannot read {path} ({error}): write it as UTF-8 text with a header {columns}"
+        ) from None
+    if not values["x"]:
+        raise DataError(f"{path} has a header but no rows: add one row per example")
+    x = torch.tensor(values["x"], dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(values["y"], dtype=torch.float32).unsqueeze(1) if "y" in values else None
+    return x, y
+
+
+# ---------------------------------------------------------------------------------- the module
+@dataclass
+class TaskSplit:
+    """One split: ``x`` and ``y`` as the loaders serve them, and the file (or CSV row) of each example."""
+
+    x: Tensor
+    y: Tensor
+    files: list[str]
+    labelled: bool = True
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def collate_pair(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Stack into an ``(x, y)`` tuple (the default collate would make a list)."""
+    xs, ys = zip(*items)
+    return torch.stack(xs), torch.stack(ys)
+
+
+class TaskFolderDataModule(pl.LightningDataModule):
+    """The few-shot task of a folder (see the module docstring for the layout), for fine-tuning.
+
+    Every loader yields ``(x, y)`` tuples:
+
+    * classification: ``x`` float32 ``[B, 1, image_size, image_size]`` in [0, 1] (ink 1.0), ``y``
+      int64 ``[B]`` indices into :attr:`labels`; ``-1`` for an unlabelled query image.
+    * regression: ``x`` float32 ``[B, 1]``, ``y`` float32 ``[B, 1]``; NaN for an unlabelled query row.
+
+    ``train_dataloader`` is the support set, shuffled (one full batch when it holds at most
+    ``batch_size`` examples); ``val_dataloader`` the val set in file order, or ``[]`` (Lightning then
+    skips validation) without one; ``test_dataloader`` the labelled query; ``predict_dataloader`` the
+    query, labelled or not, in the order of :attr:`query_files`.
+
+    Attributes (after :meth:`setup`): ``task`` ("classification" or "regression"), ``labels``
+    (sorted support folder names; ``[]`` for regression), ``ways`` (``len(labels)``, None for
+    regression), ``has_val``, ``has_query``, ``query_labelled``, ``query_files`` (file paths
+    relative to ``query/``, e.g. ``cat/1.png`` or ``1.png``; ``row_<i>`` for CSV rows, from 1),
+    ``splits`` (:class:`TaskSplit` per present split).
+    """
+
+    def __init__(self, root: str, image_size: int = 28, batch_size: int = 32, num_workers: int = 0) -> None:
+        super().__init__()
+        for name, value, least in (("image_size", image_size, 1), ("batch_size", batch_size, 1)):
+            if value < least:
+                raise ConfigError(f"data.{name} must be >= {least}, got {value}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.root = root
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.task: Optional[str] = None
+        self.labels: list[str] = []
+        self.ways: Optional[int] = None
+        self.splits: dict[str, TaskSplit] = {}
+
+    # ------------------------------------------------------------------ reading
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Reads the folder once (every file: a bad one fails here, not mid-training)."""
+        if self.task is not None:
+            return
+        root = Path(self.root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"task folder {root} does not exist or is not a folder: lay it out as {LAYOUT}")
+        has_folder, has_csv = (root / "support").is_dir(), (root / "support.csv").is_file()
+        if has_folder and has_csv:
+            raise DataError(
+                f"task folder {root} holds both support/ (images) and support.csv (regression): keep one"
+            )
+        if not (has_folder or has_csv):
+            raise DataError(
+                f"task folder {root} has no support/ folder or support.csv: lay it out as {LAYOUT}"
+            )
+        try:
+            splits = self._read_images(root) if has_folder else self._read_csvs(root)
+        except PermissionError as error:
+            raise DataError(
+                f"cannot read {error.filename or root} ({error.strerror}): fix its permissions"
+            ) from None
+        self.splits = splits
+        self.task = "classification" if has_folder else "regression"
+        self.ways = len(self.labels) if has_folder else None
+
+    def _read_images(self, root: Path) -> dict[str, TaskSplit]:
+        tables = [root / f"{name}.csv" for name in SPLITS[1:] if (root / f"{name}.csv").is_file()]
+        if tables:
+            raise DataError(
+                f"task folder {root} mixes support/ (images) with the regression table {tables[0]}: "
+                "keep one kind"
+            )
+        found = {"support": _scan_labelled(root / "support", None)}
+        labels = list(found["support"])
+        if (root / "val").is_dir():
+            found["val"] = _scan_labelled(root / "val", labels)
+        splits = {name: self._image_split(files, labels) for name, files in found.items()}
+        query = root / "query"
+        if query.is_dir():
+            loose, folders = _images_in(query), _label_folders(query)
+            if loose and folders:
+                raise DataError(
+                    f"{query} mixes images ({loose[0].name}) and label folders ({folders[0].name}/): "
+                    "put every query image in query/ (unlabelled) or every one in query/<label>/ (labelled)"
+                )
+            if loose:
+                x = torch.stack([read_image(p, self.image_size) for p in loose])
+                y = torch.full((len(loose),), UNLABELLED, dtype=torch.int64)
+                splits["query"] = TaskSplit(x, y, [p.name for p in loose], labelled=False)
+            else:
+                splits["query"] = self._image_split(_scan_labelled(query, labels), labels)
+        self.labels = labels
+        return splits
+
+    def _image_split(self, found: dict[str, list[Path]], labels: list[str]) -> TaskSplit:
+        paths = [(label, path) for label, files in found.items() for path in files]
+        x = torch.stack([read_image(path, self.image_size) for _, path in paths])
+        y = torch.tensor([labels.index(label) for label, _ in paths], dtype=torch.int64)
+        return TaskSplit(x, y, [f"{label}/{path.name}" for label, path in paths])
+
+    def _read_csvs(self, root: Path) -> dict[str, TaskSplit]:
+        folders = [root / name for name in SPLITS[1:] if (root / name).is_dir()]
+        if folders:
+            raise DataError(
+                f"task folder {root} mixes support.csv (regression) with the image folder {folders[0]}: "
+                "keep one kind"
+            )
+        splits: dict[str, TaskSplit] = {}
+        for name in SPLITS:
+            path = root / f"{name}.csv"
+            if name != "support" and not path.is_file():
+                continue
+            x, y = read_csv(path, require_y=name != "query")
+            labelled = y is not None
+            if y is None:
+                y = torch.full_like(x, math.nan)
+            splits[name] = TaskSplit(x, y, [f"row_{i}" for i in range(1, len(x) + 1)], labelled)
+        return splits
+
+    # ------------------------------------------------------------------ what the fine-tuner asks
+    @property
+    def has_val(self) -> bool:
+        return "val" in self.splits
+
+    @property
+    def has_query(self) -> bool:
+        return "query" in self.splits
+
+    @property
+    def query_labelled(self) -> bool:
+        return self.has_query and self.splits["query"].labelled
+
+    @property
+    def query_files(self) -> list[str]:
+        return self.splits["query"].files if self.has_query else []
+
+    def summary(self) -> str:
+        """One line for logs: the task's shape."""
+        self.setup()
+        kind = f"{self.ways}-way classification ({', '.join(self.labels)})" if self.ways else "regression"
+        sizes = ", ".join(f"{len(split)} {name}" for name, split in self.splits.items())
+        query = "" if not self.has_query else " (labelled)" if self.query_labelled else " (unlabelled)"
+        return f"{self.root}: {kind}; {sizes}{query}"
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        split = self.splits[name]
+        return DataLoader(
+            TensorDataset(split.x, split.y),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=collate_pair,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _need_query(self, labelled: bool) -> None:
+        self.setup()
+        if not self.has_query:
+            raise DataError(f"task folder {self.root} has no query: add query/*.png or query.csv to predict")
+        if labelled and not self.query_labelled:
+            raise DataError(
+                f"the query of {self.root} is unlabelled, so there is nothing to test against: put its "
+                "images in query/<label>/ (or add a y column to query.csv), or only predict"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader("support", shuffle=True)
+
+    def val_dataloader(self) -> Any:
+        self.setup()
+        return self._loader("val", shuffle=False) if self.has_val else []
+
+    def test_dataloader(self) -> DataLoader:
+        self._need_query(labelled=True)
+        return self._loader("query", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        self._need_query(labelled=False)
+        return self._loader("query", shuffle=False)
+
+
+def check_compatible(
+    datamodule: TaskFolderDataModule, metadata: Any, artifact: Union[str, Path, None] = None
+) -> None:
+    """ConfigError unless a model (its :class:`~lthmaml.export.ArtifactMetadata`) fits the folder:
+    the same task kind, as many ways as label folders, the image size it was trained at."""
+    datamodule.setup()
+    source = f"the model {artifact}" if artifact is not None else "the model"
+    task = getattr(metadata, "task", None)
+    if task is not None and task != datamodule.task:
+        raise ConfigError(f"{source} does {task} but task folder {datamodule.root} is {datamodule.task}")
+    ways = getattr(metadata, "ways", None)
+    if datamodule.task == "classification" and ways is not None and ways != datamodule.ways:
+        raise ConfigError(
+            f"{source} is {ways}-way but task folder {datamodule.root} has {datamodule.ways} labels "
+            f"({', '.join(datamodule.labels)}) in support/: give it {ways} label folders or use a "
+            f"{datamodule.ways}-way model"
+        )
+    init_args = (getattr(metadata, "architecture", None) or {}).get("init_args", {})
+    inputs = init_args.get("in_features")
+    if datamodule.task == "regression" and inputs is not None and inputs != 1:
+        raise ConfigError(f"{source} takes {inputs} inputs but {datamodule.root} has one x column")
+    size = init_args.get("image_size")
+    if datamodule.task == "classification" and size is not None and size != datamodule.image_size:
+        raise ConfigError(
+            f"{source} takes {size}x{size} images but the task folder is read at data.image_size="
+            f"{datamodule.image_size}: set image_size to {size}"
+        )
