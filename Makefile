@@ -40,3 +40,12 @@ tensorboard: $(STAMP)
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Fine-tune a pruned artifact on one local task as a Raspberry Pi would (configs/edge/pi.yaml), and
+# print epochs, best epoch, wall time, peak memory and query accuracy/MSE before and after.
+# Empty ARTIFACT/TASK: the latest run's last.ckpt (exported beside it) and a task built from it.
+ARTIFACT ?=
+TASK ?=
+.PHONY: pi-finetune
+pi-finetune: $(STAMP)
+	$(BIN)/python -m lthmaml.pi_finetune --artifact "$(ARTIFACT)" --task "$(TASK)"

@@ -4,6 +4,8 @@ test, predict), with the defaults a MAML run needs and one-line errors for bad i
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Optional
 
 import lightning.pytorch as pl
@@ -35,6 +37,11 @@ class MetaCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint."
         )
+        self.add_threads_argument(parser)
+
+    @staticmethod
+    def add_threads_argument(parser: LightningArgumentParser) -> None:
+        """``--threads`` (applied before anything is built); a subclass with other options reuses it."""
         parser.add_argument(
             "--threads",
             type=Optional[int],
@@ -61,8 +68,18 @@ class MetaCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
 
 
-def main(args: Optional[list[str]] = None) -> None:
+@contextmanager
+def one_line_errors(prog: str = "lthmaml") -> Iterator[None]:
+    """A user-fixable error becomes ``<prog>: error: <message>`` on stderr and exit status 2."""
     try:
+        yield
+    except LthmamlError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    with one_line_errors("lthmaml"):
         MetaCLI(
             LightningModule,
             LightningDataModule,
@@ -72,9 +89,6 @@ def main(args: Optional[list[str]] = None) -> None:
             args=args,
             auto_configure_optimizers=False,
         )
-    except LthmamlError as error:
-        print(f"lthmaml: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,290 @@
+"""Edge fine-tuning with EarlyStopping against a fixed 10 epochs, dense and pruned.
+
+Target: EarlyStopping runs >= 3x fewer epochs than the fixed 10, at <= 1 point lower query accuracy.
+(On a Raspberry Pi an epoch costs minutes and the best one came at ~2 of 10 in the seed runs.)
+
+Setting. A Conv4 meta-trained briefly here with first-order MAML on the shared Omniglot subset's
+meta-train classes (5-way 5-shot, 5 query, inner lr 0.4, 1 inner step, Adam 1e-3;
+``--meta-steps`` meta-updates of ``--meta-batch`` tasks), or ``--checkpoint`` a 5-way Conv4 MAML
+checkpoint of your own. The pruned model is that net 80% magnitude-pruned (global, the engine's
+``prune_lowest``) and meta-trained again for ``--retrain-steps`` with its masks (or
+``--pruned-checkpoint``). Both are exported as artifacts (``lthmaml.export``) and fine-tuned with
+:class:`lthmaml.finetune.FineTuneModule` as ``configs/edge/pi.yaml`` does: SGD at the meta-learned
+inner lr, ``data.batch_size`` of the config, masks kept. Tasks: ``--tasks`` task folders of 5
+meta-*test* classes (never seen in meta-training), 5 support, 5 val and 10 query images each
+(``lthmaml.data.taskfolder_build.omniglot_task``).
+
+Each (task, model) is fine-tuned twice: ``early`` (EarlyStopping as in pi.yaml: val/loss,
+patience 2, min_delta 0; ``--monitor``, ``--patience``, ``--min-delta`` to vary it; max 10 epochs,
+best-val weights restored) and ``fixed`` (10 epochs, last weights). An epoch is one full-batch
+step here (25 support images; smaller batches cost accuracy with batch-statistics BatchNorm).
+Reported, as means over tasks: epochs run, the epoch of the best val accuracy and the fit's wall
+time up to it, the whole fit's wall time, and the query accuracy after fit (``trainer.test``).
+
+    python -m bench.early_stopping                       # ~4-5 minutes on 2 busy cores (1 thread)
+    python -m bench.early_stopping --full                # 2000 + 1000 meta-steps, 50 tasks
+    python -m bench.early_stopping --artifacts DIR       # keep the meta-trained pair, reuse it next time
+    python -m bench.early_stopping --checkpoint runs/omniglot_5way1shot/version_0/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping
+
+from bench.common import base_parser, make_trainer, print_table, setup, write_json
+from lthmaml.data import OmniglotDataModule, TaskFolderDataModule
+from lthmaml.data.omniglot import load_omniglot, split_classes
+from lthmaml.data.taskfolder_build import omniglot_task
+from lthmaml.export import export_net, load_artifact
+from lthmaml.finetune import FineTuneModule, artifact_from_checkpoint
+from lthmaml.maml import MAML
+from lthmaml.models import Conv4
+from lthmaml.sparsity import load_masks, magnitude_scores, masks_of, prune_lowest, sparsity_report
+
+ROOT = Path(__file__).resolve().parent.parent
+OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+PI = ROOT / "configs" / "edge" / "pi.yaml"
+WAYS, SHOTS, VAL_SHOTS, QUERY_SHOTS = 5, 5, 5, 10
+MAX_EPOCHS, PATIENCE = 10, 2
+EPOCH_RATIO_TARGET, ACCURACY_LOSS_TARGET = 3.0, 1.0
+
+
+# ---------------------------------------------------------------------------------- the models
+def meta_train(model: MAML, root: Path, steps: int, meta_batch: int, seed: int) -> MAML:
+    data = OmniglotDataModule(
+        root=str(root),
+        ways=WAYS,
+        shots=SHOTS,
+        query_shots=5,
+        meta_batch_size=meta_batch,
+        tasks_per_epoch=steps * meta_batch,
+        val_tasks=meta_batch,
+        test_tasks=meta_batch,
+        seed=seed,
+    )
+    make_trainer(max_steps=steps).fit(model, datamodule=data)
+    return model
+
+
+def build_models(args, out: Path) -> dict[str, Path]:
+    """Artifacts of the dense and the pruned model (trained here or from the given checkpoints)."""
+    if args.artifacts:
+        out = args.artifacts
+        out.mkdir(parents=True, exist_ok=True)
+    paths = {"dense": out / "dense.safetensors", "pruned": out / "pruned.safetensors"}
+    if all(path.is_file() for path in paths.values()):
+        print(f"reusing the artifacts in {out}")
+        return paths
+    if args.checkpoint:
+        export_net(artifact_from_checkpoint(args.checkpoint).net, paths["dense"], _meta(args.checkpoint))
+        dense = MAML(load_artifact(paths["dense"]).net, inner_lr=_meta(args.checkpoint)["inner_lr"])
+    else:
+        torch.manual_seed(args.seed)
+        dense = MAML(
+            Conv4(out_features=WAYS), inner_lr=0.4, inner_steps=1, eval_inner_steps=3, first_order=True
+        )
+        start = time.perf_counter()
+        meta_train(dense, args.root, args.meta_steps, args.meta_batch, args.seed)
+        print(f"meta-trained the dense Conv4: {args.meta_steps} steps in {time.perf_counter() - start:.0f} s")
+        export_net(dense, paths["dense"])
+    if args.pruned_checkpoint:
+        art = artifact_from_checkpoint(args.pruned_checkpoint)
+        export_net(art.net, paths["pruned"], _meta(args.pruned_checkpoint))
+    else:
+        pruned = copy.deepcopy(dense)
+        pruned.first_order = True
+        load_masks(
+            pruned.net, prune_lowest(masks_of(pruned.net), magnitude_scores(pruned.net), args.sparsity)
+        )
+        start = time.perf_counter()
+        if args.retrain_steps:
+            meta_train(pruned, args.root, args.retrain_steps, args.meta_batch, args.seed + 1)
+        print(
+            f"pruned {sparsity_report(pruned.net).sparsity:.1%} by magnitude, meta-trained again "
+            f"{args.retrain_steps} steps in {time.perf_counter() - start:.0f} s"
+        )
+        export_net(pruned, paths["pruned"])
+    return paths
+
+
+def _meta(checkpoint: str) -> dict:
+    """The fine-tuning settings of a checkpoint's artifact (export_net of its net keeps them)."""
+    meta = artifact_from_checkpoint(checkpoint).metadata
+    return {
+        key: getattr(meta, key) for key in ("task", "ways", "inner_lr", "inner_steps", "eval_inner_steps")
+    }
+
+
+# ---------------------------------------------------------------------------------- fine-tuning
+class EpochLog(pl.Callback):
+    """val/acc, val/loss and the fit's elapsed wall time at the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.epochs: list[dict] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        self.epochs.append(
+            {
+                "val_acc": float(metrics["val/acc"]),
+                "val_loss": float(metrics["val/loss"]),
+                "elapsed_s": time.perf_counter() - self.start,
+            }
+        )
+
+
+def finetune(artifact: Path, task: Path, early: Optional[dict], batch_size: int) -> dict:
+    """One fit: with ``early`` (EarlyStopping's arguments) best weights restored; else the last."""
+    module = FineTuneModule(artifact=str(artifact), restore_best=early is not None)
+    data = TaskFolderDataModule(str(task), image_size=28, batch_size=batch_size)
+    log = EpochLog()
+    callbacks: list[pl.Callback] = [log]
+    if early is not None:
+        callbacks.append(EarlyStopping(**early))
+    trainer = make_trainer(callbacks=callbacks, max_epochs=MAX_EPOCHS, limit_val_batches=None)
+    log.start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    wall = time.perf_counter() - log.start
+    with contextlib.redirect_stdout(io.StringIO()):  # the module prints its query accuracy
+        trainer.test(module, datamodule=data, verbose=False)
+    accs = [e["val_acc"] for e in log.epochs]
+    best = accs.index(max(accs))
+    return {
+        "epochs": module.epochs_run,
+        "best_val_acc_epoch": best + 1,
+        "wall_to_best_val_acc_s": log.epochs[best]["elapsed_s"],
+        "wall_s": wall,
+        "query_acc": module.test_results["acc"],
+        "restored_epoch": module.best_epoch if early is not None else None,
+        "val": log.epochs,
+    }
+
+
+def make_tasks(root: Path, count: int, out: Path, seed: int) -> list[Path]:
+    """``count`` task folders of 5 meta-test classes of the default class split (seeded)."""
+    omniglot = load_omniglot(root, 28)
+    test = split_classes(omniglot.classes, (0.6, 0.2, 0.2), 0, False)["test"]
+    images, classes = omniglot.images[test], [omniglot.classes[i] for i in test]
+    counts = {"shots": SHOTS, "val_shots": VAL_SHOTS, "query_shots": QUERY_SHOTS}
+    return [
+        omniglot_task(out / f"task_{i:03d}", images, classes, ways=WAYS, seed=seed + i, **counts)
+        for i in range(count)
+    ]
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = base_parser(__doc__, default_threads=1)
+    parser.add_argument("--root", type=Path, default=OMNIGLOT, help="Omniglot data (default: %(default)s)")
+    parser.add_argument("--tasks", type=int, default=20, help="fine-tuning tasks (default: %(default)s)")
+    parser.add_argument("--meta-steps", type=int, default=400, help="dense meta-training steps")
+    parser.add_argument("--retrain-steps", type=int, default=200, help="meta-training steps after pruning")
+    parser.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-update")
+    parser.add_argument("--sparsity", type=float, default=0.8, help="magnitude-pruned fraction")
+    parser.add_argument("--checkpoint", default=None, help="a 5-way Conv4 MAML checkpoint instead")
+    parser.add_argument("--pruned-checkpoint", default=None, help="a pruned one instead of pruning here")
+    parser.add_argument(
+        "--artifacts", type=Path, default=None, help="keep the two artifacts here; reused when present"
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch (default: pi.yaml's)")
+    parser.add_argument(
+        "--monitor", choices=["val/loss", "val/acc"], default="val/loss", help="EarlyStopping's"
+    )
+    parser.add_argument(
+        "--patience", type=int, default=PATIENCE, help="EarlyStopping's (default: %(default)s)"
+    )
+    parser.add_argument("--min-delta", type=float, default=0.0, help="EarlyStopping's (default: %(default)s)")
+    parser.add_argument("--full", action="store_true", help="2000 meta-steps, 1000 after pruning, 50 tasks")
+    args = parser.parse_args(argv)
+    if args.full:
+        args.meta_steps, args.retrain_steps, args.tasks = 2000, 1000, 50
+    if args.batch_size is None:
+        args.batch_size = yaml.safe_load(PI.read_text())["data"]["batch_size"]
+    if not args.root.is_dir():
+        raise SystemExit(
+            f"no Omniglot data at {args.root}: lthmaml-data omniglot --root DIR, then --root DIR"
+        )
+    setup(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench-early-") as tmp:
+        out = Path(tmp)
+        artifacts = build_models(args, out)
+        tasks = make_tasks(args.root, args.tasks, out, args.seed)
+        stopping = {"monitor": args.monitor, "mode": "max" if args.monitor == "val/acc" else "min"}
+        stopping.update(patience=args.patience, min_delta=args.min_delta)
+        runs = {
+            (model, regime): [
+                finetune(artifacts[model], task, stopping if regime == "early" else None, args.batch_size)
+                for task in tasks
+            ]
+            for model in artifacts
+            for regime in ("early", "fixed")
+        }
+        sparsities = {m: load_artifact(p).metadata.sparsity for m, p in artifacts.items()}
+
+    summary: dict[str, dict] = {}
+    rows = []
+    for (model, regime), results in runs.items():
+        row = {
+            "epochs": mean(r["epochs"] for r in results),
+            "best_val_acc_epoch": mean(r["best_val_acc_epoch"] for r in results),
+            "wall_to_best_val_acc_s": mean(r["wall_to_best_val_acc_s"] for r in results),
+            "wall_s": mean(r["wall_s"] for r in results),
+            "query_acc": mean(r["query_acc"] for r in results),
+        }
+        summary[f"{model}/{regime}"] = row
+        rows.append([model, regime, *(row[k] for k in row)])
+    print_table(
+        f"fine-tuning {args.tasks} Omniglot meta-test tasks (5-way, 5 support / 5 val / 10 query), "
+        f"batch {args.batch_size}; early: EarlyStopping({args.monitor}, patience {args.patience}, "
+        f"min_delta {args.min_delta:g}); means",
+        ["model", "regime", "epochs", "best val-acc epoch", "wall to it (s)", "wall (s)", "query acc"],
+        rows,
+    )
+    verdicts = {}
+    for model in artifacts:
+        early, fixed = summary[f"{model}/early"], summary[f"{model}/fixed"]
+        ratio = fixed["epochs"] / early["epochs"]
+        loss_points = 100 * (fixed["query_acc"] - early["query_acc"])
+        verdicts[model] = {
+            "sparsity": sparsities[model],
+            "epoch_ratio": ratio,
+            "wall_ratio": fixed["wall_s"] / early["wall_s"],
+            "accuracy_loss_points": loss_points,
+            "meets_target": ratio >= EPOCH_RATIO_TARGET and round(loss_points, 6) <= ACCURACY_LOSS_TARGET,
+        }
+        print(
+            f"{model} ({sparsities[model]:.0%} sparse): {ratio:.2f}x fewer epochs with EarlyStopping, "
+            f"{verdicts[model]['wall_ratio']:.2f}x less wall time, accuracy {-loss_points:+.2f} points "
+            f"(target >= {EPOCH_RATIO_TARGET:g}x at <= {ACCURACY_LOSS_TARGET:g} point lost): "
+            f"{'met' if verdicts[model]['meets_target'] else 'NOT met'}"
+        )
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+    results = {
+        "settings": settings,
+        "summary": summary,
+        "verdicts": verdicts,
+        "runs": {f"{m}/{r}": v for (m, r), v in runs.items()},
+    }
+    write_json("early_stopping", results, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()

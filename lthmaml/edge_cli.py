@@ -1,0 +1,103 @@
+"""The ``lthmaml-edge`` command: fine-tune an exported (pruned) artifact on a local task folder,
+then test or predict with the result, the LightningCLI way::
+
+    lthmaml-edge fit -c configs/edge/pi.yaml --model.artifact model.safetensors --data.root task/
+    lthmaml-edge test -c configs/edge/pi.yaml --model.artifact runs/edge/version_0/finetuned.safetensors \\
+        --data.root task/
+    lthmaml-edge predict -c configs/edge/pi.yaml --model.artifact ... --data.root task/ --output out.csv
+
+``fit`` keeps no checkpoints (a Pi's SD card is slow and small); it writes the fine-tuned net as a
+compact artifact, ``finetuned.safetensors`` in the run folder (or ``--output``), which ``test``
+and ``predict`` load like any artifact. ``--model.checkpoint run.ckpt`` starts from a ``lthmaml``
+checkpoint instead of an artifact. ``--threads``, and one-line errors, are the ``lthmaml``
+command's (:class:`lthmaml.cli.MetaCLI`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.utilities import rank_zero_info
+
+from lthmaml.cli import MetaCLI, one_line_errors
+from lthmaml.data.taskfolder import TaskFolderDataModule
+from lthmaml.errors import ConfigError
+from lthmaml.finetune import FineTuneModule
+
+PROG = "lthmaml-edge"
+FINETUNED = "finetuned.safetensors"
+EDGE_TRAINER_DEFAULTS = {
+    "enable_checkpointing": False,
+    "num_sanity_val_steps": 0,
+    # CSV, not TensorBoard: importing tensorboard's protobuf stack costs a Pi seconds and memory
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": "runs", "name": "edge"},
+    },
+}
+
+
+class EdgeCLI(MetaCLI):
+    """:class:`~lthmaml.cli.MetaCLI` for fine-tuning: its ``--threads``, no checkpoint callbacks,
+    ``--output`` (fit: the fine-tuned artifact; predict: ``predictions.csv`` or its folder) and
+    ``--test_after_fit`` (tests the fine-tuned weights in memory)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self.add_threads_argument(parser)
+        parser.add_argument(
+            "--output",
+            type=Optional[str],
+            default=None,
+            help=f"fit: where the fine-tuned artifact goes (default <run dir>/{FINETUNED}); predict: the "
+            "predictions CSV, a .csv path or a folder for predictions.csv (default: the run dir)",
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, test the fine-tuned weights on the labelled query.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        if self.config[self.subcommand].get("output") and self.subcommand not in ("fit", "predict"):
+            raise ConfigError(f"--output is for fit and predict, not {self.subcommand}")
+
+    def before_predict(self) -> None:
+        output = self.config[self.subcommand].get("output")
+        self.model.predictions_path = Path(output) if output else None
+
+    def after_fit(self) -> None:
+        model, trainer = self.model, self.trainer
+        if trainer.is_global_zero:
+            output = self.config[self.subcommand].get("output")
+            path = Path(output) if output else Path(trainer.log_dir or trainer.default_root_dir) / FINETUNED
+            model.export(path)
+            rank_zero_info(f"Wrote the fine-tuned net to {path}")
+        if self.config[self.subcommand].get("test_after_fit"):
+            trainer.test(model, datamodule=self.datamodule)
+
+
+def run_cli(args: Optional[list[str]] = None, cli_class: type[EdgeCLI] = EdgeCLI) -> EdgeCLI:
+    """Parse ``args`` and run the subcommand with ``cli_class`` (``lthmaml.pi_finetune`` extends it)."""
+    # A task without val/ has no validation loader on purpose: Lightning's notice is noise there.
+    warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")
+    return cli_class(
+        FineTuneModule,
+        TaskFolderDataModule,
+        trainer_defaults=EDGE_TRAINER_DEFAULTS,
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    with one_line_errors(PROG):
+        run_cli(args)
+
+
+if __name__ == "__main__":
+    main()

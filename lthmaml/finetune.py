@@ -1,0 +1,372 @@
+"""Fine-tuning a (pruned) meta-learned net on one local task: what the edge device does.
+
+The server meta-trains and exports a compact artifact (``lthmaml.export``); the device loads it
+and adapts it to a few local examples (a ``lthmaml.data.taskfolder.TaskFolderDataModule``).
+Two regimes:
+
+* **with a validation split** (``val/`` or ``val.csv``): ordinary epochs over the support set
+  with ``val/loss`` and ``val/acc`` logged for an ``EarlyStopping`` trainer callback; the weights
+  of the best validation epoch are kept in memory and restored when fit ends. On a Pi an epoch
+  costs minutes and the best one comes early, so stopping early is most of the saving.
+* **without one** (e.g. 1-shot: nothing to spare): there is nothing to stop on, so the module
+  runs exactly the inner loop MAML evaluated with, ``eval_inner_steps`` full-batch steps of plain
+  SGD at the meta-learned inner learning rate. That is the adaptation the meta-initialisation was
+  optimised (and validated) for; ``inner_steps`` is the training count, usually smaller, and
+  MAML papers report accuracy after the evaluation count.
+
+Pruned weights stay exactly zero: the forward multiplies by the masks, and the raw weights are
+re-zeroed after every optimizer step (an optimizer with weight decay or momentum would
+otherwise grow them behind the mask).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lthmaml.errors import ConfigError, DataError
+from lthmaml.sparsity import apply_masks
+
+if TYPE_CHECKING:
+    from lthmaml.export import Artifact
+
+MONITORABLE = {"val/loss": "min", "val/acc": "max"}
+"""The validation metrics this module logs, with the direction in which they improve."""
+
+
+def artifact_from_checkpoint(checkpoint: Union[str, Path]) -> Artifact:
+    """A MAML/Classifier checkpoint as an :class:`~lthmaml.export.Artifact`, through the export path.
+
+    The checkpoint is exported to a temporary file and loaded back, so the device runs exactly
+    what it would run from a shipped artifact (shrunk channels, folded weight transforms).
+    """
+    from lthmaml.export import export_checkpoint, load_artifact
+
+    with tempfile.TemporaryDirectory(prefix="lthmaml-edge-") as tmp:
+        path = export_checkpoint(checkpoint, Path(tmp) / "artifact.safetensors")
+        return load_artifact(path)
+
+
+def _atomic_write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    """Write the CSV beside ``path`` and rename it over: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FineTuneModule(pl.LightningModule):
+    """Adapts an exported (or checkpointed) meta-learned net to one local task, masks kept.
+
+    Args:
+        artifact: an artifact written by ``lthmaml-export`` (``.safetensors``).
+        checkpoint: instead, a ``lthmaml`` MAML/Classifier checkpoint (``.ckpt``); it is exported with
+            ``lthmaml.export`` to a temporary file and loaded back, not read by a second loader.
+        lr: the fine-tuning learning rate; default the artifact's meta-learned inner ``lr``. Given
+            with an optimizer callable, it overrides that optimizer's own ``lr``.
+        optimizer: ``"sgd"`` (plain SGD, the inner loop's optimizer) or any optimizer the
+            LightningCLI way (``class_path``/``init_args``).
+        restore_best: at the end of fit, put back the weights of the best validation epoch (by the
+            ``EarlyStopping`` monitor, ``val/loss`` or ``val/acc``; ``val/loss`` without one).
+
+    After fit: ``epochs_run``, ``best_epoch`` (1-based; None without validation), ``best_score``
+    of ``best_monitor``; after test: ``test_results`` (``loss``, ``acc`` for classification, ``examples``).
+    ``predictions_path`` (a ``.csv`` file or a folder) is where predict writes ``predictions.csv``;
+    default the trainer's log folder (the run folder).
+    """
+
+    def __init__(
+        self,
+        artifact: Optional[str] = None,
+        checkpoint: Optional[str] = None,
+        lr: Optional[float] = None,
+        optimizer: Union[Literal["sgd"], OptimizerCallable] = "sgd",
+        restore_best: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=None if isinstance(optimizer, str) else ["optimizer"])
+        if (artifact is None) == (checkpoint is None):
+            raise ConfigError(
+                "give exactly one of model.artifact (an exported .safetensors, see lthmaml-export) "
+                "or model.checkpoint (a lthmaml .ckpt)"
+            )
+        if isinstance(optimizer, str) and optimizer != "sgd":
+            raise ConfigError(
+                f"model.optimizer: {optimizer!r} is not 'sgd'; give 'sgd' or an optimizer class_path"
+            )
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"model.lr must be > 0, got {lr}")
+        if artifact is not None:
+            from lthmaml.export import load_artifact
+
+            loaded = load_artifact(artifact)
+        else:
+            loaded = artifact_from_checkpoint(checkpoint)
+        self.source = str(artifact if artifact is not None else checkpoint)
+        self.net = loaded.net.train()  # artifacts load in eval mode; Lightning keeps a module's mode
+        self.metadata = loaded.metadata
+        self.lr = float(self.metadata.inner_lr if lr is None else lr)
+        self.lr_given = lr is not None
+        self.optimizer_choice = optimizer
+        self.restore_best = restore_best
+        self.predictions_path: Optional[Path] = None
+        self.epochs_run = 0
+        self.best_epoch: Optional[int] = None
+        self.best_score: Optional[float] = None
+        self.best_monitor = "val/loss"
+        self.best_state: Optional[dict[str, Tensor]] = None
+        self.fixed_steps: Optional[int] = None  # set when there is no validation split
+        self.test_results: dict[str, float] = {}
+        self.predictions: list[list] = []
+        self._sums: dict[str, float] = {}
+
+    @property
+    def regression(self) -> bool:
+        return self.metadata.task == "regression"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # ------------------------------------------------------------------ checks and schedule
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ConfigError("FineTuneModule needs a task datamodule (lthmaml.data.taskfolder)")
+        self.check_task(datamodule)
+        if stage == "fit":
+            self.best_epoch, self.best_score, self.best_state, self.epochs_run = None, None, None, 0
+            self.fixed_steps = None
+            if not datamodule.has_val:
+                self._fixed_inner_loop_schedule(datamodule)
+
+    def check_task(self, datamodule) -> None:
+        """The artifact must fit the task: its kind, its N ways, its input size (ConfigError)."""
+        from lthmaml.data.taskfolder import check_compatible
+
+        check_compatible(datamodule, self.metadata, self.source)
+
+    @staticmethod
+    def _root(datamodule) -> str:
+        return str(getattr(datamodule, "root", "the task folder"))
+
+    def _fixed_inner_loop_schedule(self, datamodule) -> None:
+        """No validation split: MAML's evaluation inner loop, ``eval_inner_steps`` full-batch steps."""
+        trainer = self.trainer
+        steps = int(self.metadata.eval_inner_steps)
+        self.fixed_steps = steps
+        trainer.fit_loop.epoch_loop.max_steps = steps
+        trainer.fit_loop.max_epochs = -1
+        stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
+        for callback in stoppers:
+            trainer.callbacks.remove(callback)
+        support = len(getattr(datamodule, "splits", {}).get("support", ()))
+        raised = support > getattr(datamodule, "batch_size", support)
+        if raised:
+            datamodule.batch_size = support  # one full batch per step, as in MAML's inner loop
+        rank_zero_info(
+            f"No validation split in {self._root(datamodule)}: fine-tuning for the meta-learned "
+            f"eval_inner_steps={steps} full-batch steps of {self.describe_optimizer()}, the adaptation "
+            f"MAML evaluated with{'; EarlyStopping off' if stoppers else ''}"
+            f"{f'; data.batch_size raised to the {support} support examples' if raised else ''}"
+        )
+
+    def describe_optimizer(self) -> str:
+        if self.optimizer_choice != "sgd":
+            return f"the configured optimizer{f' at lr={self.lr:g}' if self.lr_given else ''}"
+        if self.metadata.inner_lrs is not None and not self.lr_given:
+            return "SGD at the meta-learned per-tensor inner rates"
+        return f"SGD at lr={self.lr:g}{'' if self.lr_given else ' (the inner lr)'}"
+
+    def on_train_start(self) -> None:
+        if self.fixed_steps is not None and self.trainer.num_training_batches != 1:
+            raise ConfigError(
+                f"without a validation split the support set must be one full batch (MAML's inner "
+                f"loop), but it is {self.trainer.num_training_batches} batches: raise data.batch_size"
+            )
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_choice == "sgd":
+            rates = self.metadata.inner_lrs
+            if rates is None or self.lr_given:
+                return torch.optim.SGD(self.net.parameters(), lr=self.lr)
+            # Meta-SGD / learned inner rates: each tensor at the rate meta-learned for it
+            groups = [{"params": [p], "lr": rates[name]} for name, p in self.net.named_parameters()]
+            return torch.optim.SGD(groups, lr=self.lr)
+        optimizer = self.optimizer_choice(self.net.parameters())
+        if self.lr_given:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+        return optimizer
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        apply_masks(self.net)  # pruned weights stay exactly zero, whatever the optimizer does
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if self.regression:
+            return F.mse_loss(outputs, targets.reshape(outputs.shape).to(outputs.dtype))
+        return F.cross_entropy(outputs, targets.long())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = self.loss(self.net(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.epochs_run += 1
+
+    # ------------------------------------------------------------------ validation and best weights
+    def _reset_sums(self) -> None:
+        self._sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+
+    def _accumulate(self, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        outputs = self.net(x)
+        self._sums["loss"] += float(self.loss(outputs, y)) * len(x)
+        self._sums["count"] += len(x)
+        if not self.regression:
+            self._sums["correct"] += float((outputs.argmax(-1) == y.long()).sum())
+
+    def _means(self) -> dict[str, float]:
+        count = max(self._sums["count"], 1.0)
+        means = {"loss": self._sums["loss"] / count, "examples": int(self._sums["count"])}
+        if not self.regression:
+            means["acc"] = self._sums["correct"] / count
+        return means
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_sums()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._accumulate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        means = self._means()
+        self.log("val/loss", means["loss"], prog_bar=True)
+        if "acc" in means:
+            self.log("val/acc", means["acc"], prog_bar=True)
+        if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        monitor, mode = self._monitor()
+        score = means.get(monitor.split("/", 1)[1], means["loss"])
+        improved = self.best_score is None or (
+            score < self.best_score if mode == "min" else score > self.best_score
+        )
+        if improved and math.isfinite(score):
+            self.best_monitor, self.best_score = monitor, score
+            self.best_epoch = self.current_epoch + 1
+            self.best_state = {name: t.detach().clone() for name, t in self.net.state_dict().items()}
+
+    def _monitor(self) -> tuple[str, str]:
+        """The EarlyStopping monitor when it is one of ours, else ``val/loss``."""
+        stopper = self.trainer.early_stopping_callback
+        monitor = stopper.monitor if stopper is not None else "val/loss"
+        if monitor not in MONITORABLE or (monitor == "val/acc" and self.regression):
+            monitor = "val/loss"
+        return monitor, MONITORABLE[monitor]
+
+    def on_train_end(self) -> None:
+        if self.fixed_steps is not None:
+            return
+        if self.restore_best and self.best_state is not None:
+            self.net.load_state_dict(self.best_state)
+            rank_zero_info(
+                f"Restored the weights of epoch {self.best_epoch} of {self.epochs_run} "
+                f"(best {self.best_monitor} {self.best_score:.4f})"
+            )
+
+    def export(self, output: Union[str, Path]) -> Path:
+        """The fine-tuned net as an artifact (same format and fine-tuning settings as the source)."""
+        from lthmaml.export import COMPUTED_FIELDS, export_net
+
+        carried = {k: v for k, v in dataclasses.asdict(self.metadata).items() if k not in COMPUTED_FIELDS}
+        return export_net(self.net, output, carried)
+
+    # ------------------------------------------------------------------ test
+    def on_test_epoch_start(self) -> None:
+        self._reset_sums()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._accumulate(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._means()
+        self.log("test/loss", self.test_results["loss"])
+        n = self.test_results["examples"]
+        if self.regression:
+            line = f"Query MSE {self.test_results['loss']:.4f} on {n} points"
+        else:
+            self.log("test/acc", self.test_results["acc"])
+            correct = round(self.test_results["acc"] * n)
+            line = (
+                f"Query accuracy {self.test_results['acc']:.4f} ({correct}/{n}), "
+                f"loss {self.test_results['loss']:.4f}"
+            )
+        if self.trainer.is_global_zero:
+            print(line, flush=True)
+
+    # ------------------------------------------------------------------ predict
+    def on_predict_epoch_start(self) -> None:
+        if self.trainer.world_size > 1:
+            raise ConfigError("predict on one device: predictions.csv keeps the query's file order")
+        self.predictions = []
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        outputs = self.net(x)
+        if self.regression:
+            inputs = x.reshape(len(x), -1)
+            for row, value in zip(inputs.tolist(), outputs.reshape(len(x), -1)[:, 0].tolist()):
+                self.predictions.append([" ".join(f"{v:.6g}" for v in row), f"{value:.6g}"])
+            return outputs
+        probabilities = outputs.softmax(-1)
+        best, index = probabilities.max(-1)
+        labels = self.trainer.datamodule.labels
+        for i, p in zip(index.tolist(), best.tolist()):
+            self.predictions.append([labels[i], f"{p:.6f}"])
+        return probabilities
+
+    def on_predict_epoch_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        files = list(self.trainer.datamodule.query_files)
+        if len(files) != len(self.predictions):
+            raise DataError(
+                f"{len(self.predictions)} predictions for {len(files)} query files: the query loader "
+                "must yield every file once, in order"
+            )
+        header = ["file", "x", "prediction"] if self.regression else ["file", "label", "probability"]
+        path = self.output_csv()
+        _atomic_write_csv(path, header, [[name, *row] for name, row in zip(files, self.predictions)])
+        rank_zero_info(f"Wrote {len(files)} predictions to {path}")
+
+    def output_csv(self) -> Path:
+        """``predictions_path`` if a ``.csv``; else ``predictions.csv`` in that folder or the run's."""
+        target = self.predictions_path
+        if target is None:
+            target = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        target = Path(target)
+        return target if target.suffix.lower() == ".csv" else target / "predictions.csv"
