@@ -16,13 +16,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from helpers import TinyImageTasks, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.lottery import LotteryTicket
 from lthmaml import sparsity
 from lthmaml.cli import main
-from lthmaml.data import EpisodicDataModule, FewShotTasks, SinusoidDataModule
+from lthmaml.data import SinusoidDataModule
 from lthmaml.errors import ConfigError
 from lthmaml.maml import MAML
 from lthmaml.models import MLP, Conv4
@@ -50,19 +51,6 @@ def maml(hidden=(8, 8), lr: float = 0.01, **kwargs) -> MAML:
 def sinusoid() -> SinusoidDataModule:
     """Two meta-batches of two tasks per epoch."""
     return SinusoidDataModule(shots=5, query_shots=5, meta_batch_size=2, tasks_per_epoch=4, val_tasks=2)
-
-
-class TinyImageTasks(EpisodicDataModule):
-    """3-way 1-shot tasks on 8x8 random images."""
-
-    ways = 3
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.images = torch.rand(8, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-
-    def task_source(self, split):
-        return FewShotTasks(self.images, ways=3, shots=1, query_shots=2, name=split)
 
 
 class TinyClassification(pl.LightningDataModule):
@@ -96,19 +84,8 @@ def classifier(lr: float = 0.05) -> Classifier:
 
 
 def fit(model, datamodule, callbacks, root: Path, ckpt_path=None, **kwargs) -> pl.Trainer:
-    options = dict(
-        default_root_dir=root,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        max_epochs=-1,
-    )
-    options.update(kwargs)
-    trainer = pl.Trainer(callbacks=callbacks, **options)
+    options = {"default_root_dir": root, "max_epochs": -1, "limit_val_batches": None, **kwargs}
+    trainer = quiet_trainer(callbacks=callbacks, **options)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 

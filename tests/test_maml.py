@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TinyImageTasks
+from helpers import quiet_trainer as trainer
 from torch.func import functional_call, grad
 
-from lthmaml.data import EpisodeDataset, EpisodicDataModule, FewShotTasks, SinusoidDataModule, SinusoidTasks
+from lthmaml.data import EpisodeDataset, EpisodicDataModule, SinusoidDataModule, SinusoidTasks
 from lthmaml.errors import ConfigError
 from lthmaml.maml import MAML, mean_and_ci95, task_loss
 from lthmaml.models import MLP, Conv4
@@ -18,34 +19,6 @@ META_BATCH = 3
 def sgd_lr1(params):
     """With SGD at lr 1, one meta-step moves each parameter by exactly minus its meta-gradient."""
     return torch.optim.SGD(params, lr=1.0)
-
-
-def trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
-
-
-class TinyImageTasks(EpisodicDataModule):
-    """3-way 1-shot tasks on 8x8 random images: small enough for exact gradient checks."""
-
-    ways = 3
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.images = torch.rand(8, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-
-    def task_source(self, split):
-        return FewShotTasks(self.images, ways=3, shots=1, query_shots=2, name=split)
 
 
 def first_training_tasks(datamodule: EpisodicDataModule):

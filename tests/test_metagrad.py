@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -28,20 +29,7 @@ META_BATCH = 3
 
 
 def trainer(root: Path, callbacks, **kwargs) -> pl.Trainer:
-    options = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-        default_root_dir=str(root),
-        callbacks=callbacks,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return quiet_trainer(default_root_dir=str(root), callbacks=callbacks, **kwargs)
 
 
 def sgd(lr: float):

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import TinyImageTasks
+from helpers import quiet_trainer as trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.func import functional_call, grad
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks.powerprop import Powerprop, PowerTransform
 from lthmaml import sparsity
 from lthmaml.cli import main
-from lthmaml.data import EpisodeDataset, EpisodicDataModule, FewShotTasks, SinusoidDataModule
+from lthmaml.data import EpisodeDataset, SinusoidDataModule
 from lthmaml.errors import ConfigError
 from lthmaml.layers import MaskedLinear, masked_layers
 from lthmaml.maml import MAML, task_loss
@@ -36,32 +38,6 @@ POWERPROP_LOTTERY = str(REPO / "configs" / "prune" / "powerprop_lottery.yaml")
 
 
 # ---------------------------------------------------------------------- helpers
-def trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
-
-
-class TinyImageTasks(EpisodicDataModule):
-    """3-way 1-shot tasks on 8x8 random images."""
-
-    ways = 3
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.images = torch.rand(8, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-
-    def task_source(self, split):
-        return FewShotTasks(self.images, ways=3, shots=1, query_shots=2, name=split)
 
 
 class TinyClassification(pl.LightningDataModule):

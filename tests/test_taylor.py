@@ -14,13 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import TinyImageTasks
+from helpers import quiet_trainer as trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.taylor import TaylorFilterPruning, layer_normalized, lowest_filters, taylor_scores
 from lthmaml import sparsity
 from lthmaml.cli import main
-from lthmaml.data import EpisodicDataModule, FewShotTasks, SinusoidDataModule
+from lthmaml.data import SinusoidDataModule
 from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError
 from lthmaml.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
@@ -32,37 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONVS = ("net.features.0.0", "net.features.1.0")
 
 
-def trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
-
-
 def conv_net(hidden: int = 4, blocks: int = 2) -> Conv4:
     torch.manual_seed(0)
     return Conv4(out_features=3, hidden_channels=hidden, image_size=8, blocks=blocks)
-
-
-class TinyImageTasks(EpisodicDataModule):
-    """3-way 1-shot tasks (2 query images a class) on 8x8 random images."""
-
-    ways = 3
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.images = torch.rand(8, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-
-    def task_source(self, split):
-        return FewShotTasks(self.images, ways=3, shots=1, query_shots=2, name=split)
 
 
 class TinyImages(pl.LightningDataModule):

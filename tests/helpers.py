@@ -1,0 +1,37 @@
+"""What many test files need: a quiet CPU Trainer and tiny few-shot image tasks."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from lthmaml.data import EpisodicDataModule, FewShotTasks
+
+QUIET = dict(
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    inference_mode=False,  # MAML adapts with gradients in validation and test
+    num_sanity_val_steps=0,
+    limit_val_batches=0,
+    accelerator="cpu",
+)
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A Trainer that writes nothing and skips validation unless ``kwargs`` say otherwise."""
+    return pl.Trainer(**{**QUIET, **kwargs})
+
+
+class TinyImageTasks(EpisodicDataModule):
+    """3-way 1-shot tasks (2 query images a class) on 8x8 random images: exact checks stay cheap."""
+
+    ways = 3
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.images = torch.rand(8, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def task_source(self, split):
+        return FewShotTasks(self.images, ways=3, shots=1, query_shots=2, name=split)
