@@ -66,6 +66,19 @@ class PruningCallback(Callback):
         sparsity.load_masks(pl_module, masks)
 
     @staticmethod
+    def reduce_scores(trainer: pl.Trainer, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Sum scores accumulated from this rank's tasks over all ranks (identity in one process).
+
+        Under DDP each rank sees only its shard of every meta-batch, so gradient-based sums differ
+        between ranks; ranking their total gives every rank the same masks, and the same ones one
+        process seeing all the tasks would. Every rank must pass the same names and shapes.
+        """
+        if trainer.world_size == 1:
+            return dict(scores)
+        reduce = trainer.strategy.reduce
+        return {name: reduce(scores[name].clone(), reduce_op="sum") for name in sorted(scores)}
+
+    @staticmethod
     def reset_optimizers(trainer: pl.Trainer) -> None:
         """Fresh optimizer and scheduler state, as a new training round starts from scratch."""
         trainer.strategy.setup_optimizers(trainer)
@@ -110,7 +123,7 @@ class PruningCallback(Callback):
         sparsity.apply_masks(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.log("sparsity", sparsity.sparsity_report(pl_module).sparsity)
+        pl_module.log("sparsity", sparsity.sparsity_report(pl_module).sparsity, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_info(

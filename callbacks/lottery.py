@@ -238,7 +238,7 @@ class LotteryTicket(PruningCallback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)  # logs the sparsity trained at
-        pl_module.log("round", float(self.round))
+        pl_module.log("round", float(self.round), sync_dist=True)
         if self.epochs_per_round is not None and not self.finished:
             if trainer.current_epoch + 1 >= (self.round + 1) * self.epochs_per_round:
                 self.end_round(trainer, pl_module)

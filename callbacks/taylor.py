@@ -207,7 +207,7 @@ class TaylorFilterPruning(PruningCallback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        pl_module.log("filters_remaining", float(self.target(pl_module)[1]))
+        pl_module.log("filters_remaining", float(self.target(pl_module)[1]), sync_dist=True)
 
     # ------------------------------------------------------------------ the method
     def accumulate(self, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -223,10 +223,11 @@ class TaylorFilterPruning(PruningCallback):
         """Remove the ``count`` filters of lowest layer-normalised score; record the round."""
         pairs = self.layers(pl_module)
         alive = {name: sparsity.alive_channels(conv) for name, (conv, _) in pairs.items()}
-        sums = {}
-        for name, (_, batchnorm) in pairs.items():
-            local = self.score_sums.get(name, torch.zeros_like(batchnorm.channel_mask))
-            sums[name] = trainer.strategy.reduce(local.to(batchnorm.channel_mask), reduce_op="sum")
+        local = {
+            name: self.score_sums.get(name, torch.zeros_like(bn.channel_mask)).to(bn.channel_mask)
+            for name, (_, bn) in pairs.items()
+        }
+        sums = self.reduce_scores(trainer, local)
         chosen = lowest_filters(layer_normalized(sums), alive, count)
         if not chosen:
             rank_zero_warn(f"{type(self).__name__}: every layer is down to one filter; nothing pruned")

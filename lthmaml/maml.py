@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,8 +17,10 @@ import higher
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import CatMetric, MeanMetric
 
 from lthmaml.data.tasks import TaskBatch
@@ -114,7 +117,15 @@ class MAML(NetModule):
         self.test_results: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
-        """Catch a net whose output width differs from the tasks' N-way before torch does."""
+        """Catch a net whose output width differs from the tasks' N-way before torch does, and a
+        multi-process strategy whose gradient exchange this module does not know."""
+        strategy = self.trainer.strategy
+        ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+        if stage == "fit" and self.trainer.world_size > 1 and not ddp:
+            raise ConfigError(
+                f"MAML averages its meta-gradient over ranks for DDP strategies only (ddp, ddp_spawn, ...), "
+                f"not {type(strategy).__name__}: set trainer.strategy: ddp"
+            )
         ways = getattr(self.trainer.datamodule, "ways", None)
         out_features = getattr(self.net, "out_features", None)
         if ways is not None and out_features is not None and ways != out_features:
@@ -200,12 +211,46 @@ class MAML(NetModule):
         optimizer = self.optimizers()
         optimizer.zero_grad()
         scale = 1.0 / batch.num_tasks
-        results = [self.meta_train_task(batch.task(i), scale) for i in range(batch.num_tasks)]
+        with self._no_ddp_sync():
+            results = [self.meta_train_task(batch.task(i), scale) for i in range(batch.num_tasks)]
+        if self.trainer.world_size > 1:
+            self._average_meta_gradient(batch.num_tasks)
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
         optimizer.step()
         self._log_results("train", results)
         return torch.stack([r.loss_post for r in results]).mean()
+
+    def _no_ddp_sync(self) -> AbstractContextManager:
+        """Keep DDP's reducer out of the per-task backward passes.
+
+        Lightning routes ``training_step`` through the DDP wrapper, and ``manual_backward`` would
+        let the reducer all-reduce after every task's backward (first-order gradients, written
+        with ``autograd.grad``, it would miss altogether). ``_average_meta_gradient`` replaces it.
+        """
+        wrapper = self.trainer.strategy.model
+        return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else nullcontext()
+
+    def _average_meta_gradient(self, local_tasks: int) -> None:
+        """Make ``.grad`` on every rank the meta-gradient over all ranks' tasks, in one all-reduce.
+
+        Each rank holds the mean over its ``local_tasks``; the sum over ranks of ``local_tasks``
+        times that, divided by the total task count, is the mean over the whole meta-batch, which
+        is what one process computes. A parameter no rank has a gradient for keeps ``grad=None``
+        (the optimizer skips it, as in one process).
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        has_grad = [float(p.grad is not None) for p in params]
+        flat = torch.cat(
+            [g.flatten() * local_tasks for g in grads] + [grads[0].new_tensor(has_grad + [local_tasks])]
+        )
+        flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+        sums, has_grad, total_tasks = flat[: -len(params) - 1], flat[-len(params) - 1 : -1], flat[-1]
+        for param, grad, present in zip(params, sums.split([p.numel() for p in params]), has_grad.tolist()):
+            param.grad = grad.view_as(param) / total_tasks if present else None
 
     def on_train_epoch_end(self) -> None:
         scheduler = self.lr_schedulers()
@@ -243,7 +288,8 @@ class MAML(NetModule):
             mean, ci95 = mean_and_ci95(metric.compute())
             self.test_results[name] = mean
             self.test_results[f"{name}_ci95"] = ci95
-            self.log(f"test/{name}_ci95", ci95)
+            # The same on every rank (the CatMetric gathers all tasks); sync_dist keeps DDP quiet.
+            self.log(f"test/{name}_ci95", ci95, sync_dist=True)
         tasks = int(self.test_per_task["loss_post"].compute().numel())
         summary = "; ".join(
             f"{label} {self.test_results[key]:.4f} +- {self.test_results[key + '_ci95']:.4f}"

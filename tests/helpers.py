@@ -19,6 +19,11 @@ QUIET = dict(
 )
 
 
+def sgd_lr1(params):
+    """With SGD at lr 1, one meta-step moves each parameter by exactly minus its meta-gradient."""
+    return torch.optim.SGD(params, lr=1.0)
+
+
 def quiet_trainer(**kwargs) -> pl.Trainer:
     """A Trainer that writes nothing and skips validation unless ``kwargs`` say otherwise."""
     return pl.Trainer(**{**QUIET, **kwargs})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TinyImageTasks
+from helpers import TinyImageTasks, sgd_lr1
 from helpers import quiet_trainer as trainer
 from torch.func import functional_call, grad
 
@@ -14,11 +14,6 @@ from lthmaml.maml import MAML, mean_and_ci95, task_loss
 from lthmaml.models import MLP, Conv4
 
 META_BATCH = 3
-
-
-def sgd_lr1(params):
-    """With SGD at lr 1, one meta-step moves each parameter by exactly minus its meta-gradient."""
-    return torch.optim.SGD(params, lr=1.0)
 
 
 def first_training_tasks(datamodule: EpisodicDataModule):

@@ -6,19 +6,28 @@ from abc import ABC, abstractmethod
 from typing import Optional
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Sampler
 
 from lthmaml.data.fewshot import FewShotTasks
 from lthmaml.data.omniglot import OmniglotImages, SplitSpec, check_class_split, load_omniglot, split_classes
 from lthmaml.data.sinusoid import SinusoidTasks
 from lthmaml.data.tasks import EpisodeDataset, EpochSampler, TaskSource
+from lthmaml.errors import ConfigError
 
 
 class EpisodicDataModule(pl.LightningDataModule, ABC):
     """Training tasks are fresh every epoch; validation and test tasks are fixed by ``seed``.
 
+    Under a distributed strategy (``trainer.world_size`` ranks) every count here stays a total
+    over all ranks: rank ``r`` loads the tasks ``r, r + world_size, ...`` of the single-process
+    order, ``meta_batch_size // world_size`` at a time. So each meta-update sees the same tasks
+    as in one process, and validation and test cover their sets exactly once (docs/distributed.md).
+
     Args:
-        meta_batch_size: tasks per meta-update (and per evaluation batch).
+        meta_batch_size: tasks per meta-update (and per evaluation batch), summed over all ranks;
+            a multiple of the number of ranks.
         tasks_per_epoch: training tasks per epoch (``tasks_per_epoch // meta_batch_size`` steps).
         val_tasks, test_tasks: sizes of the fixed evaluation sets (600 test tasks as in MAML).
         seed: keys every task; two evaluations of one model give identical numbers.
@@ -48,14 +57,36 @@ class EpisodicDataModule(pl.LightningDataModule, ABC):
 
     def _loader(self, split: str, num_tasks: int, train: bool) -> DataLoader:
         dataset = EpisodeDataset(self.task_source(split), num_tasks, self.seed, split)
+        ranks, rank = self._ranks()
+        if self.meta_batch_size % ranks:
+            raise ConfigError(
+                f"data.meta_batch_size={self.meta_batch_size} is the meta-batch over all {ranks} ranks "
+                "(devices x nodes): make it a multiple of that"
+            )
+        if not train and num_tasks < ranks:
+            raise ConfigError(f"data.{split}_tasks={num_tasks} leaves some of the {ranks} ranks no task")
+        sampler: Optional[Sampler] = EpochSampler(num_tasks) if train else None
+        # Our own shards, so that Lightning injects none of its samplers: its training wrapper
+        # shuffles the epoch, and its evaluation sampler repeats tasks to even the ranks out.
+        shard = dict(num_replicas=ranks, rank=rank, shuffle=False)
+        if ranks > 1 and train:  # strided, so step k's shards are step k's tasks of one process
+            sampler = DistributedSamplerWrapper(sampler, drop_last=True, **shard)
+        elif ranks > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, **shard)
         return DataLoader(
             dataset,
-            batch_size=self.meta_batch_size,
-            sampler=EpochSampler(num_tasks) if train else None,
+            batch_size=self.meta_batch_size // ranks,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _ranks(self) -> tuple[int, int]:
+        """(number of ranks, this rank) of the attached trainer; (1, 0) without one."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.tasks_per_epoch, train=True)
