@@ -4,13 +4,22 @@ Lightning's ``save_last`` writes ``last.ckpt`` only when a top-k checkpoint is w
 pruning run (accuracy drops after each prune) it stops updating and a killed run loses epochs.
 This callback writes it every training-epoch end, after the pruning callbacks' epoch-end work
 (Lightning runs checkpoint callbacks last), so a resumed fit continues exactly where it stopped.
+
+It is also written atomically: Lightning's local save goes through fsspec's transaction, which
+writes a temp file in the *system* temp folder and ``shutil.move``s it over; where that folder is
+another file system the move is a plain copy onto ``last.ckpt``, and a kill mid-copy leaves it
+truncated. Here the bytes go to ``.last.ckpt.partial`` beside it and ``os.replace`` swaps them in,
+so ``last.ckpt`` is always either the previous complete checkpoint or the new one.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import lightning.pytorch as pl
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -31,3 +40,15 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Nothing: a fit that stops mid-epoch keeps the last completed epoch's checkpoint."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        """Write beside ``filepath`` and rename over it (local paths; remote stores keep Lightning's way)."""
+        if not isinstance(get_filesystem(filepath), LocalFileSystem):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        folder, name = os.path.split(filepath)
+        partial = os.path.join(folder, f".{name}.partial")  # not *.ckpt: never taken for a checkpoint
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        self._last_checkpoint_saved = filepath

@@ -11,3 +11,17 @@ class ConfigError(LthmamlError, ValueError):
 
 class DataError(LthmamlError, ValueError):
     """A data root, folder, or file that cannot be read as asked."""
+
+
+class TrainingError(LthmamlError, RuntimeError):
+    """Training that cannot go on (a non-finite loss or gradient); the message names the step."""
+
+
+def non_finite_message(what: str, step: int, epoch: int, lr_options: str) -> str:
+    """The one line a diverged fit ends with: where, what was kept, and what to change."""
+    return (
+        f"non-finite {what} at global step {step} (epoch {epoch}); the weights were not updated and "
+        f"the last epoch's last.ckpt is kept: lower {lr_options}, or set a gradient clip "
+        "(model.init_args.gradient_clip_val for MAML, trainer.gradient_clip_val otherwise), then "
+        "resume with --ckpt_path <run>/checkpoints/last.ckpt"
+    )

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import CatMetric, MeanMetric
 
 from lthmaml.data.tasks import TaskBatch
-from lthmaml.errors import ConfigError
+from lthmaml.errors import ConfigError, TrainingError, non_finite_message
 from lthmaml.module import NetModule
 
 
@@ -215,11 +215,37 @@ class MAML(NetModule):
             results = [self.meta_train_task(batch.task(i), scale) for i in range(batch.num_tasks)]
         if self.trainer.world_size > 1:
             self._average_meta_gradient(batch.num_tasks)
+        self._check_finite(results)
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
         optimizer.step()
         self._log_results("train", results)
         return torch.stack([r.loss_post for r in results]).mean()
+
+    def _check_finite(self, results: list[TaskResult]) -> None:
+        """Stop before a NaN or inf meta-gradient reaches the weights: Adam would spread it to every
+        parameter and each later checkpoint, and the fit would go on reporting ``nan``.
+
+        Under DDP the verdict is agreed over ranks (one scalar all-reduce), so every rank stops at
+        the same step instead of one raising while the others wait in the next collective.
+        """
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        losses = torch.stack([r.loss_post for r in results])
+        bad_losses = (~losses.isfinite()).sum().float()
+        bad_grads = sum((~g.isfinite()).sum() for g in grads) if grads else torch.zeros(())
+        bad = torch.stack([bad_losses, torch.as_tensor(bad_grads, dtype=torch.float32, device=losses.device)])
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bool(bad.sum() > 0):
+            what = "meta-loss" if bool(bad[0] > 0) else "meta-gradient"
+            raise TrainingError(
+                non_finite_message(
+                    what,
+                    self.trainer.global_step,
+                    self.trainer.current_epoch,
+                    "model.init_args.inner_lr or the optimizer lr",
+                )
+            )
 
     def _no_ddp_sync(self) -> AbstractContextManager:
         """Keep DDP's reducer out of the per-task backward passes.

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lthmaml.data.omniglot import load_omniglot
+from lthmaml.errors import TrainingError, non_finite_message
 from lthmaml.module import NetModule
 
 
@@ -38,7 +39,14 @@ class Classifier(NetModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not bool(loss.isfinite()):  # stop before backward and the optimizer step see it
+            raise TrainingError(
+                non_finite_message(
+                    "loss", self.trainer.global_step, self.trainer.current_epoch, "the optimizer lr"
+                )
+            )
+        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
