@@ -49,3 +49,11 @@ TASK ?=
 .PHONY: pi-finetune
 pi-finetune: $(STAMP)
 	$(BIN)/python -m lthmaml.pi_finetune --artifact "$(ARTIFACT)" --task "$(TASK)"
+
+# Plots and a Markdown table of pruning runs: metric vs weights remaining, per-round best epoch and
+# wall time, validation metric vs time, per-layer sparsity (see lthmaml/report.py).
+RUNS ?= runs
+OUT ?= report
+.PHONY: report
+report: $(STAMP)
+	$(BIN)/python -m lthmaml.report $(RUNS) -o $(OUT)
