@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -77,6 +78,16 @@ class PruningCallback(Callback):
             return dict(scores)
         reduce = trainer.strategy.reduce
         return {name: reduce(scores[name].clone(), reduce_op="sum") for name in sorted(scores)}
+
+    @staticmethod
+    def reduce_count(trainer: pl.Trainer, count: int) -> int:
+        """A count kept per rank (tasks scored), summed over all ranks for the round records."""
+        if trainer.world_size == 1:
+            return count
+        total = trainer.strategy.reduce(
+            torch.tensor(float(count), device=trainer.strategy.root_device), reduce_op="sum"
+        )
+        return int(total.item())
 
     @staticmethod
     def reset_optimizers(trainer: pl.Trainer) -> None:

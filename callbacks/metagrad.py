@@ -180,7 +180,7 @@ class MetaGradientPruning(PruningCallback):
         self.batches_since_prune += 1
         if self.batches_since_prune < self.steps_between:
             return
-        tasks = self.tasks_seen
+        tasks = self.reduce_count(trainer, self.tasks_seen)
         self.grad_sq = self.reduce_scores(trainer, self.grad_sq)
         pruned = self.prune_step(pl_module)
         if self.pruned_steps % self.write_every == 0 or self.pruned_steps == self.steps:

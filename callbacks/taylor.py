@@ -242,7 +242,7 @@ class TaylorFilterPruning(PruningCallback):
                 "step": self.steps,
                 "filters_remaining": left,
                 "filters_pruned": total - left,
-                "tasks_scored": self.tasks_scored,
+                "tasks_scored": self.reduce_count(trainer, self.tasks_scored),
                 "channels": channels_left,
             },
         )

@@ -9,6 +9,7 @@ test process compares the files with each other and with the same run in one pro
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -244,3 +245,10 @@ def test_ddp_pruning_rounds_end_with_identical_masks(tmp_path):
     record = sparsity.read_masks(tmp_path / "lottery_rank0" / "rounds" / "round_01" / "mask.safetensors")
     assert record.keys() == masks.keys() and all(torch.equal(record[k], masks[k]) for k in masks)
     assert not (tmp_path / "lottery_rank1").exists()
+    # Task counts in the round records are totals over the ranks, as one process counts them.
+    for name, key in (("metagrad", "tasks"), ("taylor", "tasks_scored")):
+        records = [
+            json.loads((tmp_path / f"{name}_{run}" / "rounds" / "round_00" / "metrics.json").read_text())
+            for run in ("rank0", "single")
+        ]
+        assert records[0][key] == records[1][key] > 0, name
