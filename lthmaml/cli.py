@@ -3,9 +3,6 @@ test, predict), with the defaults a MAML run needs and one-line errors for bad i
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Optional
 
 import lightning.pytorch as pl
@@ -15,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lthmaml.checkpointing import LastCheckpoint
-from lthmaml.errors import ConfigError, LthmamlError
+from lthmaml.errors import ConfigError, one_line_errors
 
 TRAINER_DEFAULTS = {
     # MAML adapts with gradients inside validation and test: inference mode would forbid it.
@@ -66,16 +63,6 @@ class MetaCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
-
-
-@contextmanager
-def one_line_errors(prog: str = "lthmaml") -> Iterator[None]:
-    """A user-fixable error becomes ``<prog>: error: <message>`` on stderr and exit status 2."""
-    try:
-        yield
-    except LthmamlError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -22,9 +22,9 @@ from typing import Optional
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_info
 
-from lthmaml.cli import MetaCLI, one_line_errors
+from lthmaml.cli import MetaCLI
 from lthmaml.data.taskfolder import TaskFolderDataModule
-from lthmaml.errors import ConfigError
+from lthmaml.errors import ConfigError, one_line_errors
 from lthmaml.finetune import FineTuneModule
 
 PROG = "lthmaml-edge"

@@ -1,4 +1,8 @@
-"""Errors a user can fix: the CLI prints them as one line, never as a traceback from inside torch."""
+"""Errors a user can fix: the commands print them as one line, never as a traceback from inside torch."""
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class LthmamlError(Exception):
@@ -25,3 +29,16 @@ def non_finite_message(what: str, step: int, epoch: int, lr_options: str) -> str
         "(model.init_args.gradient_clip_val for MAML, trainer.gradient_clip_val otherwise), then "
         "resume with --ckpt_path <run>/checkpoints/last.ckpt"
     )
+
+
+@contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """A user-fixable error becomes ``<prog>: error: <message>`` on one stderr line, exit status 2.
+
+    Lives here, not in the CLI module, so commands that do not load Lightning can use it too.
+    """
+    try:
+        yield
+    except LthmamlError as error:
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None

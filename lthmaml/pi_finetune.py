@@ -27,9 +27,8 @@ from typing import Any, Optional
 
 import yaml
 
-from lthmaml.cli import one_line_errors
 from lthmaml.edge_cli import EdgeCLI, run_cli
-from lthmaml.errors import ConfigError, DataError
+from lthmaml.errors import ConfigError, DataError, one_line_errors
 
 PROG = "pi-finetune"
 REPO = Path(__file__).resolve().parents[1]

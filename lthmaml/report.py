@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import yaml
 
-from lthmaml.errors import DataError, LthmamlError
+from lthmaml.errors import DataError, one_line_errors
 
 PROG = "lthmaml-report"
 PLOTS = {
@@ -557,12 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:  # lthmaml.cli.one_line_errors does the same, but importing it loads Lightning (3 s)
+    with one_line_errors(PROG):
         runs = [load_run(path) for path in expand(args.runs)]
         report = write_report(runs, args.out)
-    except LthmamlError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(f"{PROG}: wrote {report} ({len(runs)} runs)")
     return 0
 
