@@ -122,9 +122,13 @@ class LotteryTicket(PruningCallback):
         """Record the round's best net, then prune it, rewind it and start the next round."""
         if self.best_state is not None:
             sparsity.rewind(pl_module, self.best_state)  # the round's best-validation weights
+        in_round = None
+        if self.best_epoch is not None and self.epochs_per_round is not None:
+            in_round = self.best_epoch - self.round * self.epochs_per_round + 1  # 1 = the round's first
         metrics: dict[str, Any] = {
             "best_val": self.best_value,
             "best_epoch": self.best_epoch,
+            "best_epoch_in_round": in_round,
             "best_step": self.best_step,
             "monitor": self.monitor,
         }

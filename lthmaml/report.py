@@ -357,9 +357,11 @@ def plot_rounds(runs: Sequence[Run], file: Path) -> Optional[str]:
     if not pruned:
         return "no run has pruning rounds (rounds/round_XX/metrics.json)"
     fig, (left, right) = _panels(2, width=6.5)
-    any_epoch = any_time = False
+    any_epoch = any_time = in_round = False
     for run in pruned:
-        epochs = [(r["round"], r["best_epoch"]) for r in run.rounds if r.get("best_epoch") is not None]
+        key = "best_epoch_in_round" if any(r.get("best_epoch_in_round") for r in run.rounds) else "best_epoch"
+        in_round = in_round or key == "best_epoch_in_round"
+        epochs = [(r["round"], r[key]) for r in run.rounds if r.get(key) is not None]
         if epochs:
             any_epoch = True
             left.plot(*zip(*epochs), marker="o", label=run.label)
@@ -379,7 +381,11 @@ def plot_rounds(runs: Sequence[Run], file: Path) -> Optional[str]:
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
-    left.set_ylabel("epoch of best validation (global epoch index)")
+    left.set_ylabel(
+        "epoch of best validation within the round (1 = first)"
+        if in_round
+        else "epoch of best validation (global epoch index)"
+    )
     left.set_title("When each round's best validation came")
     right.set_ylabel("wall time of the round (s)")
     right.set_title("Wall time per round (between prune/round events)")

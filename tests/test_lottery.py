@@ -307,6 +307,7 @@ def test_round_folders_hold_masks_metrics_and_a_loadable_checkpoint_on_conv4_mam
         best_epoch = min(values, key=values.get)
         assert metrics["round"] == r and metrics["monitor"] == "val/loss_post"
         assert (metrics["best_epoch"], metrics["best_val"]) == (best_epoch, pytest.approx(values[best_epoch]))
+        assert metrics["best_epoch_in_round"] == best_epoch - 2 * r + 1  # 1 or 2 of the round's epochs
         total = sum(mask.numel() for mask in masks.values())
         assert metrics["sparsity"] == pytest.approx((head_zeros + feature_zeros) / total)
         restored = MAML.load_from_checkpoint(folder / "model.ckpt", net=conv4())
