@@ -19,6 +19,14 @@ QUIET = dict(
 )
 
 
+TINY_FIT = [
+    *("--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"),
+    *("--data.init_args.tasks_per_epoch", "50", "--data.init_args.meta_batch_size", "10"),
+    *("--data.init_args.val_tasks", "20", "--data.init_args.test_tasks", "20"),
+]
+"""CLI overrides that shrink an episodic config's fit to 5 meta-steps and 20-task evaluations."""
+
+
 def sgd_lr1(params):
     """With SGD at lr 1, one meta-step moves each parameter by exactly minus its meta-gradient."""
     return torch.optim.SGD(params, lr=1.0)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import TINY_FIT as TINY
 
 from lthmaml.cli import main
 from lthmaml.maml import MAML
@@ -14,20 +15,6 @@ from lthmaml.models import MLP
 
 REPO = Path(__file__).resolve().parents[1]
 SINUSOID = str(REPO / "configs" / "sinusoid.yaml")
-TINY = [
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--data.init_args.tasks_per_epoch",
-    "50",
-    "--data.init_args.meta_batch_size",
-    "10",
-    "--data.init_args.val_tasks",
-    "20",
-    "--data.init_args.test_tasks",
-    "20",
-]
 
 
 @pytest.fixture

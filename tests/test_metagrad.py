@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import quiet_trainer
+from helpers import TINY_FIT, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -363,16 +363,7 @@ def test_tiny_sinusoid_fit_through_the_cli_writes_rounds(tmp_path, monkeypatch):
             str(REPO / "configs" / "prune" / "metagrad.yaml"),
             "-c",
             str(small),
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--data.init_args.tasks_per_epoch",
-            "50",
-            "--data.init_args.meta_batch_size",
-            "10",
-            "--data.init_args.val_tasks",
-            "10",
+            *TINY_FIT,
         ]
     )
     run = tmp_path / "runs" / "sinusoid" / "version_0"
