@@ -57,3 +57,40 @@ OUT ?= report
 .PHONY: report
 report: $(STAMP)
 	$(BIN)/python -m lthmaml.report $(RUNS) -o $(OUT)
+
+# The evidence behind README "Results" (configs/experiments/, each stacked on base.yaml): the
+# lottery-ticket family, Powerprop, meta-gradient and Taylor pruning and the dense reference, on the
+# shared Omniglot subset, plus the sinusoid table (bench/sinusoid.py, 20000 iterations). About 40
+# CPU-core minutes each (taylor 15, dense 4, sinusoid 20-40); `make -j2 experiments` runs two at a
+# time. Each writes $(EXP_DIR)/<name>/version_0 and logs/<name>.log; a killed one resumes from its
+# last.ckpt when run again, a finished one is skipped (<name>.done; the sinusoid: its JSON exists).
+EXP_DIR ?= runs/experiments
+SINUSOID ?= bench/out/sinusoid.json
+EXPERIMENTS := lth_rewind_init lth_late_rewind lth_random_reinit powerprop_lottery metagrad taylor dense
+.PHONY: experiments results
+experiments: $(EXPERIMENTS:%=$(EXP_DIR)/%.done) $(SINUSOID)
+
+$(SINUSOID): | $(STAMP)
+	$(BIN)/python -m bench.sinusoid --threads 1 --json $@
+
+$(EXP_DIR)/lth_random_reinit.done: $(EXP_DIR)/lth_rewind_init.done  # it trains lth_rewind_init's masks
+
+$(EXP_DIR)/%.done: configs/experiments/%.yaml configs/experiments/base.yaml | $(STAMP)
+	@mkdir -p $(EXP_DIR)/logs
+	@last=$(EXP_DIR)/$*/version_0/checkpoints/last.ckpt; resume=; \
+	if [ -f $$last ]; then echo "experiments: resuming $* from $$last"; resume="--ckpt_path $$last"; \
+	elif [ -e $(EXP_DIR)/$* ]; then \
+	  echo "experiments: $(EXP_DIR)/$* exists but has no last.ckpt: move it away and run again" >&2; exit 1; fi; \
+	echo "experiments: $* (log: $(EXP_DIR)/logs/$*.log)"; \
+	OMP_NUM_THREADS=1 $(BIN)/lthmaml fit -c configs/experiments/base.yaml -c $< \
+	  --trainer.logger.init_args.save_dir $(EXP_DIR) \
+	  $(if $(filter lth_random_reinit,$*),--trainer.callbacks.init_args.masks_from $(EXP_DIR)/lth_rewind_init/version_0) \
+	  $$resume >> $(EXP_DIR)/logs/$*.log 2>&1
+	@touch $@
+
+# README "Results": the report of the experiments (plots and tables under $(RESULTS)) and the
+# sinusoid table of bench/sinusoid.py, written into README.md between its results markers.
+RESULTS ?= docs/results
+results: $(STAMP)
+	$(BIN)/python -m lthmaml.report $(EXPERIMENTS:%=$(EXP_DIR)/%/version_0) -o $(RESULTS) \
+	  $(if $(wildcard $(SINUSOID)),--sinusoid $(SINUSOID)) --readme README.md

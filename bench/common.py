@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -15,13 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
-import lightning
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lthmaml.data import EpisodeDataset, FewShotTasks, TaskBatch
 from lthmaml.data.tasks import TaskSource
+from lthmaml.environment import machine_info
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
@@ -57,18 +56,6 @@ def setup(threads: int) -> None:
     """Threads as asked, Lightning quiet."""
     torch.set_num_threads(threads)
     quiet_lightning()
-
-
-def machine_info() -> dict:
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cuda": torch.cuda.is_available(),
-    }
 
 
 # ---------------------------------------------------------------------------- tasks

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -32,17 +33,24 @@ class PruningCallback(Callback):
         exclude: names of mask-aware layers never pruned (e.g. ``net.head``).
         layer_rates: layers pruned on their own at a multiple of the rate (``{net.head: 0.5}``
             prunes the output layer at half rate, as the LTH papers do).
+        test_each_round: run the trainer's test loop whenever a round is recorded (on the weights
+            recorded) and keep the test metrics in the round: every sparsity level tested on the
+            same fixed meta-test tasks, for the accuracy-vs-sparsity curve.
     """
+
+    monitor: Optional[str] = None  # the validation metric whose test counterpart a round records
 
     def __init__(
         self,
         scope: Scope = "global",
         exclude: Sequence[str] = (),
         layer_rates: Optional[Mapping[str, float]] = None,
+        test_each_round: bool = False,
     ) -> None:
         self.scope = scope
         self.exclude = tuple(exclude)
         self.layer_rates = dict(layer_rates or {})
+        self.test_each_round = test_each_round
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ engine calls for strategies
@@ -102,6 +110,8 @@ class PruningCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, Any]
     ) -> Path:
         """Record a finished round: masks, metrics JSON and a checkpoint under ``rounds/round_XX``."""
+        if self.test_each_round:
+            metrics = {**metrics, **self.test_metrics(trainer)}
         report = sparsity.sparsity_report(pl_module)
         record = {"round": len(self.history), "sparsity": report.sparsity, **metrics}
         self.history.append(record)
@@ -119,6 +129,25 @@ class PruningCallback(Callback):
                 step=trainer.global_step,
             )
         return folder
+
+    def test_metrics(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Test metrics of the current weights; ``test`` is the monitored metric's test counterpart
+        (the callback's ``monitor``, else the ModelCheckpoint's: ``val/acc_post`` -> ``test/acc_post``)."""
+        metrics = run_test_loop(trainer)
+        checkpoint = trainer.checkpoint_callback
+        monitor = self.monitor or (checkpoint.monitor if checkpoint is not None else None) or ""
+        name = "test" + monitor[len("val") :] if monitor.startswith("val") else None
+        return {"test": metrics.get(name), "test_metric": name, "test_metrics": metrics}
+
+    @staticmethod
+    def last_epoch(trainer: pl.Trainer) -> bool:
+        """Whether the epoch now ending is the fit's last (by max_epochs, max_steps or a stop)."""
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        return (
+            trainer.should_stop
+            or (max_epochs not in (None, -1) and trainer.current_epoch + 1 >= max_epochs)
+            or (max_steps not in (None, -1) and trainer.global_step >= max_steps)
+        )
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -148,6 +177,32 @@ class PruningCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+def run_test_loop(trainer: pl.Trainer) -> dict[str, float]:
+    """The trainer's own test loop, run inside ``fit`` the way Lightning runs validation mid-epoch.
+
+    ``trainer.test`` cannot be nested in ``fit``; this runs the same loop (the module's ``test_step``
+    and test hooks, the logged ``test/*`` metrics, which also reach the logger at the current step)
+    with the trainer switched to testing and back.
+    """
+    loop = trainer.test_loop
+    if not loop._data_source.is_defined():
+        raise ConfigError("test_each_round needs a test_dataloader (in the DataModule)")
+    if trainer.datamodule is not None:
+        trainer.datamodule.setup("test")
+    state_fn, verbose = trainer.state.fn, loop.verbose
+    first_loop_iter = trainer._logger_connector._first_loop_iter
+    trainer.state.fn, loop.verbose = TrainerFn.TESTING, False
+    trainer.testing = True
+    try:
+        outputs = loop.run()
+    finally:
+        loop.teardown()
+        trainer.state.fn, loop.verbose = state_fn, verbose
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+    return {name: float(value) for output in outputs for name, value in output.items()}
 
 
 def round_table(history: Sequence[Mapping[str, Any]]) -> str:

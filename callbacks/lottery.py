@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -50,6 +50,11 @@ class LotteryTicket(PruningCallback):
             weights: fine-tuning).
         reinit_random: the random-reinitialisation control: after pruning, fresh random weights
             (seeded by ``seed + round``) under the same masks instead of rewinding.
+        masks_from: the run folder (``runs/<name>/version_N``) of an earlier LotteryTicket fit
+            with at least as many rounds: round ``r`` takes that run's
+            ``rounds/round_XX/mask.safetensors`` instead of pruning by magnitude. With
+            ``reinit_random`` this is the control exactly as the paper runs it: the winning
+            tickets' masks with fresh weights.
         seed: seed of ``reinit_random``.
         monitor, mode: validation metric whose best value in a round picks the weights that are
             pruned (``val/acc_post`` with ``max`` for MAML classification, ``val/loss_post`` with
@@ -68,6 +73,7 @@ class LotteryTicket(PruningCallback):
         steps_per_round: Optional[int] = None,
         rewind_to: RewindTo = "init",
         reinit_random: bool = False,
+        masks_from: Optional[str] = None,
         seed: int = 0,
         monitor: Optional[str] = None,
         mode: Optional[Literal["min", "max"]] = None,
@@ -76,7 +82,9 @@ class LotteryTicket(PruningCallback):
         exclude: Sequence[str] = (),
         layer_rates: Optional[Mapping[str, float]] = None,
     ) -> None:
-        super().__init__(scope=scope, exclude=exclude, layer_rates=layer_rates)
+        super().__init__(
+            scope=scope, exclude=exclude, layer_rates=layer_rates, test_each_round=test_each_round
+        )
         if not 0.0 < prune_rate < 1.0:
             raise ConfigError(f"LotteryTicket.prune_rate must be in (0, 1), got {prune_rate}")
         if rounds < 1:
@@ -101,9 +109,9 @@ class LotteryTicket(PruningCallback):
         self.steps_per_round = steps_per_round
         self.rewind_to = rewind_to
         self.reinit_random = reinit_random
+        self.masks_from = None if masks_from is None else Path(masks_from)
         self.seed = seed
         self.monitor, self.mode = monitor, mode
-        self.test_each_round = test_each_round
         # The procedure's state, all of it in state_dict() so a resumed fit continues exactly.
         self.round = 0
         self.rewind_state: Optional[dict[str, Tensor]] = None
@@ -132,8 +140,6 @@ class LotteryTicket(PruningCallback):
             "best_step": self.best_step,
             "monitor": self.monitor,
         }
-        if self.test_each_round:
-            metrics.update(self.test_metrics(trainer))
         self.write_round(trainer, pl_module, metrics)
         record = self.history[-1]
         best = "no validation" if self.best_value is None else f"best {self.monitor} {self.best_value:.4g}"
@@ -149,7 +155,10 @@ class LotteryTicket(PruningCallback):
     def next_round(self, pl_module: pl.LightningModule) -> None:
         """Prune the recorded net to the next round's sparsity and rewind (or re-init, or keep) it."""
         self.round += 1
-        self.prune(pl_module, self.score(pl_module), self.prune_rate, rounds=self.round)
+        if self.masks_from is None:
+            self.prune(pl_module, self.score(pl_module), self.prune_rate, rounds=self.round)
+        else:
+            sparsity.load_masks(pl_module, sparsity.read_masks(self.borrowed_mask_file(self.round)))
         if self.reinit_random:
             self.reinitialize(pl_module)
         elif self.rewind_step is not None:
@@ -164,6 +173,29 @@ class LotteryTicket(PruningCallback):
         devices = [pl_module.device.index] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             sparsity.reinitialize(pl_module, generator_seed=self.seed + self.round)
+
+    def borrowed_mask_file(self, round_index: int) -> Path:
+        assert self.masks_from is not None
+        return self.masks_from / "rounds" / f"round_{round_index:02d}" / "mask.safetensors"
+
+    def check_borrowed_masks(self, pl_module: pl.LightningModule) -> None:
+        """Fail before training if ``masks_from`` lacks a round's mask or its masks do not fit."""
+        if self.masks_from is None:
+            return
+        shapes = {name: tuple(mask.shape) for name, mask in sparsity.masks_of(pl_module).items()}
+        for r in range(1, self.rounds + 1):
+            file = self.borrowed_mask_file(r)
+            if not file.is_file():
+                raise ConfigError(
+                    f"LotteryTicket.masks_from: {file} does not exist; masks_from needs a finished "
+                    f"LotteryTicket run with rounds 1..{self.rounds} (run that experiment first)"
+                )
+            borrowed = {name: tuple(mask.shape) for name, mask in sparsity.read_masks(file).items()}
+            if borrowed != shapes:
+                raise ConfigError(
+                    f"LotteryTicket.masks_from: the masks in {file} ({borrowed}) do not fit this "
+                    f"model's layers ({shapes}): use a run of the same net"
+                )
 
     @property
     def rewind_step(self) -> Optional[int]:
@@ -184,6 +216,7 @@ class LotteryTicket(PruningCallback):
         if self.monitor is None and trainer.checkpoint_callback is not None:
             self.monitor = trainer.checkpoint_callback.monitor
             self.mode = trainer.checkpoint_callback.mode
+        self.check_borrowed_masks(pl_module)
         self._fit_schedule(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -317,36 +350,3 @@ class LotteryTicket(PruningCallback):
         if not math.isfinite(batches):
             return None
         return math.ceil(batches / trainer.accumulate_grad_batches)
-
-    def test_metrics(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """Test metrics of the current weights: ``test`` is the monitor's test counterpart."""
-        metrics = run_test_loop(trainer)
-        monitor = self.monitor or ""
-        name = "test" + monitor[len("val") :] if monitor.startswith("val") else None
-        return {"test": metrics.get(name), "test_metric": name, "test_metrics": metrics}
-
-
-def run_test_loop(trainer: pl.Trainer) -> dict[str, float]:
-    """The trainer's own test loop, run inside ``fit`` the way Lightning runs validation mid-epoch.
-
-    ``trainer.test`` cannot be nested in ``fit``; this runs the same loop (the module's ``test_step``
-    and test hooks, the logged ``test/*`` metrics, which also reach the logger at the current step)
-    with the trainer switched to testing and back.
-    """
-    loop = trainer.test_loop
-    if not loop._data_source.is_defined():
-        raise ConfigError("LotteryTicket.test_each_round needs a test_dataloader (in the DataModule)")
-    if trainer.datamodule is not None:
-        trainer.datamodule.setup("test")
-    state_fn, verbose = trainer.state.fn, loop.verbose
-    first_loop_iter = trainer._logger_connector._first_loop_iter
-    trainer.state.fn, loop.verbose = TrainerFn.TESTING, False
-    trainer.testing = True
-    try:
-        outputs = loop.run()
-    finally:
-        loop.teardown()
-        trainer.state.fn, loop.verbose = state_fn, verbose
-        trainer.training = True
-        trainer._logger_connector._first_loop_iter = first_loop_iter
-    return {name: float(value) for output in outputs for name, value in output.items()}

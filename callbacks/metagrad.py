@@ -12,11 +12,17 @@ on equal terms in a global ranking::
     Imp_norm(w) = Imp(w) / sum_{w' in layer} |Imp(w')|
 
 Every ``steps_between`` training steps a pruning step removes the ``weights_per_step`` weights of
-lowest score, ``steps`` times; training (fine-tuning) continues in between. Two ablations order
-the two factors instead of multiplying them: ``gradient_first`` takes the ``candidate_factor *
-weights_per_step`` weights of smallest accumulated squared gradient and prunes the smallest
-``|w|`` among them; ``weight_first`` takes the candidates by smallest ``|w|`` and prunes the
-smallest squared gradient among them.
+lowest score (or ``prune_rate`` of the remaining ones, the lottery-ticket schedule's sparsities),
+``steps`` times; training (fine-tuning) continues in between. Two ablations order the two factors
+instead of multiplying them: ``gradient_first`` takes the ``candidate_factor * weights_per_step``
+weights of smallest accumulated squared gradient and prunes the smallest ``|w|`` among them;
+``weight_first`` takes the candidates by smallest ``|w|`` and prunes the smallest squared gradient
+among them.
+
+Rounds. ``rounds/round_XX`` records the net trained at the sparsity of pruning step ``XX``: written
+at the end of its fine-tuning interval, just before the next step (round 0: the dense net before
+the first), and the last one when the fit ends. So a round's validation and test numbers belong to
+the sparsity it states, as for :class:`~callbacks.lottery.LotteryTicket`.
 
 Cost: one extra forward and backward pass on each task's support set per accumulated training
 step (measured on one CPU thread: 5-8% of a second-order meta-step for 5-way 1-shot Omniglot on
@@ -33,6 +39,7 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from callbacks.base import PruningCallback
@@ -51,6 +58,9 @@ class MetaGradientPruning(PruningCallback):
         weights_per_step: weights removed per pruning step (exactly, with global scope and no
             ``layer_rates``; ``layerwise`` removes that fraction of the remaining weights from
             each layer, the same total up to one weight per layer of rounding).
+        prune_rate: instead of ``weights_per_step``: remove this fraction of the remaining weights
+            per step, so step ``k`` ends at sparsity ``1 - (1 - prune_rate) ** k`` exactly (the
+            sparsities of a lottery-ticket run with the same rate).
         steps: pruning steps in all; afterwards the sparse net just trains on.
         steps_between: training steps (meta-updates, or supervised batches) before each
             pruning step: the fine-tuning between steps and the tasks the importance sums over.
@@ -59,26 +69,42 @@ class MetaGradientPruning(PruningCallback):
             candidates by their first key, then prune ``weights_per_step`` of them by the second.
         accumulate_batches: sum the importance over only the last this many training steps
             before each pruning step (None: all ``steps_between`` of them).
-        write_every: write a round folder (``rounds/round_XX``) every this many pruning steps;
-            the last step is always written.
-        scope, exclude, layer_rates: as for :class:`~callbacks.base.PruningCallback`.
+        write_every: record the sparsity of every this many pruning steps (``rounds/round_XX``);
+            the final sparsity is always recorded.
+        scope, exclude, layer_rates, test_each_round: as for :class:`~callbacks.base.PruningCallback`.
     """
 
     def __init__(
         self,
-        weights_per_step: int = 1000,
+        weights_per_step: Optional[int] = None,
         steps: int = 40,
         steps_between: int = 10,
         criterion: Criterion = "product",
         candidate_factor: float = 2.0,
         accumulate_batches: Optional[int] = None,
         write_every: int = 1,
+        prune_rate: Optional[float] = None,
         scope: Scope = "global",
         exclude: Sequence[str] = (),
         layer_rates: Optional[Mapping[str, float]] = None,
+        test_each_round: bool = False,
     ) -> None:
-        super().__init__(scope=scope, exclude=exclude, layer_rates=layer_rates)
-        if weights_per_step < 1 or steps < 0 or steps_between < 1 or write_every < 1:
+        super().__init__(
+            scope=scope, exclude=exclude, layer_rates=layer_rates, test_each_round=test_each_round
+        )
+        if (weights_per_step is None) == (prune_rate is None):
+            raise ConfigError(
+                "MetaGradientPruning: set exactly one of weights_per_step (a count per step) and "
+                f"prune_rate (a fraction of the remaining weights); got {weights_per_step}, {prune_rate}"
+            )
+        if prune_rate is not None and not 0.0 < prune_rate < 1.0:
+            raise ConfigError(f"MetaGradientPruning.prune_rate must be in (0, 1), got {prune_rate}")
+        if (
+            (weights_per_step is not None and weights_per_step < 1)
+            or steps < 0
+            or steps_between < 1
+            or write_every < 1
+        ):
             raise ConfigError(
                 "MetaGradientPruning needs weights_per_step >= 1, steps >= 0, steps_between >= 1 "
                 f"and write_every >= 1; got {weights_per_step}, {steps}, {steps_between}, {write_every}"
@@ -94,6 +120,7 @@ class MetaGradientPruning(PruningCallback):
                 f"accumulate_batches must be in [1, steps_between={steps_between}], got {accumulate_batches}"
             )
         self.weights_per_step = weights_per_step
+        self.prune_rate = prune_rate
         self.steps = steps
         self.steps_between = steps_between
         self.criterion = criterion
@@ -104,6 +131,7 @@ class MetaGradientPruning(PruningCallback):
         self.batches_since_prune = 0
         self.tasks_seen = 0
         self.grad_sq: dict[str, Tensor] = {}
+        self.last_step: dict[str, int] = {}  # what the last pruning step did, for the next record
 
     # ------------------------------------------------------------------ eq. 6: accumulation
     def accumulate(self, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -150,9 +178,12 @@ class MetaGradientPruning(PruningCallback):
         }
 
     def prune_step(self, pl_module: pl.LightningModule) -> int:
-        """One pruning step: score, remove ``weights_per_step``, reset the accumulators."""
+        """One pruning step: score, remove the step's weights, reset the accumulators."""
         remaining = self._alive(pl_module)
-        if remaining > 0:
+        if self.prune_rate is not None:
+            rate = self.prune_rate
+            self.prune(pl_module, self.scores(pl_module, rate), rate, rounds=self.pruned_steps + 1)
+        elif remaining > 0:
             # prune_lowest removes round(fraction * remaining) = weights_per_step exactly.
             fraction = min(1.0, self.weights_per_step / remaining)
             self.prune(pl_module, self.scores(pl_module, fraction), fraction)
@@ -180,23 +211,33 @@ class MetaGradientPruning(PruningCallback):
         self.batches_since_prune += 1
         if self.batches_since_prune < self.steps_between:
             return
+        if self.pruned_steps % self.write_every == 0:
+            self.record(trainer, pl_module)  # the net trained at this sparsity, before the step
         tasks = self.reduce_count(trainer, self.tasks_seen)
         self.grad_sq = self.reduce_scores(trainer, self.grad_sq)
         pruned = self.prune_step(pl_module)
-        if self.pruned_steps % self.write_every == 0 or self.pruned_steps == self.steps:
-            val = {
-                k: float(v)
-                for k, v in trainer.callback_metrics.items()
-                if k.startswith("val/") and v.numel() == 1
-            }
-            metrics = {
-                "step": self.pruned_steps,
-                "pruned": pruned,
-                "tasks": tasks,
-                "global_step": trainer.global_step,
-                **val,
-            }
-            self.write_round(trainer, pl_module, metrics)
+        self.last_step = {"pruned": pruned, "tasks": tasks}
+        rank_zero_info(
+            f"MetaGradientPruning: step {self.pruned_steps} removed {pruned} weights, scored on "
+            f"{tasks} tasks; sparsity {sparsity.sparsity_report(pl_module).sparsity:.2%}"
+        )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before ModelCheckpoint's hook, so the fit's last.ckpt holds the final record too.
+        recorded = bool(self.history) and self.history[-1]["step"] == self.pruned_steps
+        if self.pruned_steps > 0 and not recorded and self.last_epoch(trainer):
+            self.record(trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the net as trained at the current sparsity: ``step`` pruning steps made it."""
+        val = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and v.numel() == 1
+        }
+        metrics = {"step": self.pruned_steps, **self.last_step, "global_step": trainer.global_step, **val}
+        self.write_round(trainer, pl_module, metrics)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -205,6 +246,7 @@ class MetaGradientPruning(PruningCallback):
             "batches_since_prune": self.batches_since_prune,
             "tasks_seen": self.tasks_seen,
             "grad_sq": {name: value.detach().cpu() for name, value in self.grad_sq.items()},
+            "last_step": self.last_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -213,6 +255,7 @@ class MetaGradientPruning(PruningCallback):
         self.batches_since_prune = int(state_dict.get("batches_since_prune", 0))
         self.tasks_seen = int(state_dict.get("tasks_seen", 0))
         self.grad_sq = dict(state_dict.get("grad_sq", {}))
+        self.last_step = dict(state_dict.get("last_step", {}))
 
     # ------------------------------------------------------------------ helpers
     def _alive(self, pl_module: pl.LightningModule) -> int:

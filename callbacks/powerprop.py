@@ -191,15 +191,6 @@ class Powerprop(PruningCallback):
             {"alpha": self.alpha, "epoch": trainer.current_epoch, "step": trainer.global_step, **dense},
         )
 
-    @staticmethod
-    def _last_epoch(trainer: pl.Trainer) -> bool:
-        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-        return (
-            trainer.should_stop
-            or (max_epochs not in (None, -1) and trainer.current_epoch + 1 >= max_epochs)
-            or (max_steps not in (None, -1) and trainer.global_step >= max_steps)
-        )
-
     # ------------------------------------------------------------------ Adam correction
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -250,7 +241,7 @@ class Powerprop(PruningCallback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before ModelCheckpoint's hook, so last.ckpt of the final epoch holds the pruned masks.
-        if self.final_sparsity is not None and not self.history and self._last_epoch(trainer):
+        if self.final_sparsity is not None and not self.history and self.last_epoch(trainer):
             self.prune_to_final_sparsity(trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
 

@@ -23,10 +23,12 @@ to the gates: 0.4 to 0.7 of a second-order meta-training task (measured on a CPU
 time (10 to 17% at the Omniglot config's 5 of 20), and nothing once the target is reached. No
 activation is kept: the gates' gradients are the criterion.
 
-Rounds. Each pruning step writes ``rounds/round_XX`` (masks, ``metrics.json`` with the filters
-left per layer, ``model.ckpt``): any intermediate network can be tested, for a curve of accuracy
-against filters. A Conv4 with 64 filters takes about 2 MB a round (the checkpoint holds the Adam
-state and the masks), 16 rounds at the Omniglot config.
+Rounds. ``rounds/round_XX`` (masks, ``metrics.json`` with the filters left per layer,
+``model.ckpt``) records the net trained with the filters of pruning step ``XX``: written at the end
+of its training interval, just before the next step (round 0: the full net), the last one when the
+fit ends. Any intermediate network can be tested (``test_each_round`` does it in the fit), for a
+curve of accuracy against filters. A Conv4 with 64 filters takes about 2 MB a round (the checkpoint
+holds the Adam state and the masks), 17 rounds at the Omniglot config.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from callbacks.base import PruningCallback
@@ -129,6 +131,7 @@ class TaylorFilterPruning(PruningCallback):
             (``None``, or more than ``steps_between``: every batch since the last step, as the
             paper does).
         exclude: conv layers (qualified names, e.g. ``net.features.0.0``) never pruned.
+        test_each_round: test each recorded net on the test split (see ``PruningCallback``).
     """
 
     def __init__(
@@ -138,8 +141,9 @@ class TaylorFilterPruning(PruningCallback):
         target_fraction: float = 0.5,
         accumulate_batches: Optional[int] = 5,
         exclude: Sequence[str] = (),
+        test_each_round: bool = False,
     ) -> None:
-        super().__init__(scope="global", exclude=exclude)
+        super().__init__(scope="global", exclude=exclude, test_each_round=test_each_round)
         name = type(self).__name__
         if filters_per_step < 1 or steps_between < 1:
             raise ConfigError(f"{name}: filters_per_step and steps_between must be >= 1")
@@ -203,11 +207,30 @@ class TaylorFilterPruning(PruningCallback):
         if self.accumulate_batches is None or position > self.steps_between - self.accumulate_batches:
             self.accumulate(pl_module, batch)
         if position == self.steps_between:
+            self.record(trainer, pl_module)  # the net trained with these filters, before the step
             self.prune_step(trainer, pl_module, min(self.filters_per_step, goal - (total - left)))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before ModelCheckpoint's hook, so the fit's last.ckpt holds the final record too.
+        left = self.target(pl_module)[1]
+        recorded = bool(self.history) and self.history[-1]["filters_remaining"] == left
+        if self.history and not recorded and self.last_epoch(trainer):
+            self.record(trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
-        pl_module.log("filters_remaining", float(self.target(pl_module)[1]), sync_dist=True)
+        pl_module.log("filters_remaining", float(left), sync_dist=True)
+
+    def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the net as trained with its current filters (after ``steps`` training batches)."""
+        pairs = self.layers(pl_module)
+        total, left, _ = self.target(pl_module)
+        channels_left = {name: int(sparsity.alive_channels(conv).sum()) for name, (conv, _) in pairs.items()}
+        metrics = {
+            "step": self.steps,
+            "global_step": trainer.global_step,
+            "filters_remaining": left,
+            "filters_pruned": total - left,
+        }
+        self.write_round(trainer, pl_module, {**metrics, "channels": channels_left})
 
     # ------------------------------------------------------------------ the method
     def accumulate(self, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -220,7 +243,7 @@ class TaylorFilterPruning(PruningCallback):
         self.tasks_scored += count
 
     def prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, count: int) -> None:
-        """Remove the ``count`` filters of lowest layer-normalised score; record the round."""
+        """Remove the ``count`` filters of lowest layer-normalised score."""
         pairs = self.layers(pl_module)
         alive = {name: sparsity.alive_channels(conv) for name, (conv, _) in pairs.items()}
         local = {
@@ -233,22 +256,14 @@ class TaylorFilterPruning(PruningCallback):
             rank_zero_warn(f"{type(self).__name__}: every layer is down to one filter; nothing pruned")
         for name, channels in chosen.items():
             sparsity.prune_channels(pl_module, name, channels)
+        tasks = self.reduce_count(trainer, self.tasks_scored)
         total, left, _ = self.target(pl_module)
-        channels_left = {name: int(sparsity.alive_channels(conv).sum()) for name, (conv, _) in pairs.items()}
-        self.write_round(
-            trainer,
-            pl_module,
-            {
-                "step": self.steps,
-                "filters_remaining": left,
-                "filters_pruned": total - left,
-                "tasks_scored": self.reduce_count(trainer, self.tasks_scored),
-                "channels": channels_left,
-            },
+        rank_zero_info(
+            f"{type(self).__name__}: step {self.steps} removed {sum(len(c) for c in chosen.values())} "
+            f"filters scored on {tasks} tasks; {left} of {total} left"
         )
         self.score_sums, self.tasks_scored = {}, 0
 
-    # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),

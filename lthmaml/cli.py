@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lthmaml.checkpointing import LastCheckpoint
+from lthmaml.environment import MachineRecord
 from lthmaml.errors import ConfigError, one_line_errors
 
 TRAINER_DEFAULTS = {
@@ -26,8 +27,9 @@ TRAINER_DEFAULTS = {
 
 class MetaCLI(LightningCLI):
     """LightningCLI with a configurable best-checkpoint callback (``--checkpoint.*``), a
-    ``last.ckpt`` written every epoch (resume with ``--ckpt_path .../last.ckpt``), and
-    ``--test_after_fit`` to test the best checkpoint when ``fit`` ends."""
+    ``last.ckpt`` written every epoch (resume with ``--ckpt_path .../last.ckpt``),
+    ``--test_after_fit`` to test the best checkpoint when ``fit`` ends, and the machine recorded
+    beside the logs (``machine.json``)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -56,6 +58,7 @@ class MetaCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(MachineRecord())
         if trainer.checkpoint_callback is not None:  # checkpointing can be switched off
             trainer.callbacks.append(LastCheckpoint())
         return trainer

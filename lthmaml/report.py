@@ -558,6 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-o", "--out", type=Path, default=Path("report"), help="output folder (default: report)"
     )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="also write the cross-run summary (commands, machine, plots, table, findings) between "
+        "the '<!-- results:begin -->' and '<!-- results:end -->' markers of this file",
+    )
+    parser.add_argument(
+        "--sinusoid", type=Path, default=None, help="bench/sinusoid.py's JSON, for the sinusoid table"
+    )
     return parser
 
 
@@ -566,6 +576,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     with one_line_errors(PROG):
         runs = [load_run(path) for path in expand(args.runs)]
         report = write_report(runs, args.out)
+        if args.readme is not None:
+            from lthmaml.results import results_section, write_readme
+
+            write_readme(args.readme, results_section(runs, args.out, args.readme, args.sinusoid))
+            print(f"{PROG}: wrote the results section of {args.readme}")
     print(f"{PROG}: wrote {report} ({len(runs)} runs)")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,9 @@ def test_fit_writes_run_folder_then_test_and_predict_from_the_checkpoint(in_tmp,
     run = in_tmp / "runs" / "sinusoid" / "version_0"
     assert (run / "config.yaml").is_file()
     assert list(run.glob("events.out.tfevents.*"))
+    machine = json.loads((run / "machine.json").read_text())  # where the wall times were measured
+    assert machine["cpu_count"] == os.cpu_count() and machine["torch"] == torch.__version__
+    assert machine["torch_threads"] == 1 and machine["processes"] == 1
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file()
     assert "Post-adaptation on 20 test tasks (10 inner steps), mean +- 95% CI" in caplog.text

@@ -249,6 +249,47 @@ def test_reinit_random_draws_fresh_seeded_weights_under_the_same_masks(tmp_path)
         assert not torch.equal(start["params"][name], masked(probe.step_end[2], start["masks"])[name])
 
 
+def test_masks_from_gives_the_control_the_tickets_masks_with_fresh_weights(tmp_path):
+    """The paper's random-reinit control: round r trains the earlier run's round-r mask from fresh
+    weights (not a mask of its own magnitudes), so both curves share their sparsity patterns."""
+    fit(
+        maml(),
+        sinusoid(),
+        [LotteryTicket(rounds=2, epochs_per_round=1)],
+        tmp_path / "ticket",
+        limit_val_batches=0,
+    )
+    probe = Probe()
+    control = LotteryTicket(
+        rounds=2, epochs_per_round=1, reinit_random=True, masks_from=str(tmp_path / "ticket")
+    )
+    fit(maml(lr=0.5), sinusoid(), [control, probe], tmp_path / "control", limit_val_batches=0)
+    for r in (1, 2):
+        ticket = sparsity.read_masks(round_folder(tmp_path / "ticket", r) / "mask.safetensors")
+        assert_same(probe.epoch_start[r]["masks"], ticket)
+        assert_same(sparsity.read_masks(round_folder(tmp_path / "control", r) / "mask.safetensors"), ticket)
+        expected = maml()
+        sparsity.reinitialize(expected, generator_seed=r)  # seed + round
+        sparsity.load_masks(expected, ticket)
+        assert_same(probe.epoch_start[r]["params"], sparsity.snapshot(expected))
+
+
+def test_masks_from_a_run_without_enough_rounds_fails_before_training_naming_the_file(tmp_path):
+    fit(
+        maml(),
+        sinusoid(),
+        [LotteryTicket(rounds=1, epochs_per_round=1)],
+        tmp_path / "short",
+        limit_val_batches=0,
+    )
+    control = LotteryTicket(rounds=2, epochs_per_round=1, masks_from=str(tmp_path / "short"))
+    with pytest.raises(ConfigError, match=r"short/rounds/round_02/mask.safetensors does not exist"):
+        fit(maml(), sinusoid(), [control], tmp_path / "control")
+    other_net = LotteryTicket(rounds=1, epochs_per_round=1, masks_from=str(tmp_path / "short"))
+    with pytest.raises(ConfigError, match="do not fit this model"):
+        fit(maml(hidden=(4, 4)), sinusoid(), [other_net], tmp_path / "other")
+
+
 def test_rewind_to_none_keeps_training_the_pruned_trained_weights(tmp_path):
     probe = Probe()
     fit(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from helpers import TINY_FIT, quiet_trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.metagrad import MetaGradientPruning
@@ -187,11 +187,17 @@ def test_layerwise_scope_and_exclude(tmp_path):
 
 def test_bad_options_are_config_errors():
     with pytest.raises(ConfigError, match="criterion"):
-        MetaGradientPruning(criterion="magnitude")
+        MetaGradientPruning(weights_per_step=1, criterion="magnitude")
     with pytest.raises(ConfigError, match="candidate_factor"):
-        MetaGradientPruning(candidate_factor=0.5)
+        MetaGradientPruning(weights_per_step=1, candidate_factor=0.5)
     with pytest.raises(ConfigError, match="accumulate_batches"):
-        MetaGradientPruning(steps_between=5, accumulate_batches=6)
+        MetaGradientPruning(weights_per_step=1, steps_between=5, accumulate_batches=6)
+    with pytest.raises(ConfigError, match="exactly one of weights_per_step"):
+        MetaGradientPruning()
+    with pytest.raises(ConfigError, match="exactly one of weights_per_step"):
+        MetaGradientPruning(weights_per_step=5, prune_rate=0.2)
+    with pytest.raises(ConfigError, match="prune_rate must be in"):
+        MetaGradientPruning(prune_rate=1.0)
 
 
 # ---------------------------------------------------------------------- schedule and zeros
@@ -240,23 +246,28 @@ def test_maml_schedule_prunes_exactly_weights_per_step_then_stops_and_zeros_stay
     moved = model.net.net[2].weight.detach() != probe.start["net.net.2.weight"]
     assert moved[model.net.net[2].mask.bool()].float().mean() > 0.5  # survivors trained (bar dead ReLUs)
 
-    assert [(r["round"], r["step"], r["pruned"], r["tasks"]) for r in callback.history] == [
-        (0, 1, 5, 2 * META_BATCH),
-        (1, 2, 5, 2 * META_BATCH),
-        (2, 3, 5, 2 * META_BATCH),
+    # Round k: the net trained at the sparsity of step k, recorded just before step k + 1 (batches
+    # 2, 4, 6), the last when the fit ends (batch 10); each names the step that made its sparsity.
+    assert [
+        (r["round"], r["step"], r.get("pruned"), r.get("tasks"), r["global_step"]) for r in callback.history
+    ] == [
+        (0, 0, None, None, 2),
+        (1, 1, 5, 2 * META_BATCH, 4),
+        (2, 2, 5, 2 * META_BATCH, 6),
+        (3, 3, 5, 2 * META_BATCH, 10),
     ]
     previous = None
-    for k in range(3):
+    for k in range(4):
         folder = tmp_path / "rounds" / f"round_{k:02d}"
         masks = sparsity.read_masks(folder / "mask.safetensors")
-        assert zeros(masks) == 5 * (k + 1)
+        assert zeros(masks) == 5 * k
         if previous is not None:  # once pruned, always pruned
             assert all(torch.all(masks[n][previous[n] == 0] == 0) for n in masks)
         previous = masks
         metrics = json.loads((folder / "metrics.json").read_text())
-        assert metrics["sparsity"] == pytest.approx(5 * (k + 1) / 80)
+        assert metrics["sparsity"] == pytest.approx(5 * k / 80)
         assert (folder / "model.ckpt").is_file()
-    assert not (tmp_path / "rounds" / "round_03").exists()
+    assert not (tmp_path / "rounds" / "round_04").exists()
 
 
 def test_accumulate_batches_sums_only_the_last_batches_and_write_every_thins_rounds(tmp_path):
@@ -266,9 +277,10 @@ def test_accumulate_batches_sums_only_the_last_batches_and_write_every_thins_rou
     )
     trainer(tmp_path, [callback], max_steps=6).fit(model, datamodule=dm)
     assert callback.pruned_steps == 2 and zeros(sparsity.masks_of(model)) == 8
-    # write_every=2: only pruning step 2 wrote a round, summing one batch of tasks.
-    assert [(r["step"], r["tasks"]) for r in callback.history] == [(2, META_BATCH)]
-    assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round_00"]
+    # write_every=2: the dense net (before step 1) and the final sparsity of step 2, whose scores
+    # summed one batch of tasks; step 1's sparsity is not recorded.
+    assert [(r["step"], r.get("tasks")) for r in callback.history] == [(0, None), (2, META_BATCH)]
+    assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round_00", "round_01"]
 
 
 def test_supervised_classifier_is_pruned_on_schedule_with_adam(tmp_path):
@@ -278,8 +290,25 @@ def test_supervised_classifier_is_pruned_on_schedule_with_adam(tmp_path):
     trainer(tmp_path, [callback, probe], max_epochs=2).fit(model, datamodule=TinyImages())
     assert probe.zeros == [0, 10, 10, 20, 20, 20, 20, 20]
     assert probe.raw_nonzero_under_mask == [0] * 8
-    assert [(r["pruned"], r["tasks"]) for r in callback.history] == [(10, 2), (10, 2)]
-    assert zeros(sparsity.read_masks(tmp_path / "rounds" / "round_01" / "mask.safetensors")) == 20
+    assert [(r.get("pruned"), r.get("tasks")) for r in callback.history] == [(None, None), (10, 2), (10, 2)]
+    assert zeros(sparsity.read_masks(tmp_path / "rounds" / "round_02" / "mask.safetensors")) == 20
+
+
+def test_prune_rate_reaches_the_lottery_schedule_sparsities_and_tests_each_level(tmp_path):
+    """prune_rate 0.2: step k ends at 1 - 0.8^k of the 80 prunable weights (by the engine's rounding),
+    and test_each_round tests every recorded level on the test split."""
+    model, dm = sinusoid_maml(adam, tasks_per_epoch=6 * META_BATCH)
+    callback = MetaGradientPruning(prune_rate=0.2, steps=3, steps_between=2, test_each_round=True)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss_post", mode="min")
+    trainer(tmp_path, [callback, best], max_steps=6, enable_checkpointing=True).fit(model, datamodule=dm)
+    expected = [round(80 * (1 - 0.8**k)) for k in range(4)]  # 0, 16, 29, 39
+    assert [
+        zeros(sparsity.read_masks(tmp_path / "rounds" / f"round_{k:02d}" / "mask.safetensors"))
+        for k in range(4)
+    ] == expected
+    for record in callback.history:
+        assert record["test_metric"] == "test/loss_post"
+        assert record["test"] == record["test_metrics"]["test/loss_post"] > 0
 
 
 # ---------------------------------------------------------------------- resume
@@ -298,21 +327,21 @@ def test_resumed_fit_continues_schedule_and_accumulators_exactly(tmp_path):
     """Prunes after batches 3, 6, 9; the checkpoint after batch 4 holds one batch of accumulated
     importance, which the resumed fit must carry into the pruning step at batch 6."""
 
-    def run(root, epochs, ckpt=None):
+    def run(root, ckpt=None):
         model, dm = sinusoid_maml(adam, tasks_per_epoch=2 * META_BATCH)
         callback = MetaGradientPruning(weights_per_step=4, steps=3, steps_between=3)
         recorder = Accumulated(callback)
-        fit = trainer(root, [callback, recorder], max_epochs=epochs)
+        every_epoch = ModelCheckpoint(dirpath=root / "ckpt", filename="{epoch}", save_top_k=-1)
+        fit = trainer(root, [callback, recorder, every_epoch], max_epochs=5, enable_checkpointing=True)
         fit.fit(model, datamodule=dm, ckpt_path=ckpt)
-        return model, callback, fit, recorder.trace
+        return model, callback, recorder.trace
 
-    full_model, full, _, full_trace = run(tmp_path / "full", 5)
-    _, first, fit, _ = run(tmp_path / "split", 2)
-    assert first.pruned_steps == 1 and first.batches_since_prune == 1 and first.tasks_seen == META_BATCH
-    fit.save_checkpoint(tmp_path / "mid.ckpt")
-    state = torch.load(tmp_path / "mid.ckpt", weights_only=True)["callbacks"]["MetaGradientPruning"]
-    assert torch.equal(state["grad_sq"]["net.net.2"], first.grad_sq["net.net.2"])
-    resumed_model, resumed, _, resumed_trace = run(tmp_path / "split", 5, ckpt=str(tmp_path / "mid.ckpt"))
+    full_model, full, full_trace = run(tmp_path / "full")
+    mid = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"  # after batch 4: one batch since step 1
+    state = torch.load(mid, weights_only=True)["callbacks"]["MetaGradientPruning"]
+    assert (state["pruned_steps"], state["batches_since_prune"], state["tasks_seen"]) == (1, 1, META_BATCH)
+    assert set(state["grad_sq"]) == {"net.net.0", "net.net.2", "net.net.4"}
+    resumed_model, resumed, resumed_trace = run(tmp_path / "resumed", ckpt=str(mid))
 
     assert resumed.pruned_steps == full.pruned_steps == 3
     # The accumulated squared gradients after each of batches 5..10 match the uninterrupted run.
@@ -367,11 +396,11 @@ def test_tiny_sinusoid_fit_through_the_cli_writes_rounds(tmp_path, monkeypatch):
         ]
     )
     run = tmp_path / "runs" / "sinusoid" / "version_0"
-    for k in range(2):
+    for k in range(3):
         masks = sparsity.read_masks(run / "rounds" / f"round_{k:02d}" / "mask.safetensors")
-        assert zeros(masks) == 20 * (k + 1)  # of the 1-40-40-1 MLP's 1680 weights
+        assert zeros(masks) == 20 * k  # of the 1-40-40-1 MLP's 1680 weights
     last = run / "checkpoints" / "last.ckpt"
     model = MAML.load_from_checkpoint(last)
     assert zeros(sparsity.masks_of(model)) == 40
     state = torch.load(last, weights_only=True)["callbacks"]["MetaGradientPruning"]
-    assert state["pruned_steps"] == 2 and len(state["history"]) == 2
+    assert state["pruned_steps"] == 2 and len(state["history"]) == 3

@@ -177,12 +177,11 @@ def test_maml_schedule_prunes_lowest_filters_stops_at_target_and_keeps_them_at_z
     trainer(max_steps=7, callbacks=[callback], default_root_dir=tmp_path).fit(model, datamodule=data)
 
     # Steps 2 and 4 prune 3 then 1 filter (the target is round(0.5 * 8) = 4); steps 5-7 only train.
-    assert [(r["step"], r["filters_pruned"], r["filters_remaining"]) for r in callback.history] == [
-        (2, 3, 5),
-        (4, 4, 4),
-    ]
-    assert [r["tasks_scored"] for r in callback.history] == [2, 2]  # one batch of 2 tasks each time
-    assert callback.steps == 4 and callback.score_sums == {}
+    # A round records the net trained with its filters: before each step, and the last at the end.
+    assert [
+        (r["step"], r["global_step"], r["filters_pruned"], r["filters_remaining"]) for r in callback.history
+    ] == [(2, 2, 0, 8), (4, 4, 3, 5), (4, 7, 4, 4)]
+    assert callback.steps == 4 and callback.score_sums == {} and callback.tasks_scored == 0
     alive = alive_of(model)
     assert sum(int(a.sum()) for a in alive.values()) == 4 and all(a.sum() >= 1 for a in alive.values())
 
@@ -202,14 +201,14 @@ def test_maml_schedule_prunes_lowest_filters_stops_at_target_and_keeps_them_at_z
         ]
         assert removed and max(removed) <= min(kept)
 
-    # Round folders: one per pruning step, with the masks and the filters left per layer.
+    # Round folders: the full net and each pruned one, with the masks and the filters left per layer.
     rounds = sorted((tmp_path / "rounds").iterdir())
-    assert [p.name for p in rounds] == ["round_00", "round_01"]
-    metrics = json.loads((rounds[1] / "metrics.json").read_text())
+    assert [p.name for p in rounds] == ["round_00", "round_01", "round_02"]
+    metrics = json.loads((rounds[2] / "metrics.json").read_text())
     assert metrics["filters_remaining"] == 4 and sum(metrics["channels"].values()) == 4
-    saved = sparsity.read_masks(rounds[1] / "mask.safetensors")
+    saved = sparsity.read_masks(rounds[2] / "mask.safetensors")
     assert all(torch.equal(saved[name], mask) for name, mask in sparsity.masks_of(model).items())
-    assert (rounds[1] / "model.ckpt").is_file()
+    assert (rounds[2] / "model.ckpt").is_file()
 
     # Pruned channels: zero raw weights after three Adam steps, zero maps after BN and after adaptation.
     task = data.task_source("train").sample(np.random.default_rng(0))
@@ -251,12 +250,9 @@ def test_classifier_prunes_by_the_batch_loss_and_logs_filters_remaining(tmp_path
     )
     fit = trainer(max_epochs=2, callbacks=[callback], default_root_dir=tmp_path)
     fit.fit(model, datamodule=TinyImages())
-    assert [(r["step"], r["filters_remaining"], r["tasks_scored"]) for r in callback.history] == [
-        (1, 6, 1),
-        (2, 4, 1),
-    ]
+    assert [(r["step"], r["filters_remaining"]) for r in callback.history] == [(1, 8), (2, 6), (2, 4)]
     assert fit.callback_metrics["filters_remaining"] == 4
-    assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round_00", "round_01"]
+    assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round_00", "round_01", "round_02"]
     assert sum(int(a.sum()) for a in alive_of(model).values()) == 4
     x = torch.rand(5, 1, 8, 8)
     for name, out in zip(CONVS, block_outputs(model.net, x)):
@@ -400,6 +396,7 @@ def test_prune_config_stacks_on_the_omniglot_config(capsys):
         "target_fraction": 0.5,
         "accumulate_batches": 5,
         "exclude": [],
+        "test_each_round": False,
     }
     assert config["trainer"]["logger"]["init_args"]["name"] == "omniglot_5way1shot"
     assert config["checkpoint"]["monitor"] == "val/acc_post"
@@ -464,11 +461,11 @@ def test_tiny_omniglot_fit_from_yaml_writes_rounds_and_a_pruned_checkpoint(
     monkeypatch.chdir(tmp_path)
     main(["fit", "-c", OMNIGLOT, "-c", TAYLOR, "-c", str(tiny)])
     run = tmp_path / "runs" / "omniglot_5way1shot" / "version_0"
-    remaining = [json.loads((run / "rounds" / f"round_0{i}" / "metrics.json").read_text()) for i in range(2)]
-    assert [(m["step"], m["filters_remaining"]) for m in remaining] == [(2, 6), (4, 4)]
+    remaining = [json.loads((run / "rounds" / f"round_0{i}" / "metrics.json").read_text()) for i in range(3)]
+    assert [(m["step"], m["filters_remaining"]) for m in remaining] == [(2, 8), (4, 6), (4, 4)]
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     masks = checkpoint["state_dict"]
     assert sum(int(masks[f"{conv}.mask"].flatten(1).any(1).sum()) for conv in CONVS) == 4
     assert sum(int(masks[f"{conv[:-2]}.1.channel_mask"].sum()) for conv in CONVS) == 4
     (state,) = [v for k, v in checkpoint["callbacks"].items() if "TaylorFilterPruning" in k]
-    assert len(state["history"]) == 2 and state["steps"] == 4
+    assert len(state["history"]) == 3 and state["steps"] == 4

@@ -1,0 +1,285 @@
+"""README "Results": the cross-run summary of a report, written between markers in README.md.
+
+``lthmaml-report RUN_DIR ... -o docs/results --readme README.md [--sinusoid bench/out/sinusoid.json]``
+(``make results``) replaces the text between ``<!-- results:begin -->`` and ``<!-- results:end -->``
+with: the commands that made the runs, the machine and wall time of each run (``machine.json`` and
+the TensorBoard events), the report's plots, one table of every run's metric at every sparsity,
+findings computed from that table, and the sinusoid table of ``bench/sinusoid.py`` against the MAML
+paper. Nothing in the section is typed by hand, so rerunning the experiments and ``make results``
+regenerates all of it.
+
+"Apart" in the findings means the two means differ by more than the sum of their 95% CI
+half-widths: a conservative test (non-overlapping intervals).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from lthmaml.errors import DataError
+from lthmaml.report import PLOTS, Run, _scale, accuracy_points, dense_reference
+
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+EXPERIMENT_CONFIGS = Path("configs/experiments")
+
+
+# ---------------------------------------------------------------------- per-run facts
+def run_name(run: Run) -> str:
+    """The experiment's name: its logger folder (``runs/experiments/<name>/version_0``)."""
+    return run.path.parent.name if run.path.name.startswith("version_") else run.path.name
+
+
+def wall_minutes(run: Run) -> Optional[float]:
+    ends = [event[0] for events in run.scalars.values() for event in events]
+    if run.start_time is None or not ends:
+        return None
+    return (max(ends) - run.start_time) / 60.0
+
+
+def read_machine(run: Run) -> Optional[dict[str, Any]]:
+    file = run.path / "machine.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{file}: not valid JSON ({error})") from None
+
+
+def describe_machine(machine: Optional[dict[str, Any]]) -> str:
+    if machine is None:
+        return "not recorded"
+    parts = [
+        f"{machine.get('cpu_count')} CPU cores",
+        f"GPU {machine['gpu']}" if machine.get("gpu") else "no GPU",
+        f"{machine.get('torch_threads')} torch thread(s)",
+        f"{machine.get('processes', 1)} process(es)",
+    ]
+    versions = [
+        f"{name} {machine[key]}"
+        for key, name in (("torch", "torch"), ("lightning", "Lightning"))
+        if machine.get(key)
+    ]
+    return ", ".join(parts) + ("; " + ", ".join(versions) if versions else "")
+
+
+def command(run: Run) -> str:
+    config = EXPERIMENT_CONFIGS / f"{run_name(run)}.yaml"
+    if config.is_file():
+        return f"lthmaml fit -c {EXPERIMENT_CONFIGS}/base.yaml -c {config}"
+    return f"lthmaml fit --config {run.path / 'config.yaml'}"
+
+
+# ---------------------------------------------------------------------- the comparison table
+def level(sparsity: float) -> float:
+    """Sparsities that print the same (to 0.1%) are one level of the table."""
+    return round(100.0 * sparsity, 1)
+
+
+def cell(run: Run, value: float, ci: Optional[float], source: str) -> str:
+    scale = _scale(run)
+    text = f"{value * scale:.2f}" + ("" if ci is None else f" ± {ci * scale:.2f}")
+    return text if source == "test" else f"{text} ({source.replace('_', ' ')})"
+
+
+def comparison_table(runs: Sequence[Run]) -> str:
+    """One row per sparsity level, one column per pruned run: the round's metric ± 95% CI."""
+    pruned = [run for run in runs if run.rounds]
+    if not pruned:
+        return "_No run has pruning rounds._"
+    values: dict[str, dict[float, dict[str, Any]]] = {
+        run_name(run): {level(1.0 - p["x"]): p for p in accuracy_points(run)} for run in pruned
+    }
+    levels = sorted({key for by_level in values.values() for key in by_level})
+    header = "| sparsity | weights remaining | " + " | ".join(run_name(run) for run in pruned) + " |"
+    rule = "|---:|---:|" + "---:|" * len(pruned)
+    rows = [header, rule]
+    for key in levels:
+        cells = []
+        for run in pruned:
+            point = values[run_name(run)].get(key)
+            cells.append("" if point is None else cell(run, point["y"], point["ci"], point["source"]))
+        rows.append(f"| {key:.1f}% | {100 - key:.1f}% | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------- findings
+def apart(a: float, a_ci: Optional[float], b: float, b_ci: Optional[float]) -> bool:
+    return abs(a - b) > (a_ci or 0.0) + (b_ci or 0.0)
+
+
+def better(run: Run, a: float, b: float) -> bool:
+    return a > b if "acc" in run.metric else a < b
+
+
+def run_findings(run: Run, control: Optional[Run]) -> list[str]:
+    """What one pruned run's curve shows, in numbers: start, peak, the sparsest level that holds."""
+    points = accuracy_points(run)
+    if not points:
+        return []
+    scale, name = _scale(run), run_name(run)
+    unit = " points" if "acc" in run.metric else ""
+    first = points[0]
+    best = max(points, key=lambda p: p["y"] if "acc" in run.metric else -p["y"])
+
+    def fmt(point: dict[str, Any]) -> str:
+        value, ci = point["y"] * scale, (point["ci"] or 0.0) * scale
+        return f"{value:.2f} ± {ci:.2f} at {level(1 - point['x']):.1f}% sparsity"
+
+    lines = [f"**{name}** starts at {fmt(first)}; its best level is {fmt(best)}."]
+    if best is not first:
+        gain = (best["y"] - first["y"]) * scale
+        verdict = "apart" if apart(best["y"], best["ci"], first["y"], first["ci"]) else "within the CIs"
+        lines.append(f"Rise from the first level to the best: {abs(gain):.2f}{unit} ({verdict}).")
+    holding = [
+        p
+        for p in points
+        if not better(run, first["y"], p["y"]) or not apart(p["y"], p["ci"], first["y"], first["ci"])
+    ]
+    sparsest = max(holding, key=lambda p: 1 - p["x"])
+    lines.append(
+        f"Sparsest level not apart below the first: {level(1 - sparsest['x']):.1f}% ({fmt(sparsest)})."
+    )
+    last = points[-1]
+    if last is not best:
+        lines.append(f"Last level: {fmt(last)}.")
+    if control is not None and control is not run:
+        ours = {level(1 - p["x"]): p for p in points}
+        theirs = {level(1 - p["x"]): p for p in accuracy_points(control)}
+        common = [key for key in sorted(ours) if key in theirs and key > 0]
+        above = [
+            k
+            for k in common
+            if better(run, ours[k]["y"], theirs[k]["y"])
+            and apart(ours[k]["y"], ours[k]["ci"], theirs[k]["y"], theirs[k]["ci"])
+        ]
+        below = [
+            k
+            for k in common
+            if better(run, theirs[k]["y"], ours[k]["y"])
+            and apart(ours[k]["y"], ours[k]["ci"], theirs[k]["y"], theirs[k]["ci"])
+        ]
+        if common:
+            lines.append(
+                f"Against the random-reinit control ({run_name(control)}) at {len(common)} pruned "
+                f"levels: better and apart at {len(above)}, worse and apart at {len(below)}, "
+                f"within the CIs at {len(common) - len(above) - len(below)}."
+            )
+    return lines
+
+
+def is_control(run: Run) -> bool:
+    for callback in (run.config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(callback, dict) and (callback.get("init_args") or {}).get("reinit_random"):
+            return True
+    return False
+
+
+def findings(runs: Sequence[Run]) -> list[str]:
+    control = next((run for run in runs if run.rounds and is_control(run)), None)
+    lines = []
+    for run in runs:
+        if not run.rounds and run.strategy != "dense":
+            lines.append(f"**{run_name(run)}** has recorded no pruning level yet.")
+            continue
+        if run.dense:
+            ref = dense_reference(run)
+            if ref is not None:
+                y, ci = ref
+                lines.append(
+                    f"**{run_name(run)}** (no pruning, one round's budget): "
+                    f"{y * _scale(run):.2f}" + ("" if ci is None else f" ± {ci * _scale(run):.2f}") + "."
+                )
+            continue
+        lines.append(" ".join(run_findings(run, control)))
+    return [f"- {line}" for line in lines if line]
+
+
+# ---------------------------------------------------------------------- sinusoid
+def sinusoid_table(file: Path) -> str:
+    """The MAML paper's sinusoid table (section 5.1) beside ours, from ``bench/sinusoid.py``'s JSON."""
+    try:
+        payload = json.loads(file.read_text())
+        tests = payload["tests"]
+    except (OSError, json.JSONDecodeError, KeyError) as error:
+        raise DataError(f"{file}: not a bench/sinusoid.py result ({error})") from None
+    settings = payload.get("settings", {})
+    lines = [
+        f"Sinusoid regression, K = {settings.get('shots', 5)}, {payload.get('iterations')} meta-iterations "
+        f"(paper: {payload.get('paper_iterations', 70000)}), {settings.get('test_tasks', 600)} test tasks; "
+        f"trained in {payload.get('train_seconds', 0) / 60:.1f} min on "
+        f"{describe_machine(payload.get('machine'))}. "
+        "Command: `.venv/bin/python -m bench.sinusoid` (details: bench/README.md).",
+        "",
+        "| inner steps | MSE ± 95% CI | MAML paper | vs paper |",
+        "|---:|---:|---:|---:|",
+    ]
+    for test in tests:
+        lines.append(
+            f"| {test['eval_inner_steps']} | {test['mse']:.3f} ± {test['ci95']:.3f} | {test['paper']:.2f} "
+            f"| {100 * test['relative_to_paper']:+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the README section
+def results_section(runs: Sequence[Run], out: Path, readme: Path, sinusoid: Optional[Path]) -> str:
+    def image(key: str, alt: str) -> str:
+        file = out / PLOTS[key]
+        return f"![{alt}]({os.path.relpath(file, readme.parent)})" if file.is_file() else ""
+
+    report_md = os.path.relpath(out / "report.md", readme.parent)
+    lines = [
+        BEGIN,
+        "<!-- Generated by `make results` (lthmaml/results.py) from the runs listed below: do not edit. -->",
+        "",
+        "Commands: `make -j2 experiments` (all of them, two at a time; each one alone is the command in "
+        f"the table), then `make results`. Per-round tables: [{report_md}]({report_md}).",
+        "",
+        "| experiment | command | rounds | wall time | machine |",
+        "|---|---|---:|---:|---|",
+    ]
+    for run in runs:
+        minutes = wall_minutes(run)
+        lines.append(
+            f"| {run_name(run)} | `{command(run)}` | {len(run.rounds)} "
+            f"| {'—' if minutes is None else f'{minutes:.1f} min'} | {describe_machine(read_machine(run))} |"
+        )
+    lines += ["", image("remaining", "Accuracy vs. weights remaining"), ""]
+    lines += [
+        "Test metric (query accuracy after adaptation, %, mean ± 95% CI over the same meta-test tasks) "
+        "of every recorded level:",
+        "",
+        comparison_table(runs),
+        "",
+    ]
+    lines += [
+        'What the numbers show (computed; "apart": the means differ by more than the sum of their '
+        "95% CI half-widths):",
+        "",
+        *findings(runs),
+        "",
+    ]
+    lines += [image("rounds", "Best-validation epoch and wall time per round"), ""]
+    lines += [image("time", "Validation accuracy vs. meta-training time"), ""]
+    lines += [image("layers", "Per-layer sparsity of the final models"), ""]
+    if sinusoid is not None:
+        lines += [sinusoid_table(sinusoid), ""]
+    lines.append(END)
+    return "\n".join(line for line in lines if line is not None)
+
+
+def write_readme(readme: Path, section: str) -> None:
+    """Replace the text between the results markers (inclusive) with ``section``."""
+    if not readme.is_file():
+        raise DataError(f"{readme}: no such file (--readme names the README to write the results into)")
+    text = readme.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise DataError(f"{readme} has no '{BEGIN}' ... '{END}' markers: add them where the results go")
+    readme.write_text(text[:start] + section + text[end + len(END) :])

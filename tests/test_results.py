@@ -1,0 +1,128 @@
+"""README "Results": the cross-run table, computed findings, sinusoid table and README markers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from test_report import CI, SPARSITY, TEST, dense_run, lottery_run  # noqa: F401 (fixtures)
+
+from lthmaml import report, results
+from lthmaml.errors import DataError
+
+CONTROL_TEST = [0.91234, 0.80, 0.79]  # level 20%: 8.77 points below the ticket (apart); 36%: 1.0 (within)
+
+
+@pytest.fixture
+def control_run(lottery_run: Path) -> Path:  # noqa: F811
+    """The lottery run's twin with reinit_random and its own test numbers."""
+    run = lottery_run.parents[1] / "control" / "version_0"
+    shutil.copytree(lottery_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["trainer"]["callbacks"][1]["init_args"]["reinit_random"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for r, value in enumerate(CONTROL_TEST):
+        file = run / "rounds" / f"round_{r:02d}" / "metrics.json"
+        record = json.loads(file.read_text())
+        record["test"] = record["test_metrics"]["test/acc_post"] = value
+        file.write_text(json.dumps(record))
+    return run
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_comparison_table_holds_each_runs_logged_test_metric_per_level(lottery_run, control_run, dense_run):  # noqa: F811
+    runs = [report.load_run(p) for p in (lottery_run, control_run, dense_run)]
+    rows = table_rows(results.comparison_table(runs))
+    assert rows[0] == ["sparsity", "weights remaining", "omniglot", "control"]  # dense: no column
+    for r, s in enumerate(SPARSITY):
+        assert rows[2 + r] == [
+            f"{100 * s:.1f}%",
+            f"{100 - 100 * s:.1f}%",
+            f"{100 * TEST[r]:.2f} ± {100 * CI[r]:.2f}",
+            f"{100 * CONTROL_TEST[r]:.2f} ± {100 * CI[r]:.2f}",
+        ]
+
+
+def test_findings_are_computed_from_the_levels(lottery_run, control_run, dense_run):  # noqa: F811
+    runs = [report.load_run(p) for p in (lottery_run, control_run, dense_run)]
+    text = "\n".join(results.findings(runs))
+    # 88.77 vs 91.23 at 20% is within 1.11 + 2.22; 80.00 at 36% is 11.2 below, apart.
+    assert "**omniglot** starts at 91.23 ± 1.11 at 0.0% sparsity; its best level is 91.23 ± 1.11" in text
+    assert "Sparsest level not apart below the first: 20.0% (88.77 ± 2.22 at 20.0% sparsity)" in text
+    assert "at 2 pruned levels: better and apart at 1, worse and apart at 0, within the CIs at 1" in text
+    assert "**dense** (no pruning, one round's budget): 93.00 ± 1.50." in text
+
+
+def test_readme_section_is_replaced_between_the_markers_only_and_regenerates_identically(
+    lottery_run,  # noqa: F811
+    dense_run,  # noqa: F811
+    tmp_path,
+):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nBefore.\n\n{results.BEGIN}\nstale text\n{results.END}\n\nAfter.\n")
+    sinusoid = tmp_path / "sinusoid.json"
+    sinusoid.write_text(
+        json.dumps(
+            {
+                "iterations": 20000,
+                "paper_iterations": 70000,
+                "train_seconds": 600.0,
+                "machine": {"cpu_count": 2, "torch_threads": 1, "torch": "2.13.0+cpu", "lightning": "2.6.6"},
+                "settings": {"shots": 5, "test_tasks": 600},
+                "tests": [
+                    {
+                        "eval_inner_steps": 1,
+                        "mse": 0.6631,
+                        "ci95": 0.0582,
+                        "paper": 0.67,
+                        "relative_to_paper": -0.0104,
+                    }
+                ],
+            }
+        )
+    )
+    (lottery_run / "machine.json").write_text(json.dumps({"cpu_count": 2, "torch_threads": 1, "gpu": None}))
+    argv = [
+        str(lottery_run),
+        str(dense_run),
+        "-o",
+        str(tmp_path / "docs" / "results"),
+        "--readme",
+        str(readme),
+        "--sinusoid",
+        str(sinusoid),
+    ]
+    assert report.main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nBefore.\n\n" + results.BEGIN) and text.endswith(
+        results.END + "\n\nAfter.\n"
+    )
+    assert "stale text" not in text
+    assert "![Accuracy vs. weights remaining](docs/results/accuracy_vs_remaining.png)" in text
+    assert (tmp_path / "docs" / "results" / "accuracy_vs_remaining.png").is_file()
+    assert "| 1 | 0.663 ± 0.058 | 0.67 | -1.0% |" in text
+    assert "| 2 CPU cores, no GPU, 1 torch thread(s), 1 process(es) |" in text
+    assert (
+        "| omniglot | `lthmaml fit --config" in text and "| 3 | 3.3 min |" in text
+    )  # 3 rounds, 200 s of events
+    assert report.main(argv) == 0
+    assert readme.read_text() == text
+
+
+def test_missing_markers_or_bad_sinusoid_json_are_one_line_errors(lottery_run, tmp_path, capsys):  # noqa: F811
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit):
+        report.main([str(lottery_run), "-o", str(tmp_path / "out"), "--readme", str(readme)])
+    assert "has no '<!-- results:begin -->' ... '<!-- results:end -->' markers" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(DataError, match="bad.json: not a bench/sinusoid.py result"):
+        results.sinusoid_table(bad)
