@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lthmaml.errors import DataError
-from lthmaml.report import PLOTS, Run, _scale, accuracy_points, dense_reference
+from lthmaml.report import PLOTS, Run, _scale, accuracy_points, dense_reference, round_seconds
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -148,6 +148,18 @@ def run_findings(run: Run, control: Optional[Run]) -> list[str]:
     last = points[-1]
     if last is not best:
         lines.append(f"Last level: {fmt(last)}.")
+    epochs = [r.get("best_epoch_in_round") for r in run.rounds]
+    if all(isinstance(e, int) for e in epochs) and len(epochs) > 1:
+        lines.append(
+            f"Epoch of best validation within each round, round 0 on: {', '.join(map(str, epochs))}."
+        )
+    seconds = round_seconds(run)
+    if len(seconds) > 1:
+        first_round, last_round = min(seconds), max(seconds)
+        lines.append(
+            f"Round wall time: {seconds[first_round]:.0f} s (round {first_round}) and "
+            f"{seconds[last_round]:.0f} s (round {last_round})."
+        )
     if control is not None and control is not run:
         ours = {level(1 - p["x"]): p for p in points}
         theirs = {level(1 - p["x"]): p for p in accuracy_points(control)}

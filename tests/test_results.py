@@ -51,12 +51,17 @@ def test_comparison_table_holds_each_runs_logged_test_metric_per_level(lottery_r
 
 
 def test_findings_are_computed_from_the_levels(lottery_run, control_run, dense_run):  # noqa: F811
+    for r, epoch in enumerate([3, 1, 2]):
+        file = lottery_run / "rounds" / f"round_{r:02d}" / "metrics.json"
+        file.write_text(json.dumps({**json.loads(file.read_text()), "best_epoch_in_round": epoch}))
     runs = [report.load_run(p) for p in (lottery_run, control_run, dense_run)]
     text = "\n".join(results.findings(runs))
     # 88.77 vs 91.23 at 20% is within 1.11 + 2.22; 80.00 at 36% is 11.2 below, apart.
     assert "**omniglot** starts at 91.23 ± 1.11 at 0.0% sparsity; its best level is 91.23 ± 1.11" in text
     assert "Sparsest level not apart below the first: 20.0% (88.77 ± 2.22 at 20.0% sparsity)" in text
     assert "at 2 pruned levels: better and apart at 1, worse and apart at 0, within the CIs at 1" in text
+    assert "Round wall time: 70 s (round 0) and 70 s (round 2)." in text  # events at 70, 130, 200 s
+    assert "Epoch of best validation within each round, round 0 on: 3, 1, 2." in text
     assert "**dense** (no pruning, one round's budget): 93.00 ± 1.50." in text
 
 
