@@ -51,12 +51,17 @@ pi-finetune: $(STAMP)
 	$(BIN)/python -m lthmaml.pi_finetune --artifact "$(ARTIFACT)" --task "$(TASK)"
 
 # Plots and a Markdown table of pruning runs: metric vs weights remaining, per-round best epoch and
-# wall time, validation metric vs time, per-layer sparsity (see lthmaml/report.py).
-RUNS ?= runs
+# wall time, validation metric vs time, per-layer sparsity (see lthmaml/report.py). Without RUNS:
+# the experiments' report and README "Results" (the `results` target below).
+RUNS ?=
 OUT ?= report
 .PHONY: report
 report: $(STAMP)
+ifeq ($(strip $(RUNS)),)
+	$(MAKE) --no-print-directory results
+else
 	$(BIN)/python -m lthmaml.report $(RUNS) -o $(OUT)
+endif
 
 # The evidence behind README "Results" (configs/experiments/, each stacked on base.yaml): the
 # lottery-ticket family, Powerprop, meta-gradient and Taylor pruning and the dense reference, on the
@@ -65,6 +70,7 @@ report: $(STAMP)
 # time. Each writes $(EXP_DIR)/<name>/version_0 and logs/<name>.log; a killed one resumes from its
 # last.ckpt when run again, a finished one is skipped (<name>.done; the sinusoid: its JSON exists).
 EXP_DIR ?= runs/experiments
+EXP_ARGS ?=  # extra CLI overrides for every experiment, e.g. --data.init_args.root DIR
 SINUSOID ?= bench/out/sinusoid.json
 EXPERIMENTS := lth_rewind_init lth_late_rewind lth_random_reinit powerprop_lottery metagrad taylor dense
 .PHONY: experiments results
@@ -85,12 +91,13 @@ $(EXP_DIR)/%.done: configs/experiments/%.yaml configs/experiments/base.yaml | $(
 	OMP_NUM_THREADS=1 $(BIN)/lthmaml fit -c configs/experiments/base.yaml -c $< \
 	  --trainer.logger.init_args.save_dir $(EXP_DIR) \
 	  $(if $(filter lth_random_reinit,$*),--trainer.callbacks.init_args.masks_from $(EXP_DIR)/lth_rewind_init/version_0) \
-	  $$resume >> $(EXP_DIR)/logs/$*.log 2>&1
+	  $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/$*.log 2>&1
 	@touch $@
 
 # README "Results": the report of the experiments (plots and tables under $(RESULTS)) and the
 # sinusoid table of bench/sinusoid.py, written into README.md between its results markers.
 RESULTS ?= docs/results
+README ?= README.md
 results: $(STAMP)
 	$(BIN)/python -m lthmaml.report $(EXPERIMENTS:%=$(EXP_DIR)/%/version_0) -o $(RESULTS) \
-	  $(if $(wildcard $(SINUSOID)),--sinusoid $(SINUSOID)) --readme README.md
+	  $(if $(wildcard $(SINUSOID)),--sinusoid $(SINUSOID)) --readme $(README)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from lthmaml import sparsity
 from lthmaml.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +92,50 @@ def test_make_experiments_runs_the_control_after_the_tickets_it_borrows(tmp_path
     assert order.index("lth_rewind_init") < order.index("lth_random_reinit")
     assert f"--trainer.callbacks.init_args.masks_from {tmp_path}/lth_rewind_init/version_0" in out
     assert f"bench.sinusoid --threads 1 --json {tmp_path}/sinusoid.json" in out
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_make_experiments_then_results_fills_the_readme_with_the_logged_numbers(tmp_path, fake_omniglot):
+    """The whole chain on tiny data: the tickets, the control on their masks, the README section."""
+    characters = {f"Alphabet_{a}": [f"character{c:02d}" for c in range(1, 16)] for a in range(2)}
+    root = fake_omniglot.folder(characters, drawers=6)
+    tiny = [
+        *("--data.init_args.root", str(root), "--data.init_args.tasks_per_epoch", "10"),
+        *("--data.init_args.meta_batch_size", "5", "--data.init_args.val_tasks", "5"),
+        *("--data.init_args.test_tasks", "10", "--model.init_args.net.init_args.hidden_channels", "4"),
+        *("--trainer.callbacks.init_args.rounds", "2", "--trainer.callbacks.init_args.epochs_per_round", "1"),
+    ]
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results\n\n<!-- results:begin -->\n<!-- results:end -->\n")
+    runs, experiments = tmp_path / "runs", "lth_rewind_init lth_random_reinit"
+    sinusoid = tmp_path / "sinusoid.json"  # present, so make does not run bench/sinusoid.py
+    sinusoid.write_text(json.dumps({"iterations": 1, "tests": []}))
+    common = [f"EXP_DIR={runs}", f"EXPERIMENTS={experiments}", f"SINUSOID={sinusoid}"]
+    env = {**os.environ, "LTHMAML_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    make = ["make", "--no-print-directory", "-s"]
+    subprocess.run(
+        [*make, "experiments", *common, f"EXP_ARGS={' '.join(tiny)}"], cwd=REPO, env=env, check=True
+    )
+    subprocess.run(
+        [*make, "results", *common, f"RESULTS={tmp_path / 'docs'}", f"README={readme}"],
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
+
+    tickets, control = (runs / name / "version_0" for name in experiments.split())
+    for r in (1, 2):  # the control trained the tickets' masks
+        mask = f"rounds/round_{r:02d}/mask.safetensors"
+        assert sparsity.read_masks(control / mask).keys() == sparsity.read_masks(tickets / mask).keys()
+        for name, value in sparsity.read_masks(tickets / mask).items():
+            assert torch.equal(sparsity.read_masks(control / mask)[name], value)
+    text = readme.read_text()
+    for run in (tickets, control):
+        for r in range(3):
+            record = json.loads((run / "rounds" / f"round_{r:02d}" / "metrics.json").read_text())
+            ci = record["test_metrics"]["test/acc_post_ci95"]
+            assert f"{100 * record['test']:.2f} ± {100 * ci:.2f}" in text  # the table cell
+    assert (tmp_path / "docs" / "accuracy_vs_remaining.png").is_file()
+    assert "| lth_random_reinit | `lthmaml fit -c configs/experiments/base.yaml" in text
+    assert "Against the random-reinit control (lth_random_reinit) at 2 pruned levels" in text
