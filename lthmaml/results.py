@@ -176,7 +176,7 @@ def run_findings(run: Run, control: Optional[Run]) -> list[str]:
             if better(run, theirs[k]["y"], ours[k]["y"])
             and apart(ours[k]["y"], ours[k]["ci"], theirs[k]["y"], theirs[k]["ci"])
         ]
-        if common:
+        if len(common) > 1:  # a single shared level is a coincidence of schedules, not a curve
             lines.append(
                 f"Against the random-reinit control ({run_name(control)}) at {len(common)} pruned "
                 f"levels: better and apart at {len(above)}, worse and apart at {len(below)}, "
