@@ -158,6 +158,7 @@ class TaylorFilterPruning(PruningCallback):
         self.steps = 0
         self.score_sums: dict[str, Tensor] = {}
         self.tasks_scored = 0
+        self.last_step: dict[str, int] = {}  # what the last pruning step did, for the next record
 
     # ------------------------------------------------------------------ the layers and the target
     def layers(self, pl_module: pl.LightningModule) -> dict[str, tuple[MaskedConv2d, MaskedBatchNorm2d]]:
@@ -229,6 +230,7 @@ class TaylorFilterPruning(PruningCallback):
             "global_step": trainer.global_step,
             "filters_remaining": left,
             "filters_pruned": total - left,
+            **self.last_step,
         }
         self.write_round(trainer, pl_module, {**metrics, "channels": channels_left})
 
@@ -257,6 +259,7 @@ class TaylorFilterPruning(PruningCallback):
         for name, channels in chosen.items():
             sparsity.prune_channels(pl_module, name, channels)
         tasks = self.reduce_count(trainer, self.tasks_scored)
+        self.last_step = {"tasks_scored": tasks}
         total, left, _ = self.target(pl_module)
         rank_zero_info(
             f"{type(self).__name__}: step {self.steps} removed {sum(len(c) for c in chosen.values())} "
@@ -270,6 +273,7 @@ class TaylorFilterPruning(PruningCallback):
             "steps": self.steps,
             "score_sums": {name: s.detach().cpu() for name, s in self.score_sums.items()},
             "tasks_scored": self.tasks_scored,
+            "last_step": self.last_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -277,3 +281,4 @@ class TaylorFilterPruning(PruningCallback):
         self.steps = int(state_dict.get("steps", 0))
         self.score_sums = dict(state_dict.get("score_sums", {}))
         self.tasks_scored = int(state_dict.get("tasks_scored", 0))
+        self.last_step = dict(state_dict.get("last_step", {}))

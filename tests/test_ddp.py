@@ -245,10 +245,11 @@ def test_ddp_pruning_rounds_end_with_identical_masks(tmp_path):
     record = sparsity.read_masks(tmp_path / "lottery_rank0" / "rounds" / "round_01" / "mask.safetensors")
     assert record.keys() == masks.keys() and all(torch.equal(record[k], masks[k]) for k in masks)
     assert not (tmp_path / "lottery_rank1").exists()
-    # Task counts in the round records are totals over the ranks, as one process counts them.
+    # Task counts in the round records (round 1: the level the first step made) are totals over
+    # the ranks, as one process counts them.
     for name, key in (("metagrad", "tasks"), ("taylor", "tasks_scored")):
         records = [
-            json.loads((tmp_path / f"{name}_{run}" / "rounds" / "round_00" / "metrics.json").read_text())
+            json.loads((tmp_path / f"{name}_{run}" / "rounds" / "round_01" / "metrics.json").read_text())
             for run in ("rank0", "single")
         ]
         assert records[0][key] == records[1][key] > 0, name

@@ -182,6 +182,7 @@ def test_maml_schedule_prunes_lowest_filters_stops_at_target_and_keeps_them_at_z
         (r["step"], r["global_step"], r["filters_pruned"], r["filters_remaining"]) for r in callback.history
     ] == [(2, 2, 0, 8), (4, 4, 3, 5), (4, 7, 4, 4)]
     assert callback.steps == 4 and callback.score_sums == {} and callback.tasks_scored == 0
+    assert [r.get("tasks_scored") for r in callback.history] == [None, 2, 2]  # one batch of 2 tasks each
     alive = alive_of(model)
     assert sum(int(a.sum()) for a in alive.values()) == 4 and all(a.sum() >= 1 for a in alive.values())
 
