@@ -291,7 +291,7 @@ def _groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
     return groups
 
 
-def _scale(run: Run) -> float:
+def percent_scale(run: Run) -> float:
     return 100.0 if "acc" in run.metric else 1.0  # accuracy in %, losses as logged
 
 
@@ -318,7 +318,7 @@ def plot_remaining(runs: Sequence[Run], file: Path) -> Optional[str]:
         xs = [p["x"] for r in group for p in accuracy_points(r) if p["x"] > 0] or [1.0]
         smallest = min(xs)
         for run in group:
-            scale = _scale(run)
+            scale = percent_scale(run)
             points = [p for p in accuracy_points(run) if p["x"] > 0]
             if points:
                 ax.errorbar(
@@ -406,7 +406,7 @@ def plot_time(runs: Sequence[Run], file: Path) -> Optional[str]:
             points = metric_over_time(run)
             if points:
                 minutes, values = zip(*points)
-                ax.plot(minutes, [v * _scale(run) for v in values], marker=".", label=run.label)
+                ax.plot(minutes, [v * percent_scale(run) for v in values], marker=".", label=run.label)
         ax.set_xlabel("meta-training wall time since the fit started (min)")
         ax.set_ylabel(label.replace("query", "validation query"))
         ax.set_title("Validation metric vs. meta-training time")

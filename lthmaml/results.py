@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lthmaml.errors import DataError
-from lthmaml.report import PLOTS, Run, _scale, accuracy_points, dense_reference, round_seconds
+from lthmaml.report import PLOTS, Run, accuracy_points, dense_reference, percent_scale, round_seconds
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -82,7 +82,7 @@ def level(sparsity: float) -> float:
 
 
 def cell(run: Run, value: float, ci: Optional[float], source: str) -> str:
-    scale = _scale(run)
+    scale = percent_scale(run)
     text = f"{value * scale:.2f}" + ("" if ci is None else f" ± {ci * scale:.2f}")
     return text if source == "test" else f"{text} ({source.replace('_', ' ')})"
 
@@ -122,7 +122,7 @@ def run_findings(run: Run, control: Optional[Run]) -> list[str]:
     points = accuracy_points(run)
     if not points:
         return []
-    scale, name = _scale(run), run_name(run)
+    scale, name = percent_scale(run), run_name(run)
     unit = " points" if "acc" in run.metric else ""
     first = points[0]
     best = max(points, key=lambda p: p["y"] if "acc" in run.metric else -p["y"])
@@ -205,7 +205,9 @@ def findings(runs: Sequence[Run]) -> list[str]:
                 y, ci = ref
                 lines.append(
                     f"**{run_name(run)}** (no pruning, one round's budget): "
-                    f"{y * _scale(run):.2f}" + ("" if ci is None else f" ± {ci * _scale(run):.2f}") + "."
+                    f"{y * percent_scale(run):.2f}"
+                    + ("" if ci is None else f" ± {ci * percent_scale(run):.2f}")
+                    + "."
                 )
             continue
         lines.append(" ".join(run_findings(run, control)))
