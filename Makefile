@@ -48,10 +48,10 @@ ARTIFACT ?=
 TASK ?=
 .PHONY: pi-finetune
 pi-finetune: $(STAMP)
-	$(BIN)/python -m lthmaml.pi_finetune --artifact "$(ARTIFACT)" --task "$(TASK)"
+	$(BIN)/python -m lthmaml.edge.pi --config configs/edge/pi.yaml --artifact "$(ARTIFACT)" --task "$(TASK)"
 
 # Plots and a Markdown table of pruning runs: metric vs weights remaining, per-round best epoch and
-# wall time, validation metric vs time, per-layer sparsity (see lthmaml/report.py). Without RUNS:
+# wall time, validation metric vs time, per-layer sparsity (see lthmaml/reporting/report.py). Without RUNS:
 # the experiments' report and README "Results" (the `results` target below).
 RUNS ?=
 OUT ?= report
@@ -60,7 +60,7 @@ report: $(STAMP)
 ifeq ($(strip $(RUNS)),)
 	$(MAKE) --no-print-directory results
 else
-	$(BIN)/python -m lthmaml.report $(RUNS) -o $(OUT)
+	$(BIN)/python -m lthmaml.reporting.report $(RUNS) -o $(OUT)
 endif
 
 # The evidence behind README "Results" (configs/experiments/, each stacked on base.yaml): the
@@ -99,5 +99,5 @@ $(EXP_DIR)/%.done: configs/experiments/%.yaml configs/experiments/base.yaml | $(
 RESULTS ?= docs/results
 README ?= README.md
 results: $(STAMP)
-	$(BIN)/python -m lthmaml.report $(EXPERIMENTS:%=$(EXP_DIR)/%/version_0) -o $(RESULTS) \
+	$(BIN)/python -m lthmaml.reporting.report $(EXPERIMENTS:%=$(EXP_DIR)/%/version_0) -o $(RESULTS) \
 	  $(if $(wildcard $(SINUSOID)),--sinusoid $(SINUSOID)) --readme $(README)

@@ -1,4 +1,4 @@
-"""File size of the compact artifact (``lthmaml.export``) against dense and PyTorch-sparse files.
+"""File size of the compact artifact (``lthmaml.edge.export``) against dense and PyTorch-sparse files.
 
 Target: the MAML paper's Omniglot net (Conv4, 64 filters, 5-way, 28x28) at 80% unstructured
 sparsity exports to <= 0.25x the dense float32 safetensors file (<= 0.14x with
@@ -15,7 +15,7 @@ BatchNorm parameters (no mask buffers):
 * dense torch.save: the same dict pickled by ``torch.save``;
 * torch COO: prunable weights as ``weight.to_sparse()`` (int64 indices per kept value), torch.save;
 * torch CSR: prunable weights flattened to 2-D ``[out, in*k*k]`` then ``to_sparse_csr()``, torch.save;
-* artifact float32 / float16: ``lthmaml.export.export_net`` (kept values + 1-bit packed masks).
+* artifact float32 / float16: ``lthmaml.edge.export.export_net`` (kept values + 1-bit packed masks).
 
     python -m bench.artifact_size        # a few seconds; writes bench/out/artifact_size.json
 """
@@ -31,9 +31,10 @@ from safetensors.torch import save_file
 
 from bench.common import base_parser, print_table, setup, write_json
 from lthmaml import sparsity
-from lthmaml.export import dense_tensors, export_net, load_artifact
-from lthmaml.layers import masked_layers
-from lthmaml.models import Conv4
+from lthmaml.edge.artifact import dense_tensors, load_artifact
+from lthmaml.edge.export import export_net
+from lthmaml.nets.layers import masked_layers
+from lthmaml.nets.models import Conv4
 
 SPARSITIES = (0.0, 0.5, 0.8, 0.9)
 TARGETS = {"float32": (0.8, 0.25), "float16": (0.8, 0.14)}

@@ -8,8 +8,8 @@ meta-train classes (5-way 5-shot, 5 query, inner lr 0.4, 1 inner step, Adam 1e-3
 ``--meta-steps`` meta-updates of ``--meta-batch`` tasks), or ``--checkpoint`` a 5-way Conv4 MAML
 checkpoint of your own. The pruned model is that net 80% magnitude-pruned (global, the engine's
 ``prune_lowest``) and meta-trained again for ``--retrain-steps`` with its masks (or
-``--pruned-checkpoint``). Both are exported as artifacts (``lthmaml.export``) and fine-tuned with
-:class:`lthmaml.finetune.FineTuneModule` as ``configs/edge/pi.yaml`` does: SGD at the meta-learned
+``--pruned-checkpoint``). Both are exported as artifacts (``lthmaml.edge.export``) and fine-tuned with
+:class:`lthmaml.edge.finetune.FineTuneModule` as ``configs/edge/pi.yaml`` does: SGD at the meta-learned
 inner lr, ``data.batch_size`` of the config, masks kept. Tasks: ``--tasks`` task folders of 5
 meta-*test* classes (never seen in meta-training), 5 support, 5 val and 10 query images each
 (``lthmaml.data.taskfolder_build.omniglot_task``).
@@ -46,10 +46,11 @@ from bench.common import base_parser, make_trainer, print_table, setup, write_js
 from lthmaml.data import OmniglotDataModule, TaskFolderDataModule
 from lthmaml.data.omniglot import load_omniglot, split_classes
 from lthmaml.data.taskfolder_build import omniglot_task
-from lthmaml.export import export_net, load_artifact
-from lthmaml.finetune import FineTuneModule, artifact_from_checkpoint
-from lthmaml.maml import MAML
-from lthmaml.models import Conv4
+from lthmaml.edge.artifact import load_artifact
+from lthmaml.edge.export import export_net
+from lthmaml.edge.finetune import FineTuneModule, artifact_from_checkpoint
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.models import Conv4
 from lthmaml.sparsity import load_masks, magnitude_scores, masks_of, prune_lowest, sparsity_report
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ adapts and back-propagates one task at a time, so a task's graph is freed before
 built and the peak should not grow with the meta-batch (only the collated meta-batch itself,
 ~0.3 MB of images per task here, does).
 
-Setting: our fit path (``Trainer.fit`` on :class:`lthmaml.maml.MAML`), Conv4 on 28x28
+Setting: our fit path (``Trainer.fit`` on :class:`lthmaml.meta.maml.MAML`), Conv4 on 28x28
 synthetic images, 5-way 5-shot 15-query (so activations matter), second order, 1 inner step,
 tasks drawn lazily by :class:`lthmaml.data.EpisodeDataset` as the real DataModule does.
 
@@ -50,8 +50,8 @@ def child(meta_batch: int, steps: int, seed: int) -> dict:
     import torch
 
     from lthmaml.data import EpisodeDataset
-    from lthmaml.maml import MAML
-    from lthmaml.models import Conv4
+    from lthmaml.meta.maml import MAML
+    from lthmaml.nets.models import Conv4
 
     torch.manual_seed(seed)
     model = MAML(Conv4(out_features=5), inner_lr=0.4, inner_steps=1, first_order=False)

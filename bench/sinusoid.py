@@ -30,8 +30,8 @@ import torch
 
 from bench.common import base_parser, make_trainer, print_table, setup, write_json
 from lthmaml.data import SinusoidDataModule
-from lthmaml.maml import MAML
-from lthmaml.models import MLP
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.models import MLP
 
 PAPER_MSE = {1: 0.67, 5: 0.38, 10: 0.35}
 TOLERANCE = 0.15

@@ -3,7 +3,7 @@
 Target: pruned step time / dense step time <= 0.5 with 50% of the filters removed.
 
 Unstructured sparsity leaves the tensors' shapes, so dense kernels run as long as before; removing
-whole filters and shrinking the net (:func:`lthmaml.sparsity.shrink`) makes every layer narrower,
+whole filters and shrinking the net (:func:`lthmaml.nets.shrink.shrink`) makes every layer narrower,
 and a 3x3 conv's cost falls with its input *and* output widths (about 4x at half of each).
 
 Setting. The MAML Omniglot net (Conv4, 64 filters a block, 28x28 inputs, 5-way); a fine-tuning
@@ -13,14 +13,14 @@ cross-entropy, backward, SGD, re-masking. Pruning: the Taylor criterion of Molch
 on the query loss after MAML's inner loop (``MAML.task_losses(adapted=True)``), summed over
 ``--score-tasks`` tasks; the lowest ``--fraction`` of all filters go in one shot
 (``lowest_filters``, a layer keeps at least one; ``lthmaml.sparsity.prune_channels``), then
-``shrink`` builds the narrower Conv4. Both nets go through ``lthmaml.export`` and are loaded
+``shrink`` builds the narrower Conv4. Both nets go through ``lthmaml.edge.export`` and are loaded
 back, as the device gets them. Weights: random (the step time depends on shapes only, but the
 widths Taylor leaves per layer depend on the weights) unless ``--checkpoint`` names a MAML
 checkpoint (or ``--artifact`` a dense artifact) to prune; tasks: synthetic Omniglot-shaped images.
 
 Timed two ways, each the median over ``--steps`` steps after ``--warmup`` steps, repeated
 ``--repeats`` times with the nets interleaved (the median of the medians is reported):
-``lightning``: :class:`lthmaml.finetune.FineTuneModule` in a Trainer (what ``lthmaml-edge``
+``lightning``: :class:`lthmaml.edge.finetune.FineTuneModule` in a Trainer (what ``lthmaml-edge``
 runs; per step, ``on_train_batch_start`` to ``on_train_batch_end``); ``bare``: the same step
 in a plain torch loop.
 
@@ -56,10 +56,12 @@ from callbacks.taylor import layer_normalized, lowest_filters, taylor_scores
 from lthmaml import sparsity
 from lthmaml.data import TaskFolderDataModule
 from lthmaml.data.taskfolder_build import make_image_task
-from lthmaml.export import export_net, load_artifact
-from lthmaml.finetune import FineTuneModule, artifact_from_checkpoint
-from lthmaml.maml import MAML
-from lthmaml.models import Conv4
+from lthmaml.edge.artifact import load_artifact
+from lthmaml.edge.export import export_net
+from lthmaml.edge.finetune import FineTuneModule, artifact_from_checkpoint
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.models import Conv4
+from lthmaml.nets.shrink import shrink
 
 TARGET = 0.5
 WAYS, SHOTS = 5, 5
@@ -90,7 +92,7 @@ def build_artifacts(args, out: Path) -> tuple[dict[str, Path], dict[str, int]]:
     steps = {"inner_lr": INNER_LR, "eval_inner_steps": args.warmup + args.steps, "task": "classification"}
     paths = {"dense": export_net(model.net, out / "dense.safetensors", steps)}
     widths = taylor_prune(model, args.fraction, args.score_tasks, args.seed)
-    shrunk = sparsity.shrink(model.net)
+    shrunk = shrink(model.net)
     paths["pruned"] = export_net(shrunk, out / "pruned.safetensors", steps)
     return paths, widths
 

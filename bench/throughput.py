@@ -1,7 +1,7 @@
 """Meta-training throughput (tasks/s) of our ``fit`` path against a bare ``higher`` loop.
 
 Targets:
-  * ours / bare >= 0.95: ``Trainer.fit`` on :class:`lthmaml.maml.MAML` costs at most 5% over a
+  * ours / bare >= 0.95: ``Trainer.fit`` on :class:`lthmaml.meta.maml.MAML` costs at most 5% over a
     hand-written loop doing the same work (``higher.innerloop_ctx`` per task, per-task backward,
     one Adam step per meta-batch), on identical pre-generated tasks and the same Conv4 init.
   * first-order / second-order >= 2x on our path (reported for 1 inner step, 5-way, and for
@@ -53,8 +53,8 @@ from bench.common import (
     write_json,
 )
 from lthmaml.data import TaskBatch
-from lthmaml.maml import MAML
-from lthmaml.models import Conv4
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.models import Conv4
 
 INNER_LR = 0.4
 

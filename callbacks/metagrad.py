@@ -27,7 +27,7 @@ the sparsity it states, as for :class:`~callbacks.lottery.LotteryTicket`.
 Cost: one extra forward and backward pass on each task's support set per accumulated training
 step (measured on one CPU thread: 5-8% of a second-order meta-step for 5-way 1-shot Omniglot on
 the 64-filter Conv4, whose support set is 5 of a task's 80 images; for the supervised
-:class:`~lthmaml.supervised.Classifier` it about doubles a step). ``accumulate_batches=k`` pays it
+:class:`~lthmaml.meta.classifier.Classifier` it about doubles a step). ``accumulate_batches=k`` pays it
 only for the last ``k`` steps before each pruning step; after the last pruning step nothing is paid.
 """
 
@@ -45,7 +45,7 @@ from torch import Tensor
 from callbacks.base import PruningCallback
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.layers import MaskedMixin
+from lthmaml.nets.layers import MaskedMixin
 from lthmaml.sparsity import Scope
 
 Criterion = Literal["product", "gradient_first", "weight_first"]

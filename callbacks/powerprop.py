@@ -31,8 +31,7 @@ from the file).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -41,47 +40,9 @@ from torch import Tensor, nn
 from callbacks.base import PruningCallback
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.layers import masked_layers
+from lthmaml.nets.layers import masked_layers
+from lthmaml.nets.reparam import PowerTransform, install_power, installed_alpha
 from lthmaml.sparsity import Scope
-
-
-class PowerTransform:
-    """``w = phi * |phi| ** (alpha - 1)``: a small class, not a lambda, so nets holding it pickle
-    and deep-copy.
-
-    ``|phi| ** (alpha - 1)`` is taken at 1 where ``phi == 0`` and then zeroed, so no derivative of
-    any order is ``0 * inf``: pruned (zero) parameters get zero, not NaN, gradients, also through
-    second-order MAML.
-    """
-
-    def __init__(self, alpha: float) -> None:
-        self.alpha = float(alpha)
-
-    def __call__(self, phi: Tensor) -> Tensor:
-        if self.alpha == 1.0:
-            return phi
-        zero = phi == 0
-        magnitude = torch.where(zero, torch.ones_like(phi), phi.abs())
-        return phi * torch.where(zero, torch.zeros_like(phi), magnitude.pow(self.alpha - 1))
-
-    def inverse(self, weight: Tensor) -> Tensor:
-        """The ``phi`` whose transform is ``weight``."""
-        if self.alpha == 1.0:
-            return weight.clone()
-        return weight.sign() * weight.abs().pow(1 / self.alpha)
-
-    def gradient_factor(self, phi: Tensor) -> Tensor:
-        """``dw/dphi = alpha * |phi| ** (alpha - 1)`` (0 at ``phi == 0`` for ``alpha > 1``)."""
-        return self.alpha * phi.abs().pow(self.alpha - 1)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PowerTransform) and other.alpha == self.alpha
-
-    def __hash__(self) -> int:
-        return hash(("PowerTransform", self.alpha))
-
-    def __repr__(self) -> str:
-        return f"PowerTransform(alpha={self.alpha})"
 
 
 class Powerprop(PruningCallback):
@@ -124,44 +85,11 @@ class Powerprop(PruningCallback):
         self._post_step_hook: Optional[Any] = None
 
     # ------------------------------------------------------------------ the reparametrisation
-    @staticmethod
-    def install(model: nn.Module, alpha: float) -> None:
-        """Make ``model``'s mask-aware layers compute with ``phi * |phi| ** (alpha - 1)``.
-
-        The parameters are taken to be ``phi`` already: use it on a model loaded from a
-        checkpoint of a Powerprop run (``alpha`` from :meth:`checkpoint_alpha`).
-        """
-        transform = PowerTransform(alpha)
-        for layer in masked_layers(model).values():
-            layer.weight_transform = transform
-
-    @staticmethod
-    def installed_alpha(model: nn.Module) -> Optional[float]:
-        """The alpha of the transform on ``model``'s layers, None if they have none."""
-        alphas = {
-            layer.weight_transform.alpha
-            for layer in masked_layers(model).values()
-            if isinstance(layer.weight_transform, PowerTransform)
-        }
-        if len(alphas) > 1:
-            raise ConfigError(f"the model's layers carry Powerprop transforms of several alphas {alphas}")
-        return alphas.pop() if alphas else None
-
-    @classmethod
-    def checkpoint_alpha(cls, checkpoint: Union[str, Path, Mapping[str, Any]]) -> Optional[float]:
-        """The alpha a checkpoint (path or loaded dict) was trained with, None if not Powerprop."""
-        if not isinstance(checkpoint, Mapping):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        for key, state in checkpoint.get("callbacks", {}).items():
-            if key.split("{")[0] == cls.__qualname__ and "alpha" in state:
-                return float(state["alpha"])
-        return None
-
     @torch.no_grad()
     def convert(self, model: nn.Module, already_phi: bool = False) -> None:
         """``theta -> phi = sign(theta) |theta| ** (1/alpha)`` and install the transform, exactly once:
         a model that carries the transform, or whose parameters are ``already_phi``, is not converted."""
-        alpha = self.installed_alpha(model)
+        alpha = installed_alpha(model)
         if alpha is not None and alpha != self.alpha:
             raise ConfigError(
                 f"the model is powerpropagated with alpha={alpha}, the callback has {self.alpha}"
@@ -169,7 +97,7 @@ class Powerprop(PruningCallback):
         if alpha is None and not already_phi:
             for layer in masked_layers(model).values():
                 layer.weight.copy_(self.transform.inverse(layer.weight))
-        self.install(model, self.alpha)
+        install_power(model, self.alpha)
         self.converted = True
 
     # ------------------------------------------------------------------ one-shot pruning
@@ -230,7 +158,7 @@ class Powerprop(PruningCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             # validate / test / predict: the parameters are a Powerprop run's phi already.
-            self.install(pl_module, self.alpha)
+            install_power(pl_module, self.alpha)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after the checkpoint's model and callback states are restored (Trainer._run): the

@@ -44,7 +44,7 @@ from torch import Tensor
 from callbacks.base import PruningCallback
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.layers import MaskedBatchNorm2d, MaskedConv2d
+from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d
 
 
 def taylor_scores(
@@ -168,7 +168,7 @@ class TaylorFilterPruning(PruningCallback):
             raise ConfigError(
                 f"{type(self).__name__} prunes conv filters, but {type(pl_module).__name__} has no "
                 "MaskedConv2d layer to prune (outside exclude): use it on a conv net such as "
-                "lthmaml.models.Conv4, or pick an unstructured pruning callback"
+                "lthmaml.nets.models.Conv4, or pick an unstructured pruning callback"
             )
         lonely = [name for name, (_, batchnorm) in pairs.items() if batchnorm is None]
         if lonely:

@@ -12,8 +12,8 @@ import yaml
 from helpers import TINY_FIT as TINY
 
 from lthmaml.cli import main
-from lthmaml.maml import MAML
-from lthmaml.models import MLP
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.models import MLP
 
 REPO = Path(__file__).resolve().parents[1]
 SINUSOID = str(REPO / "configs" / "sinusoid.yaml")
@@ -30,7 +30,7 @@ def test_print_config_resolves_every_option(capsys):
         main(["fit", "-c", SINUSOID, "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"]["class_path"] == "lthmaml.maml.MAML"
+    assert config["model"]["class_path"] == "lthmaml.meta.maml.MAML"
     assert config["model"]["init_args"]["inner_lr"] == 0.01
     assert config["trainer"]["inference_mode"] is False
     assert config["checkpoint"]["monitor"] == "val/loss_post"

@@ -29,8 +29,8 @@ from callbacks.taylor import TaylorFilterPruning
 from lthmaml import sparsity
 from lthmaml.data import EpisodicDataModule, SinusoidDataModule
 from lthmaml.errors import ConfigError
-from lthmaml.maml import MAML
-from lthmaml.models import MLP, Conv4
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.models import MLP, Conv4
 
 RANKS = 2
 

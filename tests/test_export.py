@@ -16,22 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from callbacks.powerprop import Powerprop, PowerTransform
+from callbacks.powerprop import Powerprop
 from lthmaml import export, sparsity
+from lthmaml.edge.artifact import CLASSIFIER_DEFAULTS, FORMAT_VERSION, METADATA_KEY, dense_size, load_artifact
+from lthmaml.edge.export import export_checkpoint, export_net
 from lthmaml.errors import ConfigError, DataError
-from lthmaml.export import (
-    CLASSIFIER_DEFAULTS,
-    FORMAT_VERSION,
-    METADATA_KEY,
-    dense_size,
-    export_checkpoint,
-    export_net,
-    load_artifact,
-)
-from lthmaml.layers import masked_layers
-from lthmaml.maml import MAML
-from lthmaml.models import MLP, Conv4
-from lthmaml.supervised import Classifier
+from lthmaml.meta.classifier import Classifier
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.layers import masked_layers
+from lthmaml.nets.models import MLP, Conv4
+from lthmaml.nets.reparam import PowerTransform, checkpoint_alpha, install_power
+from lthmaml.nets.shrink import shrink
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -57,7 +52,7 @@ def write_checkpoint(path: Path, module: nn.Module, callbacks: Optional[dict] = 
     hparams = {
         "_class_path": f"{cls.__module__}.{cls.__qualname__}",
         "net": {
-            "class_path": f"lthmaml.models.{type(module.net).__name__}",
+            "class_path": f"lthmaml.nets.models.{type(module.net).__name__}",
             "init_args": module.net.architecture,
         },
     }
@@ -113,13 +108,16 @@ def test_maml_conv4_with_unstructured_sparsity_round_trips_with_its_metadata(tmp
     assert_pruned_exactly(model.net, artifact.net)
     meta = artifact.metadata
     report = sparsity.sparsity_report(model.net)
-    assert meta.architecture == {"class_path": "lthmaml.models.Conv4", "init_args": model.net.architecture}
+    assert meta.architecture == {
+        "class_path": "lthmaml.nets.models.Conv4",
+        "init_args": model.net.architecture,
+    }
     assert (meta.task, meta.ways) == ("classification", 3)
     assert (meta.inner_lr, meta.inner_steps, meta.eval_inner_steps) == (0.3, 2, 5)
     assert meta.sparsity == pytest.approx(0.6, abs=1e-3) and meta.sparsity == report.sparsity
     assert meta.source_sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert meta.dtype == str(dtype).removeprefix("torch.") and meta.format_version == FORMAT_VERSION
-    assert meta.source_module == "lthmaml.maml.MAML" and meta.inner_lrs is None
+    assert meta.source_module == "lthmaml.meta.maml.MAML" and meta.inner_lrs is None
     assert (meta.prunable_weights, meta.stored_weights) == (report.total, report.total - report.zeros)
     assert header_metadata(path)["source_sha256"] == meta.source_sha256  # it is in the file header
 
@@ -157,7 +155,7 @@ def test_channel_pruned_conv4_is_shrunk_and_computes_the_same(tmp_path):
     assert count < sum(p.numel() for p in model.net.parameters())
     assert sum(t.numel() for t in stored(path).values() if t.is_floating_point()) < count
     torch.testing.assert_close(outputs(artifact.net, IMAGES), outputs(model.net, IMAGES), rtol=0, atol=1e-6)
-    assert_pruned_exactly(sparsity.shrink(model.net), artifact.net)
+    assert_pruned_exactly(shrink(model.net), artifact.net)
     assert artifact.metadata.sparsity == sparsity.sparsity_report(model.net).sparsity  # of the source
     unshrunk = export_net(conv_net(hidden=8), tmp_path / "dense.safetensors", {})
     assert path.stat().st_size < unshrunk.stat().st_size
@@ -222,7 +220,7 @@ def test_a_classifier_checkpoint_gets_the_documented_fine_tuning_defaults(tmp_pa
     assert (meta.task, meta.ways, meta.source_module) == (
         "classification",
         7,
-        "lthmaml.supervised.Classifier",
+        "lthmaml.meta.classifier.Classifier",
     )
     assert (meta.inner_lr, meta.inner_steps, meta.eval_inner_steps) == tuple(CLASSIFIER_DEFAULTS.values())
     torch.testing.assert_close(outputs(artifact.net, IMAGES), outputs(model.net, IMAGES), rtol=0, atol=1e-6)
@@ -286,7 +284,7 @@ def test_cli_exports_a_real_powerprop_run_and_prints_size_and_sparsity(tmp_path,
     assert f"{path.stat().st_size:,} bytes" in printed and "sparsity 80.0%" in printed
 
     source = MAML.load_from_checkpoint(last)
-    Powerprop.install(source, Powerprop.checkpoint_alpha(last))
+    install_power(source, checkpoint_alpha(last))
     artifact = load_artifact(path)
     meta = artifact.metadata
     assert (meta.inner_lr, meta.inner_steps, meta.eval_inner_steps) == (0.01, 1, 10)

@@ -16,13 +16,14 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from lthmaml.data.taskfolder import TaskFolderDataModule
 from lthmaml.data.taskfolder_build import make_image_task, make_sinusoid_task
-from lthmaml.edge_cli import FINETUNED
-from lthmaml.edge_cli import main as edge_main
+from lthmaml.edge.artifact import load_artifact
+from lthmaml.edge.cli import FINETUNED
+from lthmaml.edge.cli import main as edge_main
+from lthmaml.edge.export import export_net
+from lthmaml.edge.finetune import FineTuneModule
 from lthmaml.errors import ConfigError
-from lthmaml.export import export_net, load_artifact
-from lthmaml.finetune import FineTuneModule
-from lthmaml.layers import masked_layers
-from lthmaml.models import MLP, Conv4
+from lthmaml.nets.layers import masked_layers
+from lthmaml.nets.models import MLP, Conv4
 from lthmaml.sparsity import load_masks, magnitude_scores, masks_of, prune_lowest, sparsity_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,11 +315,11 @@ def test_starts_from_a_maml_checkpoint_through_the_export_path(tmp_path):
     net = pruned(MLP(hidden=(8, 8)), 0.5)
     checkpoint = tmp_path / "last.ckpt"
     hparams = {
-        "net": {"class_path": "lthmaml.models.MLP", "init_args": {"in_features": 1, "hidden": [8, 8]}},
+        "net": {"class_path": "lthmaml.nets.models.MLP", "init_args": {"in_features": 1, "hidden": [8, 8]}},
         "inner_lr": 0.02,
         "inner_steps": 1,
         "eval_inner_steps": 5,
-        "_class_path": "lthmaml.maml.MAML",
+        "_class_path": "lthmaml.meta.maml.MAML",
     }
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": hparams}, checkpoint)
@@ -371,7 +372,7 @@ def test_edge_cli_fit_test_predict_end_to_end(in_tmp, capsys):
 
 @pytest.mark.parametrize(("extra", "lr"), [([], 0.01), (["--model.lr", "0.05"], 0.05)])
 def test_edge_cli_takes_an_optimizer_class_path(in_tmp, extra, lr):
-    from lthmaml.edge_cli import run_cli
+    from lthmaml.edge.cli import run_cli
 
     artifact = make_artifact(in_tmp / "a.safetensors", tiny_conv())
     adam = ["--model.optimizer", "torch.optim.Adam", "--model.optimizer.lr", "0.01", *extra]
@@ -396,12 +397,15 @@ def figures(out: str) -> dict[str, str]:
     return found
 
 
+PI_CONFIG = ["--config", str(REPO / "configs" / "edge" / "pi.yaml")]
+
+
 def test_pi_finetune_prints_the_five_figures(in_tmp, capsys):
-    from lthmaml.pi_finetune import main
+    from lthmaml.edge.pi import main
 
     artifact = make_artifact(in_tmp / "a.safetensors", pruned(tiny_conv(), 0.5))
     task = image_task(in_tmp / "task")
-    assert main(["--artifact", str(artifact), "--task", str(task), "--threads", "1"]) == 0
+    assert main(["--artifact", str(artifact), "--task", str(task), "--threads", "1", *PI_CONFIG]) == 0
     found = figures(capsys.readouterr().out)
     epochs = int(found["epochs run"].split()[0])
     best = int(found["best epoch"].split()[0])
@@ -415,7 +419,7 @@ def test_pi_finetune_prints_the_five_figures(in_tmp, capsys):
 
 
 def test_pi_finetune_without_a_run_says_what_to_run_first(in_tmp, capsys):
-    from lthmaml.pi_finetune import main
+    from lthmaml.edge.pi import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--artifact", "", "--task", ""])
@@ -427,14 +431,14 @@ def test_pi_finetune_defaults_to_the_latest_run(in_tmp, capsys):
     """A tiny sinusoid meta-training run, then the driver with no arguments: it exports the run's
     last.ckpt beside it, builds a sinusoid task in the run folder, and fine-tunes on it."""
     from lthmaml.cli import main as lthmaml_main
-    from lthmaml.pi_finetune import main
+    from lthmaml.edge.pi import main
 
     tiny = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--threads", "1"]
     tiny += ["--data.init_args.tasks_per_epoch", "20", "--data.init_args.meta_batch_size", "10"]
     tiny += ["--data.init_args.val_tasks", "10", "--data.init_args.test_tasks", "10"]
     lthmaml_main(["fit", "-c", str(REPO / "configs" / "sinusoid.yaml"), *tiny])
     run = in_tmp / "runs" / "sinusoid" / "version_0"
-    assert main(["--artifact", "", "--task", "", "--threads", "1"]) == 0
+    assert main(["--artifact", "", "--task", "", "--threads", "1", *PI_CONFIG]) == 0
     assert (run / "checkpoints" / "last.safetensors").is_file()
     assert (run / "edge_task" / "support.csv").is_file() and (run / "edge_task" / "val.csv").is_file()
     found = figures(capsys.readouterr().out)
@@ -452,19 +456,19 @@ def test_pi_finetune_builds_an_omniglot_task_of_meta_test_classes(
     import yaml
 
     from lthmaml.data.omniglot import load_omniglot, split_classes
-    from lthmaml.pi_finetune import main
+    from lthmaml.edge.pi import main
 
     run = in_tmp / "runs" / "omniglot" / "version_0"
     (run / "checkpoints").mkdir(parents=True)
     torch.manual_seed(0)
     init_args = {"out_features": 5, "hidden_channels": 4}
     state = {f"net.{k}": v for k, v in Conv4(**init_args).state_dict().items()}
-    hparams = {"net": {"class_path": "lthmaml.models.Conv4", "init_args": init_args}, **INNER}
+    hparams = {"net": {"class_path": "lthmaml.nets.models.Conv4", "init_args": init_args}, **INNER}
     torch.save({"state_dict": state, "hyper_parameters": hparams}, run / "checkpoints" / "last.ckpt")
     split = {"root": str(shared_omniglot), "class_split": [0.6, 0.2, 0.2], "split_seed": 0}
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"init_args": split}}))
 
-    assert main(["--threads", "1", "--trainer.max_epochs", "2"]) == 0
+    assert main(["--threads", "1", "--trainer.max_epochs", "2", *PI_CONFIG]) == 0
     found = figures(capsys.readouterr().out)
     assert re.fullmatch(r"0\.\d{4}|1\.0000", found["accuracy after"])
     task = run / "edge_task"

@@ -4,8 +4,8 @@ import higher
 import pytest
 import torch
 
-from lthmaml.layers import MaskedConv2d, MaskedLinear, masked_layers
-from lthmaml.models import MLP, Conv4
+from lthmaml.nets.layers import MaskedConv2d, MaskedLinear, masked_layers
+from lthmaml.nets.models import MLP, Conv4
 
 
 def test_masked_linear_computes_with_weight_times_mask():

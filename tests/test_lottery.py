@@ -25,9 +25,9 @@ from lthmaml import sparsity
 from lthmaml.cli import main
 from lthmaml.data import SinusoidDataModule
 from lthmaml.errors import ConfigError
-from lthmaml.maml import MAML
-from lthmaml.models import MLP, Conv4
-from lthmaml.supervised import Classifier
+from lthmaml.meta.classifier import Classifier
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.models import MLP, Conv4
 
 REPO = Path(__file__).resolve().parents[1]
 SINUSOID = str(REPO / "configs" / "sinusoid.yaml")

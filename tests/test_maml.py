@@ -10,8 +10,8 @@ from torch.func import functional_call, grad
 
 from lthmaml.data import EpisodeDataset, EpisodicDataModule, SinusoidDataModule, SinusoidTasks
 from lthmaml.errors import ConfigError
-from lthmaml.maml import MAML, mean_and_ci95, task_loss
-from lthmaml.models import MLP, Conv4
+from lthmaml.meta.maml import MAML, mean_and_ci95, task_loss
+from lthmaml.nets.models import MLP, Conv4
 
 META_BATCH = 3
 

@@ -19,10 +19,10 @@ from lthmaml import sparsity
 from lthmaml.cli import main
 from lthmaml.data import EpisodeDataset, SinusoidDataModule
 from lthmaml.errors import ConfigError
-from lthmaml.layers import MaskedLinear
-from lthmaml.maml import MAML, task_loss
-from lthmaml.models import MLP, Conv4
-from lthmaml.supervised import Classifier
+from lthmaml.meta.classifier import Classifier
+from lthmaml.meta.maml import MAML, task_loss
+from lthmaml.nets.layers import MaskedLinear
+from lthmaml.nets.models import MLP, Conv4
 
 REPO = Path(__file__).resolve().parents[1]
 META_BATCH = 3

@@ -375,8 +375,8 @@ def test_maml_learns_5way_1shot_on_the_shared_subset(shared_omniglot):
     """About a minute: 1200 second-order tasks of a 32-filter Conv4, then 200 test tasks."""
     import lightning.pytorch as pl
 
-    from lthmaml.maml import MAML
-    from lthmaml.models import Conv4
+    from lthmaml.meta.maml import MAML
+    from lthmaml.nets.models import Conv4
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small convolutions: one thread is faster on two shared cores

@@ -21,15 +21,16 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.powerprop import Powerprop, PowerTransform
+from callbacks.powerprop import Powerprop
 from lthmaml import sparsity
 from lthmaml.cli import main
 from lthmaml.data import EpisodeDataset, SinusoidDataModule
 from lthmaml.errors import ConfigError
-from lthmaml.layers import MaskedLinear, masked_layers
-from lthmaml.maml import MAML, task_loss
-from lthmaml.models import MLP, Conv4
-from lthmaml.supervised import Classifier
+from lthmaml.meta.classifier import Classifier
+from lthmaml.meta.maml import MAML, task_loss
+from lthmaml.nets.layers import MaskedLinear, masked_layers
+from lthmaml.nets.models import MLP, Conv4
+from lthmaml.nets.reparam import PowerTransform, checkpoint_alpha, install_power, installed_alpha
 
 REPO = Path(__file__).resolve().parents[1]
 SINUSOID = str(REPO / "configs" / "sinusoid.yaml")
@@ -155,10 +156,10 @@ def test_transform_matches_the_formula_pickles_and_deep_copies():
         torch.testing.assert_close(transform(phi), phi * phi.abs() ** (alpha - 1))
         torch.testing.assert_close(transform(transform.inverse(phi)), phi)
     net = MLP(hidden=(4,))
-    Powerprop.install(net, 2.5)
+    install_power(net, 2.5)
     for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
         assert all(layer.weight_transform == PowerTransform(2.5) for layer in masked_layers(clone).values())
-        assert Powerprop.installed_alpha(clone) == 2.5
+        assert installed_alpha(clone) == 2.5
     with pytest.raises(ConfigError, match="alpha"):
         Powerprop(alpha=0.5)
 
@@ -288,9 +289,9 @@ def test_one_shot_pruning_survives_adam_steps_checkpoint_load_and_resume(kind, t
 
     # load_from_checkpoint: the parameters are phi; install() restores the function, once.
     loaded = type(model).load_from_checkpoint(checkpoint, net=tiny_conv())
-    assert Powerprop.checkpoint_alpha(checkpoint) == 2.0
+    assert checkpoint_alpha(checkpoint) == 2.0
     assert not torch.equal(effective(loaded)["net.head"], pruned["net.head"])
-    Powerprop.install(loaded, Powerprop.checkpoint_alpha(checkpoint))
+    install_power(loaded, checkpoint_alpha(checkpoint))
     assert all(torch.equal(effective(loaded)[name], pruned[name]) for name in pruned)
 
     # Resume into a fresh model: restored phi are not converted again, Adam steps keep the zeros.
@@ -346,7 +347,7 @@ def test_resuming_with_another_alpha_is_a_config_error():
     with pytest.raises(ConfigError, match="alpha=2.0"):
         Powerprop(alpha=3.0).load_state_dict(state)
     net = MLP(hidden=(4,))
-    Powerprop.install(net, 2.0)
+    install_power(net, 2.0)
     with pytest.raises(ConfigError, match="alpha=2.0"):
         Powerprop(alpha=3.0).convert(net)
 
@@ -517,4 +518,4 @@ def test_cli_run_prunes_to_final_sparsity_and_writes_the_round(tmp_path, monkeyp
     checkpoint = torch.load(last, weights_only=False)
     masks = [v for k, v in checkpoint["state_dict"].items() if k.endswith(".mask")]
     assert sum(int((m == 0).sum()) for m in masks) == round(0.8 * sum(m.numel() for m in masks))
-    assert Powerprop.checkpoint_alpha(checkpoint) == 2.0
+    assert checkpoint_alpha(checkpoint) == 2.0

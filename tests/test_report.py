@@ -13,8 +13,9 @@ from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from lthmaml import report
 from lthmaml.errors import DataError
+from lthmaml.reporting import plots, report
+from lthmaml.reporting import runs as reading
 
 T0 = 1_700_000_000.0  # the fit's start: the event file's first event
 SPARSITY = [0.0, 0.2, 0.36]
@@ -39,7 +40,7 @@ def write_events(folder: Path, scalars: list[tuple[str, float, int, float]]) -> 
 def config(callbacks: list[dict]) -> dict:
     return {
         "trainer": {"callbacks": callbacks, "max_epochs": -1},
-        "model": {"class_path": "lthmaml.maml.MAML"},
+        "model": {"class_path": "lthmaml.meta.maml.MAML"},
         "data": {"class_path": "lthmaml.data.OmniglotDataModule"},
         "checkpoint": {"monitor": "val/acc_post", "mode": "max"},
     }
@@ -105,14 +106,14 @@ def parse_table(markdown: str) -> list[dict[str, str]]:
 def test_report_writes_four_pngs_and_the_logged_numbers(lottery_run: Path, dense_run: Path, tmp_path):
     out = tmp_path / "report"
     assert report.main([str(lottery_run), str(dense_run), "-o", str(out)]) == 0
-    for name in report.PLOTS.values():
+    for name in plots.PLOTS.values():
         with Image.open(out / name) as image:
             image.verify()  # a complete, valid PNG
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 400 and image.height > 300
             assert len(set(image.convert("L").getdata())) > 10  # something drawn, not a blank canvas
     text = (out / "report.md").read_text()
-    for name in report.PLOTS.values():
+    for name in plots.PLOTS.values():
         assert f"]({name})" in text
     assert "Skipped" not in text
     section = text.split("## LotteryTicket")[1].split("## dense")[0]
@@ -130,18 +131,18 @@ def test_report_writes_four_pngs_and_the_logged_numbers(lottery_run: Path, dense
 
 
 def test_plot_data_follow_the_logs(lottery_run: Path):
-    run = report.load_run(lottery_run)
+    run = reading.load_run(lottery_run)
     assert run.strategy == "LotteryTicket" and run.metric == "acc_post" and not run.regression
-    points = report.accuracy_points(run)
+    points = reading.accuracy_points(run)
     assert [p["x"] for p in points] == [1.0 - s for s in SPARSITY]
     assert [p["y"] for p in points] == pytest.approx(TEST)
     assert [p["ci"] for p in points] == pytest.approx(CI)
-    assert report.round_seconds(run) == pytest.approx({0: 70.0, 1: 60.0, 2: 70.0})
-    minutes, values = zip(*report.metric_over_time(run))
+    assert reading.round_seconds(run) == pytest.approx({0: 70.0, 1: 60.0, 2: 70.0})
+    minutes, values = zip(*reading.metric_over_time(run))
     assert minutes == pytest.approx((1.0, 2.0, 3.0)) and values == pytest.approx((0.5, 0.7, 0.8))
-    ticks = report.remaining_ticks(0.64)
+    ticks = reading.remaining_ticks(0.64)
     assert ticks == pytest.approx([1.0, 0.8, 0.64])
-    assert report.remaining_ticks(0.8**24) == pytest.approx([0.8**k for k in range(0, 25, 3)])
+    assert reading.remaining_ticks(0.8**24) == pytest.approx([0.8**k for k in range(0, 25, 3)])
 
 
 def test_untested_rounds_fall_back_to_best_val(lottery_run: Path):
@@ -149,7 +150,7 @@ def test_untested_rounds_fall_back_to_best_val(lottery_run: Path):
         record = json.loads(file.read_text())
         del record["test"], record["test_metrics"]
         file.write_text(json.dumps(record))
-    points = report.accuracy_points(report.load_run(lottery_run))
+    points = reading.accuracy_points(reading.load_run(lottery_run))
     assert [p["y"] for p in points] == pytest.approx(BEST_VAL)
     assert [p["ci"] for p in points] == [None] * 3
 
@@ -164,15 +165,15 @@ def test_untested_rounds_fall_back_to_best_val(lottery_run: Path):
 )
 def test_strategy_is_read_from_config(tmp_path: Path, class_paths: list[str], name: str):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config([{"class_path": c} for c in class_paths])))
-    assert report.load_run(tmp_path).strategy == name
+    assert reading.load_run(tmp_path).strategy == name
 
 
 def test_dense_run_is_the_reference_line(lottery_run: Path, dense_run: Path, tmp_path, monkeypatch):
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, file: figures.append(fig))
-    runs = [report.load_run(lottery_run), report.load_run(dense_run)]
-    assert report.dense_reference(runs[1]) == pytest.approx((0.93, 0.015))
-    assert report.plot_remaining(runs, tmp_path / "x.png") is None
+    monkeypatch.setattr(plots, "_save", lambda fig, file: figures.append(fig))
+    runs = [reading.load_run(lottery_run), reading.load_run(dense_run)]
+    assert reading.dense_reference(runs[1]) == pytest.approx((0.93, 0.015))
+    assert plots.plot_remaining(runs, tmp_path / "x.png") is None
     (ax,) = figures[0].axes
     dense = [line for line in ax.get_lines() if line.get_label().startswith("dense reference")]
     assert len(dense) == 1 and list(dense[0].get_ydata()) == pytest.approx([93.0, 93.0])
@@ -187,7 +188,7 @@ def test_run_without_rounds_or_events_is_reported_not_fatal(tmp_path: Path):
     assert report.main([str(run), "-o", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert text.count("_Skipped:") == 4 and "no TensorBoard events" in text
-    assert not any((out / name).exists() for name in report.PLOTS.values())
+    assert not any((out / name).exists() for name in plots.PLOTS.values())
 
 
 @pytest.mark.parametrize("kind", ["missing", "not_a_run", "bad_json"])
@@ -200,7 +201,7 @@ def test_bad_input_is_one_line_data_error(tmp_path: Path, kind: str, capsys):
         (path / "rounds" / "round_00").mkdir(parents=True)
         (path / "rounds" / "round_00" / "metrics.json").write_text("{not json")
     with pytest.raises(DataError, match=re.escape(str(path))):
-        report.load_run(path)
+        reading.load_run(path)
     with pytest.raises(SystemExit) as exit_info:
         report.main([str(path), "-o", str(tmp_path / "out")])
     assert exit_info.value.code == 2
@@ -209,8 +210,8 @@ def test_bad_input_is_one_line_data_error(tmp_path: Path, kind: str, capsys):
 
 
 def test_experiment_folder_expands_to_its_versions(lottery_run: Path):
-    assert report.expand([lottery_run.parent]) == [lottery_run]
-    assert report.expand([lottery_run.parent.parent]) == [lottery_run]  # runs/
+    assert reading.expand([lottery_run.parent]) == [lottery_run]
+    assert reading.expand([lottery_run.parent.parent]) == [lottery_run]  # runs/
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -253,12 +254,12 @@ def test_real_lottery_fit_then_report(tmp_path: Path, monkeypatch):
     run = tmp_path / "runs" / "sinusoid" / "version_0"
     assert report.main([str(run), "-o", "report"]) == 0
     assert time.monotonic() - start < 60
-    for name in report.PLOTS.values():
+    for name in plots.PLOTS.values():
         with Image.open(tmp_path / "report" / name) as image:
             assert image.format == "PNG" and image.width > 400
-    loaded = report.load_run(run)
+    loaded = reading.load_run(run)
     assert loaded.strategy == "LotteryTicket" and loaded.regression and loaded.metric == "loss_post"
-    assert sorted(report.round_seconds(loaded)) == [0, 1, 2]
+    assert sorted(reading.round_seconds(loaded)) == [0, 1, 2]
     rows = parse_table((tmp_path / "report" / "report.md").read_text().split("## LotteryTicket")[1])
     for row, record in zip(rows, loaded.rounds, strict=True):
         assert row["sparsity"] == f"{100 * record['sparsity']:.2f}%"

@@ -10,8 +10,10 @@ import pytest
 import yaml
 from test_report import CI, SPARSITY, TEST, dense_run, lottery_run  # noqa: F401 (fixtures)
 
-from lthmaml import report, results
 from lthmaml.errors import DataError
+from lthmaml.reporting import readme as results
+from lthmaml.reporting import report
+from lthmaml.reporting import runs as reading
 
 CONTROL_TEST = [0.91234, 0.80, 0.79]  # level 20%: 8.77 points below the ticket (apart); 36%: 1.0 (within)
 
@@ -38,7 +40,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 
 def test_comparison_table_holds_each_runs_logged_test_metric_per_level(lottery_run, control_run, dense_run):  # noqa: F811
-    runs = [report.load_run(p) for p in (lottery_run, control_run, dense_run)]
+    runs = [reading.load_run(p) for p in (lottery_run, control_run, dense_run)]
     rows = table_rows(results.comparison_table(runs))
     assert rows[0] == ["sparsity", "weights remaining", "omniglot", "control"]  # dense: no column
     for r, s in enumerate(SPARSITY):
@@ -54,7 +56,7 @@ def test_findings_are_computed_from_the_levels(lottery_run, control_run, dense_r
     for r, epoch in enumerate([3, 1, 2]):
         file = lottery_run / "rounds" / f"round_{r:02d}" / "metrics.json"
         file.write_text(json.dumps({**json.loads(file.read_text()), "best_epoch_in_round": epoch}))
-    runs = [report.load_run(p) for p in (lottery_run, control_run, dense_run)]
+    runs = [reading.load_run(p) for p in (lottery_run, control_run, dense_run)]
     text = "\n".join(results.findings(runs))
     # 88.77 vs 91.23 at 20% is within 1.11 + 2.22; 80.00 at 36% is 11.2 below, apart.
     assert "**omniglot** starts at 91.23 ± 1.11 at 0.0% sparsity; its best level is 91.23 ± 1.11" in text

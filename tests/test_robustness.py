@@ -27,9 +27,9 @@ from lthmaml.checkpointing import LastCheckpoint
 from lthmaml.cli import main
 from lthmaml.data.omniglot import clear_memory_cache, load_omniglot
 from lthmaml.errors import DataError, TrainingError
-from lthmaml.maml import MAML
-from lthmaml.models import MLP
-from lthmaml.supervised import Classifier
+from lthmaml.meta.classifier import Classifier
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.models import MLP
 
 REPO = Path(__file__).resolve().parents[1]
 SINUSOID = str(REPO / "configs" / "sinusoid.yaml")

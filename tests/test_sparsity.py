@@ -9,8 +9,8 @@ from torch import nn
 
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.layers import MaskedLinear
-from lthmaml.models import MLP, Conv4
+from lthmaml.nets.layers import MaskedLinear
+from lthmaml.nets.models import MLP, Conv4
 
 
 class TwoLayers(nn.Module):

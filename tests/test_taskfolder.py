@@ -29,8 +29,8 @@ from lthmaml.data import (
 from lthmaml.data.images import decode_image
 from lthmaml.data.taskfolder_build import omniglot_task
 from lthmaml.errors import ConfigError, DataError
-from lthmaml.models import Conv4
-from lthmaml.supervised import Classifier
+from lthmaml.meta.classifier import Classifier
+from lthmaml.nets.models import Conv4
 
 SIZE = 8  # image_size of most tests: tiny, and != the written sizes so resizing is exercised
 
@@ -345,7 +345,7 @@ def test_missing_root_non_utf8_csv_and_bad_options(tmp_path):
 # ---------------------------------------------------------------------------------- compatibility
 def test_check_compatible_names_both_numbers(labelled):
     dm = loaded(labelled)
-    arch = {"class_path": "lthmaml.models.Conv4", "init_args": {"out_features": 3, "image_size": SIZE}}
+    arch = {"class_path": "lthmaml.nets.models.Conv4", "init_args": {"out_features": 3, "image_size": SIZE}}
     check_compatible(dm, SimpleNamespace(task="classification", ways=3, architecture=arch))
     with pytest.raises(ConfigError, match=r"model m\.safetensors is 5-way but task folder .* has 3 labels"):
         check_compatible(

@@ -25,10 +25,11 @@ from lthmaml.cli import main
 from lthmaml.data import SinusoidDataModule
 from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError
-from lthmaml.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
-from lthmaml.maml import MAML
-from lthmaml.models import MLP, Conv4
-from lthmaml.supervised import Classifier
+from lthmaml.meta.classifier import Classifier
+from lthmaml.meta.maml import MAML
+from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
+from lthmaml.nets.models import MLP, Conv4
+from lthmaml.nets.shrink import shrink
 
 REPO = Path(__file__).resolve().parents[1]
 CONVS = ("net.features.0.0", "net.features.1.0")
@@ -318,7 +319,7 @@ def pruned_conv_net() -> Conv4:
 
 def test_shrink_preserves_outputs_and_adaptation_with_fewer_parameters():
     net = pruned_conv_net()
-    shrunk = sparsity.shrink(net)
+    shrunk = shrink(net)
     x = torch.rand(7, 1, 8, 8)
     torch.testing.assert_close(shrunk(x), net(x), rtol=0, atol=1e-5)
     # Exactly the removed channels' weights are gone: conv0 3x1x9+3, bn0 2x3, conv1 3x3x9+3, bn1 2x3,
@@ -360,24 +361,24 @@ def test_shrink_keeps_the_original_and_the_random_state_untouched():
     net = pruned_conv_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.get_rng_state()
-    sparsity.shrink(net)
+    shrink(net)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 def test_shrink_of_an_unsupported_architecture_is_a_config_error():
-    with pytest.raises(ConfigError, match="supports lthmaml.models.Conv4 nets, got MLP"):
-        sparsity.shrink(MLP())
+    with pytest.raises(ConfigError, match="supports lthmaml.nets.models.Conv4 nets, got MLP"):
+        shrink(MLP())
     with pytest.raises(ConfigError, match=r"pass the LightningModule's \.net"):
-        sparsity.shrink(MAML(conv_net()))
+        shrink(MAML(conv_net()))
     odd = conv_net()
     odd.features[1][2] = nn.Tanh()
-    with pytest.raises(ConfigError, match="features.1 is not a lthmaml.models.conv_block"):
-        sparsity.shrink(odd)
+    with pytest.raises(ConfigError, match="features.1 is not a lthmaml.nets.models.conv_block"):
+        shrink(odd)
     empty = conv_net()
     sparsity.prune_channels(empty, "features.1.0", [0, 1, 2, 3])
     with pytest.raises(ConfigError, match="features.1 has no channel left"):
-        sparsity.shrink(empty)
+        shrink(empty)
 
 
 # ---------------------------------------------------------------------------------- from YAML

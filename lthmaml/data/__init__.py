@@ -1,5 +1,6 @@
 """Episodic data: tasks, samplers, sources (sinusoid, Omniglot) and DataModules."""
 
+from lthmaml.data.classification import OmniglotClassificationDataModule
 from lthmaml.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
 from lthmaml.data.fewshot import FewShotTasks
 from lthmaml.data.omniglot import OmniglotImages, load_omniglot, split_classes
@@ -13,6 +14,7 @@ __all__ = [
     "EpisodicDataModule",
     "EpochSampler",
     "FewShotTasks",
+    "OmniglotClassificationDataModule",
     "OmniglotDataModule",
     "OmniglotImages",
     "SinusoidDataModule",

@@ -356,7 +356,7 @@ class TaskFolderDataModule(pl.LightningDataModule):
 def check_compatible(
     datamodule: TaskFolderDataModule, metadata: Any, artifact: Union[str, Path, None] = None
 ) -> None:
-    """ConfigError unless a model (its :class:`~lthmaml.export.ArtifactMetadata`) fits the folder:
+    """ConfigError unless a model (its :class:`~lthmaml.edge.export.ArtifactMetadata`) fits the folder:
     the same task kind, as many ways as label folders, the image size it was trained at."""
     datamodule.setup()
     source = f"the model {artifact}" if artifact is not None else "the model"

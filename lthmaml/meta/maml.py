@@ -25,7 +25,7 @@ from torchmetrics import CatMetric, MeanMetric
 
 from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError, TrainingError, non_finite_message
-from lthmaml.module import NetModule
+from lthmaml.meta.module import NetModule
 
 
 @dataclass

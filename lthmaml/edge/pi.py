@@ -1,6 +1,6 @@
 """``make pi-finetune``: fine-tune the latest run's pruned net on one task as a Raspberry Pi would.
 
-    python -m lthmaml.pi_finetune [--artifact A.safetensors] [--task FOLDER] [lthmaml-edge options]
+    python -m lthmaml.edge.pi [--artifact A.safetensors] [--task FOLDER] [lthmaml-edge options]
 
 Without ``--artifact``: the newest ``runs/*/version_*/checkpoints/last.ckpt``, exported (once, or
 again when the checkpoint is newer) to ``last.safetensors`` beside it. Without ``--task``: a task
@@ -18,6 +18,7 @@ accuracy (MSE for regression) before and after fine-tuning.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -27,13 +28,14 @@ from typing import Any, Optional
 
 import yaml
 
-from lthmaml.edge_cli import EdgeCLI, run_cli
+from lthmaml.edge.cli import EdgeCLI, run_cli
 from lthmaml.errors import ConfigError, DataError, one_line_errors
 
 PROG = "pi-finetune"
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "edge" / "pi.yaml"
-SHARED_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
+DEFAULT_CONFIG = Path("configs") / "edge" / "pi.yaml"
+"""Relative to the working directory: ``make pi-finetune`` runs from the repository root."""
+SHARED_OMNIGLOT = Path("..") / "shared" / "data" / "omniglot"
+"""Where the project's Omniglot subset lies beside a checkout (``$LTHMAML_OMNIGLOT`` overrides it)."""
 TASK_FOLDER = "edge_task"
 SINUSOID_COUNTS = {"shots": 5, "val_shots": 5, "query_shots": 50}
 OMNIGLOT_COUNTS = {"shots": 5, "val_shots": 5, "query_shots": 10}  # 20 drawers per character
@@ -74,7 +76,7 @@ def latest_checkpoint(runs: Path) -> Path:
 
 def artifact_of(checkpoint: Path) -> Path:
     """``last.safetensors`` beside the checkpoint, exported when missing or older than it."""
-    from lthmaml.export import export_checkpoint
+    from lthmaml.edge.export import export_checkpoint
 
     artifact = checkpoint.with_suffix(".safetensors")
     if not artifact.is_file() or artifact.stat().st_mtime < checkpoint.stat().st_mtime:
@@ -86,7 +88,7 @@ def artifact_of(checkpoint: Path) -> Path:
 def build_task(artifact: Path, run_dir: Path, seed: int = 0) -> Path:
     """The run folder's demo task (built on first use): see the module docstring."""
     from lthmaml.data.taskfolder_build import make_sinusoid_task, omniglot_task
-    from lthmaml.export import load_artifact
+    from lthmaml.edge.artifact import load_artifact
 
     task = run_dir / TASK_FOLDER
     if task.is_dir() and any(task.iterdir()):
@@ -109,7 +111,7 @@ def meta_test_classes(run_dir: Path, image_size: int):
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     data = ((config or {}).get("data") or {}).get("init_args") or {}
     roots = [Path(data["root"])] if data.get("root") else []
-    roots.append(SHARED_OMNIGLOT)
+    roots.append(Path(os.environ.get("LTHMAML_OMNIGLOT") or SHARED_OMNIGLOT))
     root = next((r for r in roots if r.is_dir()), None)
     if root is None:
         raise DataError(
@@ -162,9 +164,7 @@ def report(cli: PiFinetuneCLI, artifact: Path, task: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m lthmaml.pi_finetune", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m lthmaml.edge.pi", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", default="", help="artifact to fine-tune (default: the latest run's)")
     parser.add_argument("--task", default="", help="task folder (default: built from the latest run)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="edge config (default: %(default)s)")
@@ -190,7 +190,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(
                 "with ARTIFACT given, give TASK too (a task folder; see lthmaml.data.taskfolder)"
             )
-        from lthmaml.export import load_artifact
+        if not Path(args.config).is_file():
+            raise ConfigError(
+                f"--config {args.config}: no such edge config; run from the repository root "
+                "(make pi-finetune) or pass --config configs/edge/pi.yaml"
+            )
+        from lthmaml.edge.artifact import load_artifact
 
         init_args = load_artifact(artifact).metadata.architecture.get("init_args", {})
         sizes = ["--data.image_size", str(init_args["image_size"])] if "image_size" in init_args else []

@@ -1,6 +1,6 @@
 """Fine-tuning a (pruned) meta-learned net on one local task: what the edge device does.
 
-The server meta-trains and exports a compact artifact (``lthmaml.export``); the device loads it
+The server meta-trains and exports a compact artifact (``lthmaml.edge.export``); the device loads it
 and adapts it to a few local examples (a ``lthmaml.data.taskfolder.TaskFolderDataModule``).
 Two regimes:
 
@@ -42,19 +42,20 @@ from lthmaml.errors import ConfigError, DataError
 from lthmaml.sparsity import apply_masks
 
 if TYPE_CHECKING:
-    from lthmaml.export import Artifact
+    from lthmaml.edge.artifact import Artifact
 
 MONITORABLE = {"val/loss": "min", "val/acc": "max"}
 """The validation metrics this module logs, with the direction in which they improve."""
 
 
 def artifact_from_checkpoint(checkpoint: Union[str, Path]) -> Artifact:
-    """A MAML/Classifier checkpoint as an :class:`~lthmaml.export.Artifact`, through the export path.
+    """A MAML/Classifier checkpoint as an :class:`~lthmaml.edge.export.Artifact`, through the export path.
 
     The checkpoint is exported to a temporary file and loaded back, so the device runs exactly
     what it would run from a shipped artifact (shrunk channels, folded weight transforms).
     """
-    from lthmaml.export import export_checkpoint, load_artifact
+    from lthmaml.edge.artifact import load_artifact
+    from lthmaml.edge.export import export_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="lthmaml-edge-") as tmp:
         path = export_checkpoint(checkpoint, Path(tmp) / "artifact.safetensors")
@@ -82,7 +83,7 @@ class FineTuneModule(pl.LightningModule):
     Args:
         artifact: an artifact written by ``lthmaml-export`` (``.safetensors``).
         checkpoint: instead, a ``lthmaml`` MAML/Classifier checkpoint (``.ckpt``); it is exported with
-            ``lthmaml.export`` to a temporary file and loaded back, not read by a second loader.
+            ``lthmaml.edge.export`` to a temporary file and loaded back, not read by a second loader.
         lr: the fine-tuning learning rate; default the artifact's meta-learned inner ``lr``. Given
             with an optimizer callable, it overrides that optimizer's own ``lr``.
         optimizer: ``"sgd"`` (plain SGD, the inner loop's optimizer) or any optimizer the
@@ -118,7 +119,7 @@ class FineTuneModule(pl.LightningModule):
         if lr is not None and not lr > 0:
             raise ConfigError(f"model.lr must be > 0, got {lr}")
         if artifact is not None:
-            from lthmaml.export import load_artifact
+            from lthmaml.edge.artifact import load_artifact
 
             loaded = load_artifact(artifact)
         else:
@@ -300,7 +301,8 @@ class FineTuneModule(pl.LightningModule):
 
     def export(self, output: Union[str, Path]) -> Path:
         """The fine-tuned net as an artifact (same format and fine-tuning settings as the source)."""
-        from lthmaml.export import COMPUTED_FIELDS, export_net
+        from lthmaml.edge.artifact import COMPUTED_FIELDS
+        from lthmaml.edge.export import export_net
 
         carried = {k: v for k, v in dataclasses.asdict(self.metadata).items() if k not in COMPUTED_FIELDS}
         return export_net(self.net, output, carried)

@@ -24,8 +24,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lthmaml.cli import MetaCLI
 from lthmaml.data.taskfolder import TaskFolderDataModule
+from lthmaml.edge.finetune import FineTuneModule
 from lthmaml.errors import ConfigError, one_line_errors
-from lthmaml.finetune import FineTuneModule
 
 PROG = "lthmaml-edge"
 FINETUNED = "finetuned.safetensors"
@@ -82,7 +82,7 @@ class EdgeCLI(MetaCLI):
 
 
 def run_cli(args: Optional[list[str]] = None, cli_class: type[EdgeCLI] = EdgeCLI) -> EdgeCLI:
-    """Parse ``args`` and run the subcommand with ``cli_class`` (``lthmaml.pi_finetune`` extends it)."""
+    """Parse ``args`` and run the subcommand with ``cli_class`` (``lthmaml.edge.pi`` extends it)."""
     # A task without val/ has no validation loader on purpose: Lightning's notice is noise there.
     warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")
     return cli_class(

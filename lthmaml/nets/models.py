@@ -7,7 +7,7 @@ from typing import Union
 
 from torch import Tensor, nn
 
-from lthmaml.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
+from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -27,7 +27,7 @@ class Conv4(nn.Module):
         out_features: number of classes per task (the N in N-way).
         in_channels: image channels (1 for Omniglot).
         hidden_channels: filters per conv block (64 in the MAML paper), or one width per block
-            (what ``lthmaml.sparsity.shrink`` builds after filter pruning).
+            (what ``lthmaml.nets.shrink.shrink`` builds after filter pruning).
         image_size: side of the square input; fixes the head's input width.
         blocks: number of conv blocks.
     """

@@ -1,0 +1,297 @@
+"""The compact artifact's format and its reader: what a device needs to rebuild a pruned net.
+
+See :mod:`lthmaml.edge.export` for how the file is laid out and written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import Tensor, nn
+
+from lthmaml import sparsity
+from lthmaml.errors import ConfigError, DataError, LthmamlError
+from lthmaml.nets.layers import masked_layers
+from lthmaml.nets.models import MLP, Conv4
+
+PROG = "lthmaml-export"
+FORMAT_VERSION = 1
+"""Bumped whenever a reader of an older version would misread the file."""
+METADATA_KEY = "lthmaml_artifact"
+NETS: dict[str, type[nn.Module]] = {"lthmaml.nets.models.Conv4": Conv4, "lthmaml.nets.models.MLP": MLP}
+"""The architectures an artifact may name: only these are built, nothing is imported by name."""
+LEGACY_NETS = {
+    "lthmaml.models.Conv4": "lthmaml.nets.models.Conv4",
+    "lthmaml.models.MLP": "lthmaml.nets.models.MLP",
+}
+"""Class paths of artifacts written before the nets moved to ``lthmaml.nets``."""
+CLASSIFIER_DEFAULTS: dict[str, Any] = {"inner_lr": 0.01, "inner_steps": 10, "eval_inner_steps": 10}
+"""Fine-tuning settings for a net that was not meta-trained (no learned step size to carry)."""
+VALUES, MASK = "@values", "@mask"
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+PathLike = Union[str, Path]
+
+
+@dataclass
+class ArtifactMetadata:
+    """What the device needs besides the tensors (stored as JSON in the safetensors header).
+
+    Attributes:
+        architecture: ``{"class_path": "lthmaml.nets.models.Conv4", "init_args": {...}}`` of the
+            stored (shrunk) net: ``init_args`` rebuilds its exact shape.
+        task: ``"classification"`` (integer labels, cross-entropy) or ``"regression"`` (MSE).
+        ways: the classes the head predicts (classification), else None.
+        inner_lr, inner_steps, eval_inner_steps: the fine-tuning SGD step size and step counts
+            (MAML's training and evaluation inner loops).
+        sparsity: fraction of the source net's prunable weights that are zero (as
+            :func:`lthmaml.sparsity.sparsity_report` counts it, before shrinking).
+        source_sha256: SHA-256 of the checkpoint file exported ("" for an in-memory net).
+        dtype: ``"float32"`` or ``"float16"``: how the values are stored (loaded as float32).
+        format_version: :data:`FORMAT_VERSION` of the writer.
+        inner_lrs: learned per-parameter inner learning rates by the artifact net's parameter
+            names, or None (use ``inner_lr`` for all).
+        source_module: class path of the LightningModule the weights come from, if known.
+        source_architecture: the source net's architecture before shrinking (None: not shrunk).
+        weight_transform: ``repr`` of the reparametrisation baked into the stored weights
+            (e.g. ``PowerTransform(alpha=2.0)``), None if there was none.
+        prunable_weights: prunable weights of the source net (the dense count).
+        stored_weights: prunable weights the artifact stores values for (mask ones).
+    """
+
+    architecture: dict
+    task: str
+    ways: Optional[int]
+    inner_lr: float
+    inner_steps: int
+    eval_inner_steps: int
+    sparsity: float
+    source_sha256: str = ""
+    dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+    inner_lrs: Optional[dict[str, float]] = None
+    source_module: Optional[str] = None
+    source_architecture: Optional[dict] = None
+    weight_transform: Optional[str] = None
+    prunable_weights: int = 0
+    stored_weights: int = 0
+
+
+COMPUTED_FIELDS = (
+    "architecture",
+    "sparsity",
+    "dtype",
+    "format_version",
+    "source_architecture",
+    "weight_transform",
+    "prunable_weights",
+    "stored_weights",
+)
+"""Fields :func:`export_net` derives from the net itself (given values are ignored)."""
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: ``net`` holds the effective weights as plain float32 parameters (no
+    weight transform), its masks installed and pruned weights exactly zero, in eval mode."""
+
+    net: nn.Module
+    metadata: ArtifactMetadata
+    path: Path
+
+
+def build_net(architecture: Mapping[str, Any]) -> nn.Module:
+    """The net an architecture dict names (only :data:`NETS`), with fresh weights; RNG untouched."""
+    class_path = architecture.get("class_path")
+    class_path = LEGACY_NETS.get(class_path, class_path)
+    if class_path not in NETS:
+        raise DataError(f"architecture {class_path!r} is not one of {sorted(NETS)}")
+    init_args = architecture.get("init_args") or {}
+    if not isinstance(init_args, Mapping):
+        raise DataError(f"architecture init_args must be a mapping, got {init_args!r}")
+    with torch.random.fork_rng(devices=[]):
+        return NETS[class_path](**init_args)
+
+
+def dense_tensors(net: nn.Module) -> dict[str, Tensor]:
+    """The net as a dense float32 ``state_dict`` without masks (effective weights): the baseline
+    a compact artifact is compared with."""
+    layers = masked_layers(net)
+    skip = {f"{name}.mask" for name in layers}
+    tensors = {
+        key: value.detach().float().cpu().contiguous()
+        for key, value in net.state_dict().items()
+        if key not in skip and not key.endswith("channel_mask")
+    }
+    for name, layer in layers.items():
+        tensors[f"{name}.weight"] = layer.effective_weight().detach().float().cpu().contiguous()
+    return tensors
+
+
+def dense_size(net: nn.Module) -> int:
+    """Bytes of the dense float32 safetensors file of ``net`` (see :func:`dense_tensors`)."""
+    return len(save(dense_tensors(net)))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- load
+def load_artifact(path: PathLike) -> Artifact:
+    """Rebuild the net and its masks from an artifact; a wrong file is a one-line DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such artifact file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise DataError(f"{path}: not a safetensors file ({first_line(error)})") from None
+    if METADATA_KEY not in header:
+        raise DataError(
+            f"{path}: a safetensors file without lthmaml artifact metadata; export it with {PROG}"
+        )
+    try:
+        values = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: corrupt artifact metadata ({error})") from None
+    if not isinstance(values, dict):
+        raise DataError(f"{path}: corrupt artifact metadata (not a JSON object)")
+    version = values.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: artifact format version {version!r}, this lthmaml reads version {FORMAT_VERSION}; "
+            f"export it again with this version's {PROG}"
+        )
+    metadata = checked_metadata(values, str(path), DataError)
+    try:
+        net = build_net(metadata.architecture)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{path}: cannot build {metadata.architecture}: {first_line(error)}") from None
+    _unpack(net, tensors, path)
+    if metadata.inner_lrs is not None and set(metadata.inner_lrs) != {n for n, _ in net.named_parameters()}:
+        raise DataError(f"{path}: inner_lrs do not name this net's parameters")
+    return Artifact(net.eval(), metadata, path)
+
+
+@torch.no_grad()
+def _unpack(net: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
+    """Fill ``net`` from the artifact's tensors, checking every name, shape and count."""
+    arch = type(net).__name__
+    remaining = dict(tensors)
+
+    def take(key: str, shape: torch.Size, floating: bool = True) -> Tensor:
+        value = remaining.pop(key)
+        if value.shape != shape or value.is_floating_point() != floating:
+            raise DataError(
+                f"{path}: tensor '{key}' is {tuple(value.shape)} {value.dtype}, "
+                f"the {arch} needs {tuple(shape)}"
+            )
+        return value.float() if floating else value
+
+    layers = masked_layers(net)
+    for name, layer in layers.items():
+        key, shape = f"{name}.weight", layer.weight.shape
+        if key in remaining:
+            layer.weight.copy_(take(key, shape))
+            layer.mask.fill_(1)
+            continue
+        if key + VALUES not in remaining or key + MASK not in remaining:
+            raise DataError(f"{path}: no tensor for '{key}' of the {arch}; the artifact does not match it")
+        count = layer.weight.numel()
+        packed = take(key + MASK, torch.Size([math.ceil(count / 8)]), floating=False)
+        if packed.dtype != torch.uint8:
+            raise DataError(f"{path}: mask '{key + MASK}' is {packed.dtype}, not uint8 bits")
+        bits = np.unpackbits(packed.numpy())
+        if bits[count:].any():
+            raise DataError(f"{path}: mask '{key + MASK}' has bits set past its {count} weights")
+        keep = torch.from_numpy(bits[:count].astype(bool))
+        kept = int(keep.sum())
+        values = take(key + VALUES, torch.Size([kept]))
+        flat = torch.zeros(count)
+        flat[keep] = values
+        layer.weight.copy_(flat.view(shape))
+        layer.mask.copy_(keep.view(shape).to(layer.mask.dtype))
+    skip = {f"{name}.mask" for name in layers} | {f"{name}.weight" for name in layers}
+    for key, current in net.state_dict().items():
+        if key in skip:
+            continue
+        if key not in remaining:
+            if key.endswith("channel_mask"):
+                continue  # a mask of ones, as built
+            raise DataError(f"{path}: no tensor for '{key}' of the {arch}; the artifact does not match it")
+        current.copy_(take(key, current.shape, current.is_floating_point()))
+    if remaining:
+        raise DataError(f"{path}: tensors {sorted(remaining)[:3]} are not part of the {arch}")
+    sparsity.apply_masks(net)
+    if any(not bool(torch.isfinite(p).all()) for p in net.parameters()):
+        raise DataError(f"{path}: the stored weights are not all finite")
+
+
+def checked_metadata(
+    values: Mapping[str, Any], where: str, error: type[LthmamlError] = ConfigError
+) -> ArtifactMetadata:
+    """An :class:`ArtifactMetadata` from a dict, with each field of the right kind."""
+    fields = {field.name: field for field in dataclasses.fields(ArtifactMetadata)}
+    required = [name for name, field in fields.items() if field.default is dataclasses.MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise error(f"{where}: artifact metadata lacks {missing}")
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise error(f"{where}: artifact metadata has unknown fields {unknown}")
+
+    def number(name: str, kind: type) -> Any:
+        value = values[name]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and value != int(value))
+        ):
+            raise error(f"{where}: artifact metadata '{name}' must be {kind.__name__}, got {value!r}")
+        return kind(value)
+
+    checked = dict(values)
+    for name in ("inner_lr", "sparsity"):
+        checked[name] = number(name, float)
+    for name in ("inner_steps", "eval_inner_steps"):
+        checked[name] = number(name, int)
+    if checked["task"] not in ("classification", "regression"):
+        raise error(
+            f"{where}: artifact task must be 'classification' or 'regression', got {checked['task']!r}"
+        )
+    if checked["task"] == "classification" and checked.get("ways") is not None:
+        checked["ways"] = number("ways", int)
+    if checked.get("dtype", "float32") not in DTYPES:
+        raise error(f"{where}: artifact dtype must be one of {sorted(DTYPES)}, got {checked['dtype']!r}")
+    architecture = checked["architecture"]
+    if not isinstance(architecture, Mapping) or "class_path" not in architecture:
+        raise error(f"{where}: artifact architecture must be {{class_path, init_args}}, got {architecture!r}")
+    rates = checked.get("inner_lrs")
+    if rates is not None:
+        if not isinstance(rates, Mapping):
+            raise error(f"{where}: artifact inner_lrs must map parameter names to rates")
+        checked["inner_lrs"] = {str(k): float(v) for k, v in rates.items()}
+    return ArtifactMetadata(**checked)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

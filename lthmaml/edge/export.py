@@ -1,0 +1,321 @@
+"""The compact artifact a device fine-tunes: a pruned net as a small safetensors file, no pickle.
+
+Why not ``torch.save`` of sparse tensors: COO stores two (or four) int64 indices per kept weight,
+so a Conv4 at 80% sparsity saved with ``to_sparse()`` is *larger* than the dense file. Here a
+pruned weight costs one bit (its mask) and a kept one its value:
+
+* a prunable weight (``MaskedConv2d`` / ``MaskedLinear``) with pruned entries is stored as
+  ``<name>.weight@values`` (the kept values, 1-D, row-major order) and ``<name>.weight@mask``
+  (the mask bit-packed by ``np.packbits``, uint8, most significant bit first, zero padding);
+* a prunable weight without pruned entries, and every other tensor (biases, BatchNorm
+  parameters), is stored dense under its ``state_dict`` name; masks of ones are implied;
+* the *effective* weights are stored (``layer.effective_weight()``: Powerprop's
+  ``phi * |phi| ** (alpha - 1)`` baked in), so the device computes and fine-tunes plain weights;
+* a Conv4 whose BatchNorm ``channel_mask`` switched channels off is physically shrunk first
+  (:func:`lthmaml.nets.shrink.shrink`): removed filters cost nothing, not even mask bits;
+* ``--dtype float16`` stores every float tensor in half precision (masks stay bits); they are
+  loaded back as float32.
+
+The header's ``__metadata__`` holds one JSON string (key ``lthmaml_artifact``):
+:class:`ArtifactMetadata`, which tells the device how to rebuild the net and how to fine-tune it.
+
+Fine-tuning settings. From a :class:`~lthmaml.meta.maml.MAML` checkpoint: its ``inner_lr``,
+``inner_steps`` and ``eval_inner_steps``; learned per-parameter inner learning rates
+(``learn_inner_lr``, Meta-SGD) go into ``inner_lrs``, one float per parameter of the *artifact's*
+net by name (``features.0.0.weight``), so the device can step each tensor at its own rate. A
+:class:`~lthmaml.meta.classifier.Classifier` learned no step size: it gets :data:`CLASSIFIER_DEFAULTS`
+(plain SGD at 0.01 for 10 steps, a conservative start to override on the device), and its
+``ways`` is its training class count (a new task of another width needs a new head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pickle
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lthmaml import sparsity
+from lthmaml.edge.artifact import (
+    CLASSIFIER_DEFAULTS,
+    DTYPES,
+    FORMAT_VERSION,
+    MASK,
+    METADATA_KEY,
+    NETS,
+    PROG,
+    VALUES,
+    ArtifactMetadata,
+    PathLike,
+    build_net,
+    checked_metadata,
+    dense_size,
+    first_line,
+    load_artifact,
+    sha256_of,
+)
+from lthmaml.errors import ConfigError, DataError, LthmamlError
+from lthmaml.nets.layers import MaskedBatchNorm2d, masked_layers
+from lthmaml.nets.models import Conv4
+from lthmaml.nets.reparam import checkpoint_alpha, install_power
+from lthmaml.nets.shrink import shrink
+
+
+# ---------------------------------------------------------------------------- export
+def export_net(
+    net: nn.Module,
+    output: PathLike,
+    metadata: Optional[Mapping[str, Any]] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``net`` (a Conv4 or MLP of mask-aware layers, or a LightningModule holding one as
+    ``.net``) as a compact artifact at ``output``.
+
+    ``metadata`` gives the :class:`ArtifactMetadata` fields the net cannot tell (``inner_lr``,
+    ``source_sha256``, ...); missing fine-tuning settings come from a MAML module's attributes,
+    else :data:`CLASSIFIER_DEFAULTS`; ``task`` defaults to classification for a Conv4 and
+    regression for an MLP. The fields in :data:`COMPUTED_FIELDS` are always derived from the net.
+    """
+    given = dict(metadata or {})
+    unknown = set(given) - {field.name for field in dataclasses.fields(ArtifactMetadata)}
+    if unknown:
+        raise ConfigError(f"export metadata has unknown fields {sorted(unknown)}")
+    module_fields: dict[str, Any] = {}
+    if not isinstance(net, tuple(NETS.values())) and isinstance(getattr(net, "net", None), nn.Module):
+        module_fields = _module_fields(net)
+        net = net.net
+    return _write(net, Path(output), {**module_fields, **given}, dtype)
+
+
+def export_checkpoint(checkpoint: PathLike, output: PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the net of a LightningCLI checkpoint of :class:`~lthmaml.meta.maml.MAML` or
+    :class:`~lthmaml.meta.classifier.Classifier` as a compact artifact at ``output``.
+
+    The net is rebuilt from the checkpoint's ``hyper_parameters['net']`` (class_path/init_args),
+    its weights, masks and channel masks loaded from ``state_dict``; a Powerprop run's transform
+    (alpha from the callback's state) is re-installed so the effective weights are exported.
+    The checkpoint is read with ``torch.load(weights_only=True)``; one that needs full unpickling
+    (objects in its hyperparameters) is read as Lightning's own ``load_from_checkpoint`` reads it.
+    """
+    path = Path(checkpoint)
+    data = _read_checkpoint(path)
+    hparams = data.get("hyper_parameters") or {}
+    state = data.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise DataError(f"{path}: no state_dict; is it a Lightning checkpoint?")
+    net_config = hparams.get("net")
+    if not isinstance(net_config, Mapping) or "class_path" not in net_config:
+        raise DataError(
+            f"{path}: the checkpoint does not record its net's class_path/init_args (it was not written "
+            "by the lthmaml CLI); rebuild the net and call lthmaml.edge.export.export_net"
+        )
+    try:
+        net = build_net(dict(net_config))
+    except (DataError, TypeError, ValueError) as error:
+        raise DataError(f"{path}: cannot rebuild the net {dict(net_config)}: {error}") from None
+    net_state = {key[len("net.") :]: value for key, value in state.items() if key.startswith("net.")}
+    try:
+        net.load_state_dict(net_state)
+    except RuntimeError as error:
+        raise DataError(
+            f"{path}: state_dict does not fit {net_config['class_path']}: {first_line(error)}"
+        ) from None
+    alpha = checkpoint_alpha(data)
+    if alpha is not None:
+        install_power(net, alpha)
+    fields: dict[str, Any] = {"source_sha256": sha256_of(path), "source_module": hparams.get("_class_path")}
+    if "inner_lr" in hparams:  # meta-trained: its own inner loop is the fine-tuning recipe
+        fields.update({key: hparams[key] for key in CLASSIFIER_DEFAULTS if key in hparams})
+        rates = [
+            state[f"inner_lrs.{i}"] for i in range(len(list(net.parameters()))) if f"inner_lrs.{i}" in state
+        ]
+        if rates:
+            names = [name for name, _ in net.named_parameters()]
+            fields["inner_lrs"] = {name: float(rate.detach()) for name, rate in zip(names, rates)}
+    else:
+        fields["task"] = "classification"  # a supervised Classifier
+    return _write(net, Path(output), fields, dtype)
+
+
+def _module_fields(module: nn.Module) -> dict[str, Any]:
+    """Fine-tuning settings of an in-memory LightningModule (MAML's inner loop, if it has one)."""
+    cls = type(module)
+    fields: dict[str, Any] = {"source_module": f"{cls.__module__}.{cls.__qualname__}"}
+    if hasattr(module, "inner_lr"):
+        fields.update({key: getattr(module, key) for key in CLASSIFIER_DEFAULTS})
+        rates = getattr(module, "inner_lrs", None)
+        if rates is not None:
+            names = [name for name, _ in module.net.named_parameters()]
+            fields["inner_lrs"] = {name: float(rate.detach()) for name, rate in zip(names, rates)}
+    else:
+        fields["task"] = "classification"
+    return fields
+
+
+@torch.no_grad()
+def _write(net: nn.Module, output: Path, fields: dict[str, Any], dtype: torch.dtype) -> Path:
+    dtype_name = next((name for name, value in DTYPES.items() if value == dtype), None)
+    if dtype_name is None:
+        raise ConfigError(f"export dtype must be one of {sorted(DTYPES)}, got {dtype}")
+    class_path = _class_path(net)
+    source_architecture = {"class_path": class_path, "init_args": dict(net.architecture)}
+    report = sparsity.sparsity_report(net)
+    transforms = {
+        repr(layer.weight_transform) for layer in masked_layers(net).values() if layer.weight_transform
+    }
+    shrunk = any(
+        isinstance(m, MaskedBatchNorm2d) and bool((m.channel_mask == 0).any()) for m in net.modules()
+    )
+    if shrunk:
+        net = shrink(net)  # removed channels cost nothing, not even mask bits
+    tensors = _pack(net, dtype)
+    stored = sum(int(layer.mask.count_nonzero()) for layer in masked_layers(net).values())
+    names = {name for name, _ in net.named_parameters()}
+    if fields.get("inner_lrs") is not None and set(fields["inner_lrs"]) != names:
+        raise ConfigError(f"inner_lrs names {sorted(fields['inner_lrs'])} but the net has {sorted(names)}")
+    is_conv = isinstance(net, Conv4)
+    task = fields.pop("task", "classification" if is_conv else "regression")
+    defaults = {
+        "task": task,
+        "ways": net.out_features if task == "classification" else None,
+        **CLASSIFIER_DEFAULTS,
+    }
+    values = {
+        **defaults,
+        **fields,
+        "architecture": {"class_path": class_path, "init_args": dict(net.architecture)},
+        "sparsity": report.sparsity,
+        "dtype": dtype_name,
+        "format_version": FORMAT_VERSION,
+        "source_architecture": source_architecture if shrunk else None,
+        "weight_transform": "; ".join(sorted(transforms)) or None,
+        "prunable_weights": report.total,
+        "stored_weights": stored,
+    }
+    metadata = checked_metadata(values, f"export to {output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    save_file(
+        tensors,
+        str(partial),
+        metadata={METADATA_KEY: json.dumps(dataclasses.asdict(metadata), separators=(",", ":"))},
+    )
+    os.replace(partial, output)  # never a half-written artifact under the final name
+    return output
+
+
+def _pack(net: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The artifact's tensors: kept values and packed masks for pruned weights, the rest dense."""
+    layers = masked_layers(net)
+    skip = {f"{name}.mask" for name in layers} | {f"{name}.weight" for name in layers}
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        weight = layer.effective_weight().detach().float().cpu()
+        keep = layer.mask.detach().flatten().cpu() != 0
+        if bool(keep.all()):
+            tensors[f"{name}.weight"] = _cast(weight, dtype, name)
+        else:
+            tensors[f"{name}.weight{VALUES}"] = _cast(weight.flatten()[keep], dtype, name)
+            tensors[f"{name}.weight{MASK}"] = torch.from_numpy(np.packbits(keep.numpy()))
+    for key, value in net.state_dict().items():
+        if key in skip:
+            continue
+        if key.endswith("channel_mask") and bool((value != 0).all()):
+            continue  # a mask of ones is implied (always so after shrink)
+        value = value.detach().cpu()
+        tensors[key] = _cast(value.float(), dtype, key) if value.is_floating_point() else value
+    return {key: value.contiguous() for key, value in tensors.items()}
+
+
+def _cast(value: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    cast = value.to(dtype)
+    if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(value).all()):
+        raise ConfigError(f"'{name}' has values beyond {dtype}'s range: export as float32")
+    return cast
+
+
+def _class_path(net: nn.Module) -> str:
+    for path, cls in NETS.items():
+        if type(net) is cls:
+            return path
+    raise ConfigError(
+        f"export supports the nets {sorted(NETS)}, got {type(net).__module__}.{type(net).__qualname__}"
+    )
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:  # objects in the hyperparameters: read it as load_from_checkpoint would
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise DataError(f"{path}: not a readable PyTorch checkpoint ({first_line(error)})") from None
+    except Exception as error:
+        raise DataError(f"{path}: not a readable PyTorch checkpoint ({first_line(error)})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: holds a {type(data).__name__}, not a Lightning checkpoint")
+    return data
+
+
+# ---------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Write a pruned checkpoint as a compact safetensors artifact for on-device fine-tuning: "
+        "kept values plus a 1-bit mask per pruned weight, removed channels shrunk away.",
+    )
+    parser.add_argument(
+        "checkpoint", type=Path, help="a Lightning checkpoint (.ckpt) written by `lthmaml fit`"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="artifact path (default: CHECKPOINT with .safetensors)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="how values are stored (default: %(default)s)",
+    )
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry: prints the artifact's size and sparsity; 2 with a one-line error."""
+    args = build_parser().parse_args(argv)
+    output = args.output or args.checkpoint.with_suffix(".safetensors")
+    try:
+        path = export_checkpoint(args.checkpoint, output, DTYPES[args.dtype])
+        artifact = load_artifact(path)  # proves the file reads back, and gives the dense baseline
+    except LthmamlError as error:
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    meta = artifact.metadata
+    size = path.stat().st_size
+    dense = dense_size(build_net(meta.source_architecture or meta.architecture))
+    print(
+        f"wrote {path}: {size:,} bytes ({size / dense:.3f}x the {dense:,}-byte dense float32 file), "
+        f"sparsity {meta.sparsity:.1%} ({meta.stored_weights:,} of {meta.prunable_weights:,} weights kept), "
+        f"{meta.dtype}, {meta.architecture['class_path'].rsplit('.', 1)[-1]} {meta.architecture['init_args']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

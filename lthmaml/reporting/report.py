@@ -1,0 +1,165 @@
+"""Turn run folders into pictures: ``lthmaml-report RUN_DIR [RUN_DIR ...] -o report/``.
+
+A pruning paper is read from four plots, so this writes those four PNGs and a ``report.md`` that
+links them beside one table per run (its numbers are the logged ones, rounded for display):
+
+1. ``accuracy_vs_remaining.png``: the metric of each round against the fraction of weights left
+   (log x, as in the lottery-ticket papers), one line per run; a run without rounds (dense) is a
+   horizontal reference line with its 95% CI band.
+2. ``rounds.png``: per pruning round, the epoch of best validation (``best_epoch``) and the wall
+   time of the round: the time between consecutive ``prune/round`` TensorBoard events (the first
+   round counts from the event file's first event), validation and per-round tests included.
+3. ``accuracy_vs_time.png``: the ``val/`` metric against wall time since the event file's first
+   event (the fit's start), in minutes, one line per run.
+4. ``layer_sparsity.png``: per-layer sparsity of each run's final round (``metrics.json`` layers).
+
+A round's metric is its ``test`` when the round was tested, else its ``best_val``; the error bars
+are ``test_metrics[<test_metric>_ci95]``. Only matplotlib, PyYAML and TensorBoard's reader are
+imported (no torch): a report of many runs takes a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from lthmaml.errors import one_line_errors
+from lthmaml.reporting.plots import PLOTS, plot_layers, plot_remaining, plot_rounds, plot_time
+from lthmaml.reporting.readme import results_section, write_readme
+from lthmaml.reporting.runs import Run, dense_reference, expand, load_run, round_seconds
+
+PROG = "lthmaml-report"
+
+
+# ---------------------------------------------------------------------- report.md
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
+def run_table(run: Run) -> str:
+    """One row per round: the logged numbers with fixed decimals ('—' where not logged)."""
+    seconds = round_seconds(run)
+    header = (
+        "| round | sparsity | weights remaining | best val | best epoch | test +- 95% CI | round time (s) |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = []
+    for record in run.rounds:
+        sparsity = float(record["sparsity"])
+        test = "—"
+        if isinstance(record.get("test"), (int, float)):
+            test_metric = record.get("test_metric") or f"test/{run.metric}"
+            ci = (record.get("test_metrics") or {}).get(f"{test_metric}_ci95")
+            test = _num(record["test"]) + ("" if ci is None else f" ± {_num(ci)}")
+        epoch = record.get("best_epoch")
+        rows.append(
+            f"| {record['round']} | {100 * sparsity:.2f}% | {100 * (1 - sparsity):.2f}% "
+            f"| {_num(record.get('best_val'))} | {'—' if epoch is None else epoch} | {test} "
+            f"| {_num(seconds.get(record['round']), 1)} |"
+        )
+    return "\n".join([header, *rows])
+
+
+def run_section(run: Run) -> str:
+    lines = [f"## {run.label}", "", f"- folder: `{run.path}`", f"- strategy: {run.strategy}"]
+    lines.append(f"- metric: `{run.metric}` ({run.y_label})")
+    if run.start_time is None:
+        lines.append("- no TensorBoard events: no time plots for this run")
+    else:
+        ends = [e[0] for events in run.scalars.values() for e in events]
+        if ends:
+            lines.append(f"- wall time logged: {(max(ends) - run.start_time) / 60:.2f} min")
+    if run.dense:
+        ref = dense_reference(run)
+        if ref is None:
+            lines.append("- no pruning rounds and no test or validation metric logged")
+        else:
+            y, ci = ref
+            lines.append(
+                f"- no pruning rounds (dense): {run.metric} {_num(y)}"
+                + ("" if ci is None else f" ± {_num(ci)}")
+            )
+        return "\n".join(lines)
+    return "\n".join([*lines, "", run_table(run)])
+
+
+def write_report(runs: Sequence[Run], out: Path) -> Path:
+    """Write the four PNGs (those that apply) and ``report.md`` under ``out``; return report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out.mkdir(parents=True, exist_ok=True)
+    titles = {
+        "remaining": "Metric vs. weights remaining",
+        "rounds": "Best-validation epoch and wall time per round",
+        "time": "Validation metric vs. meta-training time",
+        "layers": "Per-layer sparsity of the final model",
+    }
+    plotters = {"remaining": plot_remaining, "rounds": plot_rounds, "time": plot_time, "layers": plot_layers}
+    lines = ["# lthmaml report", "", f"Runs: {len(runs)}", ""]
+    lines += [f"- {run.label}: `{run.path}`" for run in runs]
+    lines.append("")
+    for key, plot in plotters.items():
+        file = out / PLOTS[key]
+        file.unlink(missing_ok=True)  # never leave a stale picture from an earlier report
+        skipped = plot(runs, file)
+        lines.append(f"## {titles[key]}")
+        lines.append("")
+        lines.append(f"_Skipped: {skipped}._" if skipped else f"![{titles[key]}]({PLOTS[key]})")
+        lines.append("")
+    lines += [
+        "Round metric: the round's test when tested (error bar: its 95% CI), else its best validation. "
+        "Round wall time: between consecutive `prune/round` TensorBoard events, the first from the "
+        "event file's first event (validation and per-round tests included).",
+        "",
+    ]
+    for run in runs:
+        lines += [run_section(run), ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="run folders (runs/<name>/version_N) or runs/<name>"
+    )
+    parser.add_argument(
+        "-o", "--out", type=Path, default=Path("report"), help="output folder (default: report)"
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="also write the cross-run summary (commands, machine, plots, table, findings) between "
+        "the '<!-- results:begin -->' and '<!-- results:end -->' markers of this file",
+    )
+    parser.add_argument(
+        "--sinusoid", type=Path, default=None, help="bench/sinusoid.py's JSON, for the sinusoid table"
+    )
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    with one_line_errors(PROG):
+        runs = [load_run(path) for path in expand(args.runs)]
+        report = write_report(runs, args.out)
+        if args.readme is not None:
+            write_readme(args.readme, results_section(runs, args.out, args.readme, args.sinusoid))
+            print(f"{PROG}: wrote the results section of {args.readme}")
+    print(f"{PROG}: wrote {report} ({len(runs)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Reading run folders: config, round records, TensorBoard scalars, and the numbers plots and
+tables show. Only PyYAML and TensorBoard's event reader are imported (no torch)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from lthmaml.errors import DataError
+
+SOURCES = {"test": "test", "best_val": "best val", "val": "last val"}
+
+
+@dataclass
+class Run:
+    """What the report reads from one run folder."""
+
+    path: Path
+    strategy: str
+    config: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    # TensorBoard scalars: tag -> [(wall_time, step, value)], in logged order.
+    scalars: dict[str, list[tuple[float, int, float]]] = field(default_factory=dict)
+    start_time: Optional[float] = None  # wall time of the event file's first event: the fit's start
+    metric: str = "acc_post"  # the metric name without its val/ or test/ prefix
+    regression: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy} ({self.path.parent.name}/{self.path.name})"
+
+    @property
+    def dense(self) -> bool:
+        return not self.rounds
+
+    @property
+    def y_label(self) -> str:
+        """The metric with its unit; runs with the same label share a panel."""
+        if "acc" in self.metric:
+            return "query accuracy after adaptation (%)"
+        if self.regression:
+            return "query MSE after adaptation (regression)"
+        return f"query cross-entropy ({self.metric})"
+
+
+# ---------------------------------------------------------------------- reading
+
+
+def is_run_dir(path: Path) -> bool:
+    return (
+        (path / "config.yaml").is_file()
+        or (path / "rounds").is_dir()
+        or any(path.glob("events.out.tfevents.*"))
+    )
+
+
+def expand(paths: Sequence[Path]) -> list[Path]:
+    """Run folders named, or the ``version_*`` folders under an experiment folder or ``runs/``."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise DataError(f"{path}: no such run folder")
+        if is_run_dir(path):
+            found.append(path)
+            continue
+        versions = sorted(p for p in path.glob("version_*") if p.is_dir() and is_run_dir(p))
+        versions = versions or sorted(p for p in path.glob("*/version_*") if p.is_dir() and is_run_dir(p))
+        if not versions:
+            raise DataError(
+                f"{path} is not a run folder: it holds no config.yaml, rounds/ or TensorBoard events"
+            )
+        found.extend(versions)
+    return found
+
+
+def strategy_name(config: dict[str, Any]) -> str:
+    """The pruning callbacks' class names joined by '+', or 'dense' when the fit had none."""
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    if isinstance(callbacks, dict):
+        callbacks = [callbacks]
+    names = []
+    for callback in callbacks:
+        class_path = callback.get("class_path", "") if isinstance(callback, dict) else str(callback)
+        if class_path.startswith("callbacks."):  # the repo's pruning strategies live there
+            names.append(class_path.rsplit(".", 1)[-1])
+    return "+".join(names) or "dense"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.yaml"
+    if not file.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        raise DataError(f"{file}: not valid YAML ({str(error).splitlines()[0]})") from None
+    return config if isinstance(config, dict) else {}
+
+
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    rounds = []
+    for file in sorted((path / "rounds").glob("round_*/metrics.json")):
+        try:
+            record = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{file}: not valid JSON ({error})") from None
+        if not isinstance(record, dict) or "sparsity" not in record:
+            raise DataError(f"{file}: not a round's metrics.json (no 'sparsity' key)")
+        record.setdefault("round", int(file.parent.name.split("_")[-1]))
+        rounds.append(record)
+    return sorted(rounds, key=lambda r: r["round"])
+
+
+def read_scalars(path: Path) -> tuple[dict[str, list[tuple[float, int, float]]], Optional[float]]:
+    """Every scalar of the run's event files (none dropped), and the first event's wall time."""
+    if not any(path.glob("events.out.tfevents.*")):
+        return {}, None
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0})
+    try:
+        accumulator.Reload()
+        start: Optional[float] = accumulator.FirstEventTimestamp()
+    except ValueError:  # an empty or truncated event file
+        return {}, None
+    except Exception as error:  # the reader's own errors on a corrupt file
+        raise DataError(f"{path}: cannot read its TensorBoard events ({error})") from None
+    scalars = {
+        tag: [(e.wall_time, e.step, e.value) for e in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags().get("scalars", [])
+    }
+    return scalars, start
+
+
+def primary_metric(config: dict[str, Any], rounds: list[dict], scalars: dict) -> str:
+    """The metric the run was judged on, without its split prefix (``acc_post``, ``loss_post``)."""
+    for record in rounds:
+        for key in ("test_metric", "monitor"):
+            name = record.get(key)
+            if isinstance(name, str) and "/" in name:
+                return name.split("/", 1)[1]
+    monitor = (config.get("checkpoint") or {}).get("monitor")
+    if isinstance(monitor, str) and "/" in monitor:
+        return monitor.split("/", 1)[1]
+    for name in ("acc_post", "loss_post"):
+        if f"val/{name}" in scalars or f"test/{name}" in scalars:
+            return name
+    return "acc_post"
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such run folder")
+    if not is_run_dir(path):
+        raise DataError(f"{path} is not a run folder: it holds no config.yaml, rounds/ or TensorBoard events")
+    config = read_config(path)
+    rounds = read_rounds(path)
+    scalars, start = read_scalars(path)
+    data_class = str((config.get("data") or {}).get("class_path", ""))
+    metric = primary_metric(config, rounds, scalars)
+    return Run(
+        path=path,
+        strategy=strategy_name(config),
+        config=config,
+        rounds=rounds,
+        scalars=scalars,
+        start_time=start,
+        metric=metric,
+        regression="sinusoid" in data_class.lower() or ("loss" in metric and not data_class),
+    )
+
+
+# ---------------------------------------------------------------------- data for the plots
+
+
+def round_value(run: Run, record: dict[str, Any]) -> tuple[Optional[float], Optional[float], str]:
+    """A round's (metric, 95% CI, source): its test when tested, else its best validation value."""
+    test_metric = record.get("test_metric") or f"test/{run.metric}"
+    if isinstance(record.get("test"), (int, float)):
+        ci = (record.get("test_metrics") or {}).get(f"{test_metric}_ci95")
+        return float(record["test"]), (None if ci is None else float(ci)), "test"
+    if isinstance(record.get("best_val"), (int, float)):
+        return float(record["best_val"]), None, "best_val"
+    value = record.get(f"val/{run.metric}")  # strategies that record the last validation instead
+    if isinstance(value, (int, float)):
+        return float(value), None, "val"
+    return None, None, "none"
+
+
+def accuracy_points(run: Run) -> list[dict[str, Any]]:
+    """Plot 1's points: x = fraction of weights remaining (1 - sparsity), y and CI per round."""
+    points = []
+    for record in run.rounds:
+        y, ci, source = round_value(run, record)
+        if y is None:
+            continue
+        points.append(
+            {
+                "round": record["round"],
+                "x": 1.0 - float(record["sparsity"]),
+                "y": y,
+                "ci": ci,
+                "source": source,
+            }
+        )
+    return points
+
+
+def last_scalar(run: Run, tag: str) -> Optional[float]:
+    events = run.scalars.get(tag)
+    return events[-1][2] if events else None
+
+
+def dense_reference(run: Run) -> Optional[tuple[float, Optional[float]]]:
+    """A run without rounds: its test metric +- CI, else its best validation value."""
+    test = last_scalar(run, f"test/{run.metric}")
+    if test is not None:
+        return test, last_scalar(run, f"test/{run.metric}_ci95")
+    values = [v for _, _, v in run.scalars.get(f"val/{run.metric}", [])]
+    if not values:
+        return None
+    return (max(values) if "acc" in run.metric else min(values)), None
+
+
+def round_seconds(run: Run) -> dict[int, float]:
+    """Wall time of each round: between consecutive ``prune/round`` events (from the fit's start)."""
+    events = sorted(run.scalars.get("prune/round", []), key=lambda e: (e[1], e[0]))
+    if not events or run.start_time is None:
+        return {}
+    seconds, previous = {}, run.start_time
+    for wall, _, value in events:
+        seconds[int(round(value))] = wall - previous
+        previous = wall
+    return seconds
+
+
+def metric_over_time(run: Run) -> list[tuple[float, float]]:
+    """Plot 3's points: (minutes since the fit's start, ``val/<metric>``)."""
+    if run.start_time is None:
+        return []
+    return [((w - run.start_time) / 60.0, v) for w, _, v in run.scalars.get(f"val/{run.metric}", [])]
+
+
+def remaining_ticks(smallest: float) -> list[float]:
+    """Ticks at 0.8^k (the 20%-per-round schedule), every third one once they get crowded."""
+    k_max = max(1, math.ceil(math.log(max(smallest, 1e-6)) / math.log(0.8) - 1e-9))  # 0.8^k itself: k
+    stride = 1 if k_max <= 9 else 3 if k_max <= 24 else 6
+    return [0.8**k for k in range(0, k_max + 1, stride)]
