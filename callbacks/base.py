@@ -1,9 +1,11 @@
 """What every pruning callback does the same way, so a strategy file holds only its method.
 
-Written after Lightning's own ``ModelPruning``: masks are re-applied after every optimizer step,
-sparsity is logged, and the callback's state rides in the checkpoint so a resumed fit continues
-the schedule. Round bookkeeping (``rounds/round_XX/{mask.safetensors, metrics.json, model.ckpt}``)
-and the per-round table printed at fit end live here too.
+Written after Lightning's own ``ModelPruning`` and ``EarlyStopping``: the policy is in the
+constructor, masks are re-applied after every optimizer step, sparsity is logged, only the public
+Trainer API is used, and the state a resumed fit needs rides in the checkpoint (the attributes a
+class declares in ``state_attributes``). A level's record, ``rounds/round_XX/{mask.safetensors,
+metrics.json, model.ckpt}`` (one :class:`~lthmaml.rounds.RoundRecord` schema), is written here, and
+``test_rounds`` tests the recorded levels after the fit.
 """
 
 from __future__ import annotations
@@ -11,17 +13,25 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
+from lthmaml.rounds import (
+    CHECKPOINT_FILE,
+    MASK_FILE,
+    METRICS_FILE,
+    ROUNDS_FOLDER,
+    Recorded,
+    RoundRecord,
+    round_folder_name,
+)
 from lthmaml.sparsity import Scope
 
 
@@ -33,25 +43,44 @@ class PruningCallback(Callback):
         exclude: names of mask-aware layers never pruned (e.g. ``net.head``).
         layer_rates: layers pruned on their own at a multiple of the rate (``{net.head: 0.5}``
             prunes the output layer at half rate, as the LTH papers do).
-        test_each_round: run the trainer's test loop whenever a round is recorded (on the weights
-            recorded) and keep the test metrics in the round: every sparsity level tested on the
-            same fixed meta-test tasks, for the accuracy-vs-sparsity curve.
+        monitor, mode: the validation metric a level is judged by (``val/acc_post`` with ``max``
+            for MAML classification, ``val/loss_post`` with ``min`` for regression, ``val/acc`` for
+            the supervised Classifier). Default: the ModelCheckpoint's monitor and mode.
+        test_each_round: after the fit, test every recorded level (its ``model.ckpt``) on the test
+            split with ``trainer.test`` and keep the test metrics in its record: every sparsity
+            level on the same fixed meta-test tasks, for the accuracy-vs-sparsity curve.
     """
 
-    monitor: Optional[str] = None  # the validation metric whose test counterpart a round records
+    state_attributes: ClassVar[tuple[str, ...]] = (
+        "history",
+        "pruning_steps",
+        "monitor",
+        "mode",
+        "last_validation",
+    )
+    """The attributes a resumed fit needs; ``state_dict`` saves them (tensors on the CPU)."""
 
     def __init__(
         self,
         scope: Scope = "global",
         exclude: Sequence[str] = (),
         layer_rates: Optional[Mapping[str, float]] = None,
+        monitor: Optional[str] = None,
+        mode: Optional[Literal["min", "max"]] = None,
         test_each_round: bool = False,
     ) -> None:
+        if monitor is not None and mode not in ("min", "max"):
+            raise ConfigError(f"{type(self).__name__}: set mode (max or min) for monitor '{monitor}'")
         self.scope = scope
         self.exclude = tuple(exclude)
         self.layer_rates = dict(layer_rates or {})
+        self.monitor, self.mode = monitor, mode
         self.test_each_round = test_each_round
         self.history: list[dict[str, Any]] = []
+        self.pruning_steps = 0
+        """Pruning events applied so far: the ``pruning_step`` of the next record."""
+        self.last_validation: Optional[tuple[int, int]] = None
+        """(global step, epoch) of the last validation: when ``val/*`` in callback_metrics was measured."""
 
     # ------------------------------------------------------------------ engine calls for strategies
     def prunable(self, pl_module: pl.LightningModule) -> dict[str, sparsity.MaskedMixin]:
@@ -106,39 +135,6 @@ class PruningCallback(Callback):
     def run_dir(trainer: pl.Trainer) -> Path:
         return Path(trainer.log_dir or trainer.default_root_dir)
 
-    def write_round(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, Any]
-    ) -> Path:
-        """Record a finished round: masks, metrics JSON and a checkpoint under ``rounds/round_XX``."""
-        if self.test_each_round:
-            metrics = {**metrics, **self.test_metrics(trainer)}
-        report = sparsity.sparsity_report(pl_module)
-        record = {"round": len(self.history), "sparsity": report.sparsity, **metrics}
-        self.history.append(record)
-        folder = self.run_dir(trainer) / "rounds" / f"round_{record['round']:02d}"
-        if trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-            sparsity.save_masks(folder / "mask.safetensors", sparsity.masks_of(pl_module), record)
-            (folder / "metrics.json").write_text(
-                json.dumps({**record, "layers": report.as_dict()["layers"]}, indent=2)
-            )
-        trainer.save_checkpoint(folder / "model.ckpt", weights_only=False)  # optimizer, callbacks too
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(
-                {f"prune/{k}": float(v) for k, v in record.items() if isinstance(v, (int, float))},
-                step=trainer.global_step,
-            )
-        return folder
-
-    def test_metrics(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """Test metrics of the current weights; ``test`` is the monitored metric's test counterpart
-        (the callback's ``monitor``, else the ModelCheckpoint's: ``val/acc_post`` -> ``test/acc_post``)."""
-        metrics = run_test_loop(trainer)
-        checkpoint = trainer.checkpoint_callback
-        monitor = self.monitor or (checkpoint.monitor if checkpoint is not None else None) or ""
-        name = "test" + monitor[len("val") :] if monitor.startswith("val") else None
-        return {"test": metrics.get(name), "test_metric": name, "test_metrics": metrics}
-
     @staticmethod
     def last_epoch(trainer: pl.Trainer) -> bool:
         """Whether the epoch now ending is the fit's last (by max_epochs, max_steps or a stop)."""
@@ -149,6 +145,120 @@ class PruningCallback(Callback):
             or (max_steps not in (None, -1) and trainer.global_step >= max_steps)
         )
 
+    # ------------------------------------------------------------------ the round record
+    @staticmethod
+    def validation_metrics(trainer: pl.Trainer) -> dict[str, float]:
+        """The ``val/*`` scalars of the last validation."""
+        return {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith("val/") and value.numel() == 1
+        }
+
+    @property
+    def level_recorded(self) -> bool:
+        """Whether the current level (``pruning_steps``) has its record already."""
+        return bool(self.history) and self.history[-1]["pruning_step"] == self.pruning_steps
+
+    def write_round(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        recorded: Recorded = "last",
+        val_metrics: Optional[Mapping[str, float]] = None,
+        tasks_scored: Optional[int] = None,
+        details: Optional[Mapping[str, Any]] = None,
+        **validation: Any,
+    ) -> Path:
+        """Record the net as it is now: masks, ``metrics.json`` and a checkpoint under ``rounds/round_XX``.
+
+        ``val_metrics`` default to the last validation's; ``validation`` may give ``val_step``,
+        ``val_epoch`` and ``val_epoch_in_round`` of the recorded weights' validation.
+        """
+        metrics = dict(self.validation_metrics(trainer) if val_metrics is None else val_metrics)
+        if val_metrics is None and self.last_validation is not None:
+            validation = {
+                "val_step": self.last_validation[0],
+                "val_epoch": self.last_validation[1],
+                **validation,
+            }
+        report = sparsity.sparsity_report(pl_module)
+        record = RoundRecord(
+            round=len(self.history),
+            sparsity=report.sparsity,
+            pruning_step=self.pruning_steps,
+            global_step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            recorded=recorded,
+            monitor=self.monitor,
+            val=metrics.get(self.monitor) if self.monitor else None,
+            val_metrics=metrics,
+            tasks_scored=tasks_scored,
+            details=dict(details or {}),
+            **validation,
+        ).as_dict()
+        self.history.append(record)
+        folder = self.round_dir(trainer, record["round"])
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            sparsity.save_masks(folder / MASK_FILE, sparsity.masks_of(pl_module), record)
+            self.write_metrics(folder, record, report.as_dict()["layers"])
+        trainer.save_checkpoint(folder / CHECKPOINT_FILE, weights_only=False)  # optimizer, callbacks too
+        self.log_record(trainer, record, trainer.global_step)
+        return folder
+
+    def round_dir(self, trainer: pl.Trainer, index: int) -> Path:
+        return self.run_dir(trainer) / ROUNDS_FOLDER / round_folder_name(index)
+
+    @staticmethod
+    def write_metrics(folder: Path, record: Mapping[str, Any], layers: Optional[Mapping] = None) -> None:
+        file = folder / METRICS_FILE
+        if layers is None and file.is_file():
+            layers = json.loads(file.read_text()).get("layers")
+        partial = folder / f".{METRICS_FILE}.partial"
+        partial.write_text(json.dumps({**record, "layers": layers or {}}, indent=2))
+        partial.replace(file)  # a reader never sees half a record
+
+    @staticmethod
+    def log_record(trainer: pl.Trainer, record: Mapping[str, Any], step: int) -> None:
+        if trainer.logger is not None:
+            numbers = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+            trainer.logger.log_metrics({f"prune/{k}": v for k, v in numbers.items()}, step=step)
+
+    # ------------------------------------------------------------------ testing each level, after fit
+    def test_rounds(
+        self, trainer: pl.Trainer, model: pl.LightningModule, datamodule: Optional[pl.LightningDataModule]
+    ) -> None:
+        """Test every recorded level not tested yet (``test_each_round``) with ``trainer.test``.
+
+        Runs after ``fit`` (the ``lthmaml`` CLI calls it): each ``rounds/round_XX/model.ckpt`` is the
+        net as recorded, so its test numbers are the level's. ``trainer.test`` restores the
+        callbacks' states from that checkpoint too, so every callback's state is put back after
+        each test; a level tested before (a resumed run) is not tested again.
+        """
+        if not self.test_each_round:
+            return
+        for index, record in enumerate(self.history):
+            if record.get("test_metrics"):
+                continue
+            states = [callback.state_dict() for callback in trainer.callbacks]
+            folder = self.round_dir(trainer, index)
+            try:
+                outputs = trainer.test(
+                    model, datamodule=datamodule, ckpt_path=str(folder / CHECKPOINT_FILE), verbose=False
+                )
+            finally:
+                for callback, state in zip(trainer.callbacks, states):
+                    callback.load_state_dict(state)
+            metrics = {name: float(value) for output in outputs for name, value in output.items()}
+            name = "test" + self.monitor[len("val") :] if (self.monitor or "").startswith("val") else None
+            record.update(test=metrics.get(name), test_metric=name, test_metrics=metrics)
+            self.history[index] = record
+            if trainer.is_global_zero:
+                self.write_metrics(folder, record)
+            self.log_record(trainer, {"round": index, "test": record["test"]}, record["global_step"])
+        rank_zero_info(round_table(self.history))
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         layers = self.prunable(pl_module)  # fail early, naming the layers, if exclude is wrong
@@ -158,9 +268,16 @@ class PruningCallback(Callback):
                 f"{type(self).__name__}: layer_rates names {unknown}, which are not prunable layers of "
                 f"{type(pl_module).__name__}; choose from {sorted(layers)}"
             )
+        if self.monitor is None and trainer.checkpoint_callback is not None:
+            self.monitor = trainer.checkpoint_callback.monitor
+            self.mode = trainer.checkpoint_callback.mode
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         sparsity.apply_masks(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.last_validation = (trainer.global_step, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.log("sparsity", sparsity.sparsity_report(pl_module).sparsity, sync_dist=True)
@@ -173,49 +290,57 @@ class PruningCallback(Callback):
             rank_zero_info(round_table(self.history))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {name: _on_cpu(getattr(self, name)) for name in self.state_attributes}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
+        for name in self.state_attributes:
+            if name not in state_dict:  # a checkpoint of an older version may lack a newer attribute
+                continue
+            current = getattr(self, name, None)
+            if hasattr(current, "load_state_dict"):  # a stateful helper (the best-weights tracker)
+                current.load_state_dict(state_dict[name])
+            else:
+                setattr(self, name, state_dict[name])
 
 
-def run_test_loop(trainer: pl.Trainer) -> dict[str, float]:
-    """The trainer's own test loop, run inside ``fit`` the way Lightning runs validation mid-epoch.
+def _on_cpu(value: Any) -> Any:
+    """Tensors (also inside dicts and lists) detached on the CPU, so a checkpoint loads anywhere."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if hasattr(value, "state_dict"):
+        return _on_cpu(value.state_dict())
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_on_cpu(item) for item in value]
+    return value
 
-    ``trainer.test`` cannot be nested in ``fit``; this runs the same loop (the module's ``test_step``
-    and test hooks, the logged ``test/*`` metrics, which also reach the logger at the current step)
-    with the trainer switched to testing and back.
-    """
-    loop = trainer.test_loop
-    if not loop._data_source.is_defined():
-        raise ConfigError("test_each_round needs a test_dataloader (in the DataModule)")
-    if trainer.datamodule is not None:
-        trainer.datamodule.setup("test")
-    state_fn, verbose = trainer.state.fn, loop.verbose
-    first_loop_iter = trainer._logger_connector._first_loop_iter
-    trainer.state.fn, loop.verbose = TrainerFn.TESTING, False
-    trainer.testing = True
-    try:
-        outputs = loop.run()
-    finally:
-        loop.teardown()
-        trainer.state.fn, loop.verbose = state_fn, verbose
-        trainer.training = True
-        trainer._logger_connector._first_loop_iter = first_loop_iter
-    return {name: float(value) for output in outputs for name, value in output.items()}
+
+TABLE_COLUMNS = ("round", "sparsity", "val", "val_epoch", "val_step", "test", "pruning_step", "tasks_scored")
 
 
 def round_table(history: Sequence[Mapping[str, Any]]) -> str:
-    """The per-round table printed at fit end: every numeric field of each round's record."""
-    keys = [k for k in history[0] if isinstance(history[0][k], (int, float))]
-    for record in history[1:]:
-        keys += [k for k in record if k not in keys and isinstance(record[k], (int, float))]
+    """The per-round table printed at fit end: the shared columns any record has, then the numbers
+    among the strategy's ``details``."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    rows = [
+        {**record, **{k: v for k, v in (record.get("details") or {}).items() if number(v)}}
+        for record in history
+    ]
+    keys = [key for key in TABLE_COLUMNS if any(number(row.get(key)) for row in rows)]
+    keys += sorted(
+        {key for row in rows for key in row.get("details") or {} if number(row.get(key))} - set(keys)
+    )
     widths = [max(12, len(key) + 2) for key in keys]
     lines = ["".join(f"{key:>{width}}" for key, width in zip(keys, widths))]
-    for record in history:
+    for row in rows:
         cells = []
         for key, width in zip(keys, widths):
-            value = record.get(key, "")
+            value = row.get(key)
+            value = "" if value is None else value
             cells.append(f"{value:>{width}.4f}" if isinstance(value, float) else f"{value!s:>{width}}")
         lines.append("".join(cells))
     return "\n".join(lines)

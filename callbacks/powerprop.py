@@ -24,13 +24,12 @@ The reparametrisation lives in the mask-aware layers' ``weight_transform`` hook,
 that ``higher``'s functional copies keep: MAML's inner loop adapts ``phi`` and computes with
 ``transform(phi') * mask``. The hook is not part of a ``state_dict``, so a model rebuilt from a
 checkpoint needs it again: a Trainer with this callback installs it for validate, test and predict;
-after ``load_from_checkpoint`` call :meth:`Powerprop.install` (``checkpoint_alpha`` reads ``alpha``
-from the file).
+after ``load_from_checkpoint`` call :func:`lthmaml.nets.reparam.install_power` (``checkpoint_alpha``
+reads ``alpha`` from the file, where this callback writes it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -41,8 +40,7 @@ from callbacks.base import PruningCallback
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.nets.layers import masked_layers
-from lthmaml.nets.reparam import PowerTransform, install_power, installed_alpha
-from lthmaml.sparsity import Scope
+from lthmaml.nets.reparam import CHECKPOINT_KEY, PowerTransform, install_power, installed_alpha
 
 
 class Powerprop(PruningCallback):
@@ -55,7 +53,7 @@ class Powerprop(PruningCallback):
             (``rounds/round_00``). None: no pruning here (e.g. stacked with ``LotteryTicket``).
         adam_correction: hand the optimizer ``dL/dw`` and scale its update by
             ``alpha * |phi| ** (alpha - 1)``, so adaptive optimizers keep the effect.
-        scope, exclude, layer_rates: of the one-shot pruning, as for
+        scope, exclude, layer_rates, monitor, mode, test_each_round: of the one-shot pruning, as for
             :class:`~callbacks.base.PruningCallback`. ``exclude`` does not exempt a layer from the
             reparametrisation: every mask-aware layer is powerpropagated.
     """
@@ -65,11 +63,9 @@ class Powerprop(PruningCallback):
         alpha: float = 2.0,
         final_sparsity: Optional[float] = None,
         adam_correction: bool = False,
-        scope: Scope = "global",
-        exclude: Sequence[str] = (),
-        layer_rates: Optional[Mapping[str, float]] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(scope=scope, exclude=exclude, layer_rates=layer_rates)
+        super().__init__(**kwargs)
         if alpha < 1:
             raise ConfigError(f"Powerprop alpha must be >= 1 (1: no reparametrisation), got {alpha}")
         if final_sparsity is not None and not 0.0 <= final_sparsity < 1.0:
@@ -102,22 +98,15 @@ class Powerprop(PruningCallback):
 
     # ------------------------------------------------------------------ one-shot pruning
     def prune_to_final_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prune the lowest-|w| effective weights up to ``final_sparsity`` of all, and record it."""
-        # The last validation before pruning: the dense net's numbers, for comparison.
-        dense = {
-            f"dense_{key[len('val/') :]}": float(value)
-            for key, value in trainer.callback_metrics.items()
-            if key.startswith("val/") and value.numel() == 1
-        }
+        """Prune the lowest-|w| effective weights up to ``final_sparsity`` of all, and record it.
+
+        The record's validation metrics are the last validation's, the dense net's, before pruning.
+        """
         # rounds=1: final_sparsity of *all* weights, also when another strategy pruned some already.
-        self.prune(
-            pl_module, sparsity.magnitude_scores(pl_module, self.exclude), self.final_sparsity, rounds=1
-        )
-        self.write_round(
-            trainer,
-            pl_module,
-            {"alpha": self.alpha, "epoch": trainer.current_epoch, "step": trainer.global_step, **dense},
-        )
+        scores = sparsity.magnitude_scores(pl_module, self.exclude)
+        self.prune(pl_module, scores, self.final_sparsity, rounds=1)
+        self.pruning_steps = 1
+        self.write_round(trainer, pl_module, details={"alpha": self.alpha, "validated_dense": True})
 
     # ------------------------------------------------------------------ Adam correction
     def on_before_optimizer_step(
@@ -180,6 +169,12 @@ class Powerprop(PruningCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.final_sparsity is not None:  # stacked, the pruning strategy reports the sparsity
             super().on_fit_end(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Read by whatever rebuilds the net from the file (export, the edge): see lthmaml.nets.reparam.
+        checkpoint[CHECKPOINT_KEY] = {"kind": "power", "alpha": self.alpha}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "alpha": self.alpha, "converted": self.converted}

@@ -14,6 +14,7 @@ different depth compare, then ranked over all layers together.
 Schedule (section 3). Every ``steps_between`` training steps the ``filters_per_step`` lowest
 filters go (their conv filters and BatchNorm channel, via the engine's ``prune_channels``) while
 training goes on, until ``target_fraction`` of the filters is removed. A layer always keeps one.
+The window, the rank reduction and the records are :class:`~callbacks.iterative.IterativePruning`'s.
 
 Cost. Scores come from a separate pass over the batch just trained on, in the last
 ``accumulate_batches`` batches before each pruning step (``None``: every batch). For MAML that pass
@@ -23,10 +24,11 @@ to the gates: 0.4 to 0.7 of a second-order meta-training task (measured on a CPU
 time (10 to 17% at the Omniglot config's 5 of 20), and nothing once the target is reached. No
 activation is kept: the gates' gradients are the criterion.
 
-Rounds. ``rounds/round_XX`` (masks, ``metrics.json`` with the filters left per layer,
-``model.ckpt``) records the net trained with the filters of pruning step ``XX``: written at the end
-of its training interval, just before the next step (round 0: the full net), the last one when the
-fit ends. Any intermediate network can be tested (``test_each_round`` does it in the fit), for a
+Rounds. ``rounds/round_XX`` (masks, ``metrics.json`` whose ``details`` hold ``filters_remaining``,
+``filters_pruned`` and the ``channels`` left per layer, ``model.ckpt``) records the net trained
+with the filters of pruning step ``XX``: written at the end of its training interval, just before
+the next step (round 0: the full net), the last one when the fit ends. Any intermediate network
+can be tested (``test_each_round`` tests them all after the fit), for a
 curve of accuracy against filters. A Conv4 with 64 filters takes about 2 MB a round (the checkpoint
 holds the Adam state and the masks), 17 rounds at the Omniglot config.
 """
@@ -38,10 +40,10 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from callbacks.base import PruningCallback
+from callbacks.iterative import IterativePruning
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d
@@ -120,45 +122,40 @@ def lowest_filters(
     return chosen
 
 
-class TaylorFilterPruning(PruningCallback):
+class TaylorFilterPruning(IterativePruning):
     """Structured pruning of conv filters by the first-order Taylor criterion (Molchanov et al. 2017).
 
     Args:
         filters_per_step: filters removed at each pruning step (8 on a 4 x 64 Conv4).
-        steps_between: training batches (meta-updates for MAML) from one pruning step to the next.
         target_fraction: stop once this share of the scored filters is removed.
-        accumulate_batches: score the tasks of this many batches before each pruning step
-            (``None``, or more than ``steps_between``: every batch since the last step, as the
-            paper does).
         exclude: conv layers (qualified names, e.g. ``net.features.0.0``) never pruned.
-        test_each_round: test each recorded net on the test split (see ``PruningCallback``).
+        steps_between, accumulate_batches, write_every: the schedule of
+            :class:`~callbacks.iterative.IterativePruning`; ``monitor``, ``mode``,
+            ``test_each_round``: as for :class:`~callbacks.base.PruningCallback`.
     """
 
     def __init__(
         self,
         filters_per_step: int = 8,
-        steps_between: int = 20,
         target_fraction: float = 0.5,
+        steps_between: int = 20,
         accumulate_batches: Optional[int] = 5,
         exclude: Sequence[str] = (),
-        test_each_round: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(scope="global", exclude=exclude, test_each_round=test_each_round)
-        name = type(self).__name__
-        if filters_per_step < 1 or steps_between < 1:
-            raise ConfigError(f"{name}: filters_per_step and steps_between must be >= 1")
+        if kwargs.get("scope", "global") != "global" or kwargs.get("layer_rates"):
+            raise ConfigError(
+                "TaylorFilterPruning ranks layer-normalised scores globally: drop scope/layer_rates"
+            )
+        super().__init__(steps_between, accumulate_batches, exclude=exclude, **kwargs)
+        if filters_per_step < 1:
+            raise ConfigError(f"TaylorFilterPruning: filters_per_step must be >= 1, got {filters_per_step}")
         if not 0.0 < target_fraction < 1.0:
-            raise ConfigError(f"{name}: target_fraction must be in (0, 1), got {target_fraction}")
-        if accumulate_batches is not None and accumulate_batches < 1:
-            raise ConfigError(f"{name}: accumulate_batches must be >= 1 or null, got {accumulate_batches}")
+            raise ConfigError(
+                f"TaylorFilterPruning: target_fraction must be in (0, 1), got {target_fraction}"
+            )
         self.filters_per_step = filters_per_step
-        self.steps_between = steps_between
         self.target_fraction = target_fraction
-        self.accumulate_batches = accumulate_batches
-        self.steps = 0
-        self.score_sums: dict[str, Tensor] = {}
-        self.tasks_scored = 0
-        self.last_step: dict[str, int] = {}  # what the last pruning step did, for the next record
 
     # ------------------------------------------------------------------ the layers and the target
     def layers(self, pl_module: pl.LightningModule) -> dict[str, tuple[MaskedConv2d, MaskedBatchNorm2d]]:
@@ -168,7 +165,7 @@ class TaylorFilterPruning(PruningCallback):
             raise ConfigError(
                 f"{type(self).__name__} prunes conv filters, but {type(pl_module).__name__} has no "
                 "MaskedConv2d layer to prune (outside exclude): use it on a conv net such as "
-                "lthmaml.nets.models.Conv4, or pick an unstructured pruning callback"
+                "lthmaml.nets.Conv4, or pick an unstructured pruning callback"
             )
         lonely = [name for name, (_, batchnorm) in pairs.items() if batchnorm is None]
         if lonely:
@@ -185,7 +182,6 @@ class TaylorFilterPruning(PruningCallback):
         left = sum(int(sparsity.alive_channels(conv).sum()) for conv in convs)
         return total, left, round(self.target_fraction * total)
 
-    # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         total, _, goal = self.target(pl_module)
         layers = len(self.layers(pl_module))
@@ -196,89 +192,44 @@ class TaylorFilterPruning(PruningCallback):
             )
         super().setup(trainer, pl_module, stage)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        super().on_train_batch_end(trainer, pl_module)
-        total, left, goal = self.target(pl_module)
-        if total - left >= goal:
-            return
-        self.steps += 1
-        position = (self.steps - 1) % self.steps_between + 1
-        if self.accumulate_batches is None or position > self.steps_between - self.accumulate_batches:
-            self.accumulate(pl_module, batch)
-        if position == self.steps_between:
-            self.record(trainer, pl_module)  # the net trained with these filters, before the step
-            self.prune_step(trainer, pl_module, min(self.filters_per_step, goal - (total - left)))
-
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before ModelCheckpoint's hook, so the fit's last.ckpt holds the final record too.
-        left = self.target(pl_module)[1]
-        recorded = bool(self.history) and self.history[-1]["filters_remaining"] == left
-        if self.history and not recorded and self.last_epoch(trainer):
-            self.record(trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
-        pl_module.log("filters_remaining", float(left), sync_dist=True)
-
-    def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Record the net as trained with its current filters (after ``steps`` training batches)."""
-        pairs = self.layers(pl_module)
-        total, left, _ = self.target(pl_module)
-        channels_left = {name: int(sparsity.alive_channels(conv).sum()) for name, (conv, _) in pairs.items()}
-        metrics = {
-            "step": self.steps,
-            "global_step": trainer.global_step,
-            "filters_remaining": left,
-            "filters_pruned": total - left,
-            **self.last_step,
-        }
-        self.write_round(trainer, pl_module, {**metrics, "channels": channels_left})
+        pl_module.log("filters_remaining", float(self.target(pl_module)[1]), sync_dist=True)
 
     # ------------------------------------------------------------------ the method
-    def accumulate(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Add the Taylor criterion of every task (or the batch) in ``batch`` to the running sums."""
-        batchnorms = {name: batchnorm for name, (_, batchnorm) in self.layers(pl_module).items()}
-        scores, count = taylor_scores(batchnorms, pl_module.task_losses(batch, adapted=True))
-        for name, score in scores.items():
-            previous = self.score_sums.get(name)
-            self.score_sums[name] = score if previous is None else previous.to(score) + score
-        self.tasks_scored += count
+    def finished(self, pl_module: pl.LightningModule) -> bool:
+        total, left, goal = self.target(pl_module)
+        return total - left >= goal
 
-    def prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, count: int) -> None:
-        """Remove the ``count`` filters of lowest layer-normalised score."""
+    def score_batch(self, pl_module: pl.LightningModule, batch: Any) -> tuple[dict[str, Tensor], int]:
+        """The Taylor criterion of every task (or the batch) in ``batch``."""
+        batchnorms = {name: batchnorm for name, (_, batchnorm) in self.layers(pl_module).items()}
+        return taylor_scores(batchnorms, pl_module.task_losses(batch, adapted=True))
+
+    def prune_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Mapping[str, Tensor]
+    ) -> dict[str, Any]:
+        """Remove the step's filters of lowest layer-normalised score (a layer keeps one)."""
         pairs = self.layers(pl_module)
+        total, left, goal = self.target(pl_module)
         alive = {name: sparsity.alive_channels(conv) for name, (conv, _) in pairs.items()}
-        local = {
-            name: self.score_sums.get(name, torch.zeros_like(bn.channel_mask)).to(bn.channel_mask)
+        sums = {
+            name: scores.get(name, torch.zeros_like(bn.channel_mask)).to(bn.channel_mask)
             for name, (_, bn) in pairs.items()
         }
-        sums = self.reduce_scores(trainer, local)
-        chosen = lowest_filters(layer_normalized(sums), alive, count)
+        chosen = lowest_filters(
+            layer_normalized(sums), alive, min(self.filters_per_step, goal - (total - left))
+        )
         if not chosen:
             rank_zero_warn(f"{type(self).__name__}: every layer is down to one filter; nothing pruned")
         for name, channels in chosen.items():
             sparsity.prune_channels(pl_module, name, channels)
-        tasks = self.reduce_count(trainer, self.tasks_scored)
-        self.last_step = {"tasks_scored": tasks}
+        return {"filters_removed": sum(len(c) for c in chosen.values())}
+
+    def details(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         total, left, _ = self.target(pl_module)
-        rank_zero_info(
-            f"{type(self).__name__}: step {self.steps} removed {sum(len(c) for c in chosen.values())} "
-            f"filters scored on {tasks} tasks; {left} of {total} left"
-        )
-        self.score_sums, self.tasks_scored = {}, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "steps": self.steps,
-            "score_sums": {name: s.detach().cpu() for name, s in self.score_sums.items()},
-            "tasks_scored": self.tasks_scored,
-            "last_step": self.last_step,
+        channels = {
+            name: int(sparsity.alive_channels(conv).sum())
+            for name, (conv, _) in self.layers(pl_module).items()
         }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.steps = int(state_dict.get("steps", 0))
-        self.score_sums = dict(state_dict.get("score_sums", {}))
-        self.tasks_scored = int(state_dict.get("tasks_scored", 0))
-        self.last_step = dict(state_dict.get("last_step", {}))
+        return {"filters_remaining": left, "filters_pruned": total - left, "channels": channels}

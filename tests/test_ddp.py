@@ -247,7 +247,7 @@ def test_ddp_pruning_rounds_end_with_identical_masks(tmp_path):
     assert not (tmp_path / "lottery_rank1").exists()
     # Task counts in the round records (round 1: the level the first step made) are totals over
     # the ranks, as one process counts them.
-    for name, key in (("metagrad", "tasks"), ("taylor", "tasks_scored")):
+    for name, key in (("metagrad", "tasks_scored"), ("taylor", "tasks_scored")):
         records = [
             json.loads((tmp_path / f"{name}_{run}" / "rounds" / "round_01" / "metrics.json").read_text())
             for run in ("rank0", "single")

@@ -347,8 +347,8 @@ def test_round_folders_hold_masks_metrics_and_a_loadable_checkpoint_on_conv4_mam
         values = {epoch: probe.val[epoch] for epoch in (2 * r, 2 * r + 1)}
         best_epoch = min(values, key=values.get)
         assert metrics["round"] == r and metrics["monitor"] == "val/loss_post"
-        assert (metrics["best_epoch"], metrics["best_val"]) == (best_epoch, pytest.approx(values[best_epoch]))
-        assert metrics["best_epoch_in_round"] == best_epoch - 2 * r + 1  # 1 or 2 of the round's epochs
+        assert (metrics["val_epoch"], metrics["val"]) == (best_epoch, pytest.approx(values[best_epoch]))
+        assert metrics["val_epoch_in_round"] == best_epoch - 2 * r + 1  # 1 or 2 of the round's epochs
         total = sum(mask.numel() for mask in masks.values())
         assert metrics["sparsity"] == pytest.approx((head_zeros + feature_zeros) / total)
         restored = MAML.load_from_checkpoint(folder / "model.ckpt", net=conv4())
@@ -375,7 +375,7 @@ def test_the_round_best_validation_weights_are_the_ones_pruned_on_a_classifier(t
     )
     fit(model, TinyClassification(), [lottery, probe], tmp_path)
     record = lottery.history[0]
-    assert (record["best_epoch"], record["best_val"]) == (1, pytest.approx(0.9))
+    assert (record["val_epoch"], record["val"]) == (1, pytest.approx(0.9))
     best, last = probe.epoch_end[1], probe.step_end[9]  # 3 steps per epoch: step 9 ends round 0
 
     def pruned(params):  # round 0's pruning, from dense masks, of these weights
@@ -389,8 +389,8 @@ def test_the_round_best_validation_weights_are_the_ones_pruned_on_a_classifier(t
     checkpoint = torch.load(round_folder(tmp_path, 0) / "model.ckpt", weights_only=False)
     for name, value in best.items():
         assert torch.equal(checkpoint["state_dict"][name], value), name
-    assert "best_val" in caplog.text and "best_epoch" in caplog.text  # the per-round table
-    table = caplog.text[caplog.text.index("best_epoch") :].splitlines()
+    assert "val" in caplog.text and "val_epoch" in caplog.text  # the per-round table
+    table = caplog.text[caplog.text.index("val_epoch") :].splitlines()
     sparsity_1 = f"{lottery.history[1]['sparsity']:.4f}"
     assert [line.split()[:4] for line in table[1:3]] == [
         ["0", "0.0000", "0.9000", "1"],
@@ -401,8 +401,10 @@ def test_the_round_best_validation_weights_are_the_ones_pruned_on_a_classifier(t
 def test_test_each_round_records_the_test_metric_of_the_round_best_weights(tmp_path):
     lottery = LotteryTicket(rounds=1, epochs_per_round=2, monitor="val/acc", mode="max", test_each_round=True)
     data = TinyClassification()
-    trainer = fit(classifier(), data, [lottery], tmp_path)
+    model = classifier()
+    trainer = fit(model, data, [lottery], tmp_path)
     assert trainer.current_epoch == 4 and trainer.state.fn == "fit"
+    lottery.test_rounds(trainer, model, data)  # what the lthmaml CLI does after fit
     x, y = data.data["test"].tensors
     for r, record in enumerate(lottery.history):
         restored = Classifier.load_from_checkpoint(

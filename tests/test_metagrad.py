@@ -113,9 +113,9 @@ def test_importance_equals_eq_6_7_by_hand_over_the_tasks_seen(tmp_path, kind):
     )
     callback = MetaGradientPruning(weights_per_step=1, steps=1, steps_between=100)
     trainer(tmp_path, [callback], max_steps=2).fit(model, datamodule=dm)
-    assert callback.tasks_seen == expected_tasks and callback.pruned_steps == 0
+    assert callback.tasks_scored == expected_tasks and callback.pruning_steps == 0
     expected = hand_importance(model, losses_of)
-    got = callback.importance(model)
+    got = callback.importance(model, callback.score_sums)
     assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
@@ -156,18 +156,17 @@ def test_each_criterion_prunes_its_own_known_set(criterion, pruned):
         weights_per_step=2, steps=1, steps_between=1, criterion=criterion, candidate_factor=2.0
     )
     callback.accumulate(model, batch=None)
-    torch.testing.assert_close(callback.grad_sq["layer"].flatten(), torch.tensor(GRAD_SQUARES))
-    assert callback.prune_step(model) == 2
+    torch.testing.assert_close(callback.score_sums["layer"].flatten(), torch.tensor(GRAD_SQUARES))
+    assert callback.prune_step(None, model, callback.score_sums) == {"weights_pruned": 2}
     assert set((model.layer.mask.flatten() == 0).nonzero().flatten().tolist()) == pruned
     assert model.layer.weight.flatten()[sorted(pruned)].eq(0).all()
-    assert callback.grad_sq == {} and callback.tasks_seen == 0  # accumulators restart
 
 
 def test_two_stage_scores_are_inf_outside_the_candidate_pool():
     model = Crafted(WEIGHTS, GRAD_SQUARES)
     callback = MetaGradientPruning(weights_per_step=2, criterion="gradient_first", candidate_factor=2.0)
     callback.accumulate(model, batch=None)
-    scores = callback.scores(model, fraction=2 / 8)["layer"].flatten()
+    scores = callback.scores(model, callback.score_sums, fraction=2 / 8)["layer"].flatten()
     assert torch.isinf(scores).nonzero().flatten().tolist() == [0, 1, 2, 4]
     assert scores[[3, 5, 6, 7]].tolist() == [4.0, 6.0, 7.0, 8.0]
 
@@ -179,8 +178,8 @@ def test_layerwise_scope_and_exclude(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     callback = MetaGradientPruning(weights_per_step=9, scope="layerwise", exclude=["net.net.4"])
     callback.accumulate(model, batch)
-    assert set(callback.grad_sq) == {"net.net.0", "net.net.2"} and callback.tasks_seen == META_BATCH
-    callback.prune_step(model)  # fraction 9 / 72 of each of the 8- and 64-weight layers
+    assert set(callback.score_sums) == {"net.net.0", "net.net.2"} and callback.tasks_scored == META_BATCH
+    callback.prune_step(None, model, callback.score_sums)  # fraction 9 / 72 of each of the 8- and 64-weight layers
     masks = sparsity.masks_of(model)
     assert [int((masks[n] == 0).sum()) for n in ("net.net.0", "net.net.2", "net.net.4")] == [1, 8, 0]
 
@@ -191,7 +190,7 @@ def test_bad_options_are_config_errors():
     with pytest.raises(ConfigError, match="candidate_factor"):
         MetaGradientPruning(weights_per_step=1, candidate_factor=0.5)
     with pytest.raises(ConfigError, match="accumulate_batches"):
-        MetaGradientPruning(weights_per_step=1, steps_between=5, accumulate_batches=6)
+        MetaGradientPruning(weights_per_step=1, steps_between=5, accumulate_batches=0)
     with pytest.raises(ConfigError, match="exactly one of weights_per_step"):
         MetaGradientPruning()
     with pytest.raises(ConfigError, match="exactly one of weights_per_step"):
@@ -249,7 +248,7 @@ def test_maml_schedule_prunes_exactly_weights_per_step_then_stops_and_zeros_stay
     # Round k: the net trained at the sparsity of step k, recorded just before step k + 1 (batches
     # 2, 4, 6), the last when the fit ends (batch 10); each names the step that made its sparsity.
     assert [
-        (r["round"], r["step"], r.get("pruned"), r.get("tasks"), r["global_step"]) for r in callback.history
+        (r["round"], r["pruning_step"], r["details"].get("weights_pruned"), r.get("tasks_scored"), r["global_step"]) for r in callback.history
     ] == [
         (0, 0, None, None, 2),
         (1, 1, 5, 2 * META_BATCH, 4),
@@ -276,10 +275,10 @@ def test_accumulate_batches_sums_only_the_last_batches_and_write_every_thins_rou
         weights_per_step=4, steps=2, steps_between=3, accumulate_batches=1, write_every=2
     )
     trainer(tmp_path, [callback], max_steps=6).fit(model, datamodule=dm)
-    assert callback.pruned_steps == 2 and zeros(sparsity.masks_of(model)) == 8
+    assert callback.pruning_steps == 2 and zeros(sparsity.masks_of(model)) == 8
     # write_every=2: the dense net (before step 1) and the final sparsity of step 2, whose scores
     # summed one batch of tasks; step 1's sparsity is not recorded.
-    assert [(r["step"], r.get("tasks")) for r in callback.history] == [(0, None), (2, META_BATCH)]
+    assert [(r["pruning_step"], r.get("tasks_scored")) for r in callback.history] == [(0, None), (2, META_BATCH)]
     assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round_00", "round_01"]
 
 
@@ -290,7 +289,7 @@ def test_supervised_classifier_is_pruned_on_schedule_with_adam(tmp_path):
     trainer(tmp_path, [callback, probe], max_epochs=2).fit(model, datamodule=TinyImages())
     assert probe.zeros == [0, 10, 10, 20, 20, 20, 20, 20]
     assert probe.raw_nonzero_under_mask == [0] * 8
-    assert [(r.get("pruned"), r.get("tasks")) for r in callback.history] == [(None, None), (10, 2), (10, 2)]
+    assert [(r["details"].get("weights_pruned"), r.get("tasks_scored")) for r in callback.history] == [(None, None), (10, 2), (10, 2)]
     assert zeros(sparsity.read_masks(tmp_path / "rounds" / "round_02" / "mask.safetensors")) == 20
 
 
@@ -300,7 +299,9 @@ def test_prune_rate_reaches_the_lottery_schedule_sparsities_and_tests_each_level
     model, dm = sinusoid_maml(adam, tasks_per_epoch=6 * META_BATCH)
     callback = MetaGradientPruning(prune_rate=0.2, steps=3, steps_between=2, test_each_round=True)
     best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss_post", mode="min")
-    trainer(tmp_path, [callback, best], max_steps=6, enable_checkpointing=True).fit(model, datamodule=dm)
+    fit = trainer(tmp_path, [callback, best], max_steps=6, enable_checkpointing=True)
+    fit.fit(model, datamodule=dm)
+    callback.test_rounds(fit, model, dm)  # what the lthmaml CLI does after fit
     expected = [round(80 * (1 - 0.8**k)) for k in range(4)]  # 0, 16, 29, 39
     assert [
         zeros(sparsity.read_masks(tmp_path / "rounds" / f"round_{k:02d}" / "mask.safetensors"))
@@ -320,7 +321,7 @@ class Accumulated(Callback):
         self.trace: list[dict[str, list]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.trace.append({n: v.flatten().tolist() for n, v in self.pruning.grad_sq.items()})
+        self.trace.append({n: v.flatten().tolist() for n, v in self.pruning.score_sums.items()})
 
 
 def test_resumed_fit_continues_schedule_and_accumulators_exactly(tmp_path):
@@ -339,11 +340,11 @@ def test_resumed_fit_continues_schedule_and_accumulators_exactly(tmp_path):
     full_model, full, full_trace = run(tmp_path / "full")
     mid = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"  # after batch 4: one batch since step 1
     state = torch.load(mid, weights_only=True)["callbacks"]["MetaGradientPruning"]
-    assert (state["pruned_steps"], state["batches_since_prune"], state["tasks_seen"]) == (1, 1, META_BATCH)
-    assert set(state["grad_sq"]) == {"net.net.0", "net.net.2", "net.net.4"}
+    assert (state["pruning_steps"], state["batches_since_prune"], state["tasks_scored"]) == (1, 1, META_BATCH)
+    assert set(state["score_sums"]) == {"net.net.0", "net.net.2", "net.net.4"}
     resumed_model, resumed, resumed_trace = run(tmp_path / "resumed", ckpt=str(mid))
 
-    assert resumed.pruned_steps == full.pruned_steps == 3
+    assert resumed.pruning_steps == full.pruning_steps == 3
     # The accumulated squared gradients after each of batches 5..10 match the uninterrupted run.
     assert resumed_trace == full_trace[4:] and len(resumed_trace) == 6
     assert resumed.history == full.history
@@ -403,4 +404,4 @@ def test_tiny_sinusoid_fit_through_the_cli_writes_rounds(tmp_path, monkeypatch):
     model = MAML.load_from_checkpoint(last)
     assert zeros(sparsity.masks_of(model)) == 40
     state = torch.load(last, weights_only=True)["callbacks"]["MetaGradientPruning"]
-    assert state["pruned_steps"] == 2 and len(state["history"]) == 3
+    assert state["pruning_steps"] == 2 and len(state["history"]) == 3

@@ -284,7 +284,7 @@ def test_one_shot_pruning_survives_adam_steps_checkpoint_load_and_resume(kind, t
         assert torch.all(weight[masks[name] == 0] == 0) and torch.all(weight[masks[name] == 1] != 0)
     folder = tmp_path / "rounds" / "round_00"
     record = json.loads((folder / "metrics.json").read_text())
-    assert record["sparsity"] == pytest.approx(0.8, abs=1 / total) and record["alpha"] == 2.0
+    assert record["sparsity"] == pytest.approx(0.8, abs=1 / total) and record["details"]["alpha"] == 2.0
     checkpoint = folder / "model.ckpt"
 
     # load_from_checkpoint: the parameters are phi; install() restores the function, once.

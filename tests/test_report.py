@@ -263,7 +263,7 @@ def test_real_lottery_fit_then_report(tmp_path: Path, monkeypatch):
     rows = parse_table((tmp_path / "report" / "report.md").read_text().split("## LotteryTicket")[1])
     for row, record in zip(rows, loaded.rounds, strict=True):
         assert row["sparsity"] == f"{100 * record['sparsity']:.2f}%"
-        assert row["best val"] == f"{record['best_val']:.4f}"
+        assert row["best val"] == f"{record['val']:.4f}"
         ci = record["test_metrics"]["test/loss_post_ci95"]
         assert row["test +- 95% CI"] == f"{record['test']:.4f} ± {ci:.4f}"
     text = (tmp_path / "report" / "report.md").read_text()

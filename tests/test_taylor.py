@@ -164,10 +164,10 @@ class SpyTaylor(TaylorFilterPruning):
         super().__init__(**kwargs)
         self.seen: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
 
-    def prune_step(self, trainer, pl_module, count):
-        sums = {name: s.clone() for name, s in self.score_sums.items()}
+    def prune_step(self, trainer, pl_module, scores):
+        sums = {name: s.clone() for name, s in scores.items()}
         self.seen.append((layer_normalized(sums), alive_of(pl_module)))
-        super().prune_step(trainer, pl_module, count)
+        return super().prune_step(trainer, pl_module, scores)
 
 
 def test_maml_schedule_prunes_lowest_filters_stops_at_target_and_keeps_them_at_zero(tmp_path):
@@ -180,9 +180,15 @@ def test_maml_schedule_prunes_lowest_filters_stops_at_target_and_keeps_them_at_z
     # Steps 2 and 4 prune 3 then 1 filter (the target is round(0.5 * 8) = 4); steps 5-7 only train.
     # A round records the net trained with its filters: before each step, and the last at the end.
     assert [
-        (r["step"], r["global_step"], r["filters_pruned"], r["filters_remaining"]) for r in callback.history
-    ] == [(2, 2, 0, 8), (4, 4, 3, 5), (4, 7, 4, 4)]
-    assert callback.steps == 4 and callback.score_sums == {} and callback.tasks_scored == 0
+        (
+            r["pruning_step"],
+            r["global_step"],
+            r["details"]["filters_pruned"],
+            r["details"]["filters_remaining"],
+        )
+        for r in callback.history
+    ] == [(0, 2, 0, 8), (1, 4, 3, 5), (2, 7, 4, 4)]
+    assert callback.pruning_steps == 2 and callback.score_sums == {} and callback.tasks_scored == 0
     assert [r.get("tasks_scored") for r in callback.history] == [None, 2, 2]  # one batch of 2 tasks each
     alive = alive_of(model)
     assert sum(int(a.sum()) for a in alive.values()) == 4 and all(a.sum() >= 1 for a in alive.values())
@@ -207,7 +213,7 @@ def test_maml_schedule_prunes_lowest_filters_stops_at_target_and_keeps_them_at_z
     rounds = sorted((tmp_path / "rounds").iterdir())
     assert [p.name for p in rounds] == ["round_00", "round_01", "round_02"]
     metrics = json.loads((rounds[2] / "metrics.json").read_text())
-    assert metrics["filters_remaining"] == 4 and sum(metrics["channels"].values()) == 4
+    assert metrics["details"]["filters_remaining"] == 4 and sum(metrics["details"]["channels"].values()) == 4
     saved = sparsity.read_masks(rounds[2] / "mask.safetensors")
     assert all(torch.equal(saved[name], mask) for name, mask in sparsity.masks_of(model).items())
     assert (rounds[2] / "model.ckpt").is_file()
@@ -252,7 +258,11 @@ def test_classifier_prunes_by_the_batch_loss_and_logs_filters_remaining(tmp_path
     )
     fit = trainer(max_epochs=2, callbacks=[callback], default_root_dir=tmp_path)
     fit.fit(model, datamodule=TinyImages())
-    assert [(r["step"], r["filters_remaining"]) for r in callback.history] == [(1, 8), (2, 6), (2, 4)]
+    assert [(r["pruning_step"], r["details"]["filters_remaining"]) for r in callback.history] == [
+        (0, 8),
+        (1, 6),
+        (2, 4),
+    ]
     assert fit.callback_metrics["filters_remaining"] == 4
     assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round_00", "round_01", "round_02"]
     assert sum(int(a.sum()) for a in alive_of(model).values()) == 4
@@ -263,12 +273,13 @@ def test_classifier_prunes_by_the_batch_loss_and_logs_filters_remaining(tmp_path
 
 def test_state_survives_a_checkpoint_round_trip():
     callback = TaylorFilterPruning(steps_between=4, accumulate_batches=2)
-    callback.steps, callback.tasks_scored = 6, 10
+    callback.batches_since_prune, callback.pruning_steps, callback.tasks_scored = 1, 6, 10
     callback.score_sums = {"net.features.0.0": torch.tensor([1.0, 2.0])}
     callback.history = [{"round": 0, "filters_remaining": 7}]
     restored = TaylorFilterPruning(steps_between=4)
     restored.load_state_dict(callback.state_dict())
-    assert (restored.steps, restored.tasks_scored, restored.history) == (6, 10, callback.history)
+    restored_counts = (restored.batches_since_prune, restored.pruning_steps, restored.tasks_scored)
+    assert restored_counts == (1, 6, 10) and restored.history == callback.history
     assert torch.equal(restored.score_sums["net.features.0.0"], torch.tensor([1.0, 2.0]))
 
 
@@ -397,6 +408,11 @@ def test_prune_config_stacks_on_the_omniglot_config(capsys):
         "steps_between": 20,
         "target_fraction": 0.5,
         "accumulate_batches": 5,
+        "write_every": 1,
+        "scope": "global",
+        "layer_rates": None,
+        "monitor": None,
+        "mode": None,
         "exclude": [],
         "test_each_round": False,
     }
@@ -464,10 +480,14 @@ def test_tiny_omniglot_fit_from_yaml_writes_rounds_and_a_pruned_checkpoint(
     main(["fit", "-c", OMNIGLOT, "-c", TAYLOR, "-c", str(tiny)])
     run = tmp_path / "runs" / "omniglot_5way1shot" / "version_0"
     remaining = [json.loads((run / "rounds" / f"round_0{i}" / "metrics.json").read_text()) for i in range(3)]
-    assert [(m["step"], m["filters_remaining"]) for m in remaining] == [(2, 8), (4, 6), (4, 4)]
+    assert [(m["pruning_step"], m["details"]["filters_remaining"]) for m in remaining] == [
+        (0, 8),
+        (1, 6),
+        (2, 4),
+    ]
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     masks = checkpoint["state_dict"]
     assert sum(int(masks[f"{conv}.mask"].flatten(1).any(1).sum()) for conv in CONVS) == 4
     assert sum(int(masks[f"{conv[:-2]}.1.channel_mask"].sum()) for conv in CONVS) == 4
     (state,) = [v for k, v in checkpoint["callbacks"].items() if "TaylorFilterPruning" in k]
-    assert len(state["history"]) == 3 and state["steps"] == 4
+    assert len(state["history"]) == 3 and state["pruning_steps"] == 2

@@ -99,8 +99,8 @@ def plot_rounds(runs: Sequence[Run], file: Path) -> Optional[str]:
     fig, (left, right) = _panels(2, width=6.5)
     any_epoch = any_time = in_round = False
     for run in pruned:
-        key = "best_epoch_in_round" if any(r.get("best_epoch_in_round") for r in run.rounds) else "best_epoch"
-        in_round = in_round or key == "best_epoch_in_round"
+        key = "val_epoch_in_round" if any(r.get("val_epoch_in_round") for r in run.rounds) else "val_epoch"
+        in_round = in_round or key == "val_epoch_in_round"
         epochs = [(r["round"], r[key]) for r in run.rounds if r.get(key) is not None]
         if epochs:
             any_epoch = True
@@ -111,7 +111,7 @@ def plot_rounds(runs: Sequence[Run], file: Path) -> Optional[str]:
             rounds = sorted(seconds)
             right.plot(rounds, [seconds[r] for r in rounds], marker="s", label=run.label)
     for ax, ok, what in (
-        (left, any_epoch, "no best_epoch in metrics.json"),
+        (left, any_epoch, "no val_epoch in metrics.json"),
         (right, any_time, "no prune/round TensorBoard events"),
     ):
         ax.set_xlabel("pruning round")

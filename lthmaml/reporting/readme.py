@@ -149,7 +149,7 @@ def run_findings(run: Run, control: Optional[Run]) -> list[str]:
     last = points[-1]
     if last is not best:
         lines.append(f"Last level: {fmt(last)}.")
-    epochs = [r.get("best_epoch_in_round") for r in run.rounds]
+    epochs = [r.get("val_epoch_in_round") for r in run.rounds]
     if all(isinstance(e, int) for e in epochs) and len(epochs) > 1:
         lines.append(
             f"Epoch of best validation within each round, round 0 on: {', '.join(map(str, epochs))}."

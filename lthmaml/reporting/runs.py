@@ -13,6 +13,7 @@ from typing import Any, Optional
 import yaml
 
 from lthmaml.errors import DataError
+from lthmaml.rounds import RoundRecord
 
 SOURCES = {"test": "test", "best_val": "best val", "val": "last val"}
 
@@ -113,7 +114,11 @@ def read_rounds(path: Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict) or "sparsity" not in record:
             raise DataError(f"{file}: not a round's metrics.json (no 'sparsity' key)")
         record.setdefault("round", int(file.parent.name.split("_")[-1]))
-        rounds.append(record)
+        try:
+            schema = RoundRecord.from_dict(record).as_dict()
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{file}: not a round record ({error})") from None
+        rounds.append({**schema, "layers": record.get("layers") or {}})
     return sorted(rounds, key=lambda r: r["round"])
 
 
@@ -181,16 +186,15 @@ def load_run(path: Path) -> Run:
 
 
 def round_value(run: Run, record: dict[str, Any]) -> tuple[Optional[float], Optional[float], str]:
-    """A round's (metric, 95% CI, source): its test when tested, else its best validation value."""
-    test_metric = record.get("test_metric") or f"test/{run.metric}"
-    if isinstance(record.get("test"), (int, float)):
-        ci = (record.get("test_metrics") or {}).get(f"{test_metric}_ci95")
+    """A round's (metric, 95% CI, source): its test when tested, else the validation value of the
+    recorded weights (``best_val``: the round's best, ``val``: its last)."""
+    test_metric = record["test_metric"] or f"test/{run.metric}"
+    if isinstance(record["test"], (int, float)):
+        ci = record["test_metrics"].get(f"{test_metric}_ci95")
         return float(record["test"]), (None if ci is None else float(ci)), "test"
-    if isinstance(record.get("best_val"), (int, float)):
-        return float(record["best_val"]), None, "best_val"
-    value = record.get(f"val/{run.metric}")  # strategies that record the last validation instead
+    value = record["val_metrics"].get(f"val/{run.metric}")
     if isinstance(value, (int, float)):
-        return float(value), None, "val"
+        return float(value), None, "best_val" if record["recorded"] == "best" else "val"
     return None, None, "none"
 
 

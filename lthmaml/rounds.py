@@ -1,0 +1,113 @@
+"""One schema for a pruning round's record, ``rounds/round_XX/metrics.json``, whatever the strategy.
+
+The strategies write it (``callbacks/``), the report reads it (``lthmaml.reporting``): each key has
+one meaning for every strategy, so nothing downstream guesses which one wrote a file. Plain Python,
+no torch: reading a hundred records takes no time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+ROUNDS_FOLDER = "rounds"
+METRICS_FILE = "metrics.json"
+MASK_FILE = "mask.safetensors"
+CHECKPOINT_FILE = "model.ckpt"
+
+Recorded = Literal["best", "last"]
+
+
+def round_folder_name(index: int) -> str:
+    return f"round_{index:02d}"
+
+
+@dataclass
+class RoundRecord:
+    """A network trained at one sparsity level, as recorded.
+
+    Attributes:
+        round: index of the record (``round_XX``), in the order written.
+        sparsity: fraction of the prunable weights that are zero (effective weights).
+        pruning_step: pruning events applied to reach this level (0: the dense net).
+        global_step: optimizer steps taken when the record was written.
+        epoch: the trainer's epoch (0-based) when the record was written.
+        recorded: which weights the record holds: the level's ``best`` by ``monitor`` (round-based
+            strategies restore them) or its ``last`` (prune-while-training strategies).
+        monitor: the validation metric ``val`` is (None: nothing was monitored).
+        val: the monitored validation value of the recorded weights.
+        val_step, val_epoch: global step and epoch (0-based) of that validation; for ``best``
+            weights ``val_step`` is the early-stopping iteration of the LTH papers.
+        val_epoch_in_round: ``val_epoch`` counted within the round, 1 = its first epoch (round-based
+            strategies with epoch-long rounds only).
+        val_metrics: every ``val/*`` metric of that validation.
+        tasks_scored: tasks (or batches) the scores of the pruning step that made this level summed
+            over, all ranks together (None: the step did not score tasks, or the net is dense).
+        test, test_metric, test_metrics: the test counterpart of ``monitor`` and every test metric,
+            when the round was tested (``test_each_round``).
+        details: what only this strategy records (documented in its file, e.g. Taylor's filters).
+    """
+
+    round: int
+    sparsity: float
+    pruning_step: int
+    global_step: int
+    epoch: int
+    recorded: Recorded = "last"
+    monitor: Optional[str] = None
+    val: Optional[float] = None
+    val_step: Optional[int] = None
+    val_epoch: Optional[int] = None
+    val_epoch_in_round: Optional[int] = None
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    tasks_scored: Optional[int] = None
+    test: Optional[float] = None
+    test_metric: Optional[str] = None
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def tested(self) -> bool:
+        return self.test is not None or bool(self.test_metrics)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RoundRecord:
+        """A record from ``metrics.json`` (extra keys such as ``layers`` are left out).
+
+        Records written before this schema are converted once, here: ``best_val/best_epoch/
+        best_step/best_epoch_in_round`` (lottery), ``step`` (pruning steps for meta-gradient
+        pruning, batches for Taylor), flat ``val/*`` keys, ``tasks`` and ``pruned``.
+        """
+        if "pruning_step" not in values:
+            values = _legacy(values)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def _legacy(old: Mapping[str, Any]) -> dict[str, Any]:
+    known = {"round", "sparsity", "global_step", "epoch", "monitor", "test", "test_metric", "test_metrics"}
+    new: dict[str, Any] = {key: old[key] for key in known if key in old}
+    metagrad = "pruned" in old or "tasks" in old or any(key.startswith("val/") for key in old)
+    new["pruning_step"] = int(old["step"]) if metagrad and "step" in old else int(old.get("round", 0))
+    new["global_step"] = int(old.get("global_step", old.get("best_step") or 0))
+    new["epoch"] = int(old.get("epoch", old.get("best_epoch") or 0))
+    new["test_metrics"] = dict(old.get("test_metrics") or {})
+    new["val_metrics"] = {key: float(value) for key, value in old.items() if key.startswith("val/")}
+    if old.get("best_val") is not None:
+        new.update(recorded="best", val=old["best_val"], val_step=old.get("best_step"))
+        new.update(val_epoch=old.get("best_epoch"), val_epoch_in_round=old.get("best_epoch_in_round"))
+        if old.get("monitor"):
+            new["val_metrics"].setdefault(old["monitor"], old["best_val"])
+    new["tasks_scored"] = old.get("tasks_scored", old.get("tasks"))
+    details = {
+        key: old[key] for key in ("filters_remaining", "filters_pruned", "channels", "alpha") if key in old
+    }
+    if "pruned" in old:
+        details["weights_pruned"] = old["pruned"]
+    new["details"] = details
+    return new

@@ -1,0 +1,108 @@
+"""The shared round record and testing each level after the fit with the public Trainer API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks import LotteryTicket, MetaGradientPruning
+from lthmaml.data import SinusoidDataModule
+from lthmaml.meta import MAML
+from lthmaml.nets import MLP
+from lthmaml.rounds import RoundRecord
+from lthmaml.tracking import BestWeights
+
+# test/loss_post of each level as the in-fit test loop (Lightning internals, before the shared
+# base) recorded it for exactly these runs; testing the round checkpoints after the fit must agree.
+BEFORE_THE_REFACTOR = {
+    "metagrad": [2.968275785446167, 3.055601119995117, 3.0501351356506348, 3.018587827682495],
+    "lottery": [2.968275785446167, 3.4205734729766846, 3.231332540512085],
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(BEFORE_THE_REFACTOR))
+def test_levels_tested_after_the_fit_give_the_numbers_the_in_fit_loop_gave(tmp_path, strategy):
+    torch.manual_seed(0)
+    data = SinusoidDataModule(
+        shots=4, query_shots=5, meta_batch_size=3, tasks_per_epoch=18, val_tasks=6, test_tasks=9
+    )
+    model = MAML(
+        MLP(hidden=(8, 8)), inner_lr=0.05, inner_steps=1, optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
+    )
+    if strategy == "metagrad":
+        callback = MetaGradientPruning(prune_rate=0.2, steps=3, steps_between=2, test_each_round=True)
+        limits = {"max_steps": 6}
+    else:
+        callback = LotteryTicket(rounds=2, steps_per_round=2, test_each_round=True)
+        limits = {"max_epochs": 10}
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss_post", mode="min")
+    trainer = quiet_trainer(
+        default_root_dir=str(tmp_path),
+        callbacks=[callback, best],
+        enable_checkpointing=True,
+        limit_val_batches=None,
+        **limits,
+    )
+    trainer.fit(model, datamodule=data)
+    best_path, history = best.best_model_path, [dict(r) for r in callback.history]
+    callback.test_rounds(trainer, model, data)
+    got = [record["test_metrics"]["test/loss_post"] for record in callback.history]
+    assert got == pytest.approx(BEFORE_THE_REFACTOR[strategy], rel=1e-6)
+    assert [r["test"] for r in callback.history] == got  # the monitor's test counterpart
+    for index, record in enumerate(callback.history):  # written into each level's metrics.json
+        saved = json.loads((tmp_path / "rounds" / f"round_{index:02d}" / "metrics.json").read_text())
+        assert saved["test"] == record["test"] and saved["layers"]
+        assert {k: v for k, v in record.items() if not k.startswith("test")} == {
+            k: v for k, v in history[index].items() if not k.startswith("test")
+        }
+    assert best.best_model_path == best_path  # the callbacks' states were put back after each test
+    calls = []
+    trainer.test = lambda *args, **kwargs: calls.append(kwargs)  # a resumed run tests nothing twice
+    callback.test_rounds(trainer, model, data)
+    assert calls == []
+
+
+def test_records_of_every_strategy_before_the_schema_read_with_one_meaning_per_key():
+    lottery = RoundRecord.from_dict(
+        {"round": 2, "sparsity": 0.36, "best_val": 0.8, "best_epoch": 5, "best_epoch_in_round": 2,
+         "best_step": 60, "monitor": "val/acc_post", "test": 0.79, "test_metric": "test/acc_post",
+         "test_metrics": {"test/acc_post": 0.79}}  # fmt: skip
+    )
+    assert (lottery.pruning_step, lottery.recorded, lottery.val, lottery.val_step) == (2, "best", 0.8, 60)
+    assert (lottery.val_epoch, lottery.val_epoch_in_round, lottery.test) == (5, 2, 0.79)
+    assert lottery.val_metrics == {"val/acc_post": 0.8}
+    metagrad = RoundRecord.from_dict(
+        {"round": 1, "sparsity": 0.2, "step": 3, "pruned": 16, "tasks": 32, "global_step": 30,
+         "val/loss_post": 0.5}  # fmt: skip
+    )
+    assert (metagrad.pruning_step, metagrad.tasks_scored, metagrad.recorded) == (3, 32, "last")
+    assert metagrad.details == {"weights_pruned": 16} and metagrad.val_metrics == {"val/loss_post": 0.5}
+    taylor = RoundRecord.from_dict(
+        {"round": 1, "sparsity": 0.1, "step": 40, "global_step": 40, "filters_remaining": 120,
+         "filters_pruned": 8, "tasks_scored": 80, "channels": {"a": 56}}  # fmt: skip
+    )
+    assert (taylor.pruning_step, taylor.global_step, taylor.tasks_scored) == (1, 40, 80)
+    assert taylor.details == {"filters_remaining": 120, "filters_pruned": 8, "channels": {"a": 56}}
+    new = RoundRecord(round=0, sparsity=0.0, pruning_step=0, global_step=5, epoch=0, val=1.0)
+    assert RoundRecord.from_dict(new.as_dict()) == new
+
+
+@pytest.mark.parametrize("mode, values, best", [("max", [0.5, 0.7, 0.69, 0.7], 1), ("min", [3, 2, 2.5], 1)])
+def test_best_weights_follow_early_stoppings_rule(mode, values, best):
+    tracker = BestWeights("val/x", mode)
+    snapshots = iter(range(100))
+    for step, value in enumerate(values):
+        tracker.update(value, lambda: {"w": torch.tensor(float(next(snapshots)))}, step=step)
+    assert tracker.step == best and tracker.value == values[best]
+    assert tracker.validations_since_best == len(values) - best - 1
+    assert not tracker.update(float("nan"), lambda: {})
+    strict = BestWeights("val/x", "max", min_delta=0.1)
+    strict.update(0.5, dict)
+    assert not strict.update(0.55, dict) and strict.update(0.61, dict)
+    restored = BestWeights("val/x", mode)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.state_dict() == tracker.state_dict()
