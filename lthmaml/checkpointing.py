@@ -3,7 +3,8 @@
 Lightning's ``save_last`` writes ``last.ckpt`` only when a top-k checkpoint is written too, so in a
 pruning run (accuracy drops after each prune) it stops updating and a killed run loses epochs.
 This callback writes it every training-epoch end, after the pruning callbacks' epoch-end work
-(Lightning runs checkpoint callbacks last), so a resumed fit continues exactly where it stopped.
+(Lightning runs checkpoint callbacks, this one too, after the module's own epoch-end hook), so a
+resumed fit continues exactly where it stopped.
 
 It is also written atomically: Lightning's local save goes through fsspec's transaction, which
 writes a temp file in the *system* temp folder and ``shutil.move``s it over; where that folder is
@@ -15,40 +16,56 @@ so ``last.ckpt`` is always either the previous complete checkpoint or the new on
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
-from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
+
+LAST = "last.ckpt"
 
 
-class LastCheckpoint(ModelCheckpoint):
-    """Keeps ``<run>/checkpoints/last.ckpt`` current; ranks nothing."""
+class LastCheckpoint(Checkpoint):
+    """Keeps ``<run>/checkpoints/last.ckpt`` current; ranks nothing. Public Trainer API only.
+
+    A :class:`~lightning.pytorch.callbacks.Checkpoint`, so Lightning runs its epoch-end hook with
+    the other checkpoint callbacks, after the LightningModule's (a scheduler stepped there is saved
+    stepped).
+
+    Args:
+        dirpath: where ``last.ckpt`` goes; default the ModelCheckpoint's folder, else
+            ``<log_dir>/checkpoints``.
+    """
 
     def __init__(self, dirpath: Optional[str] = None) -> None:
-        super().__init__(
-            dirpath=dirpath, monitor=None, save_top_k=0, save_last=True, save_on_train_epoch_end=True
-        )
+        self.dirpath = None if dirpath is None else Path(dirpath)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            checkpoint = trainer.checkpoint_callback
+            log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+            if checkpoint is not None and checkpoint.dirpath is not None:
+                self.dirpath = Path(checkpoint.dirpath)
+            else:
+                self.dirpath = Path(log_dir or trainer.default_root_dir) / "checkpoints"
+
+    @property
+    def path(self) -> Path:
+        assert self.dirpath is not None, "set in setup"
+        return self.dirpath / LAST
+
+    def save(self, trainer: pl.Trainer) -> None:
+        """Write the checkpoint beside ``last.ckpt`` and rename it over (every rank calls this)."""
+        partial = self.path.with_name(f".{LAST}.partial")  # not *.ckpt: never taken for a checkpoint
+        try:
+            trainer.save_checkpoint(partial)
+        except BaseException:
+            if trainer.is_global_zero:
+                partial.unlink(missing_ok=True)
+            raise
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Nothing: ``last.ckpt`` is written once per epoch, at its end."""
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Nothing: a fit that stops mid-epoch keeps the last completed epoch's checkpoint."""
-
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        """Write beside ``filepath`` and rename over it (local paths; remote stores keep Lightning's way)."""
-        if not isinstance(get_filesystem(filepath), LocalFileSystem):
-            super()._save_checkpoint(trainer, filepath)
-            return
-        folder, name = os.path.split(filepath)
-        partial = os.path.join(folder, f".{name}.partial")  # not *.ckpt: never taken for a checkpoint
-        super()._save_checkpoint(trainer, partial)
-        if trainer.is_global_zero:
-            os.replace(partial, filepath)
-        self._last_checkpoint_saved = filepath
+        if not trainer.sanity_checking and not trainer.fast_dev_run:
+            self.save(trainer)

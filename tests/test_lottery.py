@@ -562,7 +562,7 @@ def test_prune_configs_stack_on_the_base_configs(capsys, base, prune, extra, rew
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     (callback,) = config["trainer"]["callbacks"]
-    assert callback["class_path"] == "callbacks.lottery.LotteryTicket"
+    assert callback["class_path"] == "callbacks.LotteryTicket"
     options = callback["init_args"]
     assert (options["prune_rate"], options["rounds"], options["scope"]) == (0.2, 5, "global")
     assert options["rewind_to"] == rewind_to and options["layer_rates"] == {head: 0.5}

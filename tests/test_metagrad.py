@@ -370,7 +370,7 @@ def test_config_stacks_on_omniglot_and_keeps_logger_and_checkpoint(capsys):
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     (callback,) = config["trainer"]["callbacks"]
-    assert callback["class_path"] == "callbacks.metagrad.MetaGradientPruning"
+    assert callback["class_path"] == "callbacks.MetaGradientPruning"
     assert callback["init_args"]["weights_per_step"] == 1000
     assert callback["init_args"]["criterion"] == "product"
     assert config["trainer"]["logger"]["init_args"]["name"] == "omniglot_5way1shot"

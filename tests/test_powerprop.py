@@ -488,7 +488,7 @@ def print_config(*configs: str, capsys) -> dict:
 def test_powerprop_config_stacks_on_a_base_config(capsys):
     config = print_config(SINUSOID, POWERPROP, capsys=capsys)
     (callback,) = config["trainer"]["callbacks"]
-    assert callback["class_path"] == "callbacks.powerprop.Powerprop"
+    assert callback["class_path"] == "callbacks.Powerprop"
     assert callback["init_args"]["alpha"] == 2.0 and callback["init_args"]["final_sparsity"] == 0.8
     assert config["trainer"]["logger"]["init_args"]["name"] == "sinusoid"  # the base logger is kept
     assert config["checkpoint"]["monitor"] == "val/loss_post"
@@ -500,7 +500,7 @@ def test_powerprop_lottery_config_parses(capsys):
     config = print_config(SINUSOID, POWERPROP_LOTTERY, capsys=capsys)
     paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
     # Powerprop first: it converts theta -> phi before LotteryTicket snapshots the initial weights.
-    assert paths == ["callbacks.powerprop.Powerprop", "callbacks.lottery.LotteryTicket"]
+    assert paths == ["callbacks.Powerprop", "callbacks.LotteryTicket"]
     assert config["trainer"]["callbacks"][0]["init_args"]["final_sparsity"] is None
 
 

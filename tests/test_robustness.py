@@ -172,13 +172,13 @@ def test_a_last_checkpoint_write_killed_half_way_never_replaces_last_ckpt(tmp_pa
     move = shutil.move
     monkeypatch.setattr(fsspec_local.shutil, "move", killed_copy)
     with pytest.raises(OSError, match="killed during the copy"):
-        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+        callback.save(trainer)
     assert last.read_bytes() == before
     torch.load(last, weights_only=True)  # complete
-    assert callback._find_last_checkpoints(trainer) == {str(last)}
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt"]  # nothing else to resume
 
     monkeypatch.setattr(fsspec_local.shutil, "move", move)
-    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+    callback.save(trainer)
     state = torch.load(last, weights_only=True)["state_dict"]
     assert torch.equal(state["net.net.0.weight"], model.net.net[0].weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

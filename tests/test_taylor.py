@@ -402,7 +402,7 @@ def test_prune_config_stacks_on_the_omniglot_config(capsys):
         main(["fit", "-c", OMNIGLOT, "-c", TAYLOR, "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     (callback,) = config["trainer"]["callbacks"]
-    assert callback["class_path"] == "callbacks.taylor.TaylorFilterPruning"
+    assert callback["class_path"] == "callbacks.TaylorFilterPruning"
     assert callback["init_args"] == {
         "filters_per_step": 8,
         "steps_between": 20,
@@ -443,7 +443,7 @@ def test_tiny_omniglot_fit_from_yaml_writes_rounds_and_a_pruned_checkpoint(
                     "enable_progress_bar": False,
                     "callbacks": [
                         {
-                            "class_path": "callbacks.taylor.TaylorFilterPruning",
+                            "class_path": "callbacks.TaylorFilterPruning",
                             "init_args": {"filters_per_step": 2, "steps_between": 2, "accumulate_batches": 1},
                         }
                     ],

@@ -54,7 +54,11 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
         self._init_mask()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+        if self.padding_mode != "zeros":
+            raise ValueError("MaskedConv2d supports padding_mode='zeros' only")
+        return F.conv2d(
+            x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 class MaskedBatchNorm2d(nn.BatchNorm2d):
