@@ -1,0 +1,86 @@
+"""The package's shape: arrows one way, no import circle, old paths still load."""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lthmaml.nets.models import Conv4
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def imports(package: str) -> dict[str, set[str]]:
+    """Module -> the in-repo modules it imports (``lthmaml.*`` and ``callbacks.*``), lazily or not."""
+    graph: dict[str, set[str]] = {}
+    for file in (REPO / package).rglob("*.py"):
+        module = ".".join(file.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        found = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        graph[module] = {m for m in found if m.split(".")[0] in ("lthmaml", "callbacks")}
+    return graph
+
+
+def test_nothing_in_lthmaml_imports_callbacks_and_reporting_imports_no_training_code():
+    graph = imports("lthmaml")
+    assert not {m: deps for m, deps in graph.items() if any(d.startswith("callbacks") for d in deps)}
+    for module, deps in graph.items():
+        if module.startswith("lthmaml.reporting"):
+            assert all(d.startswith(("lthmaml.reporting", "lthmaml.errors", "lthmaml.rounds")) for d in deps)
+
+
+def test_no_import_circle():
+    graph = {**imports("lthmaml"), **imports("callbacks")}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for dep in graph.get(start, ()):
+            if dep == target or (dep not in seen and not seen.add(dep) and reaches(dep, target, seen)):
+                return True
+        return False
+
+    circles = [m for m in graph if m not in ("lthmaml", "lthmaml._moved") and reaches(m, m, set())]
+    assert circles == []
+
+
+def test_old_module_paths_still_name_the_same_classes():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from lthmaml.maml import MAML as OldMAML
+        from lthmaml.models import Conv4 as OldConv4
+        from lthmaml.supervised import Classifier, OmniglotClassificationDataModule  # noqa: F401
+    from lthmaml.data import OmniglotClassificationDataModule as New
+    from lthmaml.meta import MAML
+
+    assert OldMAML is MAML and OldConv4 is Conv4 and OmniglotClassificationDataModule is New
+    assert any("lthmaml.nets.models.Conv4" in str(w.message) for w in caught)
+
+
+def test_a_checkpoint_naming_the_old_net_path_still_exports(tmp_path):
+    from lthmaml.edge.artifact import load_artifact
+    from lthmaml.edge.export import export_checkpoint
+
+    init_args = {"out_features": 3, "hidden_channels": 4, "image_size": 8, "blocks": 2}
+    state = {f"net.{k}": v for k, v in Conv4(**init_args).state_dict().items()}
+    hparams = {"net": {"class_path": "lthmaml.models.Conv4", "init_args": init_args}, "inner_lr": 0.1}
+    hparams.update(inner_steps=1, eval_inner_steps=3)
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "old.ckpt")
+    artifact = load_artifact(export_checkpoint(tmp_path / "old.ckpt", tmp_path / "a.safetensors"))
+    assert isinstance(artifact.net, Conv4)
+
+
+@pytest.mark.parametrize("package", ["lthmaml", "callbacks"])
+def test_no_module_over_about_four_hundred_lines(package):
+    long = {
+        str(f.relative_to(REPO)): n
+        for f in (REPO / package).rglob("*.py")
+        if (n := len(f.read_text().splitlines())) > 420
+    }
+    assert long == {}
