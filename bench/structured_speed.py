@@ -12,7 +12,7 @@ cross-entropy, backward, SGD, re-masking. Pruning: the Taylor criterion of Molch
 (``callbacks.taylor.taylor_scores``: |activation x gradient| per filter, each layer L2-normalised)
 on the query loss after MAML's inner loop (``MAML.task_losses(adapted=True)``), summed over
 ``--score-tasks`` tasks; the lowest ``--fraction`` of all filters go in one shot
-(``lowest_filters``, a layer keeps at least one; ``lthmaml.sparsity.prune_channels``), then
+(``lthmaml.sparsity.lowest_channels``, a layer keeps at least one; ``lthmaml.sparsity.prune_channels``), then
 ``shrink`` builds the narrower Conv4. Both nets go through ``lthmaml.edge.export`` and are loaded
 back, as the device gets them. Weights: random (the step time depends on shapes only, but the
 widths Taylor leaves per layer depend on the weights) unless ``--checkpoint`` names a MAML
@@ -52,7 +52,7 @@ from bench.common import (
     stack_tasks,
     write_json,
 )
-from callbacks.taylor import layer_normalized, lowest_filters, taylor_scores
+from callbacks.taylor import layer_normalized, taylor_scores
 from lthmaml import sparsity
 from lthmaml.data import TaskFolderDataModule
 from lthmaml.data.taskfolder_build import make_image_task
@@ -77,7 +77,8 @@ def taylor_prune(model: MAML, fraction: float, score_tasks: int, seed: int) -> d
     scores, _ = taylor_scores(batchnorms, model.task_losses(stack_tasks(tasks), adapted=True))
     alive = {name: sparsity.alive_channels(conv) for name, (conv, _) in pairs.items()}
     total = sum(int(a.numel()) for a in alive.values())
-    for name, channels in lowest_filters(layer_normalized(scores), alive, round(fraction * total)).items():
+    chosen = sparsity.lowest_channels(layer_normalized(scores), alive, round(fraction * total))
+    for name, channels in chosen.items():
         sparsity.prune_channels(model.net, name, channels)
     return {name: int(sparsity.alive_channels(conv).sum()) for name, (conv, _) in pairs.items()}
 

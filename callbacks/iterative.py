@@ -60,7 +60,9 @@ class IterativePruning(PruningCallback):
                 f"{name}: steps_between and write_every must be >= 1, got {steps_between}, {write_every}"
             )
         if accumulate_batches is not None and accumulate_batches < 1:
-            raise ConfigError(f"{name}.accumulate_batches must be >= 1 or null (every batch), got {accumulate_batches}")
+            raise ConfigError(
+                f"{name}.accumulate_batches must be >= 1 or null (every batch), got {accumulate_batches}"
+            )
         self.steps_between = steps_between
         self.accumulate_batches = accumulate_batches
         self.write_every = write_every

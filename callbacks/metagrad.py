@@ -34,8 +34,7 @@ only for the last ``k`` steps before each pruning step; after the last pruning s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -45,7 +44,6 @@ from torch import Tensor
 from callbacks.iterative import IterativePruning
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.nets.layers import MaskedMixin
 
 Criterion = Literal["product", "gradient_first", "weight_first"]
 
@@ -117,7 +115,7 @@ class MetaGradientPruning(IterativePruning):
         """Each task's squared support-loss gradient w.r.t. the effective weights, summed."""
         squares: dict[str, Tensor] = {}
         tasks = 0
-        with torch.enable_grad(), _effective_weights_as_leaves(self.prunable(pl_module)) as leaves:
+        with torch.enable_grad(), sparsity.effective_weights_as_leaves(self.prunable(pl_module)) as leaves:
             names = list(leaves)
             for loss in pl_module.task_losses(batch, adapted=False):
                 grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
@@ -182,27 +180,3 @@ class MetaGradientPruning(IterativePruning):
 def _or_zeros(values: Mapping[str, Tensor], name: str, like: Tensor) -> Tensor:
     total = values.get(name)
     return torch.zeros_like(like) if total is None else total.to(like)
-
-
-@contextmanager
-def _effective_weights_as_leaves(layers: Mapping[str, MaskedMixin]) -> Iterator[dict[str, Tensor]]:
-    """Let each layer compute with a detached leaf copy of its (transformed) weight.
-
-    The layer still multiplies by its mask, so the leaf's gradient is dL/dw at the effective
-    weight ``w`` on every unpruned entry (eq. 6 differentiates w, reparametrisations included),
-    and autograd never writes the parameters' ``.grad`` the meta-update accumulates into.
-    """
-    saved = {name: layer.weight_transform for name, layer in layers.items()}
-    leaves = {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            transform = saved[name]
-            weight = layer.weight if transform is None else transform(layer.weight)
-            leaves[name] = weight.detach().clone().requires_grad_()
-    try:
-        for name, layer in layers.items():
-            layer.weight_transform = lambda _, leaf=leaves[name]: leaf
-        yield leaves
-    finally:
-        for name, layer in layers.items():
-            layer.weight_transform = saved[name]

@@ -98,30 +98,6 @@ def layer_normalized(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {name: s / s.norm() if s.norm() > 0 else s.clone() for name, s in scores.items()}
 
 
-def lowest_filters(
-    scores: Mapping[str, Tensor], alive: Mapping[str, Tensor], count: int
-) -> dict[str, list[int]]:
-    """The ``count`` alive filters with the lowest scores over all layers, by layer name.
-
-    A layer never loses its last filter. Ties go to the earlier layer, then the lower index.
-    """
-    values = {name: scores[name].detach().cpu().tolist() for name in alive}
-    candidates = sorted(
-        (values[name][channel], order, channel, name)
-        for order, name in enumerate(alive)
-        for channel in alive[name].nonzero().flatten().tolist()
-    )
-    left = {name: int(a.sum()) for name, a in alive.items()}
-    chosen: dict[str, list[int]] = {}
-    for _, _, channel, name in candidates:
-        if sum(map(len, chosen.values())) == count:
-            break
-        if left[name] > 1:
-            chosen.setdefault(name, []).append(channel)
-            left[name] -= 1
-    return chosen
-
-
 class TaylorFilterPruning(IterativePruning):
     """Structured pruning of conv filters by the first-order Taylor criterion (Molchanov et al. 2017).
 
@@ -217,7 +193,7 @@ class TaylorFilterPruning(IterativePruning):
             name: scores.get(name, torch.zeros_like(bn.channel_mask)).to(bn.channel_mask)
             for name, (_, bn) in pairs.items()
         }
-        chosen = lowest_filters(
+        chosen = sparsity.lowest_channels(
             layer_normalized(sums), alive, min(self.filters_per_step, goal - (total - left))
         )
         if not chosen:

@@ -11,7 +11,8 @@ layer's qualified name in the model handed in (a LightningModule or a bare net a
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -180,6 +181,30 @@ def alive_channels(conv: MaskedConv2d) -> Tensor:
     return conv.mask.flatten(1).any(dim=1)
 
 
+def lowest_channels(
+    scores: Mapping[str, Tensor], alive: Mapping[str, Tensor], count: int
+) -> dict[str, list[int]]:
+    """The ``count`` alive channels (filters) with the lowest scores over all layers, by layer name.
+
+    A layer never loses its last filter. Ties go to the earlier layer, then the lower index.
+    """
+    values = {name: scores[name].detach().cpu().tolist() for name in alive}
+    candidates = sorted(
+        (values[name][channel], order, channel, name)
+        for order, name in enumerate(alive)
+        for channel in alive[name].nonzero().flatten().tolist()
+    )
+    left = {name: int(a.sum()) for name, a in alive.items()}
+    chosen: dict[str, list[int]] = {}
+    for _, _, channel, name in candidates:
+        if sum(map(len, chosen.values())) == count:
+            break
+        if left[name] > 1:
+            chosen.setdefault(name, []).append(channel)
+            left[name] -= 1
+    return chosen
+
+
 # ---------------------------------------------------------------------- rewind and re-init
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
     """A detached copy of every parameter: the state a later :func:`rewind` returns to."""
@@ -278,3 +303,29 @@ def save_masks(path: Path, masks: Mapping[str, Tensor], metadata: Optional[dict]
 
 def read_masks(path: Path, dtype: torch.dtype = torch.float32) -> Masks:
     return {name: mask.to(dtype) for name, mask in load_file(str(path)).items()}
+
+
+# ---------------------------------------------------------------------- gradients at the weights
+@contextmanager
+def effective_weights_as_leaves(layers: Mapping[str, MaskedMixin]) -> Iterator[dict[str, Tensor]]:
+    """Let each layer compute with a detached leaf copy of its (transformed) weight.
+
+    The layer still multiplies by its mask, so the leaf's gradient is dL/dw at the effective
+    weight ``w`` on every unpruned entry (reparametrisations included: what a gradient criterion
+    such as meta-gradient pruning's eq. 6 differentiates), and autograd never writes the
+    parameters' ``.grad`` an optimizer accumulates into.
+    """
+    saved = {name: layer.weight_transform for name, layer in layers.items()}
+    leaves = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            transform = saved[name]
+            weight = layer.weight if transform is None else transform(layer.weight)
+            leaves[name] = weight.detach().clone().requires_grad_()
+    try:
+        for name, layer in layers.items():
+            layer.weight_transform = lambda _, leaf=leaves[name]: leaf
+        yield leaves
+    finally:
+        for name, layer in layers.items():
+            layer.weight_transform = saved[name]

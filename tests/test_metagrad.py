@@ -179,7 +179,7 @@ def test_layerwise_scope_and_exclude(tmp_path):
     callback = MetaGradientPruning(weights_per_step=9, scope="layerwise", exclude=["net.net.4"])
     callback.accumulate(model, batch)
     assert set(callback.score_sums) == {"net.net.0", "net.net.2"} and callback.tasks_scored == META_BATCH
-    callback.prune_step(None, model, callback.score_sums)  # fraction 9 / 72 of each of the 8- and 64-weight layers
+    callback.prune_step(None, model, callback.score_sums)  # 9 / 72 of each of the 8- and 64-weight layers
     masks = sparsity.masks_of(model)
     assert [int((masks[n] == 0).sum()) for n in ("net.net.0", "net.net.2", "net.net.4")] == [1, 8, 0]
 
@@ -248,7 +248,14 @@ def test_maml_schedule_prunes_exactly_weights_per_step_then_stops_and_zeros_stay
     # Round k: the net trained at the sparsity of step k, recorded just before step k + 1 (batches
     # 2, 4, 6), the last when the fit ends (batch 10); each names the step that made its sparsity.
     assert [
-        (r["round"], r["pruning_step"], r["details"].get("weights_pruned"), r.get("tasks_scored"), r["global_step"]) for r in callback.history
+        (
+            r["round"],
+            r["pruning_step"],
+            r["details"].get("weights_pruned"),
+            r["tasks_scored"],
+            r["global_step"],
+        )
+        for r in callback.history
     ] == [
         (0, 0, None, None, 2),
         (1, 1, 5, 2 * META_BATCH, 4),
@@ -278,7 +285,8 @@ def test_accumulate_batches_sums_only_the_last_batches_and_write_every_thins_rou
     assert callback.pruning_steps == 2 and zeros(sparsity.masks_of(model)) == 8
     # write_every=2: the dense net (before step 1) and the final sparsity of step 2, whose scores
     # summed one batch of tasks; step 1's sparsity is not recorded.
-    assert [(r["pruning_step"], r.get("tasks_scored")) for r in callback.history] == [(0, None), (2, META_BATCH)]
+    steps_and_tasks = [(r["pruning_step"], r["tasks_scored"]) for r in callback.history]
+    assert steps_and_tasks == [(0, None), (2, META_BATCH)]
     assert sorted(p.name for p in (tmp_path / "rounds").iterdir()) == ["round_00", "round_01"]
 
 
@@ -289,7 +297,8 @@ def test_supervised_classifier_is_pruned_on_schedule_with_adam(tmp_path):
     trainer(tmp_path, [callback, probe], max_epochs=2).fit(model, datamodule=TinyImages())
     assert probe.zeros == [0, 10, 10, 20, 20, 20, 20, 20]
     assert probe.raw_nonzero_under_mask == [0] * 8
-    assert [(r["details"].get("weights_pruned"), r.get("tasks_scored")) for r in callback.history] == [(None, None), (10, 2), (10, 2)]
+    pruned_and_tasks = [(r["details"].get("weights_pruned"), r["tasks_scored"]) for r in callback.history]
+    assert pruned_and_tasks == [(None, None), (10, 2), (10, 2)]
     assert zeros(sparsity.read_masks(tmp_path / "rounds" / "round_02" / "mask.safetensors")) == 20
 
 

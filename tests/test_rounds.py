@@ -68,22 +68,46 @@ def test_levels_tested_after_the_fit_give_the_numbers_the_in_fit_loop_gave(tmp_p
 
 def test_records_of_every_strategy_before_the_schema_read_with_one_meaning_per_key():
     lottery = RoundRecord.from_dict(
-        {"round": 2, "sparsity": 0.36, "best_val": 0.8, "best_epoch": 5, "best_epoch_in_round": 2,
-         "best_step": 60, "monitor": "val/acc_post", "test": 0.79, "test_metric": "test/acc_post",
-         "test_metrics": {"test/acc_post": 0.79}}  # fmt: skip
+        {
+            "round": 2,
+            "sparsity": 0.36,
+            "best_val": 0.8,
+            "best_epoch": 5,
+            "best_epoch_in_round": 2,
+            "best_step": 60,
+            "monitor": "val/acc_post",
+            "test": 0.79,
+            "test_metric": "test/acc_post",
+            "test_metrics": {"test/acc_post": 0.79},
+        }
     )
     assert (lottery.pruning_step, lottery.recorded, lottery.val, lottery.val_step) == (2, "best", 0.8, 60)
     assert (lottery.val_epoch, lottery.val_epoch_in_round, lottery.test) == (5, 2, 0.79)
     assert lottery.val_metrics == {"val/acc_post": 0.8}
     metagrad = RoundRecord.from_dict(
-        {"round": 1, "sparsity": 0.2, "step": 3, "pruned": 16, "tasks": 32, "global_step": 30,
-         "val/loss_post": 0.5}  # fmt: skip
+        {
+            "round": 1,
+            "sparsity": 0.2,
+            "step": 3,
+            "pruned": 16,
+            "tasks": 32,
+            "global_step": 30,
+            "val/loss_post": 0.5,
+        }
     )
     assert (metagrad.pruning_step, metagrad.tasks_scored, metagrad.recorded) == (3, 32, "last")
     assert metagrad.details == {"weights_pruned": 16} and metagrad.val_metrics == {"val/loss_post": 0.5}
     taylor = RoundRecord.from_dict(
-        {"round": 1, "sparsity": 0.1, "step": 40, "global_step": 40, "filters_remaining": 120,
-         "filters_pruned": 8, "tasks_scored": 80, "channels": {"a": 56}}  # fmt: skip
+        {
+            "round": 1,
+            "sparsity": 0.1,
+            "step": 40,
+            "global_step": 40,
+            "filters_remaining": 120,
+            "filters_pruned": 8,
+            "tasks_scored": 80,
+            "channels": {"a": 56},
+        }
     )
     assert (taylor.pruning_step, taylor.global_step, taylor.tasks_scored) == (1, 40, 80)
     assert taylor.details == {"filters_remaining": 120, "filters_pruned": 8, "channels": {"a": 56}}

@@ -19,7 +19,7 @@ from helpers import quiet_trainer as trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.taylor import TaylorFilterPruning, layer_normalized, lowest_filters, taylor_scores
+from callbacks.taylor import TaylorFilterPruning, layer_normalized, taylor_scores
 from lthmaml import sparsity
 from lthmaml.cli import main
 from lthmaml.data import SinusoidDataModule
@@ -30,6 +30,7 @@ from lthmaml.meta.maml import MAML
 from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
 from lthmaml.nets.models import MLP, Conv4
 from lthmaml.nets.shrink import shrink
+from lthmaml.sparsity import lowest_channels as lowest_filters
 
 REPO = Path(__file__).resolve().parents[1]
 CONVS = ("net.features.0.0", "net.features.1.0")
