@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning
 import lightning.pytorch as pl
@@ -38,9 +39,12 @@ class MachineRecord(Callback):
     """Writes :func:`machine_info` (plus the process count) to ``<log_dir>/machine.json`` as a fit starts."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or not trainer.is_global_zero or trainer.log_dir is None:
+        if stage != "fit":
             return
-        folder = Path(trainer.log_dir)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must call it, not rank 0 alone
+        if not trainer.is_global_zero or log_dir is None:
+            return
+        folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         record = {
             **machine_info(),
@@ -48,3 +52,41 @@ class MachineRecord(Callback):
             "accelerator": type(trainer.accelerator).__name__,
         }
         (folder / MACHINE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+FAILED = "FAILED"
+"""Written into the log folder of a run that stopped on an error, with the error."""
+START_UP_FILES = ("events.out.tfevents.*", "config.yaml", "hparams.yaml", "machine.json")
+"""What a fit writes before its first epoch: a folder of only these is removed when the fit fails."""
+
+
+def mark_failed(trainer: Optional[pl.Trainer], error: BaseException) -> None:
+    """A failed run's log folder: removed if it holds only what start-up writes (event file,
+    config), else given a ``FAILED`` file with the error, so no folder passes for a finished run.
+
+    Rank zero only, and no collective (``trainer.log_dir`` is one): the other ranks may be gone.
+    """
+    logger = getattr(trainer, "logger", None)
+    if logger is None or not trainer.is_global_zero or logger.log_dir is None:
+        return
+    folder = Path(logger.log_dir)
+    if not folder.is_dir():
+        return
+    start_up = {path for pattern in START_UP_FILES for path in folder.glob(pattern) if path.is_file()}
+    if all(path in start_up for path in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        message = " ".join(str(error).split()) or type(error).__name__
+        (folder / FAILED).write_text(f"{type(error).__name__}: {message}\n")
+
+
+class FailedRunMarker(Callback):
+    """A run that stops on an error leaves no folder passing for a finished one (:func:`mark_failed`).
+
+    Lightning calls ``on_exception`` for an error anywhere inside fit, validate, test or predict.
+    """
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        mark_failed(trainer, exception)

@@ -1,8 +1,11 @@
 """Errors a user can fix: the commands print them as one line, never as a traceback from inside torch."""
 
+import argparse
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 
 class LthmamlError(Exception):
@@ -31,14 +34,75 @@ def non_finite_message(what: str, step: int, epoch: int, lr_options: str) -> str
     )
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def ours(error: BaseException) -> Optional[LthmamlError]:
+    """The :class:`LthmamlError` behind ``error`` (itself, or one it was raised from), if any.
+
+    jsonargparse wraps what a class's ``__init__`` raises into a Union error of many lines; the
+    innermost error of ours is what the user needs.
+    """
+    return next((e for e in _chain(error) if isinstance(e, LthmamlError)), None)
+
+
+_PARSER_KEY = re.compile(r'^\s*Parser key "([^"]+)":')
+_NOISE = re.compile(
+    r"^\s*(Does not validate against any of the Union subtypes|Problem with given class_path)"
+)
+
+
+def argument_error_line(error: BaseException) -> str:
+    """jsonargparse's error as one line: the option's full key and the innermost reason.
+
+    Its message nests one ``Parser key "x":`` level per class (``model`` -> ``inner_lr``) around
+    the reason, and its cause chain holds each level; the keys are joined into the option name
+    (``model.init_args.inner_lr``) and the deepest reason follows it.
+    """
+    keys: list[str] = []
+    reason = ""
+    for link in _chain(error):
+        lines = [line.strip() for line in str(link).splitlines() if line.strip()]
+        if not lines:
+            continue
+        match = _PARSER_KEY.match(lines[0])
+        if match and (not keys or keys[-1] != match.group(1)):
+            keys.append(match.group(1))
+        elif lines[0].startswith("Problem with given class_path") and keys and keys[-1] != "init_args":
+            keys.append("init_args")
+        text = next((line for line in lines if not _PARSER_KEY.match(line) and not _NOISE.match(line)), "")
+        if text and not text.startswith(("Subtypes:", "Errors:", "- ", "Given value")):
+            reason = text
+    reason = reason or " ".join(str(error).split())
+    option = ".".join(keys)
+    return f"{option}: {reason}" if option and option not in reason else reason
+
+
 @contextmanager
 def one_line_errors(prog: str) -> Iterator[None]:
     """A user-fixable error becomes ``<prog>: error: <message>`` on one stderr line, exit status 2.
 
-    Lives here, not in the CLI module, so commands that do not load Lightning can use it too.
+    That is an :class:`LthmamlError`, also when a library wrapped it (jsonargparse does, for what a
+    configured class raises), and an :class:`argparse.ArgumentError` (an unknown option or a value
+    of the wrong type, from a parser built with ``exit_on_error=False``): the option and the reason,
+    not the usage. Lives here, not in the CLI module, so commands that do not load Lightning can
+    use it too.
     """
     try:
         yield
-    except LthmamlError as error:
-        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    except Exception as error:
+        found = ours(error)
+        if found is not None:
+            message = str(found)
+        elif isinstance(error, argparse.ArgumentError):
+            message = f"{argument_error_line(error)} (--help lists the options)"
+        else:
+            raise
+        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -182,7 +182,8 @@ def test_dense_run_is_the_reference_line(lottery_run: Path, dense_run: Path, tmp
 
 def test_run_without_rounds_or_events_is_reported_not_fatal(tmp_path: Path):
     run = tmp_path / "bare"
-    run.mkdir()
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")  # it trained: not a failed start
     (run / "config.yaml").write_text(yaml.safe_dump(config([])))
     out = tmp_path / "report"
     assert report.main([str(run), "-o", str(out)]) == 0

@@ -17,6 +17,17 @@ from lthmaml.data.tasks import EpisodeDataset, EpochSampler, TaskSource
 from lthmaml.errors import ConfigError
 
 
+def check_episode(ways: Optional[int], shots: int, query_shots: int) -> None:
+    """An episode that can be learned and scored: at least 2 classes (``ways`` None: regression),
+    1 support and 1 query example each. Fewer gives a negative dimension in torch, or a task with
+    nothing to adapt on or a 1-way task scored 100%."""
+    if ways is not None and ways < 2:
+        raise ConfigError(f"data.init_args.ways must be >= 2 (classification needs two classes), got {ways}")
+    for name, value in (("shots", shots), ("query_shots", query_shots)):
+        if value < 1:
+            raise ConfigError(f"data.init_args.{name} must be >= 1 example, got {value}")
+
+
 class EpisodicDataModule(pl.LightningDataModule, ABC):
     """Training tasks are fresh every epoch; validation and test tasks are fixed by ``seed``.
 
@@ -44,6 +55,8 @@ class EpisodicDataModule(pl.LightningDataModule, ABC):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        if meta_batch_size < 1:
+            raise ConfigError(f"data.init_args.meta_batch_size must be >= 1 task, got {meta_batch_size}")
         self.meta_batch_size = meta_batch_size
         self.tasks_per_epoch = tasks_per_epoch
         self.val_tasks = val_tasks
@@ -62,6 +75,11 @@ class EpisodicDataModule(pl.LightningDataModule, ABC):
             raise ConfigError(
                 f"data.meta_batch_size={self.meta_batch_size} is the meta-batch over all {ranks} ranks "
                 "(devices x nodes): make it a multiple of that"
+            )
+        if train and num_tasks < self.meta_batch_size:
+            raise ConfigError(
+                f"data.init_args.tasks_per_epoch={num_tasks} is less than one meta-batch "
+                f"(data.init_args.meta_batch_size={self.meta_batch_size}): no training step; raise it"
             )
         if not train and num_tasks < ranks:
             raise ConfigError(f"data.{split}_tasks={num_tasks} leaves some of the {ranks} ranks no task")
@@ -111,6 +129,7 @@ class SinusoidDataModule(EpisodicDataModule):
 
     def __init__(self, shots: int = 5, query_shots: int = 10, meta_batch_size: int = 25, **kwargs) -> None:
         super().__init__(meta_batch_size=meta_batch_size, **kwargs)
+        check_episode(None, shots, query_shots)
         self.shots = shots
         self.query_shots = query_shots
 
@@ -153,6 +172,7 @@ class OmniglotDataModule(EpisodicDataModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        check_episode(ways, shots, query_shots)
         check_class_split(class_split)
         self.root = root
         self.ways, self.shots, self.query_shots = ways, shots, query_shots

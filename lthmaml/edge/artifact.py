@@ -281,9 +281,27 @@ def checked_metadata(
         checked["ways"] = number("ways", int)
     if checked.get("dtype", "float32") not in DTYPES:
         raise error(f"{where}: artifact dtype must be one of {sorted(DTYPES)}, got {checked['dtype']!r}")
+    if not (math.isfinite(checked["inner_lr"]) and checked["inner_lr"] > 0):
+        raise error(
+            f"{where}: artifact metadata 'inner_lr' must be a finite rate > 0, got {checked['inner_lr']}"
+        )
+    for name in ("inner_steps", "eval_inner_steps"):
+        if checked[name] < 0:
+            raise error(f"{where}: artifact metadata '{name}' must be >= 0, got {checked[name]}")
     architecture = checked["architecture"]
     if not isinstance(architecture, Mapping) or "class_path" not in architecture:
         raise error(f"{where}: artifact architecture must be {{class_path, init_args}}, got {architecture!r}")
+    init_args = architecture.get("init_args")
+    out_features = init_args.get("out_features") if isinstance(init_args, Mapping) else None
+    if out_features is not None and (
+        isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1
+    ):
+        raise error(f"{where}: artifact architecture out_features must be an int >= 1, got {out_features!r}")
+    if checked["task"] == "classification" and checked.get("ways") not in (None, out_features):
+        raise error(
+            f"{where}: artifact metadata says ways={checked['ways']} but its head predicts "
+            f"out_features={out_features} classes: export it again"
+        )
     rates = checked.get("inner_lrs")
     if rates is not None:
         if not isinstance(rates, Mapping):

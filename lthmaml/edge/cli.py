@@ -22,7 +22,7 @@ from typing import Optional
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_info
 
-from lthmaml.cli import MetaCLI
+from lthmaml.cli import PARSER_KWARGS, MetaCLI, quiet_third_party
 from lthmaml.data.taskfolder import TaskFolderDataModule
 from lthmaml.edge.finetune import FineTuneModule
 from lthmaml.errors import ConfigError, one_line_errors
@@ -44,6 +44,8 @@ class EdgeCLI(MetaCLI):
     """:class:`~lthmaml.cli.MetaCLI` for fine-tuning: its ``--threads``, no checkpoint callbacks,
     ``--output`` (fit: the fine-tuned artifact; predict: ``predictions.csv`` or its folder) and
     ``--test_after_fit`` (tests the fine-tuned weights in memory)."""
+
+    needs_checkpoint = ()  # the net comes from model.artifact or model.checkpoint
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         self.add_threads_argument(parser)
@@ -72,9 +74,10 @@ class EdgeCLI(MetaCLI):
 
     def after_fit(self) -> None:
         model, trainer = self.model, self.trainer
+        output = self.config[self.subcommand].get("output")
+        log_dir = trainer.log_dir  # a broadcast under DDP: on every rank, before the rank-zero branch
         if trainer.is_global_zero:
-            output = self.config[self.subcommand].get("output")
-            path = Path(output) if output else Path(trainer.log_dir or trainer.default_root_dir) / FINETUNED
+            path = Path(output) if output else Path(log_dir or trainer.default_root_dir) / FINETUNED
             model.export(path)
             rank_zero_info(f"Wrote the fine-tuned net to {path}")
         if self.config[self.subcommand].get("test_after_fit"):
@@ -91,10 +94,12 @@ def run_cli(args: Optional[list[str]] = None, cli_class: type[EdgeCLI] = EdgeCLI
         trainer_defaults=EDGE_TRAINER_DEFAULTS,
         args=args,
         auto_configure_optimizers=False,
+        parser_kwargs=PARSER_KWARGS,
     )
 
 
 def main(args: Optional[list[str]] = None) -> None:
+    quiet_third_party()
     with one_line_errors(PROG):
         run_cli(args)
 

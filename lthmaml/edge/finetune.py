@@ -38,8 +38,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lthmaml.errors import ConfigError, DataError
+from lthmaml.errors import ConfigError, DataError, TrainingError
 from lthmaml.sparsity import apply_masks
+from lthmaml.tracking import BestWeights
 
 if TYPE_CHECKING:
     from lthmaml.edge.artifact import Artifact
@@ -137,6 +138,7 @@ class FineTuneModule(pl.LightningModule):
         self.best_score: Optional[float] = None
         self.best_monitor = "val/loss"
         self.best_state: Optional[dict[str, Tensor]] = None
+        self.best = BestWeights("", "min")  # set up by the first validation of a fit
         self.fixed_steps: Optional[int] = None  # set when there is no validation split
         self.test_results: dict[str, float] = {}
         self.predictions: list[list] = []
@@ -157,6 +159,7 @@ class FineTuneModule(pl.LightningModule):
         self.check_task(datamodule)
         if stage == "fit":
             self.best_epoch, self.best_score, self.best_state, self.epochs_run = None, None, None, 0
+            self.best = BestWeights("", "min")
             self.fixed_steps = None
             if not datamodule.has_val:
                 self._fixed_inner_loop_schedule(datamodule)
@@ -233,8 +236,20 @@ class FineTuneModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss = self.loss(self.net(x), y)
+        self._stop_if_diverged(float(loss.detach()), "training")  # before backward and the optimizer step
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
         return loss
+
+    def _stop_if_diverged(self, loss: float, what: str) -> None:
+        """A non-finite loss while fitting ends the fit with a TrainingError naming ``model.lr``, so
+        nothing is exported: EarlyStopping would otherwise stop quietly on a NaN ``val/loss`` and
+        the CLI would write the diverged net as if it were fine-tuned."""
+        if not math.isfinite(loss) and self.trainer.state.fn == TrainerFn.FITTING:
+            raise TrainingError(
+                f"non-finite fine-tuning {what} loss at step {self.trainer.global_step} (epoch "
+                f"{self.trainer.current_epoch}); no fine-tuned net was written: lower model.lr "
+                f"(now {self.lr:g}) or set trainer.gradient_clip_val"
+            )
 
     def on_train_epoch_end(self) -> None:
         self.epochs_run += 1
@@ -263,6 +278,7 @@ class FineTuneModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._accumulate(batch)
+        self._stop_if_diverged(self._sums["loss"], "validation")
 
     def on_validation_epoch_end(self) -> None:
         means = self._means()
@@ -272,14 +288,15 @@ class FineTuneModule(pl.LightningModule):
         if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING:
             return
         monitor, mode = self._monitor()
+        if self.best.monitor != monitor:  # the first validation of this fit
+            self.best = BestWeights(monitor, mode)
         score = means.get(monitor.split("/", 1)[1], means["loss"])
-        improved = self.best_score is None or (
-            score < self.best_score if mode == "min" else score > self.best_score
-        )
-        if improved and math.isfinite(score):
-            self.best_monitor, self.best_score = monitor, score
-            self.best_epoch = self.current_epoch + 1
-            self.best_state = {name: t.detach().clone() for name, t in self.net.state_dict().items()}
+        if math.isfinite(score) and self.best.update(score, self._weights, epoch=self.current_epoch + 1):
+            self.best_monitor, self.best_score, self.best_epoch = monitor, score, self.best.epoch
+            self.best_state = self.best.state
+
+    def _weights(self) -> dict[str, Tensor]:
+        return {name: t.detach().clone() for name, t in self.net.state_dict().items()}
 
     def _monitor(self) -> tuple[str, str]:
         """The EarlyStopping monitor when it is one of ours, else ``val/loss``."""
@@ -352,6 +369,7 @@ class FineTuneModule(pl.LightningModule):
         return probabilities
 
     def on_predict_epoch_end(self) -> None:
+        path = self.output_csv()  # trainer.log_dir is a collective: every rank asks, rank 0 writes
         if not self.trainer.is_global_zero:
             return
         files = list(self.trainer.datamodule.query_files)
@@ -361,7 +379,6 @@ class FineTuneModule(pl.LightningModule):
                 "must yield every file once, in order"
             )
         header = ["file", "x", "prediction"] if self.regression else ["file", "label", "probability"]
-        path = self.output_csv()
         _atomic_write_csv(path, header, [[name, *row] for name, row in zip(files, self.predictions)])
         rank_zero_info(f"Wrote {len(files)} predictions to {path}")
 

@@ -27,6 +27,13 @@ class Classifier(NetModule):
         super().__init__(net, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=self.unsaved_hparams())
 
+    def setup(self, stage: str) -> None:
+        self.check_data_fits(self.trainer.datamodule)
+
+    def monitorable_metrics(self, datamodule: object) -> list[str]:
+        """What fit logs, for checkpoint monitors."""
+        return ["val/loss", "val/acc", "train/loss", "train/acc"]
+
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
         logits = self.net(x)

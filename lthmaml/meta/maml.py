@@ -90,7 +90,12 @@ class MAML(NetModule):
         super().__init__(net, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=self.unsaved_hparams())
         if inner_steps < 1 or eval_inner_steps < 0:
-            raise ConfigError("model.inner_steps must be >= 1 and model.eval_inner_steps >= 0")
+            raise ConfigError(
+                f"model.init_args.inner_steps must be >= 1 (got {inner_steps}) and "
+                f"model.init_args.eval_inner_steps >= 0 (got {eval_inner_steps})"
+            )
+        if not inner_lr > 0:  # NaN too; torch's SGD would reject a negative rate with a traceback
+            raise ConfigError(f"model.init_args.inner_lr must be > 0, got {inner_lr}")
         if first_order and learn_inner_lr:
             raise ConfigError(
                 "model.learn_inner_lr needs second-order meta-gradients: set model.first_order: false"
@@ -117,7 +122,7 @@ class MAML(NetModule):
         self.test_results: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
-        """Catch a net whose output width differs from the tasks' N-way before torch does, and a
+        """Catch a net that does not fit the tasks (N-way, image size) before torch does, and a
         multi-process strategy whose gradient exchange this module does not know."""
         strategy = self.trainer.strategy
         ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
@@ -126,13 +131,15 @@ class MAML(NetModule):
                 f"MAML averages its meta-gradient over ranks for DDP strategies only (ddp, ddp_spawn, ...), "
                 f"not {type(strategy).__name__}: set trainer.strategy: ddp"
             )
-        ways = getattr(self.trainer.datamodule, "ways", None)
-        out_features = getattr(self.net, "out_features", None)
-        if ways is not None and out_features is not None and ways != out_features:
-            raise ConfigError(
-                f"model.init_args.net.init_args.out_features={out_features} but data.init_args.ways={ways}: "
-                "set them equal"
-            )
+        self.check_data_fits(self.trainer.datamodule)
+
+    def monitorable_metrics(self, datamodule: object) -> list[str]:
+        """What fit logs, for checkpoint monitors: accuracy for classification (data with ``ways``)."""
+        names = ["loss_pre", "loss_post"]
+        if getattr(datamodule, "ways", None) is not None:
+            names += ["acc_pre", "acc_post"]
+        train = [f"train/{n}{end}" for n in names if n.endswith("post") for end in ("", "_step", "_epoch")]
+        return [f"val/{n}" for n in names] + train
 
     # ------------------------------------------------------------------ the inner loop
     def inner_optimizer(self) -> torch.optim.SGD:

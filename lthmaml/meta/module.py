@@ -10,6 +10,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from lthmaml.errors import ConfigError
+
 
 class NetModule(pl.LightningModule):
     """A LightningModule around ``net`` with the optimizer and scheduler given the LightningCLI way.
@@ -35,6 +37,18 @@ class NetModule(pl.LightningModule):
         """``ignore=`` for ``save_hyperparameters`` in a subclass ``__init__``."""
         cli_config = _given_hyperparameters.get() is not None
         return None if cli_config else ["net", "optimizer", "lr_scheduler"]
+
+    def check_data_fits(self, datamodule: object) -> None:
+        """The net's output width and input size match the data's ``ways`` and ``image_size``
+        where both are known: a ConfigError naming the two options, not a shape error in torch."""
+        for net_option, data_option in (("out_features", "ways"), ("image_size", "image_size")):
+            built = getattr(self.net, net_option, None)
+            given = getattr(datamodule, data_option, None)
+            if built is not None and given is not None and built != given:
+                raise ConfigError(
+                    f"model.init_args.net.init_args.{net_option}={built} but "
+                    f"data.init_args.{data_option}={given}: set them equal"
+                )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -7,6 +7,7 @@ from typing import Union
 
 from torch import Tensor, nn
 
+from lthmaml.errors import ConfigError
 from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
 
 
@@ -43,7 +44,10 @@ class Conv4(nn.Module):
         super().__init__()
         widths = [hidden_channels] * blocks if isinstance(hidden_channels, int) else list(hidden_channels)
         if len(widths) != blocks:
-            raise ValueError(f"hidden_channels has {len(widths)} widths for {blocks} blocks")
+            raise ConfigError(
+                f"model.init_args.net.init_args.hidden_channels has {len(widths)} widths for {blocks} "
+                "blocks: give one width, or one per block"
+            )
         self.out_features = out_features
         self.in_channels = in_channels
         self.image_size = image_size
@@ -60,7 +64,10 @@ class Conv4(nn.Module):
         for _ in range(blocks):
             side //= 2
         if side < 1:
-            raise ValueError(f"image_size={image_size} is too small for {blocks} pooling blocks")
+            raise ConfigError(
+                f"model.init_args.net.init_args.image_size={image_size} is too small for {blocks} pooling "
+                f"blocks: it must be >= {2**blocks} (and equal to data.init_args.image_size)"
+            )
         self.head = MaskedLinear(widths[-1] * side * side, out_features)
 
     def forward(self, x: Tensor) -> Tensor:

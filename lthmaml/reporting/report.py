@@ -6,16 +6,17 @@ links them beside one table per run (its numbers are the logged ones, rounded fo
 1. ``accuracy_vs_remaining.png``: the metric of each round against the fraction of weights left
    (log x, as in the lottery-ticket papers), one line per run; a run without rounds (dense) is a
    horizontal reference line with its 95% CI band.
-2. ``rounds.png``: per pruning round, the epoch of best validation (``best_epoch``) and the wall
-   time of the round: the time between consecutive ``prune/round`` TensorBoard events (the first
-   round counts from the event file's first event), validation and per-round tests included.
+2. ``rounds.png``: per pruning round, the epoch of the recorded weights' validation
+   (``val_epoch``) and the wall time of the round: the time between consecutive ``prune/round``
+   TensorBoard events (the first round counts from the event file's first event), validation
+   included.
 3. ``accuracy_vs_time.png``: the ``val/`` metric against wall time since the event file's first
    event (the fit's start), in minutes, one line per run.
 4. ``layer_sparsity.png``: per-layer sparsity of each run's final round (``metrics.json`` layers).
 
-A round's metric is its ``test`` when the round was tested, else its ``best_val``; the error bars
-are ``test_metrics[<test_metric>_ci95]``. Only matplotlib, PyYAML and TensorBoard's reader are
-imported (no torch): a report of many runs takes a second.
+A round's metric is its ``test`` when the round was tested, else the validation value of its
+recorded weights; the error bars are ``test_metrics[<test_metric>_ci95]``. Only matplotlib, PyYAML
+and TensorBoard's reader are imported (no torch): a report of many runs takes a second.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from lthmaml.errors import one_line_errors
+from lthmaml.errors import DataError, one_line_errors
 from lthmaml.reporting.plots import PLOTS, plot_layers, plot_remaining, plot_rounds, plot_time
 from lthmaml.reporting.readme import results_section, write_readme
 from lthmaml.reporting.runs import Run, dense_reference, expand, load_run, round_seconds
@@ -56,10 +57,10 @@ def run_table(run: Run) -> str:
             test_metric = record.get("test_metric") or f"test/{run.metric}"
             ci = (record.get("test_metrics") or {}).get(f"{test_metric}_ci95")
             test = _num(record["test"]) + ("" if ci is None else f" ± {_num(ci)}")
-        epoch = record.get("best_epoch")
+        epoch = record.get("val_epoch")
         rows.append(
             f"| {record['round']} | {100 * sparsity:.2f}% | {100 * (1 - sparsity):.2f}% "
-            f"| {_num(record.get('best_val'))} | {'—' if epoch is None else epoch} | {test} "
+            f"| {_num(record.get('val'))} | {'—' if epoch is None else epoch} | {test} "
             f"| {_num(seconds.get(record['round']), 1)} |"
         )
     return "\n".join([header, *rows])
@@ -149,10 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def failed_at_start(run: Run) -> Optional[str]:
+    """Why ``run`` is no result (a fit that failed before its first epoch), or None.
+
+    Such a folder has no rounds, no scalars and no checkpoint; reported, it would pass for a dense
+    run. ``FAILED`` is the note the ``lthmaml`` command leaves in a failed run's folder.
+    """
+    if run.rounds or run.scalars or any(run.path.glob("checkpoints/*.ckpt")):
+        return None
+    note = run.path / "FAILED"
+    reason = " ".join(note.read_text(errors="replace").split()) if note.is_file() else ""
+    return reason or "no pruning rounds, no logged metrics and no checkpoint: a run that failed at start-up"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     with one_line_errors(PROG):
-        runs = [load_run(path) for path in expand(args.runs)]
+        runs = []
+        for run in (load_run(path) for path in expand(args.runs)):
+            reason = failed_at_start(run)
+            if reason is None:
+                runs.append(run)
+            else:
+                print(f"{PROG}: skipped {run.path} ({reason})", file=sys.stderr)
+        if not runs:
+            named = " ".join(map(str, args.runs))
+            raise DataError(f"no run to report in {named}: every one failed at start-up")
         report = write_report(runs, args.out)
         if args.readme is not None:
             write_readme(args.readme, results_section(runs, args.out, args.readme, args.sinusoid))
