@@ -10,7 +10,8 @@ from torch.func import functional_call, grad
 
 from lthmaml.data import EpisodeDataset, EpisodicDataModule, SinusoidDataModule, SinusoidTasks
 from lthmaml.errors import ConfigError
-from lthmaml.meta.maml import MAML, mean_and_ci95, task_loss
+from lthmaml.meta.maml import MAML
+from lthmaml.meta.metrics import mean_and_ci95, task_loss
 from lthmaml.nets.models import MLP, Conv4
 
 META_BATCH = 3

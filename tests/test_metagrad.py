@@ -20,7 +20,8 @@ from lthmaml.cli import main
 from lthmaml.data import EpisodeDataset, SinusoidDataModule
 from lthmaml.errors import ConfigError
 from lthmaml.meta.classifier import Classifier
-from lthmaml.meta.maml import MAML, task_loss
+from lthmaml.meta.maml import MAML
+from lthmaml.meta.metrics import task_loss
 from lthmaml.nets.layers import MaskedLinear
 from lthmaml.nets.models import MLP, Conv4
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lthmaml.data import OmniglotDataModule, load_omniglot, split_classes
+from lthmaml.data import OmniglotDataModule, SinusoidDataModule, load_omniglot, split_classes
 from lthmaml.data import omniglot as og
 from lthmaml.errors import ConfigError, DataError
 
@@ -27,7 +27,8 @@ def ink(glyph: np.ndarray) -> torch.Tensor:
 
 
 def module(root: Path, **kwargs) -> OmniglotDataModule:
-    args = dict(ways=2, shots=1, query_shots=2, image_size=12, class_split=[3, 1, 1], meta_batch_size=2)
+    args = dict(ways=2, shots=1, query_shots=2, eval_query_shots=2, image_size=12, class_split=[3, 1, 1])
+    args.update(meta_batch_size=2)
     args.update(tasks_per_epoch=4, val_tasks=4, test_tasks=4)
     return OmniglotDataModule(str(root), **{**args, **kwargs})
 
@@ -402,3 +403,21 @@ def test_maml_learns_5way_1shot_on_the_shared_subset(shared_omniglot):
     finally:
         torch.set_num_threads(threads)
     assert model.test_results["acc_post"] > 0.6, model.test_results  # chance is 0.2
+
+
+def test_training_and_evaluation_episodes_have_their_own_query_sizes(fake_omniglot):
+    """query_shots shapes meta-training's episodes, eval_query_shots validation's and test's; an
+    old config without eval_query_shots keeps its training size where the data cannot hold 15."""
+    data = module(fake_omniglot.folder(CLASSES), query_shots=1, eval_query_shots=3, class_split=[1, 2, 2])
+    train, val, test = (next(iter(getattr(data, f"{s}_dataloader")())) for s in ("train", "val", "test"))
+    assert train.query_x.shape[1] == 2 * 1 and val.query_x.shape[1] == test.query_x.shape[1] == 2 * 3
+    assert train.support_x.shape[1] == val.support_x.shape[1] == 2
+    with pytest.raises(ConfigError, match="eval_query_shots"):
+        module(
+            fake_omniglot.folder(CLASSES, root=fake_omniglot.base / "b"),
+            eval_query_shots=4,
+            class_split=[1, 2, 2],
+        ).val_dataloader()
+    sinusoid = SinusoidDataModule(shots=2, query_shots=3, eval_query_shots=9, meta_batch_size=2)
+    assert sinusoid.task_source("train").query_shots == 3 and sinusoid.task_source("test").query_shots == 9
+    assert SinusoidDataModule(query_shots=4).task_source("val").query_shots == 4

@@ -466,6 +466,7 @@ def test_tiny_omniglot_fit_from_yaml_writes_rounds_and_a_pruned_checkpoint(
                         "root": str(root),
                         "ways": 3,
                         "query_shots": 1,
+                        "eval_query_shots": 1,
                         "image_size": 8,
                         "class_split": [4, 3, 3],
                         "meta_batch_size": 2,

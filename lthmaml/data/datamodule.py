@@ -43,7 +43,13 @@ class EpisodicDataModule(pl.LightningDataModule, ABC):
         val_tasks, test_tasks: sizes of the fixed evaluation sets (600 test tasks as in MAML).
         seed: keys every task; two evaluations of one model give identical numbers.
         num_workers: DataLoader worker processes.
+        eval_query_shots: query examples per class (per task for regression) in validation, test
+            and predict tasks; None: the training ``query_shots``. Meta-training learns fastest on
+            small query sets (MAML's Omniglot code trains on K per class), while the test metric
+            wants many for its precision: the two are set apart.
     """
+
+    query_shots: int
 
     def __init__(
         self,
@@ -53,8 +59,12 @@ class EpisodicDataModule(pl.LightningDataModule, ABC):
         test_tasks: int = 600,
         seed: int = 0,
         num_workers: int = 0,
+        eval_query_shots: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if eval_query_shots is not None and eval_query_shots < 1:
+            raise ConfigError(f"data.init_args.eval_query_shots must be >= 1 example, got {eval_query_shots}")
+        self.eval_query_shots = eval_query_shots
         if meta_batch_size < 1:
             raise ConfigError(f"data.init_args.meta_batch_size must be >= 1 task, got {meta_batch_size}")
         self.meta_batch_size = meta_batch_size
@@ -63,6 +73,12 @@ class EpisodicDataModule(pl.LightningDataModule, ABC):
         self.test_tasks = test_tasks
         self.seed = seed
         self.num_workers = num_workers
+
+    def split_query_shots(self, split: str) -> int:
+        """Query examples of a ``split``'s tasks: ``query_shots`` in training, else ``eval_query_shots``."""
+        if split == "train" or self.eval_query_shots is None:
+            return self.query_shots
+        return self.eval_query_shots
 
     @abstractmethod
     def task_source(self, split: str) -> TaskSource:
@@ -134,7 +150,7 @@ class SinusoidDataModule(EpisodicDataModule):
         self.query_shots = query_shots
 
     def task_source(self, split: str) -> SinusoidTasks:
-        return SinusoidTasks(shots=self.shots, query_shots=self.query_shots)
+        return SinusoidTasks(shots=self.shots, query_shots=self.split_query_shots(split))
 
 
 class OmniglotDataModule(EpisodicDataModule):
@@ -145,7 +161,9 @@ class OmniglotDataModule(EpisodicDataModule):
 
     Args:
         root: folder with the official zips, their unpacked folders, or ``<alphabet>/<character>/*.png``.
-        ways, shots, query_shots: the episode shape (N classes, K support and Q query images each).
+        ways, shots, query_shots: the episode shape (N classes, K support and Q query images each);
+            ``query_shots`` is meta-training's, ``eval_query_shots`` (default 15, as MAML tests)
+            evaluation's.
         image_size: images are resized to ``image_size`` squared (28 in MAML).
         class_split: meta-train/val/test shares of the classes: fractions (floats) or counts (ints,
             e.g. ``[1200, 100, 323]`` for the full set).
@@ -169,9 +187,10 @@ class OmniglotDataModule(EpisodicDataModule):
         split_seed: int = 0,
         augment_rotations: bool = True,
         cache_dir: Optional[str] = None,
+        eval_query_shots: Optional[int] = 15,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(eval_query_shots=eval_query_shots, **kwargs)
         check_episode(ways, shots, query_shots)
         check_class_split(class_split)
         self.root = root
@@ -200,7 +219,7 @@ class OmniglotDataModule(EpisodicDataModule):
                 self.data.images[self.class_indices[split]],
                 self.ways,
                 self.shots,
-                self.query_shots,
+                self.split_query_shots(split),
                 rotations=self.augment_rotations and split == "train",
                 name=split,
             )

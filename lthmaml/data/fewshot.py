@@ -49,9 +49,10 @@ class FewShotTasks:
                 f"{' (rotations included)' if rotations else ''}: lower data.ways or add classes"
             )
         if shots + query_shots > examples:
+            query = "query_shots" if name == "train" else "eval_query_shots"
             raise ConfigError(
-                f"data.shots + data.query_shots = {shots + query_shots} but the {name} split has only "
-                f"{examples} examples per class: lower data.shots or data.query_shots"
+                f"data.shots + data.{query} = {shots + query_shots} but the {name} split has only "
+                f"{examples} examples per class: lower data.shots or data.{query}"
             )
 
     @property

@@ -7,15 +7,11 @@ does not grow with the meta-batch size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
-import higher
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -25,38 +21,10 @@ from torchmetrics import CatMetric, MeanMetric
 
 from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError, TrainingError, non_finite_message
+from lthmaml.meta.functional import FunctionalInnerLoop
+from lthmaml.meta.higher_loop import Adapted
+from lthmaml.meta.metrics import TaskResult, mean_and_ci95, task_accuracy, task_loss
 from lthmaml.meta.module import NetModule
-
-
-@dataclass
-class TaskResult:
-    """Query-set metrics of one task before and after adaptation (accuracy is None for regression)."""
-
-    loss_pre: Optional[Tensor]
-    loss_post: Tensor
-    acc_pre: Optional[Tensor] = None
-    acc_post: Optional[Tensor] = None
-
-
-def task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy for integer labels (classification), MSE for real targets (regression)."""
-    if targets.dtype in (torch.int64, torch.int32):
-        return F.cross_entropy(outputs, targets)
-    return F.mse_loss(outputs, targets)
-
-
-def task_accuracy(outputs: Tensor, targets: Tensor) -> Optional[Tensor]:
-    if targets.dtype not in (torch.int64, torch.int32):
-        return None
-    return (outputs.argmax(-1) == targets).float().mean()
-
-
-def mean_and_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and half-width of the normal 95% confidence interval, as MAML papers report."""
-    values = values.double().flatten()
-    if values.numel() < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), float(1.96 * values.std(unbiased=True) / math.sqrt(values.numel()))
 
 
 class MAML(NetModule):
@@ -70,6 +38,11 @@ class MAML(NetModule):
         first_order: drop second derivatives (FOMAML): the meta-gradient is the query gradient
             at the adapted weights.
         learn_inner_lr: learn one inner learning rate per parameter tensor (Meta-SGD / MAML++).
+        inner_loop: ``higher`` (one task at a time through ``higher``'s functional copies) or
+            ``func`` (``torch.func``: ``task_chunk`` tasks adapted at once with ``vmap``; see
+            :mod:`lthmaml.meta.functional`). Both give the same meta-gradients and evaluations.
+        task_chunk: tasks adapted together by the ``func`` loop; the meta-gradient is accumulated
+            chunk by chunk, so peak memory grows with the chunk, not with the meta-batch.
         optimizer, lr_scheduler: the meta-optimizer, configurable the LightningCLI way.
         gradient_clip_val: clip the meta-gradient norm (manual optimization does not use the
             Trainer's clipping).
@@ -83,6 +56,8 @@ class MAML(NetModule):
         eval_inner_steps: int = 3,
         first_order: bool = False,
         learn_inner_lr: bool = False,
+        inner_loop: Literal["higher", "func"] = "higher",
+        task_chunk: int = 8,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         gradient_clip_val: Optional[float] = None,
@@ -100,7 +75,13 @@ class MAML(NetModule):
             raise ConfigError(
                 "model.learn_inner_lr needs second-order meta-gradients: set model.first_order: false"
             )
+        if inner_loop not in ("higher", "func"):
+            raise ConfigError(f"model.init_args.inner_loop must be 'higher' or 'func', got {inner_loop!r}")
+        if task_chunk < 1:
+            raise ConfigError(f"model.init_args.task_chunk must be >= 1 task, got {task_chunk}")
         self.automatic_optimization = False
+        self.inner_loop = inner_loop
+        self.task_chunk = task_chunk
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
@@ -142,25 +123,14 @@ class MAML(NetModule):
         return [f"val/{n}" for n in names] + train
 
     # ------------------------------------------------------------------ the inner loop
-    def inner_optimizer(self) -> torch.optim.SGD:
-        """Plain SGD with one parameter group per tensor, so learned rates map one to one."""
-        return torch.optim.SGD([{"params": [p]} for p in self.net.parameters()], lr=self.inner_lr)
-
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int, track_higher_grads: bool):
-        """A context manager yielding the functional net adapted to one support set.
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int, track_higher_grads: bool) -> Adapted:
+        """A context manager yielding the ``higher`` functional net adapted to one support set.
 
         With ``track_higher_grads`` the adapted weights stay a differentiable function of the
         meta-parameters (second-order MAML); without it they are fresh leaves.
         """
-        override = {"lr": list(self.inner_lrs)} if self.inner_lrs is not None else None
-        ctx = higher.innerloop_ctx(
-            self.net,
-            self.inner_optimizer(),
-            copy_initial_weights=False,
-            track_higher_grads=track_higher_grads,
-            override=override,
-        )
-        return _Adapted(ctx, support_x, support_y, steps)
+        rates = list(self.inner_lrs) if self.inner_lrs is not None else None
+        return Adapted(self.net, self.inner_lr, rates, support_x, support_y, steps, track_higher_grads)
 
     def meta_train_task(self, task: TaskBatch, scale: float) -> TaskResult:
         """Adapt to one task and back-propagate ``scale`` times its query loss into ``.grad``.
@@ -176,18 +146,64 @@ class MAML(NetModule):
             loss_pre=None, loss_post=loss.detach(), acc_post=task_accuracy(logits.detach(), task.query_y)
         )
 
-    def evaluate_task(self, task: TaskBatch) -> TaskResult:
+    def meta_train(self, batch: TaskBatch, scale: float) -> list[TaskResult]:
+        """Back-propagate ``scale`` times each task's query loss into ``.grad``, by the chosen loop."""
+        if self.inner_loop == "higher":
+            return [self.meta_train_task(batch.task(i), scale) for i in range(batch.num_tasks)]
+        results = []
+        for chunk in self.chunks(batch):
+            outputs = self.functional_loop().chunk_outputs(
+                chunk.support_x, chunk.support_y, chunk.query_x, self.inner_steps, self.first_order
+            )
+            losses = torch.stack([task_loss(out, y) for out, y in zip(outputs, chunk.query_y)])
+            self.manual_backward(losses.sum() * scale)
+            for out, loss, y in zip(outputs.detach(), losses.detach(), chunk.query_y):
+                results.append(TaskResult(loss_pre=None, loss_post=loss, acc_post=task_accuracy(out, y)))
+        return results
+
+    def chunks(self, batch: TaskBatch) -> Iterator[TaskBatch]:
+        for start in range(0, batch.num_tasks, self.task_chunk):
+            yield TaskBatch(*(field[start : start + self.task_chunk] for field in batch))
+
+    def functional_loop(self) -> FunctionalInnerLoop:
+        names = [name for name, _ in self.net.named_parameters()]
+        rates = (
+            dict(zip(names, self.inner_lrs))
+            if self.inner_lrs is not None
+            else dict.fromkeys(names, self.inner_lr)
+        )
+        return FunctionalInnerLoop(self.net, rates, task_loss)
+
+    def adapted_outputs(self, batch: TaskBatch, steps: int) -> list[Tensor]:
+        """Each task's query outputs after ``steps`` of adaptation, detached (no meta-gradient)."""
+        if self.inner_loop == "func":
+            loop = self.functional_loop()
+            return [
+                out
+                for chunk in self.chunks(batch)
+                for out in loop.evaluate_outputs(chunk.support_x, chunk.support_y, chunk.query_x, steps)
+            ]
+        outputs = []
+        for i in range(batch.num_tasks):
+            task = batch.task(i)
+            with self.adapt(task.support_x, task.support_y, steps, False) as adapted:
+                outputs.append(adapted(task.query_x).detach())
+        return outputs
+
+    def evaluate_batch(self, batch: TaskBatch) -> list[TaskResult]:
         """Query metrics before and after ``eval_inner_steps`` of adaptation (no meta-gradient)."""
         with torch.no_grad():
-            pre_logits = self.net(task.query_x)
-        with self.adapt(task.support_x, task.support_y, self.eval_inner_steps, False) as adapted:
-            post_logits = adapted(task.query_x).detach()
-        return TaskResult(
-            loss_pre=task_loss(pre_logits, task.query_y),
-            loss_post=task_loss(post_logits, task.query_y),
-            acc_pre=task_accuracy(pre_logits, task.query_y),
-            acc_post=task_accuracy(post_logits, task.query_y),
-        )
+            pre = [self.net(batch.query_x[i]) for i in range(batch.num_tasks)]
+        post = self.adapted_outputs(batch, self.eval_inner_steps)
+        return [
+            TaskResult(
+                loss_pre=task_loss(before, y),
+                loss_post=task_loss(after, y),
+                acc_pre=task_accuracy(before, y),
+                acc_post=task_accuracy(after, y),
+            )
+            for before, after, y in zip(pre, post, batch.query_y)
+        ]
 
     def _backward_meta_loss(self, loss: Tensor, adapted: nn.Module) -> None:
         if not self.first_order:
@@ -219,7 +235,7 @@ class MAML(NetModule):
         optimizer.zero_grad()
         scale = 1.0 / batch.num_tasks
         with self._no_ddp_sync():
-            results = [self.meta_train_task(batch.task(i), scale) for i in range(batch.num_tasks)]
+            results = self.meta_train(batch, scale)
         if self.trainer.world_size > 1:
             self._average_meta_gradient(batch.num_tasks)
         self._check_finite(results)
@@ -296,7 +312,7 @@ class MAML(NetModule):
                 "MAML adapts with gradients during evaluation: set trainer.inference_mode: false"
             )
         with torch.enable_grad():
-            results = [self.evaluate_task(batch.task(i)) for i in range(batch.num_tasks)]
+            results = self.evaluate_batch(batch)
         self._log_results(stage, results)
         return results
 
@@ -337,13 +353,8 @@ class MAML(NetModule):
     def predict_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         """Adapted query predictions: class probabilities, or regression outputs."""
         with torch.enable_grad():
-            outputs = []
-            for i in range(batch.num_tasks):
-                task = batch.task(i)
-                with self.adapt(task.support_x, task.support_y, self.eval_inner_steps, False) as adapted:
-                    out = adapted(task.query_x).detach()
-                outputs.append(out.softmax(-1) if task.query_y.dtype == torch.int64 else out)
-        return torch.stack(outputs)
+            outputs = torch.stack(self.adapted_outputs(batch, self.eval_inner_steps))
+        return outputs.softmax(-1) if batch.query_y.dtype == torch.int64 else outputs
 
     def _log_results(self, stage: str, results: list[TaskResult]) -> None:
         on_step = stage == "train"
@@ -356,19 +367,3 @@ class MAML(NetModule):
             self.log(
                 f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name.endswith("post")
             )
-
-
-class _Adapted:
-    """Enters ``higher``'s context, takes the inner steps, and yields the adapted functional net."""
-
-    def __init__(self, ctx, support_x: Tensor, support_y: Tensor, steps: int) -> None:
-        self.ctx, self.support_x, self.support_y, self.steps = ctx, support_x, support_y, steps
-
-    def __enter__(self) -> nn.Module:
-        fnet, diffopt = self.ctx.__enter__()
-        for _ in range(self.steps):
-            diffopt.step(task_loss(fnet(self.support_x), self.support_y))
-        return fnet
-
-    def __exit__(self, *exc) -> None:
-        self.ctx.__exit__(*exc)

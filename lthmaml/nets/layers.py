@@ -80,7 +80,19 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         self.output_hook: Optional[Callable[[Tensor], Tensor]] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        out = super().forward(x) * self.channel_mask.view(1, -1, *([1] * (x.dim() - 2)))
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        if self.track_running_stats:  # running statistics: the fused kernel
+            out = super().forward(x)
+        else:
+            # Batch statistics written out: the fused kernel's double backward is wrong under
+            # torch.func.vmap (second-order MAML over a chunk of tasks); these ops are not.
+            dims = [0, *range(2, x.dim())]
+            mean = x.mean(dims, keepdim=True)
+            var = x.var(dims, keepdim=True, unbiased=False)
+            out = (x - mean) * torch.rsqrt(var + self.eps)
+            if self.affine:
+                out = out * self.weight.view(shape) + self.bias.view(shape)
+        out = out * self.channel_mask.view(shape)
         return out if self.output_hook is None else self.output_hook(out)
 
 
