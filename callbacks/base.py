@@ -49,7 +49,16 @@ class PruningCallback(Callback):
         test_each_round: after the fit, test every recorded level (its ``model.ckpt``) on the test
             split with ``trainer.test`` and keep the test metrics in its record: every sparsity
             level on the same fixed meta-test tasks, for the accuracy-vs-sparsity curve.
+        patience: end a level's training when this many validations in a row did not improve on
+            its best ``monitor`` value (by more than ``min_delta``), as ``EarlyStopping`` does, so
+            each level trains to convergence; its maximum length stays the strategy's round
+            length. None: no plateau rule, every level trains its full length. Only for the
+            strategies with rounds or levels (``plateau_rounds``).
+        min_delta: the margin a validation must beat the level's best by to count as improving.
     """
+
+    plateau_rounds: ClassVar[bool] = False
+    """Whether this strategy's levels can end on a validation plateau (``patience``)."""
 
     state_attributes: ClassVar[tuple[str, ...]] = (
         "history",
@@ -57,6 +66,7 @@ class PruningCallback(Callback):
         "monitor",
         "mode",
         "last_validation",
+        "last_val_metrics",
     )
     """The attributes a resumed fit needs; ``state_dict`` saves them (tensors on the CPU)."""
 
@@ -68,19 +78,32 @@ class PruningCallback(Callback):
         monitor: Optional[str] = None,
         mode: Optional[Literal["min", "max"]] = None,
         test_each_round: bool = False,
+        patience: Optional[int] = None,
+        min_delta: float = 0.0,
     ) -> None:
+        name = type(self).__name__
         if monitor is not None and mode not in ("min", "max"):
-            raise ConfigError(f"{type(self).__name__}: set mode (max or min) for monitor '{monitor}'")
+            raise ConfigError(f"{name}: set mode (max or min) for monitor '{monitor}'")
+        if patience is not None and (isinstance(patience, bool) or patience < 1):
+            raise ConfigError(f"{name}.patience must be >= 1 (validations) or null, got {patience!r}")
+        if patience is not None and not self.plateau_rounds:
+            raise ConfigError(f"{name}.patience: this strategy has no rounds to end on a plateau")
+        if not min_delta >= 0:
+            raise ConfigError(f"{name}.min_delta must be >= 0, got {min_delta!r}")
         self.scope = scope
         self.exclude = tuple(exclude)
         self.layer_rates = dict(layer_rates or {})
         self.monitor, self.mode = monitor, mode
         self.test_each_round = test_each_round
+        self.patience, self.min_delta = patience, float(min_delta)
         self.history: list[dict[str, Any]] = []
         self.pruning_steps = 0
         """Pruning events applied so far: the ``pruning_step`` of the next record."""
         self.last_validation: Optional[tuple[int, int]] = None
         """(global step, epoch) of the last validation: when ``val/*`` in callback_metrics was measured."""
+        self.last_val_metrics: dict[str, float] = {}
+        """Its ``val/*`` metrics: a record written right after a resume, before any validation, has
+        them too (``callback_metrics`` are not in a checkpoint)."""
 
     # ------------------------------------------------------------------ engine calls for strategies
     def prunable(self, pl_module: pl.LightningModule) -> dict[str, sparsity.MaskedMixin]:
@@ -145,6 +168,15 @@ class PruningCallback(Callback):
             or (max_steps not in (None, -1) and trainer.global_step >= max_steps)
         )
 
+    def monitored(self, trainer: pl.Trainer) -> float:
+        """The value of ``monitor`` at the validation just run (a ConfigError if it is not logged)."""
+        if self.monitor not in trainer.callback_metrics:
+            raise ConfigError(
+                f"{type(self).__name__}.monitor '{self.monitor}' is not logged; "
+                f"logged: {sorted(trainer.callback_metrics)}"
+            )
+        return float(trainer.callback_metrics[self.monitor])
+
     # ------------------------------------------------------------------ the round record
     @staticmethod
     def validation_metrics(trainer: pl.Trainer) -> dict[str, float]:
@@ -168,20 +200,26 @@ class PruningCallback(Callback):
         val_metrics: Optional[Mapping[str, float]] = None,
         tasks_scored: Optional[int] = None,
         details: Optional[Mapping[str, Any]] = None,
+        round_start_step: Optional[int] = None,
+        stopped_early: Optional[bool] = None,
         **validation: Any,
     ) -> Path:
         """Record the net as it is now: masks, ``metrics.json`` and a checkpoint under ``rounds/round_XX``.
 
         ``val_metrics`` default to the last validation's; ``validation`` may give ``val_step``,
-        ``val_epoch`` and ``val_epoch_in_round`` of the recorded weights' validation.
+        ``val_epoch`` and ``val_epoch_in_round`` of the recorded weights' validation;
+        ``round_start_step`` and ``stopped_early`` say when the level started training and whether
+        a plateau ended it (see :class:`~lthmaml.rounds.RoundRecord`).
         """
-        metrics = dict(self.validation_metrics(trainer) if val_metrics is None else val_metrics)
         if val_metrics is None and self.last_validation is not None:
             validation = {
                 "val_step": self.last_validation[0],
                 "val_epoch": self.last_validation[1],
                 **validation,
             }
+        if val_metrics is None:
+            val_metrics = self.last_val_metrics or self.validation_metrics(trainer)
+        metrics = dict(val_metrics)
         report = sparsity.sparsity_report(pl_module)
         record = RoundRecord(
             round=len(self.history),
@@ -194,6 +232,8 @@ class PruningCallback(Callback):
             val=metrics.get(self.monitor) if self.monitor else None,
             val_metrics=metrics,
             tasks_scored=tasks_scored,
+            round_start_step=round_start_step,
+            stopped_early=stopped_early,
             details=dict(details or {}),
             **validation,
         ).as_dict()
@@ -271,6 +311,11 @@ class PruningCallback(Callback):
         if self.monitor is None and trainer.checkpoint_callback is not None:
             self.monitor = trainer.checkpoint_callback.monitor
             self.mode = trainer.checkpoint_callback.mode
+        if self.patience is not None and self.monitor is None:
+            raise ConfigError(
+                f"{type(self).__name__}.patience needs a monitored metric: set monitor and mode "
+                "(or a ModelCheckpoint monitor)"
+            )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         sparsity.apply_masks(pl_module)
@@ -278,6 +323,7 @@ class PruningCallback(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.last_validation = (trainer.global_step, trainer.current_epoch)
+            self.last_val_metrics = self.validation_metrics(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.log("sparsity", sparsity.sparsity_report(pl_module).sparsity, sync_dist=True)
@@ -316,21 +362,35 @@ def _on_cpu(value: Any) -> Any:
     return value
 
 
-TABLE_COLUMNS = ("round", "sparsity", "val", "val_epoch", "val_step", "test", "pruning_step", "tasks_scored")
+TABLE_COLUMNS = (
+    "round",
+    "sparsity",
+    "val",
+    "val_epoch",
+    "val_step",
+    "round_start_step",
+    "stopped_early",
+    "test",
+    "pruning_step",
+    "tasks_scored",
+)
 
 
 def round_table(history: Sequence[Mapping[str, Any]]) -> str:
-    """The per-round table printed at fit end: the shared columns any record has, then the numbers
-    among the strategy's ``details``."""
+    """The per-round table printed at fit end: the shared columns any record has (numbers, and
+    ``stopped_early``), then the numbers among the strategy's ``details``."""
 
     def number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def shown(value: Any) -> bool:
+        return isinstance(value, (int, float))  # a flag too
 
     rows = [
         {**record, **{k: v for k, v in (record.get("details") or {}).items() if number(v)}}
         for record in history
     ]
-    keys = [key for key in TABLE_COLUMNS if any(number(row.get(key)) for row in rows)]
+    keys = [key for key in TABLE_COLUMNS if any(shown(row.get(key)) for row in rows)]
     keys += sorted(
         {key for row in rows for key in row.get("details") or {} if number(row.get(key))} - set(keys)
     )

@@ -5,6 +5,16 @@ over the last ``accumulate_batches`` batches before it (``None``: all of them), 
 Before each step the net trained at the current level is recorded (round 0: the dense net), and
 the final level is recorded when the fit ends, before ModelCheckpoint writes ``last.ckpt``.
 
+With ``patience`` a level may end sooner, on a validation plateau: the pruning step then happens
+at the validation after which ``patience`` validations in a row did not improve the monitored
+metric (by more than ``min_delta``) since the last pruning step, and at the latest after
+``steps_between`` batches as before; the level's record says ``stopped_early``. Since the plateau
+may come before the window of the last ``accumulate_batches`` opens, scoring then runs on every
+batch of the level: a step on a plateau before the window sums the scores of every batch since
+the last step, and when the window opens the earlier sums are dropped, so a later step sums the
+window's batches as without ``patience`` (the cost of scoring thus grows to every batch when
+``accumulate_batches < steps_between``).
+
 A strategy says only its method: ``score_batch`` (its criterion on one batch), ``prune_step``
 (how the summed scores remove weights or filters), ``finished`` (its target), and optionally
 ``details`` (what its records add). ``score_before_update`` says whether the criterion is taken at
@@ -23,6 +33,7 @@ from torch import Tensor
 from callbacks.base import PruningCallback
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
+from lthmaml.tracking import BestWeights
 
 
 class IterativePruning(PruningCallback):
@@ -34,16 +45,21 @@ class IterativePruning(PruningCallback):
             (``None``, or more than ``steps_between``: every batch since the last step).
         write_every: record the level of every this many pruning steps (``rounds/round_XX``); the
             final level is always recorded.
-        **kwargs: the options of :class:`~callbacks.base.PruningCallback`.
+        **kwargs: the options of :class:`~callbacks.base.PruningCallback` (``patience`` and
+            ``min_delta``: a pruning step on a validation plateau, before ``steps_between``
+            batches; see the module docstring for the scores it sums).
     """
 
     score_before_update: ClassVar[bool] = False
+    plateau_rounds = True
     state_attributes = (
         *PruningCallback.state_attributes,
         "batches_since_prune",
         "score_sums",
         "tasks_scored",
         "last_step",
+        "level_best",
+        "level_start_step",
     )
 
     def __init__(
@@ -70,6 +86,10 @@ class IterativePruning(PruningCallback):
         self.score_sums: dict[str, Tensor] = {}
         self.tasks_scored = 0
         self.last_step: dict[str, Any] = {}  # what the last pruning step did, for the next record
+        self.level_best = BestWeights(self.monitor or "", self.mode or "max", self.min_delta)
+        """The level's best validation (no weights kept): what ``patience`` counts from."""
+        self.level_start_step: Optional[int] = 0
+        """The global step of the last pruning step (0: the dense level), for the record."""
 
     # ------------------------------------------------------------------ the strategy's method
     def finished(self, pl_module: pl.LightningModule) -> bool:
@@ -91,25 +111,58 @@ class IterativePruning(PruningCallback):
         return {}
 
     # ------------------------------------------------------------------ the schedule
+    @property
+    def window_start(self) -> int:
+        """The level's batch (0-based) that opens the window of the last ``accumulate_batches``."""
+        return self.steps_between - min(self.accumulate_batches or self.steps_between, self.steps_between)
+
     def in_window(self) -> bool:
-        window = min(self.accumulate_batches or self.steps_between, self.steps_between)
-        return self.batches_since_prune >= self.steps_between - window
+        # With patience a plateau may come before the window opens: score every batch of the level.
+        return self.patience is not None or self.batches_since_prune >= self.window_start
 
     def accumulate(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        if self.patience is not None and self.batches_since_prune == self.window_start > 0:
+            self.score_sums, self.tasks_scored = {}, 0  # no plateau before the window: sum the window
         scores, count = self.score_batch(pl_module, batch)
         for name, score in scores.items():
             total = self.score_sums.get(name)
             self.score_sums[name] = score.detach() if total is None else total.to(score) + score.detach()
         self.tasks_scored += count
 
-    def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stopped_early: bool = False) -> None:
         """Record the net as trained at the current level."""
         self.write_round(
             trainer,
             pl_module,
             tasks_scored=self.last_step.get("tasks_scored"),
             details={**self.details(pl_module), **self.last_step.get("details", {})},
+            round_start_step=self.level_start_step,
+            stopped_early=stopped_early,
         )
+
+    def pruning_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stopped_early: bool) -> None:
+        """Record the level (every ``write_every`` steps), prune by the summed scores, start a level."""
+        if self.pruning_steps % self.write_every == 0:
+            self.record(trainer, pl_module, stopped_early)  # the net trained at this level, before the step
+        scores = self.reduce_scores(trainer, self.score_sums)
+        tasks = self.reduce_count(trainer, self.tasks_scored)
+        before = sparsity.sparsity_report(pl_module).sparsity
+        details = self.prune_step(trainer, pl_module, scores)
+        self.pruning_steps += 1
+        self.last_step = {"tasks_scored": tasks, "details": details}
+        self.batches_since_prune, self.score_sums, self.tasks_scored = 0, {}, 0
+        self.level_best.reset()
+        self.level_start_step = trainer.global_step
+        after = sparsity.sparsity_report(pl_module).sparsity
+        plateau = f" (a plateau after {self.patience} validations)" if stopped_early else ""
+        rank_zero_info(
+            f"{type(self).__name__}: pruning step {self.pruning_steps} scored on {tasks} tasks{plateau}: "
+            f"sparsity {before:.2%} -> {after:.2%} {details}"
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.level_best.monitor, self.level_best.mode = self.monitor or "", self.mode or "max"
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -126,25 +179,24 @@ class IterativePruning(PruningCallback):
         if not self.score_before_update and self.in_window():
             self.accumulate(pl_module, batch)
         self.batches_since_prune += 1
-        if self.batches_since_prune < self.steps_between:
+        if self.batches_since_prune >= self.steps_between:
+            self.pruning_step(trainer, pl_module, stopped_early=False)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or self.patience is None or self.finished(pl_module):
             return
-        if self.pruning_steps % self.write_every == 0:
-            self.record(trainer, pl_module)  # the net trained at this level, before the step
-        scores = self.reduce_scores(trainer, self.score_sums)
-        tasks = self.reduce_count(trainer, self.tasks_scored)
-        before = sparsity.sparsity_report(pl_module).sparsity
-        details = self.prune_step(trainer, pl_module, scores)
-        self.pruning_steps += 1
-        self.last_step = {"tasks_scored": tasks, "details": details}
-        self.batches_since_prune, self.score_sums, self.tasks_scored = 0, {}, 0
-        after = sparsity.sparsity_report(pl_module).sparsity
-        rank_zero_info(
-            f"{type(self).__name__}: pruning step {self.pruning_steps} scored on {tasks} tasks: "
-            f"sparsity {before:.2%} -> {after:.2%} {details}"
-        )
+        self.level_best.update(self.monitored(trainer), dict, step=trainer.global_step)
+        if self.level_best.validations_since_best >= self.patience and self.batches_since_prune > 0:
+            self.pruning_step(trainer, pl_module, stopped_early=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before ModelCheckpoint's hook, so the fit's last.ckpt holds the final record too.
         if self.pruning_steps > 0 and not self.level_recorded and self.last_epoch(trainer):
             self.record(trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "level_start_step" not in state_dict and self.pruning_steps > 0:
+            self.level_start_step = None  # a checkpoint from before it was kept: not known

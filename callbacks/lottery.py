@@ -48,9 +48,9 @@ class LotteryTicket(RoundBasedPruning):
             tickets' masks with fresh weights.
         seed: seed of ``reinit_random``.
         rounds, epochs_per_round, steps_per_round: the schedule of
-            :class:`~callbacks.round_based.RoundBasedPruning`; ``scope``, ``exclude``,
-            ``layer_rates``, ``monitor``, ``mode``, ``test_each_round``: as for
-            :class:`~callbacks.base.PruningCallback`.
+            :class:`~callbacks.round_based.RoundBasedPruning` (``patience``, ``min_delta``: a round
+            ends on a validation plateau); ``scope``, ``exclude``, ``layer_rates``, ``monitor``,
+            ``mode``, ``test_each_round``: as for :class:`~callbacks.base.PruningCallback`.
     """
 
     state_attributes = (*RoundBasedPruning.state_attributes, "rewind_state")
@@ -145,6 +145,10 @@ class LotteryTicket(RoundBasedPruning):
             raise ConfigError(
                 f"LotteryTicket.rewind_to={self.rewind_step} must be below the {round_steps} steps of round 0"
             )
+
+    def may_stop_early(self) -> bool:
+        # A plateau ends round 0 only once the rewind point is reached (late rewinding).
+        return self.rewind_step is None or self.rewind_state is not None
 
     def after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step

@@ -64,7 +64,8 @@ class MetaGradientPruning(IterativePruning):
             candidates by their first key, then prune ``weights_per_step`` of them by the second.
         steps_between, accumulate_batches, write_every: the schedule of
             :class:`~callbacks.iterative.IterativePruning` (``steps_between`` training steps of
-            fine-tuning before each pruning step; the importance sums over the window's tasks).
+            fine-tuning before each pruning step, or fewer on a validation plateau with
+            ``patience``; the importance sums over the window's tasks).
         scope, exclude, layer_rates, monitor, mode, test_each_round: as for
             :class:`~callbacks.base.PruningCallback`.
     """

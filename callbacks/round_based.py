@@ -1,12 +1,20 @@
 """Round-based pruning: train a round, keep its best weights, record them, prune, start afresh.
 
 The schedule every such strategy shares, written once: ``rounds`` counts pruning events, so a fit
-trains ``rounds + 1`` rounds; a round lasts ``epochs_per_round`` epochs or ``steps_per_round``
-optimizer steps (the fit's length is set from them). During a round the weights of the best
-validation by ``monitor`` are kept (:class:`~lthmaml.tracking.BestWeights`); at its end they are
-restored and recorded under ``rounds/round_XX``, then, unless it was the last round, the strategy's
-``next_round`` prunes them to the next level and the optimizer and scheduler start afresh. The last
-round ends the fit, so ``rounds/round_XX`` always describes the net trained at level ``XX``.
+trains ``rounds + 1`` rounds; a round lasts at most ``epochs_per_round`` epochs or
+``steps_per_round`` optimizer steps (the fit's length is set from them), and with ``patience`` it
+ends earlier, on a validation plateau: ``patience`` validations in a row that did not improve on
+the round's best by more than ``min_delta`` (``EarlyStopping``'s rule), so each level trains to
+convergence and its record's ``val_step`` is its early-stopping iteration. An epoch-long round
+ends at the end of the epoch of that validation, a step-long one at the validation itself. Each
+round's start (global step and epoch) is kept in the callback's state, since rounds no longer
+start at multiples of their length; a resumed fit continues the round where it stopped.
+
+During a round the weights of the best validation by ``monitor`` are kept
+(:class:`~lthmaml.tracking.BestWeights`); at its end they are restored and recorded under
+``rounds/round_XX``, then, unless it was the last round, the strategy's ``next_round`` prunes them
+to the next level and the optimizer and scheduler start afresh. The last round ends the fit, so
+``rounds/round_XX`` always describes the net trained at level ``XX``.
 """
 
 from __future__ import annotations
@@ -28,15 +36,24 @@ class RoundBasedPruning(PruningCallback):
 
     Args:
         rounds: pruning events; the fit trains ``rounds + 1`` rounds.
-        epochs_per_round, steps_per_round: length of a round; set exactly one. A longer
-            ``trainer.max_epochs`` / ``max_steps`` (or none) is cut to the schedule; a shorter one
-            is an error naming the needed value.
+        epochs_per_round, steps_per_round: (maximum) length of a round; set exactly one. A
+            longer ``trainer.max_epochs`` / ``max_steps`` (or none) is cut to the schedule; a
+            shorter one is an error naming the needed value.
         **kwargs: the options of :class:`~callbacks.base.PruningCallback` (``monitor``: the metric
             whose best value in a round picks the weights recorded and pruned; a round without
-            validation uses its last weights).
+            validation uses its last weights; ``patience``, ``min_delta``: the plateau that ends
+            a round before its maximum length).
     """
 
-    state_attributes = (*PruningCallback.state_attributes, "round", "best", "reset_pending")
+    plateau_rounds = True
+    state_attributes = (
+        *PruningCallback.state_attributes,
+        "round",
+        "best",
+        "reset_pending",
+        "round_start_step",
+        "round_start_epoch",
+    )
 
     def __init__(
         self,
@@ -57,8 +74,11 @@ class RoundBasedPruning(PruningCallback):
         self.epochs_per_round = epochs_per_round
         self.steps_per_round = steps_per_round
         self.round = 0
-        self.best = BestWeights(self.monitor or "", self.mode or "max")
+        self.best = BestWeights(self.monitor or "", self.mode or "max", self.min_delta)
         self.reset_pending = False
+        self.round_start_step: Optional[int] = 0
+        self.round_start_epoch: Optional[int] = 0
+        """Global step and epoch the current round started at; None until its first batch."""
 
     # ------------------------------------------------------------------ the strategy's method
     def next_round(self, pl_module: pl.LightningModule) -> None:
@@ -70,6 +90,32 @@ class RoundBasedPruning(PruningCallback):
     def finished(self) -> bool:
         return len(self.history) > self.rounds
 
+    @property
+    def round_started(self) -> bool:
+        """Whether the current round has trained a batch (its start is known)."""
+        start = self.round_start_epoch if self.epochs_per_round is not None else self.round_start_step
+        return start is not None
+
+    @property
+    def plateaued(self) -> bool:
+        """Whether ``patience`` validations in a row did not improve on the round's best."""
+        return self.patience is not None and self.best.validations_since_best >= self.patience
+
+    def at_max_length(self, trainer: pl.Trainer) -> bool:
+        """Whether the round has trained its full length (epoch rounds: asked at an epoch's end)."""
+        if self.epochs_per_round is not None:
+            return trainer.current_epoch + 1 >= self.round_start_epoch + self.epochs_per_round
+        return trainer.global_step >= self.round_start_step + self.steps_per_round
+
+    def may_stop_early(self) -> bool:
+        """Whether a plateau may end the current round now (a strategy may need it to train on)."""
+        return True
+
+    def round_over(self, trainer: pl.Trainer) -> bool:
+        if self.finished or not self.round_started:
+            return False
+        return (self.plateaued and self.may_stop_early()) or self.at_max_length(trainer)
+
     def end_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record the round's best net, then prune it and start the next round (or end the fit)."""
         best = self.best
@@ -77,12 +123,15 @@ class RoundBasedPruning(PruningCallback):
             sparsity.rewind(pl_module, best.state)  # the round's best-validation weights
         in_round = None
         if best.epoch is not None and self.epochs_per_round is not None:
-            in_round = best.epoch - self.round * self.epochs_per_round + 1  # 1 = the round's first
+            in_round = best.epoch - self.round_start_epoch + 1  # 1 = the round's first
+        stopped_early = not self.at_max_length(trainer)
         self.write_round(
             trainer,
             pl_module,
             recorded="best" if best.state is not None else "last",
             val_metrics=best.metrics if best.state is not None else None,
+            round_start_step=self.round_start_step,
+            stopped_early=stopped_early,
             val_step=best.step,
             val_epoch=best.epoch,
             val_epoch_in_round=in_round,
@@ -91,7 +140,9 @@ class RoundBasedPruning(PruningCallback):
         found = "no validation" if best.value is None else f"best {self.monitor} {best.value:.4g}"
         rank_zero_info(
             f"{type(self).__name__}: round {record['round']} trained at sparsity {record['sparsity']:.2%}: "
-            f"{found}" + ("" if best.epoch is None else f" (epoch {best.epoch}, step {best.step})")
+            f"{found}"
+            + ("" if best.epoch is None else f" (epoch {best.epoch}, step {best.step})")
+            + (f", stopped after {self.patience} validations without improvement" if stopped_early else "")
         )
         if self.finished:
             trainer.should_stop = True
@@ -105,6 +156,7 @@ class RoundBasedPruning(PruningCallback):
         self.best.reset()
         # The fresh optimizer comes when the next round starts, so no epoch-end scheduler step hits it.
         self.reset_pending = True
+        self.round_start_step = self.round_start_epoch = None  # known at the round's first batch
 
     def round_steps(self, trainer: pl.Trainer) -> Optional[int]:
         """Optimizer steps in one round (None while the epoch length is unknown)."""
@@ -164,6 +216,8 @@ class RoundBasedPruning(PruningCallback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         self._reset_if_pending(trainer)
+        if not self.round_started:
+            self.round_start_step, self.round_start_epoch = trainer.global_step, trainer.current_epoch
 
     def after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A strategy's hook after each optimizer step (masks re-applied), before a round may end."""
@@ -171,33 +225,28 @@ class RoundBasedPruning(PruningCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
         self.after_step(trainer, pl_module)
-        if self.steps_per_round is not None and not self.finished:
-            if trainer.global_step >= (self.round + 1) * self.steps_per_round:
-                self.end_round(trainer, pl_module)
+        if self.steps_per_round is not None and self.round_over(trainer):
+            self.end_round(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         if trainer.sanity_checking or self.finished or self.monitor is None:
             return
-        if self.monitor not in trainer.callback_metrics:
-            raise ConfigError(
-                f"{type(self).__name__}.monitor '{self.monitor}' is not logged; "
-                f"logged: {sorted(trainer.callback_metrics)}"
-            )
         self.best.update(
-            float(trainer.callback_metrics[self.monitor]),
+            self.monitored(trainer),
             lambda: sparsity.snapshot(pl_module),
             step=trainer.global_step,
             epoch=trainer.current_epoch,
             metrics=self.validation_metrics(trainer),
         )
+        if self.steps_per_round is not None and self.round_over(trainer):
+            self.end_round(trainer, pl_module)  # a plateau: a round of steps ends at the validation
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)  # logs the sparsity trained at
         pl_module.log("round", float(self.round), sync_dist=True)
-        if self.epochs_per_round is not None and not self.finished:
-            if trainer.current_epoch + 1 >= (self.round + 1) * self.epochs_per_round:
-                self.end_round(trainer, pl_module)
+        if self.epochs_per_round is not None and self.round_over(trainer):
+            self.end_round(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
@@ -216,4 +265,11 @@ class RoundBasedPruning(PruningCallback):
                 "state": state_dict.get("best_state"),
             }
             state_dict["pruning_steps"] = state_dict.get("round", 0)
+        if "round_start_step" not in state_dict:  # before plateaus: round r started at r lengths
+            r, steps, epochs = state_dict.get("round", 0), self.steps_per_round, self.epochs_per_round
+            state_dict = {
+                **state_dict,
+                "round_start_step": None if steps is None else r * steps,
+                "round_start_epoch": None if epochs is None else r * epochs,
+            }
         super().load_state_dict(state_dict)

@@ -105,7 +105,7 @@ class TaylorFilterPruning(IterativePruning):
         filters_per_step: filters removed at each pruning step (8 on a 4 x 64 Conv4).
         target_fraction: stop once this share of the scored filters is removed.
         exclude: conv layers (qualified names, e.g. ``net.features.0.0``) never pruned.
-        steps_between, accumulate_batches, write_every: the schedule of
+        steps_between, accumulate_batches, write_every, patience, min_delta: the schedule of
             :class:`~callbacks.iterative.IterativePruning`; ``monitor``, ``mode``,
             ``test_each_round``: as for :class:`~callbacks.base.PruningCallback`.
     """

@@ -43,6 +43,12 @@ class RoundRecord:
         val_epoch_in_round: ``val_epoch`` counted within the round, 1 = its first epoch (round-based
             strategies with epoch-long rounds only).
         val_metrics: every ``val/*`` metric of that validation.
+        round_start_step: the global step the level's training started at (its round's first step,
+            or the pruning step that made it); ``global_step - round_start_step`` is how long it
+            trained (None: not known, e.g. a record of an older version).
+        stopped_early: whether the level's training ended on a validation plateau (``patience``)
+            before its maximum length (``epochs_per_round`` / ``steps_per_round`` /
+            ``steps_between``); None where the strategy has no such length (Powerprop).
         tasks_scored: tasks (or batches) the scores of the pruning step that made this level summed
             over, all ranks together (None: the step did not score tasks, or the net is dense).
         test, test_metric, test_metrics: the test counterpart of ``monitor`` and every test metric,
@@ -62,6 +68,8 @@ class RoundRecord:
     val_epoch: Optional[int] = None
     val_epoch_in_round: Optional[int] = None
     val_metrics: dict[str, float] = field(default_factory=dict)
+    round_start_step: Optional[int] = None
+    stopped_early: Optional[bool] = None
     tasks_scored: Optional[int] = None
     test: Optional[float] = None
     test_metric: Optional[str] = None

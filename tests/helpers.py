@@ -1,9 +1,13 @@
-"""What many test files need: a quiet CPU Trainer and tiny few-shot image tasks."""
+"""What many test files need: a quiet CPU Trainer, tiny few-shot image tasks and classification
+data, and the comparisons of the pruning tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lthmaml.data import EpisodicDataModule, FewShotTasks
 
@@ -48,3 +52,45 @@ class TinyImageTasks(EpisodicDataModule):
 
     def task_source(self, split):
         return FewShotTasks(self.images, ways=3, shots=1, query_shots=2, name=split)
+
+
+class TinyClassification(pl.LightningDataModule):
+    """Fixed random 4-feature, 3-class data: 24 training examples in 3 batches, 12 val, 12 test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.data = {
+            split: TensorDataset(
+                torch.randn(n, 4, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+            )
+            for split, n in (("train", 24), ("val", 12), ("test", 12))
+        }
+
+    def train_dataloader(self):
+        return DataLoader(self.data["train"], batch_size=8)
+
+    def val_dataloader(self):
+        return DataLoader(self.data["val"], batch_size=12)
+
+    def test_dataloader(self):
+        return DataLoader(self.data["test"], batch_size=12)
+
+
+def fit(model, datamodule, callbacks, root: Path, ckpt_path=None, **kwargs) -> pl.Trainer:
+    """Fit quietly under ``root`` with validation on, as long as the callbacks' schedule says."""
+    options = {"default_root_dir": root, "max_epochs": -1, "limit_val_batches": None, **kwargs}
+    trainer = quiet_trainer(callbacks=callbacks, **options)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer
+
+
+def assert_same(actual: dict, expected: dict) -> None:
+    """Two state dicts (weights, masks) with the same names and bit-equal tensors."""
+    assert actual.keys() == expected.keys()
+    for name in actual:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def round_folder(root: Path, index: int) -> Path:
+    return root / "rounds" / f"round_{index:02d}"

@@ -12,13 +12,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from helpers import TinyImageTasks, quiet_trainer
+from helpers import TinyClassification, TinyImageTasks, assert_same, fit, round_folder
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.lottery import LotteryTicket
 from lthmaml import sparsity
@@ -53,41 +51,11 @@ def sinusoid() -> SinusoidDataModule:
     return SinusoidDataModule(shots=5, query_shots=5, meta_batch_size=2, tasks_per_epoch=4, val_tasks=2)
 
 
-class TinyClassification(pl.LightningDataModule):
-    """Fixed random 4-feature, 3-class data: 24 training examples in 3 batches, 12 val, 12 test."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.data = {
-            split: TensorDataset(
-                torch.randn(n, 4, generator=generator), torch.randint(0, 3, (n,), generator=generator)
-            )
-            for split, n in (("train", 24), ("val", 12), ("test", 12))
-        }
-
-    def train_dataloader(self):
-        return DataLoader(self.data["train"], batch_size=8)
-
-    def val_dataloader(self):
-        return DataLoader(self.data["val"], batch_size=12)
-
-    def test_dataloader(self):
-        return DataLoader(self.data["test"], batch_size=12)
-
-
 def classifier(lr: float = 0.05) -> Classifier:
     torch.manual_seed(0)
     return Classifier(
         MLP(in_features=4, hidden=(16,), out_features=3), optimizer=partial(torch.optim.Adam, lr=lr)
     )
-
-
-def fit(model, datamodule, callbacks, root: Path, ckpt_path=None, **kwargs) -> pl.Trainer:
-    options = {"default_root_dir": root, "max_epochs": -1, "limit_val_batches": None, **kwargs}
-    trainer = quiet_trainer(callbacks=callbacks, **options)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    return trainer
 
 
 class Probe(Callback):
@@ -146,16 +114,6 @@ def masked(params: dict, masks: dict) -> dict:
     for name, mask in masks.items():
         out[f"{name}.weight"] = params[f"{name}.weight"] * mask
     return out
-
-
-def assert_same(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys()
-    for name in actual:
-        assert torch.equal(actual[name], expected[name]), name
-
-
-def round_folder(root: Path, index: int) -> Path:
-    return root / "rounds" / f"round_{index:02d}"
 
 
 # ---------------------------------------------------------------------- the schedule
@@ -444,12 +402,27 @@ def test_a_resumed_fit_continues_exactly(tmp_path, resume_from):
     assert not round_folder(tmp_path / "resumed", 0).exists()
 
 
+PLATEAU_ROUNDS = [
+    *("--trainer.callbacks.init_args.epochs_per_round", "3", "--trainer.callbacks.init_args.patience", "1"),
+    *("--trainer.callbacks.init_args.min_delta", "100", "--data.init_args.tasks_per_epoch", "50"),
+]
+"""Rounds of at most 3 epochs that plateau after 2: with a min_delta no loss can beat, only a round's
+first validation improves. Round 1 is then epochs 2-3, so the kill lands mid-round (last.ckpt of
+epoch 2) or just after it."""
+
+
 @pytest.mark.slow
 @pytest.mark.ci
-def test_a_killed_cli_fit_resumes_to_the_same_tickets(tmp_path):
+@pytest.mark.parametrize(
+    ("options", "round_ends"),
+    [([], [0, 1, 2, 3]), (PLATEAU_ROUNDS, [1, 3, 5, 7])],
+    ids=["fixed-rounds", "plateau-rounds"],
+)
+def test_a_killed_cli_fit_resumes_to_the_same_tickets(tmp_path, options, round_ends):
     """SIGKILL right after round 1 (the second round) is written, resume from last.ckpt: the same
     tickets as an uninterrupted run. last.ckpt is written every epoch (LastCheckpoint), although the
-    monitored val/loss_post gets worse after each prune."""
+    monitored val/loss_post gets worse after each prune. With rounds that end on a plateau, the same
+    round boundaries too."""
     command = [
         *(sys.executable, "-m", "lthmaml.cli", "fit", "-c", SINUSOID, "-c", LOTTERY),
         *("--trainer.callbacks.init_args.layer_rates", "{net.net.4: 0.5}"),
@@ -463,6 +436,7 @@ def test_a_killed_cli_fit_resumes_to_the_same_tickets(tmp_path):
         *("--trainer.enable_progress_bar", "false"),
         *("--data.init_args.tasks_per_epoch", "100", "--data.init_args.meta_batch_size", "10"),
         *("--data.init_args.val_tasks", "10"),
+        *options,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -500,6 +474,8 @@ def test_a_killed_cli_fit_resumes_to_the_same_tickets(tmp_path):
     ends = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=False) for run in runs]
     histories = [end["callbacks"]["LotteryTicket"]["history"] for end in ends]
     assert len(histories[0]) == len(histories[1]) == 4 and histories[0] == histories[1]
+    assert [record["epoch"] for record in histories[0]] == round_ends
+    assert all(record["stopped_early"] == bool(options) for record in histories[0])
     assert_same(ends[0]["state_dict"], ends[1]["state_dict"])  # masks and weights, bit-equal
     masks = [sparsity.read_masks(round_folder(run, 3) / "mask.safetensors") for run in runs]
     assert_same(masks[0], masks[1])

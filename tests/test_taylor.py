@@ -416,6 +416,8 @@ def test_prune_config_stacks_on_the_omniglot_config(capsys):
         "mode": None,
         "exclude": [],
         "test_each_round": False,
+        "patience": None,  # levels of fixed length, no plateau rule
+        "min_delta": 0.0,
     }
     assert config["trainer"]["logger"]["init_args"]["name"] == "omniglot_5way1shot"
     assert config["checkpoint"]["monitor"] == "val/acc_post"
