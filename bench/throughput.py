@@ -1,4 +1,5 @@
-"""Meta-training throughput (tasks/s) of our ``fit`` path against a bare ``higher`` loop.
+"""Meta-training throughput (tasks/s) of our ``fit`` path against a bare ``higher`` loop, and of
+both inner loops (``higher``, ``torch.func``) against both bare loops.
 
 Targets:
   * ours / bare >= 0.95: ``Trainer.fit`` on :class:`lthmaml.meta.maml.MAML` costs at most 5% over a
@@ -87,11 +88,18 @@ class Workload:
         net.load_state_dict(self.init)
         return net
 
-    def run_ours(self, first_order: bool, steps: int | None = None) -> dict:
+    def run_ours(self, first_order: bool, steps: int | None = None, inner_loop: str = "higher") -> dict:
         steps = steps or self.steps
         inner_steps = self.setting.inner_steps
-        model = MAML(self.net(), inner_lr=INNER_LR, inner_steps=inner_steps, first_order=first_order)
-        task_s = _time_calls(model, "meta_train_task")
+        model = MAML(
+            self.net(),
+            inner_lr=INNER_LR,
+            inner_steps=inner_steps,
+            first_order=first_order,
+            inner_loop=inner_loop,
+            task_chunk=self.meta_batch,
+        )
+        task_s = _time_calls(model, "meta_train")
         timer = StepTimer()
         trainer = make_trainer(max_steps=steps, callbacks=[timer])
         loader = task_loader(self.tasks[: steps * self.meta_batch], self.meta_batch)
@@ -108,6 +116,48 @@ class Workload:
             lambda: bare_loop(net, optimizer, batches, self.setting.inner_steps, first_order, task_s)
         )
         return {"loop_s": seconds, "fit_s": seconds, "task_s": task_s[0], "params": _flat(net)}
+
+    def run_bare_func(self, first_order: bool, steps: int | None = None) -> dict:
+        steps = steps or self.steps
+        net = self.net().train()
+        optimizer = torch.optim.Adam(net.parameters())
+        batches = self.batches[:steps]
+        task_s = [0.0]
+        seconds = timed(
+            lambda: bare_func_loop(net, optimizer, batches, self.setting.inner_steps, first_order, task_s)
+        )
+        return {"loop_s": seconds, "fit_s": seconds, "task_s": task_s[0], "params": _flat(net)}
+
+
+def bare_func_loop(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[TaskBatch],
+    inner_steps: int,
+    first_order: bool,
+    task_s: list[float],
+) -> None:
+    """The second reference: MAML written directly with torch.func, the meta-batch in one vmap."""
+    from torch.func import functional_call, grad, vmap
+
+    def loss_at(params, x, y):
+        return F.cross_entropy(functional_call(net, params, (x,)), y)
+
+    def query_loss(params, support_x, support_y, query_x, query_y):
+        for _ in range(inner_steps):
+            g = grad(loss_at)(params, support_x, support_y)
+            if first_order:
+                g = {k: v.detach() for k, v in g.items()}
+            params = {k: params[k] - INNER_LR * g[k] for k in params}
+        return loss_at(params, query_x, query_y)
+
+    for batch in batches:
+        optimizer.zero_grad()
+        start = time.perf_counter()
+        losses = vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(dict(net.named_parameters()), *batch)
+        losses.mean().backward()
+        task_s[0] += time.perf_counter() - start
+        optimizer.step()
 
 
 def _time_calls(obj: object, method: str) -> list[float]:
@@ -215,10 +265,14 @@ def main(argv: list[str] | None = None) -> dict:
         "--quick", action="store_true", help="smoke run: 1 step, 1 repeat (meaningless figures)"
     )
     parser.add_argument("--skip-fo", action="store_true", help="skip the first- vs second-order table")
+    parser.add_argument("--skip-loops", action="store_true", help="skip the inner-loop table")
+    parser.add_argument("--loop-steps", type=int, default=2, help="timed meta-steps per run, inner loops")
+    parser.add_argument("--loop-repeats", type=int, default=3, help="interleaved timed runs, inner loops")
     parser.add_argument("--profile", action="store_true", help="cProfile one run of our path")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.fo_steps, args.fo_repeats = 1, 1, 1, 1
+        args.loop_steps, args.loop_repeats = 1, 1
     setup(args.threads)
     results: dict = {"settings": vars(args) | {"json": str(args.json)}}
 
@@ -339,6 +393,43 @@ def main(argv: list[str] | None = None) -> dict:
             rows,
         )
         results["fo_vs_so"] = fo_results
+
+    # ---- the two inner loops against the two bare loops, on the same episodes
+    if not args.skip_loops:
+        rows, loop_results = [], []
+        for setting in (Setting(ways=5, inner_steps=1, query_shots=1), Setting(ways=5, inner_steps=1)):
+            w = Workload(setting, args.meta_batch, args.loop_steps, args.seed)
+            for first_order in (True, False):
+                r = measure(
+                    {
+                        "higher": partial(w.run_ours, first_order, inner_loop="higher"),
+                        "func": partial(w.run_ours, first_order, inner_loop="func"),
+                        "bare higher": partial(w.run_bare, first_order),
+                        "bare func": partial(w.run_bare_func, first_order),
+                    },
+                    args.loop_steps,
+                    args.meta_batch,
+                    args.loop_repeats,
+                    args.warmup_steps,
+                )
+                for x in r.values():
+                    x.pop("params")
+                bare = r["bare higher"]["tasks_per_s_loop"]
+                order = "first" if first_order else "second"
+                rows.append(
+                    [f"{setting.label}, {order} order"]
+                    + [r[name]["tasks_per_s_loop"] for name in ("higher", "func", "bare higher", "bare func")]
+                    + [r["higher"]["tasks_per_s_loop"] / bare, r["func"]["tasks_per_s_loop"] / bare]
+                )
+                loop_results.append({"setting": rows[-1][0], **r})
+        print_table(
+            f"inner loops, tasks/s of the training loop: meta-batch {args.meta_batch} (func: one chunk), "
+            f"{args.loop_steps} steps x {args.loop_repeats} repeats, medians "
+            "(target: the default >= 1.2x bare higher)",
+            ["setting", "higher", "func", "bare higher", "bare func", "higher/bare", "func/bare"],
+            rows,
+        )
+        results["inner_loops"] = loop_results
 
     if args.profile:
         profile_ours(work)

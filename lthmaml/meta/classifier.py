@@ -25,7 +25,7 @@ class Classifier(NetModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__(net, optimizer, lr_scheduler)
-        self.save_hyperparameters(ignore=self.unsaved_hparams())
+        self.save_portable_hyperparameters()
 
     def setup(self, stage: str) -> None:
         self.check_data_fits(self.trainer.datamodule)

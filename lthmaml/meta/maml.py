@@ -63,7 +63,7 @@ class MAML(NetModule):
         gradient_clip_val: Optional[float] = None,
     ) -> None:
         super().__init__(net, optimizer, lr_scheduler)
-        self.save_hyperparameters(ignore=self.unsaved_hparams())
+        self.save_portable_hyperparameters()
         if inner_steps < 1 or eval_inner_steps < 0:
             raise ConfigError(
                 f"model.init_args.inner_steps must be >= 1 (got {inner_steps}) and "

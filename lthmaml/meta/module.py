@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from lthmaml.errors import ConfigError
@@ -32,11 +33,18 @@ class NetModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
 
-    @staticmethod
-    def unsaved_hparams() -> Optional[list[str]]:
-        """``ignore=`` for ``save_hyperparameters`` in a subclass ``__init__``."""
-        cli_config = _given_hyperparameters.get() is not None
-        return None if cli_config else ["net", "optimizer", "lr_scheduler"]
+    def save_portable_hyperparameters(self) -> None:
+        """``save_hyperparameters()`` for the subclass ``__init__`` that calls it, keeping the net,
+        optimizer and scheduler only as configs (what LightningCLI gives), never as pickled objects."""
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        objects = ("net", "optimizer", "lr_scheduler")
+        self.remove_ignored_hparams(
+            [
+                name
+                for name in objects
+                if self.hparams.get(name) is not None and not isinstance(self.hparams[name], Mapping)
+            ]
+        )
 
     def check_data_fits(self, datamodule: object) -> None:
         """The net's output width and input size match the data's ``ways`` and ``image_size``
