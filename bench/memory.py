@@ -16,6 +16,7 @@ and the delta (peak - baseline) are reported, and the target is checked on both.
 
     python -m bench.memory            # default: 2 meta-steps per size, ~2-4 minutes on 2 CPU cores
     python -m bench.memory --quick    # 1 meta-step per size
+    python -m bench.memory --inner-loop func --task-chunk 4   # the torch.func loop, 4 tasks per vmap
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def child(meta_batch: int, steps: int, seed: int) -> dict:
+def child(meta_batch: int, steps: int, seed: int, inner_loop: str = "higher", task_chunk: int = 4) -> dict:
     """Runs in the fresh subprocess: baseline, then ``steps`` meta-steps of fit, then the peak."""
     import torch
 
@@ -54,7 +55,14 @@ def child(meta_batch: int, steps: int, seed: int) -> dict:
     from lthmaml.nets.models import Conv4
 
     torch.manual_seed(seed)
-    model = MAML(Conv4(out_features=5), inner_lr=0.4, inner_steps=1, first_order=False)
+    model = MAML(
+        Conv4(out_features=5),
+        inner_lr=0.4,
+        inner_steps=1,
+        first_order=False,
+        inner_loop=inner_loop,
+        task_chunk=task_chunk,
+    )
     source = image_task_source(ways=5, shots=5, query_shots=15, seed=seed)
     loader = task_loader(EpisodeDataset(source, meta_batch * steps, seed, "train"), meta_batch)
     trainer = make_trainer(max_steps=steps)
@@ -70,9 +78,10 @@ def child(meta_batch: int, steps: int, seed: int) -> dict:
     }
 
 
-def run_fresh(meta_batch: int, steps: int, seed: int, threads: int) -> dict:
+def run_fresh(meta_batch: int, steps: int, seed: int, threads: int, inner_loop: str, task_chunk: int) -> dict:
     cmd = [sys.executable, "-m", "bench.memory", "--child", str(meta_batch)]
     cmd += ["--steps", str(steps), "--seed", str(seed), "--threads", str(threads)]
+    cmd += ["--inner-loop", inner_loop, "--task-chunk", str(task_chunk)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -84,23 +93,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--meta-batches", type=int, nargs=2, default=[4, 32], metavar=("SMALL", "LARGE"))
     parser.add_argument("--steps", type=int, default=2, help="meta-steps of fit per measurement")
     parser.add_argument("--quick", action="store_true", help="1 meta-step per size")
+    parser.add_argument("--inner-loop", choices=["higher", "func"], default="higher")
+    parser.add_argument("--task-chunk", type=int, default=4, help="tasks per vmap of the func loop")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     setup(args.threads)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.steps, args.seed)))
+        print(json.dumps(child(args.child, args.steps, args.seed, args.inner_loop, args.task_chunk)))
         return {}
     if args.quick:
         args.steps = 1
 
-    runs = [run_fresh(mb, args.steps, args.seed, args.threads) for mb in args.meta_batches]
+    runs = [
+        run_fresh(mb, args.steps, args.seed, args.threads, args.inner_loop, args.task_chunk)
+        for mb in args.meta_batches
+    ]
     small, large = runs
     ratio_peak = large["peak_mib"] / small["peak_mib"]
     ratio_delta = large["delta_mib"] / small["delta_mib"]
     rows = [[r["meta_batch"], r["baseline_mib"], r["peak_mib"], r["delta_mib"]] for r in runs]
     rows.append([f"ratio {large['meta_batch']}/{small['meta_batch']}", "", ratio_peak, ratio_delta])
     print_table(
-        f"peak RSS (MiB) of fit, Conv4 5-way 5-shot 15-query, second order, {args.steps} meta-step(s), "
+        f"peak RSS (MiB) of fit, Conv4 5-way 5-shot 15-query, second order, {args.inner_loop} loop, "
+        f"{args.steps} meta-step(s), "
         f"fresh process each (target: ratio <= {TARGET})",
         ["meta-batch", "baseline", "peak", "delta (peak - baseline)"],
         rows,
@@ -108,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "settings": {
             "meta_batches": args.meta_batches,
+            "inner_loop": args.inner_loop,
+            "task_chunk": args.task_chunk,
             "steps": args.steps,
             "threads": args.threads,
             "seed": args.seed,

@@ -14,20 +14,18 @@ from typing import Literal, Optional
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import CatMetric, MeanMetric
 
 from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError, TrainingError, non_finite_message
+from lthmaml.meta.episodic import EpisodicLearner
 from lthmaml.meta.functional import FunctionalInnerLoop
 from lthmaml.meta.higher_loop import Adapted
-from lthmaml.meta.metrics import TaskResult, mean_and_ci95, task_accuracy, task_loss
-from lthmaml.meta.module import NetModule
+from lthmaml.meta.metrics import TaskResult, task_accuracy, task_loss
 
 
-class MAML(NetModule):
+class MAML(EpisodicLearner):
     """Model-Agnostic Meta-Learning.
 
     Args:
@@ -92,15 +90,6 @@ class MAML(NetModule):
             if learn_inner_lr
             else None
         )
-        self.metrics = nn.ModuleDict(
-            {
-                f"{stage}_{name}": MeanMetric()
-                for stage in ("train", "val", "test")
-                for name in ("loss_pre", "loss_post", "acc_pre", "acc_post")
-            }
-        )
-        self.test_per_task = nn.ModuleDict({name: CatMetric() for name in ("loss_post", "acc_post")})
-        self.test_results: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
         """Catch a net that does not fit the tasks (N-way, image size) before torch does, and a
@@ -114,13 +103,8 @@ class MAML(NetModule):
             )
         self.check_data_fits(self.trainer.datamodule)
 
-    def monitorable_metrics(self, datamodule: object) -> list[str]:
-        """What fit logs, for checkpoint monitors: accuracy for classification (data with ``ways``)."""
-        names = ["loss_pre", "loss_post"]
-        if getattr(datamodule, "ways", None) is not None:
-            names += ["acc_pre", "acc_post"]
-        train = [f"train/{n}{end}" for n in names if n.endswith("post") for end in ("", "_step", "_epoch")]
-        return [f"val/{n}" for n in names] + train
+    def adaptation_summary(self) -> str:
+        return f"{self.eval_inner_steps} inner steps"
 
     # ------------------------------------------------------------------ the inner loop
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int, track_higher_grads: bool) -> Adapted:
@@ -320,50 +304,10 @@ class MAML(NetModule):
         self._evaluate(batch, "val")
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        for result in self._evaluate(batch, "test"):
-            self.test_per_task["loss_post"].update(result.loss_post)
-            if result.acc_post is not None:
-                self.test_per_task["acc_post"].update(result.acc_post)
-
-    def on_test_epoch_start(self) -> None:
-        for metric in self.test_per_task.values():
-            metric.reset()
-
-    def on_test_epoch_end(self) -> None:
-        self.test_results = {}
-        for name, metric in self.test_per_task.items():
-            if metric.update_count == 0:
-                continue
-            mean, ci95 = mean_and_ci95(metric.compute())
-            self.test_results[name] = mean
-            self.test_results[f"{name}_ci95"] = ci95
-            # The same on every rank (the CatMetric gathers all tasks); sync_dist keeps DDP quiet.
-            self.log(f"test/{name}_ci95", ci95, sync_dist=True)
-        tasks = int(self.test_per_task["loss_post"].compute().numel())
-        summary = "; ".join(
-            f"{label} {self.test_results[key]:.4f} +- {self.test_results[key + '_ci95']:.4f}"
-            for key, label in (("acc_post", "accuracy"), ("loss_post", "loss (MSE for regression)"))
-            if key in self.test_results
-        )
-        rank_zero_info(
-            f"Post-adaptation on {tasks} test tasks ({self.eval_inner_steps} inner steps), "
-            f"mean +- 95% CI: {summary}"
-        )
+        self.record_test(self._evaluate(batch, "test"))
 
     def predict_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         """Adapted query predictions: class probabilities, or regression outputs."""
         with torch.enable_grad():
             outputs = torch.stack(self.adapted_outputs(batch, self.eval_inner_steps))
         return outputs.softmax(-1) if batch.query_y.dtype == torch.int64 else outputs
-
-    def _log_results(self, stage: str, results: list[TaskResult]) -> None:
-        on_step = stage == "train"
-        for name in ("loss_pre", "loss_post", "acc_pre", "acc_post"):
-            values = [getattr(r, name) for r in results]
-            if values[0] is None:
-                continue
-            metric = self.metrics[f"{stage}_{name}"]
-            metric(torch.stack(values))
-            self.log(
-                f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name.endswith("post")
-            )

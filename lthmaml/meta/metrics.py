@@ -13,12 +13,14 @@ from torch import Tensor
 
 @dataclass
 class TaskResult:
-    """Query-set metrics of one task before and after adaptation (accuracy is None for regression)."""
+    """Query-set metrics of one task before and after adaptation (accuracy is None for regression;
+    ``nll``, the Gaussian negative log-likelihood, only for learners that predict a variance)."""
 
     loss_pre: Optional[Tensor]
     loss_post: Tensor
     acc_pre: Optional[Tensor] = None
     acc_post: Optional[Tensor] = None
+    nll: Optional[Tensor] = None
 
 
 def task_loss(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -15,12 +15,13 @@ def shrink(model: nn.Module) -> nn.Module:
 
     A channel whose BatchNorm ``channel_mask`` is 0 emits exactly 0, still 0 after ReLU and
     pooling, so dropping it from its conv's outputs, its BatchNorm, the next conv's inputs and the
-    head's flattened inputs leaves every output unchanged. (A channel whose filters are all pruned
-    but whose BatchNorm is not still emits ``relu(beta)`` and is kept.) The copy is built from the
-    same mask-aware layers with the kept weights' masks and weight transforms, so unstructured
-    sparsity inside kept channels survives and the copy can be adapted or pruned further. Its
-    ``architecture`` attribute holds the Conv4 arguments, with per-block ``hidden_channels``,
-    that rebuild its shape.
+    head's flattened inputs leaves every output unchanged; a headless Conv4 (an embedding) loses
+    only output coordinates that are always 0, which change no distance or cosine similarity
+    between embeddings. (A channel whose filters are all pruned but whose BatchNorm is not still
+    emits ``relu(beta)`` and is kept.) The copy is built from the same mask-aware layers with the
+    kept weights' masks and weight transforms, so unstructured sparsity inside kept channels
+    survives and the copy can be adapted or pruned further. Its ``architecture`` attribute holds
+    the Conv4 arguments, with per-block ``hidden_channels``, that rebuild its shape.
     """
     with torch.random.fork_rng(devices=[]):  # building layers draws initial weights: leave the RNG be
         return _shrink_conv4(model)
@@ -40,8 +41,8 @@ def _shrink_conv4(model: nn.Module) -> nn.Module:
                 f"shrink: block features.{index} is not a lthmaml.nets.models.conv_block "
                 "(masked 3x3 conv, MaskedBatchNorm2d, ReLU, 2x2 max-pool); this architecture is not supported"
             )
-    if not isinstance(model.head, MaskedLinear):
-        raise ConfigError("shrink: the Conv4 head must be a MaskedLinear")
+    if model.head is not None and not isinstance(model.head, MaskedLinear):
+        raise ConfigError("shrink: the Conv4 head must be a MaskedLinear (or None: an embedding net)")
     keeps = [block[1].channel_mask.nonzero().flatten() for block in blocks]
     empty = [index for index, keep in enumerate(keeps) if keep.numel() == 0]
     if empty:
@@ -49,7 +50,7 @@ def _shrink_conv4(model: nn.Module) -> nn.Module:
             f"shrink: block features.{empty[0]} has no channel left; the net computes a constant"
         )
     shrunk = Conv4(**{**model.architecture, "hidden_channels": [keep.numel() for keep in keeps]})
-    reference = model.head.weight
+    reference = blocks[0][0].weight
     shrunk.to(device=reference.device, dtype=reference.dtype).train(model.training)
     keep_in = torch.arange(model.in_channels, device=reference.device)
     with torch.no_grad():
@@ -60,6 +61,8 @@ def _shrink_conv4(model: nn.Module) -> nn.Module:
             for name in ("weight", "bias", "channel_mask"):
                 getattr(new[1], name).copy_(getattr(batchnorm, name)[keep])
             keep_in = keep
+        if model.head is None:  # an embedding: the kept channels' maps are its output
+            return shrunk
         positions = model.head.in_features // blocks[-1][0].out_channels
         columns = (keep_in[:, None] * positions + torch.arange(positions, device=keep_in.device)).flatten()
         _copy_masked(model.head, shrunk.head, lambda t: t[:, columns])

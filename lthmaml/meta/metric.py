@@ -1,0 +1,108 @@
+"""Metric meta-learners: classify a query by comparing its embedding with the support set's.
+
+Adapting to a task is one forward pass of the embedding net over the support set (no backward
+pass, no optimizer state), the cheapest on-device learning there is. ProtoNet and MatchingNet
+differ only in how query and support embeddings become class log-probabilities
+(:meth:`MetricLearner.log_probabilities`); everything else is here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lthmaml.data.tasks import TaskBatch
+from lthmaml.errors import ConfigError, DataError
+from lthmaml.meta.episodic import AmortizedLearner
+from lthmaml.meta.metrics import TaskResult, task_accuracy
+
+
+class MetricLearner(AmortizedLearner):
+    """A classifier of query examples by their embeddings' relation to the support embeddings.
+
+    Support and query sets are embedded in separate forward passes, as MAML's adapted net sees
+    them: with batch-statistics BatchNorm the support embeddings (and so what a device keeps per
+    task) depend on the support set alone. The class count of a task is read from its support
+    labels (``0 .. N-1``, each at least once), so one trained net serves any N.
+
+    Taylor filter pruning sees both passes of a task (unlike MAML's, whose untracked inner loop
+    leaves only the query pass): the gate gradient sums over support and query examples, which is
+    the criterion over the whole task, divided by the query pass's size, a factor the same in
+    every layer that leaves the ranking as it is.
+
+    Args:
+        net: the embedding net, built from mask-aware layers so that it can be pruned; a Conv4
+            without its classification head (``out_features: null``).
+        optimizer, lr_scheduler: configurable the LightningCLI way.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+    ) -> None:
+        super().__init__(net, optimizer, lr_scheduler)
+        if getattr(net, "head", None) is not None:
+            raise ConfigError(
+                f"{type(self).__name__} compares embeddings: build its net without a classification head "
+                "(model.init_args.net.init_args.out_features: null)"
+            )
+
+    def setup(self, stage: str) -> None:
+        self.check_data_fits(self.trainer.datamodule)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """``[examples, features]`` embeddings of ``[examples, ...]`` inputs."""
+        return self.net(x).flatten(1)
+
+    def log_probabilities(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
+        """``[queries, ways]`` class log-probabilities from ``[shots, features]`` support and
+        ``[queries, features]`` query embeddings."""
+        raise NotImplementedError
+
+    def task_log_probabilities(self, task: TaskBatch) -> Tensor:
+        """Embed one task's support and query sets and score every query against every class."""
+        ways = check_labels(task.support_y, task.query_y, type(self).__name__)
+        return self.log_probabilities(
+            self.embed(task.support_x), task.support_y, self.embed(task.query_x), ways
+        )
+
+    def task_result(self, task: TaskBatch) -> TaskResult:
+        log_p = self.task_log_probabilities(task)
+        return TaskResult(
+            loss_pre=None,
+            loss_post=F.nll_loss(log_p, task.query_y),
+            acc_post=task_accuracy(log_p.detach(), task.query_y),
+        )
+
+    def predict_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        """``[tasks, queries, ways]`` class probabilities of the query examples."""
+        with torch.no_grad():
+            return torch.stack(
+                [self.task_log_probabilities(batch.task(i)).exp() for i in range(batch.num_tasks)]
+            )
+
+
+def check_labels(support_y: Tensor, query_y: Tensor, learner: str) -> int:
+    """The task's class count N, after checking the labels are ``0 .. N-1`` with every class in the
+    support set and no query of a class outside it (a one-line error, not an index error in torch)."""
+    if support_y.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(
+            f"{learner} classifies: its tasks need integer labels, got {support_y.dtype} targets "
+            "(for regression tasks use MAML or CNP)"
+        )
+    ways = int(support_y.max()) + 1
+    counts = torch.bincount(support_y.flatten().clamp_min(0), minlength=ways)
+    if int(support_y.min()) < 0 or bool((counts == 0).any()):
+        raise DataError(
+            f"{learner}: support labels must be 0..{ways - 1} with each class present, got "
+            f"{sorted(set(support_y.flatten().tolist()))}"
+        )
+    if query_y.numel() and not 0 <= int(query_y.min()) <= int(query_y.max()) < ways:
+        raise DataError(f"{learner}: query labels must lie in the support's classes 0..{ways - 1}")
+    return ways
