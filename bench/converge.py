@@ -34,8 +34,11 @@ M = "--model.init_args."
 D = "--data.init_args."
 RECIPES: dict[str, list[str]] = {
     # configs/omniglot_5way1shot.yaml as it shipped before the sweep: second order, 15 query images
-    # per class in training, meta-batch 32, higher.
-    "today": [f"{M}first_order", "false", f"{D}query_shots", "15", f"{M}inner_loop", "higher"],
+    # per class in training, meta-batch 32, Adam 1e-3, higher.
+    "today": [
+        *(f"{M}first_order", "false", f"{D}query_shots", "15", f"{M}inner_loop", "higher"),
+        *(f"{D}meta_batch_size", "32", f"{M}optimizer.init_args.lr", "0.001"),
+    ],
     "so-q15-higher": [f"{M}first_order", "false", f"{D}query_shots", "15", f"{M}inner_loop", "higher"],
     "fo-q1-higher": [f"{M}first_order", "true", f"{D}query_shots", "1", f"{M}inner_loop", "higher"],
     "fo-q1-func": [f"{M}first_order", "true", f"{D}query_shots", "1", f"{M}inner_loop", "func"],
@@ -46,6 +49,18 @@ RECIPES: dict[str, list[str]] = {
         *(f"{D}meta_batch_size", "16"),
     ],
     "fo-q5-func": [f"{M}first_order", "true", f"{D}query_shots", "5", f"{M}inner_loop", "func"],
+    "fo-q1-func-mb8": [
+        *(f"{M}first_order", "true", f"{D}query_shots", "1", f"{M}inner_loop", "func"),
+        *(f"{D}meta_batch_size", "8"),
+    ],
+    "so-q1-func-mb8": [
+        *(f"{M}first_order", "false", f"{D}query_shots", "1", f"{M}inner_loop", "func"),
+        *(f"{D}meta_batch_size", "8"),
+    ],
+    "fo-q1-func-mb8-lr3e-3": [
+        *(f"{M}first_order", "true", f"{D}query_shots", "1", f"{M}inner_loop", "func"),
+        *(f"{D}meta_batch_size", "8", f"{M}optimizer.init_args.lr", "0.003"),
+    ],
     "fo-q1-func-lr3e-3": [
         *(f"{M}first_order", "true", f"{D}query_shots", "1", f"{M}inner_loop", "func"),
         *(f"{M}optimizer.init_args.lr", "0.003"),
