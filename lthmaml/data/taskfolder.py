@@ -371,7 +371,7 @@ def check_compatible(
             f"{datamodule.ways}-way model"
         )
     init_args = (getattr(metadata, "architecture", None) or {}).get("init_args", {})
-    inputs = init_args.get("in_features")
+    inputs = init_args.get("in_features", init_args.get("x_features"))  # an MLP's, a CNPNet's
     if datamodule.task == "regression" and inputs is not None and inputs != 1:
         raise ConfigError(f"{source} takes {inputs} inputs but {datamodule.root} has one x column")
     size = init_args.get("image_size")

@@ -23,14 +23,33 @@ from torch import Tensor, nn
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError, DataError, LthmamlError
 from lthmaml.nets.layers import masked_layers
-from lthmaml.nets.models import MLP, Conv4
+from lthmaml.nets.models import MLP, CNPNet, Conv4
 
 PROG = "lthmaml-export"
 FORMAT_VERSION = 1
-"""Bumped whenever a reader of an older version would misread the file."""
+"""Bumped whenever a reader of an older version would misread the file. Adding ``learner`` and
+``metric_scale`` did not bump it: a version-1 reader rejects fields it does not know (a one-line
+error naming them) rather than misreading the file, and a file without them is what it was."""
 METADATA_KEY = "lthmaml_artifact"
-NETS: dict[str, type[nn.Module]] = {"lthmaml.nets.models.Conv4": Conv4, "lthmaml.nets.models.MLP": MLP}
+NETS: dict[str, type[nn.Module]] = {
+    "lthmaml.nets.models.Conv4": Conv4,
+    "lthmaml.nets.models.MLP": MLP,
+    "lthmaml.nets.models.CNPNet": CNPNet,
+}
 """The architectures an artifact may name: only these are built, nothing is imported by name."""
+LEARNERS: dict[str, str] = {
+    "MAML": "maml",
+    "Classifier": "classifier",
+    "ProtoNet": "protonet",
+    "MatchingNet": "matching",
+    "CNP": "cnp",
+}
+"""Learner class name (the last part of its class path, so moved and re-exported paths such as
+``lthmaml.meta.ProtoNet`` match too) -> the ``learner`` an artifact records."""
+METRIC_LEARNERS = ("protonet", "matching")
+"""Learners that adapt by embedding the support set: their net is a headless embedding."""
+AMORTIZED_LEARNERS = (*METRIC_LEARNERS, "cnp")
+"""Learners that adapt in one forward pass over the support set (no backward, no optimizer)."""
 LEGACY_NETS = {
     "lthmaml.models.Conv4": "lthmaml.nets.models.Conv4",
     "lthmaml.models.MLP": "lthmaml.nets.models.MLP",
@@ -68,6 +87,13 @@ class ArtifactMetadata:
             (e.g. ``PowerTransform(alpha=2.0)``), None if there was none.
         prunable_weights: prunable weights of the source net (the dense count).
         stored_weights: prunable weights the artifact stores values for (mask ones).
+        learner: how the net adapts to a task: ``"maml"`` or ``"classifier"`` (gradient steps on
+            the support set), ``"protonet"`` / ``"matching"`` (class prototypes / attention over
+            the support embeddings of a headless net), ``"cnp"`` (the mean encoding of the support
+            pairs). Absent in artifacts written before it existed: read from ``source_module``
+            when that names a learner, else ``"maml"``.
+        metric_scale: MatchingNet's (learned) inverse temperature of the attention softmax; None
+            for every other learner. It lies outside the net, so it travels here.
     """
 
     architecture: dict
@@ -86,6 +112,13 @@ class ArtifactMetadata:
     weight_transform: Optional[str] = None
     prunable_weights: int = 0
     stored_weights: int = 0
+    learner: str = "maml"
+    metric_scale: Optional[float] = None
+
+
+def learner_of(class_path: Optional[str]) -> Optional[str]:
+    """The ``learner`` a LightningModule class path names (see :data:`LEARNERS`), None if none."""
+    return LEARNERS.get(str(class_path).rsplit(".", 1)[-1]) if class_path else None
 
 
 COMPUTED_FIELDS = (
@@ -302,12 +335,57 @@ def checked_metadata(
             f"{where}: artifact metadata says ways={checked['ways']} but its head predicts "
             f"out_features={out_features} classes: export it again"
         )
+    _check_learner(checked, out_features, where, error)
     rates = checked.get("inner_lrs")
     if rates is not None:
         if not isinstance(rates, Mapping):
             raise error(f"{where}: artifact inner_lrs must map parameter names to rates")
         checked["inner_lrs"] = {str(k): float(v) for k, v in rates.items()}
     return ArtifactMetadata(**checked)
+
+
+def _check_learner(checked: dict[str, Any], out_features: Any, where: str, error: type[LthmamlError]) -> None:
+    """``learner`` (filled in for older artifacts) and ``metric_scale`` fit each other, the net and
+    the task: a headless Conv4 only for the metric learners, the CNPNet only for the CNP."""
+    learner = checked.setdefault("learner", learner_of(checked.get("source_module")) or "maml")
+    known = sorted(set(LEARNERS.values()))
+    if learner not in known:
+        raise error(f"{where}: artifact metadata 'learner' must be one of {known}, got {learner!r}")
+    scale = checked.get("metric_scale")
+    if learner == "matching":
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not (math.isfinite(scale) and scale > 0)
+        ):
+            raise error(
+                f"{where}: artifact metadata 'metric_scale' must be MatchingNet's finite attention "
+                f"scale > 0, got {scale!r}"
+            )
+        checked["metric_scale"] = float(scale)
+    elif scale is not None:
+        raise error(f"{where}: artifact metadata 'metric_scale' is for learner 'matching', not {learner!r}")
+    class_path = checked["architecture"]["class_path"]
+    class_path = LEGACY_NETS.get(class_path, class_path)
+    headless = class_path == "lthmaml.nets.models.Conv4" and out_features is None
+    is_cnp = class_path == "lthmaml.nets.models.CNPNet"
+    if learner in METRIC_LEARNERS and not headless:
+        raise error(
+            f"{where}: artifact learner {learner!r} compares embeddings: its net must be a Conv4 with "
+            f"out_features null, got {class_path} out_features={out_features!r}"
+        )
+    if learner not in METRIC_LEARNERS and headless:
+        raise error(
+            f"{where}: artifact net is a headless Conv4 (out_features null), which learner {learner!r} "
+            "cannot classify with: its learner must be 'protonet' or 'matching'"
+        )
+    if (learner == "cnp") != is_cnp:
+        raise error(
+            f"{where}: artifact learner 'cnp' goes with a CNPNet, got learner {learner!r} with {class_path}"
+        )
+    task = "regression" if is_cnp else "classification" if learner in METRIC_LEARNERS else None
+    if task is not None and checked["task"] != task:
+        raise error(f"{where}: artifact learner {learner!r} does {task}, but its task is {checked['task']!r}")
 
 
 def first_line(error: BaseException) -> str:

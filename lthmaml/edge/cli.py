@@ -11,6 +11,11 @@ compact artifact, ``finetuned.safetensors`` in the run folder (or ``--output``),
 and ``predict`` load like any artifact. ``--model.checkpoint run.ckpt`` starts from a ``lthmaml``
 checkpoint instead of an artifact. ``--threads``, and one-line errors, are the ``lthmaml``
 command's (:class:`lthmaml.cli.MetaCLI`).
+
+A ProtoNet or MatchingNet artifact (its metadata's ``learner``) is adapted by embedding the
+support set: ``fit`` computes the prototypes / support embeddings (0 epochs, no backward pass)
+unless ``--model.fine_tune_embedding true``; ``test`` and ``predict`` score the query with the
+learner's rule, the classes being the task folder's labels in its order.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ def run_cli(args: Optional[list[str]] = None, cli_class: type[EdgeCLI] = EdgeCLI
     """Parse ``args`` and run the subcommand with ``cli_class`` (``lthmaml.edge.pi`` extends it)."""
     # A task without val/ has no validation loader on purpose: Lightning's notice is noise there.
     warnings.filterwarnings("ignore", ".*Total length of `list` across ranks is zero.*")
+    # A metric-learner artifact adapts without an optimizer on purpose (FineTuneModule.adapt_only).
+    warnings.filterwarnings("ignore", ".*configure_optimizers` returned `None`.*")
     return cli_class(
         FineTuneModule,
         TaskFolderDataModule,

@@ -26,6 +26,12 @@ net by name (``features.0.0.weight``), so the device can step each tensor at its
 :class:`~lthmaml.meta.classifier.Classifier` learned no step size: it gets :data:`CLASSIFIER_DEFAULTS`
 (plain SGD at 0.01 for 10 steps, a conservative start to override on the device), and its
 ``ways`` is its training class count (a new task of another width needs a new head).
+
+``learner`` records which learner the net comes from (the checkpoint's ``_class_path``, or the
+module's class): a ProtoNet or MatchingNet artifact is a headless embedding (``ways`` None, one
+net for any N) that the device adapts by embedding the support set, no inner loop; MatchingNet's
+attention scale (a parameter outside ``net``) goes into ``metric_scale``; a CNP artifact is its
+CNPNet (encoder and decoder).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import json
 import os
 import pickle
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +54,7 @@ from torch import Tensor, nn
 
 from lthmaml import sparsity
 from lthmaml.edge.artifact import (
+    AMORTIZED_LEARNERS,
     CLASSIFIER_DEFAULTS,
     DTYPES,
     FORMAT_VERSION,
@@ -55,12 +63,14 @@ from lthmaml.edge.artifact import (
     NETS,
     PROG,
     VALUES,
+    Artifact,
     ArtifactMetadata,
     PathLike,
     build_net,
     checked_metadata,
     dense_size,
     first_line,
+    learner_of,
     load_artifact,
     sha256_of,
 )
@@ -78,8 +88,8 @@ def export_net(
     metadata: Optional[Mapping[str, Any]] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write ``net`` (a Conv4 or MLP of mask-aware layers, or a LightningModule holding one as
-    ``.net``) as a compact artifact at ``output``.
+    """Write ``net`` (a Conv4, MLP or CNPNet of mask-aware layers, or a LightningModule holding one
+    as ``.net``) as a compact artifact at ``output``.
 
     ``metadata`` gives the :class:`ArtifactMetadata` fields the net cannot tell (``inner_lr``,
     ``source_sha256``, ...); missing fine-tuning settings come from a MAML module's attributes,
@@ -98,8 +108,9 @@ def export_net(
 
 
 def export_checkpoint(checkpoint: PathLike, output: PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the net of a LightningCLI checkpoint of :class:`~lthmaml.meta.maml.MAML` or
-    :class:`~lthmaml.meta.classifier.Classifier` as a compact artifact at ``output``.
+    """Write the net of a LightningCLI checkpoint of :class:`~lthmaml.meta.maml.MAML`,
+    :class:`~lthmaml.meta.classifier.Classifier` or a learner of :data:`~lthmaml.edge.artifact.LEARNERS`
+    (ProtoNet, MatchingNet, CNP) as a compact artifact at ``output``.
 
     The net is rebuilt from the checkpoint's ``hyper_parameters['net']`` (class_path/init_args),
     its weights, masks and channel masks loaded from ``state_dict``; a Powerprop run's transform
@@ -133,8 +144,17 @@ def export_checkpoint(checkpoint: PathLike, output: PathLike, dtype: torch.dtype
     alpha = checkpoint_alpha(data)
     if alpha is not None:
         install_power(net, alpha)
-    fields: dict[str, Any] = {"source_sha256": sha256_of(path), "source_module": hparams.get("_class_path")}
-    if "inner_lr" in hparams:  # meta-trained: its own inner loop is the fine-tuning recipe
+    module = hparams.get("_class_path")
+    fields: dict[str, Any] = {"source_sha256": sha256_of(path), "source_module": module}
+    learner = learner_of(module) or ("maml" if "inner_lr" in hparams else "classifier")
+    fields["learner"] = learner
+    if learner == "matching":
+        if "log_scale" not in state:
+            raise DataError(f"{path}: a MatchingNet checkpoint without its log_scale in state_dict")
+        fields["metric_scale"] = float(state["log_scale"].detach().exp())
+    if learner in AMORTIZED_LEARNERS:
+        pass  # adapts in a forward pass: no inner loop to carry, CLASSIFIER_DEFAULTS if fine-tuned
+    elif "inner_lr" in hparams:  # meta-trained: its own inner loop is the fine-tuning recipe
         fields.update({key: hparams[key] for key in CLASSIFIER_DEFAULTS if key in hparams})
         rates = [
             state[f"inner_lrs.{i}"] for i in range(len(list(net.parameters()))) if f"inner_lrs.{i}" in state
@@ -147,11 +167,29 @@ def export_checkpoint(checkpoint: PathLike, output: PathLike, dtype: torch.dtype
     return _write(net, Path(output), fields, dtype)
 
 
+def artifact_from_checkpoint(checkpoint: PathLike) -> Artifact:
+    """A ``lthmaml`` checkpoint as an :class:`~lthmaml.edge.artifact.Artifact`, through the export path.
+
+    The checkpoint is exported to a temporary file and loaded back, so the device runs exactly
+    what it would run from a shipped artifact (shrunk channels, folded weight transforms).
+    """
+    with tempfile.TemporaryDirectory(prefix="lthmaml-edge-") as tmp:
+        path = export_checkpoint(checkpoint, Path(tmp) / "artifact.safetensors")
+        return load_artifact(path)
+
+
 def _module_fields(module: nn.Module) -> dict[str, Any]:
-    """Fine-tuning settings of an in-memory LightningModule (MAML's inner loop, if it has one)."""
+    """Fine-tuning settings of an in-memory LightningModule: its learner (by its class or a base
+    class, see :data:`~lthmaml.edge.artifact.LEARNERS`), MAML's inner loop, MatchingNet's scale."""
     cls = type(module)
     fields: dict[str, Any] = {"source_module": f"{cls.__module__}.{cls.__qualname__}"}
-    if hasattr(module, "inner_lr"):
+    learner = next(filter(None, (learner_of(kind.__name__) for kind in cls.__mro__)), None)  # subclasses too
+    fields["learner"] = learner or ("maml" if hasattr(module, "inner_lr") else "classifier")
+    if fields["learner"] == "matching":
+        fields["metric_scale"] = float(module.scale.detach())
+    if fields["learner"] in AMORTIZED_LEARNERS:
+        pass  # adapts in a forward pass: no inner loop to carry
+    elif hasattr(module, "inner_lr"):
         fields.update({key: getattr(module, key) for key in CLASSIFIER_DEFAULTS})
         rates = getattr(module, "inner_lrs", None)
         if rates is not None:

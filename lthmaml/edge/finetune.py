@@ -14,6 +14,11 @@ Two regimes:
   optimised (and validated) for; ``inner_steps`` is the training count, usually smaller, and
   MAML papers report accuracy after the evaluation count.
 
+A ProtoNet, MatchingNet or CNP artifact adapts in one forward pass over the support set
+(:mod:`lthmaml.edge.amortized`): ``fit`` then only adapts (0 epochs, no backward pass, no
+optimizer state) unless ``fine_tune_embedding`` asks to fine-tune a metric learner's embedding on
+the support loss, under the regimes above.
+
 Pruned weights stay exactly zero: the forward multiplies by the masks, and the raw weights are
 re-zeroed after every optimizer step (an optimizer with weight decay or momentum would
 otherwise grow them behind the mask).
@@ -21,13 +26,10 @@ otherwise grow them behind the mask).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
-import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -38,44 +40,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lthmaml.edge.amortized import SupportAdapter
+from lthmaml.edge.artifact import AMORTIZED_LEARNERS, METRIC_LEARNERS
+from lthmaml.edge.export import artifact_from_checkpoint
+from lthmaml.edge.predictions import HEADER, prediction_rows, write_csv
 from lthmaml.errors import ConfigError, DataError, TrainingError
 from lthmaml.sparsity import apply_masks
 from lthmaml.tracking import BestWeights
 
-if TYPE_CHECKING:
-    from lthmaml.edge.artifact import Artifact
-
 MONITORABLE = {"val/loss": "min", "val/acc": "max"}
 """The validation metrics this module logs, with the direction in which they improve."""
-
-
-def artifact_from_checkpoint(checkpoint: Union[str, Path]) -> Artifact:
-    """A MAML/Classifier checkpoint as an :class:`~lthmaml.edge.export.Artifact`, through the export path.
-
-    The checkpoint is exported to a temporary file and loaded back, so the device runs exactly
-    what it would run from a shipped artifact (shrunk channels, folded weight transforms).
-    """
-    from lthmaml.edge.artifact import load_artifact
-    from lthmaml.edge.export import export_checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="lthmaml-edge-") as tmp:
-        path = export_checkpoint(checkpoint, Path(tmp) / "artifact.safetensors")
-        return load_artifact(path)
-
-
-def _atomic_write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    """Write the CSV beside ``path`` and rename it over: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FineTuneModule(pl.LightningModule):
@@ -91,6 +65,9 @@ class FineTuneModule(pl.LightningModule):
             LightningCLI way (``class_path``/``init_args``).
         restore_best: at the end of fit, put back the weights of the best validation epoch (by the
             ``EarlyStopping`` monitor, ``val/loss`` or ``val/acc``; ``val/loss`` without one).
+        fine_tune_embedding: for a ProtoNet or MatchingNet artifact, fine-tune the embedding on
+            the support loss (as the other regimes fine-tune); false: ``fit`` only computes the
+            prototypes / support embeddings. Not for other learners.
 
     After fit: ``epochs_run``, ``best_epoch`` (1-based; None without validation), ``best_score``
     of ``best_monitor``; after test: ``test_results`` (``loss``, ``acc`` for classification, ``examples``).
@@ -105,6 +82,7 @@ class FineTuneModule(pl.LightningModule):
         lr: Optional[float] = None,
         optimizer: Union[Literal["sgd"], OptimizerCallable] = "sgd",
         restore_best: bool = True,
+        fine_tune_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=None if isinstance(optimizer, str) else ["optimizer"])
@@ -128,6 +106,14 @@ class FineTuneModule(pl.LightningModule):
         self.source = str(artifact if artifact is not None else checkpoint)
         self.net = loaded.net.train()  # artifacts load in eval mode; Lightning keeps a module's mode
         self.metadata = loaded.metadata
+        self.learner = self.metadata.learner
+        if fine_tune_embedding and self.learner not in METRIC_LEARNERS:
+            raise ConfigError(
+                f"model.fine_tune_embedding is for ProtoNet and MatchingNet artifacts (learner "
+                f"{' or '.join(METRIC_LEARNERS)}), but {self.source} holds learner {self.learner!r}"
+            )
+        self.fine_tune_embedding = fine_tune_embedding
+        self.adapter: Optional[SupportAdapter] = None  # set up per task for an amortized learner
         self.lr = float(self.metadata.inner_lr if lr is None else lr)
         self.lr_given = lr is not None
         self.optimizer_choice = optimizer
@@ -148,8 +134,29 @@ class FineTuneModule(pl.LightningModule):
     def regression(self) -> bool:
         return self.metadata.task == "regression"
 
+    @property
+    def amortized(self) -> bool:
+        """The learner adapts in a forward pass over the support set (ProtoNet, MatchingNet, CNP)."""
+        return self.learner in AMORTIZED_LEARNERS
+
+    @property
+    def adapt_only(self) -> bool:
+        """``fit`` only adapts: no epochs, no backward pass, no optimizer."""
+        return self.amortized and not self.fine_tune_embedding
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        """Logits (or log-probabilities) for classification, the prediction for regression; an
+        amortized learner scores ``x`` against the support set :meth:`adapt` kept."""
+        return self.net(x) if self.adapter is None else self.adapter.scores(self.net, x)
+
+    def adapt(self) -> None:
+        """An amortized learner's adaptation to the whole support set with the current weights."""
+        if self.adapter is not None:
+            support = self.trainer.datamodule.splits["support"]
+            self.adapter.adapt(self.net, support.x.to(self.device), support.y.to(self.device))
+
+    def support_summary(self) -> str:
+        return self.adapter.summary(len(self.trainer.datamodule.splits["support"]))
 
     # ------------------------------------------------------------------ checks and schedule
     def setup(self, stage: str) -> None:
@@ -157,12 +164,17 @@ class FineTuneModule(pl.LightningModule):
         if datamodule is None:
             raise ConfigError("FineTuneModule needs a task datamodule (lthmaml.data.taskfolder)")
         self.check_task(datamodule)
+        self.adapter = SupportAdapter.for_task(self.metadata, datamodule.splits["support"].y, self.source)
         if stage == "fit":
             self.best_epoch, self.best_score, self.best_state, self.epochs_run = None, None, None, 0
             self.best = BestWeights("", "min")
             self.fixed_steps = None
-            if not datamodule.has_val:
+            if self.adapt_only:
+                self.trainer.fit_loop.max_epochs = 0  # adapting is on_fit_start's forward pass
+            elif not datamodule.has_val:
                 self._fixed_inner_loop_schedule(datamodule)
+            elif self.fine_tune_embedding and (note := self._one_support_batch(datamodule)):
+                rank_zero_info(f"Fine-tuning the embedding on one support batch{note}")
 
     def check_task(self, datamodule) -> None:
         """The artifact must fit the task: its kind, its N ways, its input size (ConfigError)."""
@@ -184,16 +196,32 @@ class FineTuneModule(pl.LightningModule):
         stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
         for callback in stoppers:
             trainer.callbacks.remove(callback)
-        support = len(getattr(datamodule, "splits", {}).get("support", ()))
-        raised = support > getattr(datamodule, "batch_size", support)
-        if raised:
-            datamodule.batch_size = support  # one full batch per step, as in MAML's inner loop
+        what, why = ("for the meta-learned", ", the adaptation MAML evaluated with")
+        if self.fine_tune_embedding:
+            what, why = ("the embedding on the support loss for the artifact's", "")
         rank_zero_info(
-            f"No validation split in {self._root(datamodule)}: fine-tuning for the meta-learned "
-            f"eval_inner_steps={steps} full-batch steps of {self.describe_optimizer()}, the adaptation "
-            f"MAML evaluated with{'; EarlyStopping off' if stoppers else ''}"
-            f"{f'; data.batch_size raised to the {support} support examples' if raised else ''}"
+            f"No validation split in {self._root(datamodule)}: fine-tuning {what} eval_inner_steps={steps} "
+            f"full-batch steps of {self.describe_optimizer()}{why}{'; EarlyStopping off' if stoppers else ''}"
+            f"{self._one_support_batch(datamodule)}"
         )
+
+    @staticmethod
+    def _one_support_batch(datamodule) -> str:
+        """Raise ``data.batch_size`` to the support set's size (one full batch per step, as in
+        MAML's inner loop; a metric learner's prototypes then see every class): a log note."""
+        support = len(datamodule.splits["support"])
+        if support <= datamodule.batch_size:
+            return ""
+        datamodule.batch_size = support
+        return f"; data.batch_size raised to the {support} support examples"
+
+    def on_fit_start(self) -> None:
+        if self.adapt_only:
+            self.adapt()
+            rank_zero_info(
+                f"Adapted by computing {self.support_summary()} in one forward pass: 0 epochs, no "
+                "backward pass, no optimizer state (model.fine_tune_embedding: true fine-tunes the embedding)"
+            )
 
     def describe_optimizer(self) -> str:
         if self.optimizer_choice != "sgd":
@@ -210,7 +238,9 @@ class FineTuneModule(pl.LightningModule):
             )
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Optional[torch.optim.Optimizer]:
+        if self.adapt_only:
+            return None  # adapting is a forward pass: no optimizer state on the device
         if self.optimizer_choice == "sgd":
             rates = self.metadata.inner_lrs
             if rates is None or self.lr_given:
@@ -235,7 +265,8 @@ class FineTuneModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = self.loss(self.net(x), y)
+        outputs = self.net(x) if self.adapter is None else self.adapter.support_scores(self.net, x, y)
+        loss = self.loss(outputs, y)
         self._stop_if_diverged(float(loss.detach()), "training")  # before backward and the optimizer step
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
         return loss
@@ -260,7 +291,7 @@ class FineTuneModule(pl.LightningModule):
 
     def _accumulate(self, batch: tuple[Tensor, Tensor]) -> None:
         x, y = batch
-        outputs = self.net(x)
+        outputs = self(x)
         self._sums["loss"] += float(self.loss(outputs, y)) * len(x)
         self._sums["count"] += len(x)
         if not self.regression:
@@ -274,6 +305,7 @@ class FineTuneModule(pl.LightningModule):
         return means
 
     def on_validation_epoch_start(self) -> None:
+        self.adapt()
         self._reset_sums()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -326,6 +358,7 @@ class FineTuneModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ test
     def on_test_epoch_start(self) -> None:
+        self.adapt()
         self._reset_sums()
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -351,22 +384,16 @@ class FineTuneModule(pl.LightningModule):
     def on_predict_epoch_start(self) -> None:
         if self.trainer.world_size > 1:
             raise ConfigError("predict on one device: predictions.csv keeps the query's file order")
+        self.adapt()
         self.predictions = []
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        outputs = self.net(x)
-        if self.regression:
-            inputs = x.reshape(len(x), -1)
-            for row, value in zip(inputs.tolist(), outputs.reshape(len(x), -1)[:, 0].tolist()):
-                self.predictions.append([" ".join(f"{v:.6g}" for v in row), f"{value:.6g}"])
-            return outputs
-        probabilities = outputs.softmax(-1)
-        best, index = probabilities.max(-1)
-        labels = self.trainer.datamodule.labels
-        for i, p in zip(index.tolist(), best.tolist()):
-            self.predictions.append([labels[i], f"{p:.6f}"])
-        return probabilities
+        rows, returned = prediction_rows(
+            x, self(x), None if self.regression else self.trainer.datamodule.labels
+        )
+        self.predictions.extend(rows)
+        return returned
 
     def on_predict_epoch_end(self) -> None:
         path = self.output_csv()  # trainer.log_dir is a collective: every rank asks, rank 0 writes
@@ -378,8 +405,9 @@ class FineTuneModule(pl.LightningModule):
                 f"{len(self.predictions)} predictions for {len(files)} query files: the query loader "
                 "must yield every file once, in order"
             )
-        header = ["file", "x", "prediction"] if self.regression else ["file", "label", "probability"]
-        _atomic_write_csv(path, header, [[name, *row] for name, row in zip(files, self.predictions)])
+        write_csv(
+            path, HEADER[self.metadata.task], [[name, *row] for name, row in zip(files, self.predictions)]
+        )
         rank_zero_info(f"Wrote {len(files)} predictions to {path}")
 
     def output_csv(self) -> Path:

@@ -12,7 +12,9 @@ the ``lthmaml-edge fit`` machinery; further arguments go to it (e.g. ``--trainer
 
 Printed: epochs run, best epoch, wall time of the fit, peak resident memory of the process
 (``resource.getrusage``: torch's import included, which dominates for small nets), and the query
-accuracy (MSE for regression) before and after fine-tuning.
+accuracy (MSE for regression) before and after fine-tuning. A ProtoNet, MatchingNet or CNP artifact
+adapts in one forward pass over the support set: epochs run 0, "before" is the artifact's weights
+adapted to the support set, and "after" differs from it only with ``--model.fine_tune_embedding true``.
 """
 
 from __future__ import annotations
@@ -134,15 +136,26 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
+def seconds(wall: float) -> str:
+    """Milliseconds below a second: a ProtoNet's adaptation is a few of them."""
+    return f"{wall:.2f} s" if wall >= 1 else f"{wall * 1000:.1f} ms"
+
+
 def report(cli: PiFinetuneCLI, artifact: Path, task: Path) -> str:
     model, figures = cli.model, cli.figures
     metric, key = ("MSE", "loss") if model.regression else ("accuracy", "acc")
 
     def query(stage: str) -> str:
         values = figures.get(stage)
-        return "n/a (the query is unlabelled)" if values is None else f"{values[key]:.4f}"
+        if values is None:
+            return "n/a (the query is unlabelled)"
+        adapted = model.amortized and stage == "before"  # nothing to score before the support pass
+        return f"{values[key]:.4f}{' (the artifact, adapted to the support set)' if adapted else ''}"
 
-    if model.fixed_steps is not None:
+    if model.adapt_only:
+        epochs = f"0 (adapted: {model.support_summary()}, one forward pass, no backward)"
+        best = "n/a (no training)"
+    elif model.fixed_steps is not None:
         epochs = f"{model.epochs_run} (no val split: eval_inner_steps={model.fixed_steps} full-batch steps)"
         best = "n/a (no val split)"
     else:
@@ -153,7 +166,7 @@ def report(cli: PiFinetuneCLI, artifact: Path, task: Path) -> str:
     rows = [
         ("epochs run", epochs),
         ("best epoch", best),
-        ("wall time", f"{figures['wall_s']:.2f} s (fit, threads={cli.config['fit'].get('threads')})"),
+        ("wall time", f"{seconds(figures['wall_s'])} (fit, threads={cli.config['fit'].get('threads')})"),
         ("peak resident memory", f"{peak_rss_mib():.1f} MiB (whole process)"),
         (f"{metric} before", query("before")),
         (f"{metric} after", query("after")),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from lthmaml.errors import ConfigError
 from lthmaml.meta.metric import MetricLearner
 
 
-def attention(support: Tensor, query: Tensor, scale: Tensor) -> Tensor:
+def attention(support: Tensor, query: Tensor, scale: Union[Tensor, float]) -> Tensor:
     """``[queries, shots]`` log-attention: log-softmax over the support examples of ``scale`` times
     the cosine similarity of each query embedding to each support embedding."""
     cosine = F.cosine_similarity(query[:, None, :], support[None, :, :], dim=-1)
@@ -26,6 +26,14 @@ def attended_log_probabilities(log_attention: Tensor, support_y: Tensor, ways: i
     one-hot labels, in log space (a class far from a query gets a finite log-probability)."""
     log_onehot = F.one_hot(support_y, ways).to(log_attention.dtype).log()  # 0 or -inf
     return torch.logsumexp(log_attention[:, :, None] + log_onehot[None], dim=1)
+
+
+def matching_log_probabilities(
+    support: Tensor, support_y: Tensor, query: Tensor, ways: int, scale: Union[Tensor, float]
+) -> Tensor:
+    """``[queries, ways]``: MatchingNet's rule, the log of the attention-weighted support labels;
+    module-level so the edge device scores a task with the very function training used."""
+    return attended_log_probabilities(attention(support, query, scale), support_y, ways)
 
 
 class MatchingNet(MetricLearner):
@@ -75,4 +83,4 @@ class MatchingNet(MetricLearner):
         return self.log_probabilities(support, support_y, query, ways).exp()
 
     def log_probabilities(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
-        return attended_log_probabilities(attention(support, query, self.scale), support_y, ways)
+        return matching_log_probabilities(support, support_y, query, ways, self.scale)

@@ -1,0 +1,290 @@
+"""The edge path for the amortized learners (#13): the artifact records its learner (and
+MatchingNet's scale), ``lthmaml-edge`` adapts a ProtoNet / MatchingNet / CNP artifact with one
+forward pass over the support set and scores the query exactly as the learner does, optional
+embedding fine-tuning keeps the masks, and ``make pi-finetune`` reports a ProtoNet artifact.
+Tiny nets: a headless 2-block Conv4 of 4 filters on 8x8 images, a CNPNet of width 8."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lthmaml.data.taskfolder import TaskFolderDataModule
+from lthmaml.data.taskfolder_build import make_image_task, make_sinusoid_task
+from lthmaml.data.tasks import TaskBatch
+from lthmaml.edge.artifact import METADATA_KEY, load_artifact
+from lthmaml.edge.cli import FINETUNED, run_cli
+from lthmaml.edge.cli import main as edge_main
+from lthmaml.edge.export import export_checkpoint, export_net
+from lthmaml.edge.finetune import FineTuneModule
+from lthmaml.errors import ConfigError, DataError
+from lthmaml.meta import CNP, MatchingNet, ProtoNet
+from lthmaml.nets.layers import masked_layers
+from lthmaml.nets.models import CNPNet, Conv4
+from lthmaml.sparsity import load_masks, magnitude_scores, masks_of, prune_lowest
+
+REPO = Path(__file__).resolve().parents[1]
+PI = str(REPO / "configs" / "edge" / "pi.yaml")
+SIZE = 8
+LABELS = ["ant", "bee", "cat"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """pi.yaml asks for 4 threads; the tests pass --threads 1, and this restores it anyway."""
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------- helpers
+def embedding(seed: int = 0, fraction: float = 0.5) -> Conv4:
+    """A headless Conv4 (16-dimensional embeddings), half its weights pruned by magnitude."""
+    torch.manual_seed(seed)
+    net = Conv4(out_features=None, hidden_channels=4, image_size=SIZE, blocks=2)
+    load_masks(net, prune_lowest(masks_of(net), magnitude_scores(net), fraction))
+    return net
+
+
+def protonet() -> ProtoNet:
+    return ProtoNet(embedding(), optimizer=partial(torch.optim.Adam, lr=0.01))
+
+
+def matching(scale: float = 7.3) -> MatchingNet:
+    return MatchingNet(embedding(), scale=scale, optimizer=partial(torch.optim.Adam, lr=0.01))
+
+
+def image_task(root: Path, shots: int = 2, val_shots: int = 0, query_shots: int = 4) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(3, 1, 1, SIZE, SIZE, generator=gen)
+    images = (0.7 * base + 0.3 * torch.rand(3, 10, 1, SIZE, SIZE, generator=gen)).clamp(0, 1)
+    return make_image_task(root, images, LABELS, shots, val_shots, query_shots)
+
+
+def datamodule(root: Path) -> TaskFolderDataModule:
+    dm = TaskFolderDataModule(str(root), image_size=SIZE)
+    dm.setup()
+    return dm
+
+
+def task_batch(dm: TaskFolderDataModule) -> TaskBatch:
+    support, query = dm.splits["support"], dm.splits["query"]
+    return TaskBatch(support.x, support.y, query.x, query.y)
+
+
+def edge_args(sub: str, artifact, task, *extra: str) -> list[str]:
+    common = ["-c", PI, "--threads", "1", "--model.artifact", str(artifact), "--data.root", str(task)]
+    return [sub, *common, "--data.image_size", str(SIZE), *extra]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def rewrite_metadata(path: Path, **changes) -> Path:
+    """The artifact with its metadata fields changed (a value of None removes the field)."""
+    with safe_open(str(path), framework="pt") as handle:
+        values = json.loads(handle.metadata()[METADATA_KEY])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    for key, value in changes.items():
+        values.pop(key, None) if value is None else values.__setitem__(key, value)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(values)})
+    return path
+
+
+# ---------------------------------------------------------------------------------- the metadata
+def test_export_net_records_the_learner_and_matchings_scale(tmp_path):
+    proto = load_artifact(export_net(protonet(), tmp_path / "p.safetensors")).metadata
+    assert (proto.learner, proto.ways, proto.metric_scale) == ("protonet", None, None)
+    assert proto.architecture["init_args"]["out_features"] is None
+    match = load_artifact(export_net(matching(7.3), tmp_path / "m.safetensors")).metadata
+    assert match.learner == "matching" and match.metric_scale == pytest.approx(7.3)
+    torch.manual_seed(0)
+    net = CNPNet(representation=8, encoder_hidden=(8,), decoder_hidden=(8,))
+    cnp = load_artifact(export_net(CNP(net), tmp_path / "c.safetensors"))
+    assert (cnp.metadata.learner, cnp.metadata.task) == ("cnp", "regression")
+    assert isinstance(cnp.net, CNPNet)
+
+
+@pytest.mark.parametrize(
+    ("class_path", "learner"),
+    [("lthmaml.meta.protonet.ProtoNet", "protonet"), ("lthmaml.meta.MatchingNet", "matching")],
+)
+def test_export_checkpoint_reads_the_learner_from_its_class_path(tmp_path, class_path, learner):
+    init_args = {"out_features": None, "hidden_channels": 4, "image_size": SIZE, "blocks": 2}
+    state = {f"net.{k}": v for k, v in embedding().state_dict().items()}
+    state["log_scale"] = torch.tensor(math.log(4.0))
+    hparams = {
+        "_class_path": class_path,
+        "net": {"class_path": "lthmaml.nets.models.Conv4", "init_args": init_args},
+    }
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "m.ckpt")
+    metadata = load_artifact(export_checkpoint(tmp_path / "m.ckpt", tmp_path / "m.safetensors")).metadata
+    assert metadata.learner == learner and metadata.source_module == class_path
+    assert metadata.metric_scale == (pytest.approx(4.0) if learner == "matching" else None)
+
+
+def test_an_artifact_written_before_the_learner_field_still_loads(tmp_path):
+    torch.manual_seed(0)
+    maml = export_net(
+        Conv4(out_features=3, hidden_channels=4, image_size=SIZE, blocks=2), tmp_path / "a.safetensors"
+    )
+    assert load_artifact(rewrite_metadata(maml, learner=None, metric_scale=None)).metadata.learner == "maml"
+    # an older ProtoNet export named its module: that, not the default, says what it holds
+    proto = rewrite_metadata(
+        export_net(protonet(), tmp_path / "p.safetensors"), learner=None, metric_scale=None
+    )
+    assert load_artifact(proto).metadata.learner == "protonet"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"learner": "lstm"}, "'learner'"),
+        ({"learner": "maml", "metric_scale": None}, "headless"),
+        ({"metric_scale": None}, "'metric_scale'"),
+        ({"metric_scale": -1.0}, "'metric_scale'"),
+    ],
+)
+def test_bad_learner_metadata_is_a_one_line_error(in_tmp, capsys, changes, field):
+    artifact = rewrite_metadata(export_net(matching(), in_tmp / "m.safetensors"), **changes)
+    with pytest.raises(DataError, match=re.escape(field)):
+        load_artifact(artifact)
+    with pytest.raises(SystemExit) as exit_info:
+        edge_main(edge_args("test", artifact, image_task(in_tmp / "task")))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and field in err
+
+
+# ---------------------------------------------------------------------------------- test and predict
+def test_edge_test_is_the_protonets_own_evaluation(in_tmp, capsys):
+    model = protonet()
+    artifact = export_net(model, in_tmp / "p.safetensors")
+    task = image_task(in_tmp / "task")
+    edge_main(edge_args("test", artifact, task))
+    with torch.no_grad():
+        result = model.task_result(task_batch(datamodule(task)))
+    acc, loss = float(result.acc_post), float(result.loss_post)
+    assert f"Query accuracy {acc:.4f} ({round(acc * 12)}/12), loss {loss:.4f}" in capsys.readouterr().out
+
+
+def test_edge_predict_writes_the_tasks_labels(in_tmp):
+    model = protonet()
+    artifact = export_net(model, in_tmp / "p.safetensors")
+    task = image_task(in_tmp / "task")
+    edge_main(edge_args("predict", artifact, task, "--output", str(in_tmp / "out.csv")))
+    rows = read_rows(in_tmp / "out.csv")
+    dm = datamodule(task)
+    with torch.no_grad():
+        probabilities = model.task_log_probabilities(task_batch(dm)).exp()
+    best, index = probabilities.max(-1)
+    assert [row["file"] for row in rows] == dm.query_files
+    assert [row["label"] for row in rows] == [LABELS[i] for i in index]
+    assert [float(row["probability"]) for row in rows] == pytest.approx(best.tolist(), abs=1e-6)
+
+
+def test_a_matching_artifact_gives_the_modules_probabilities(tmp_path):
+    model = matching(7.3)
+    artifact = export_net(model, tmp_path / "m.safetensors")
+    dm = datamodule(image_task(tmp_path / "task"))
+    trainer = pl.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
+    edge = torch.cat(trainer.predict(FineTuneModule(artifact=str(artifact)), datamodule=dm))
+    assert (tmp_path / "predictions.csv").is_file()
+    batch = task_batch(dm)
+    with torch.no_grad():
+        expected = model.probabilities(
+            model.embed(batch.support_x), batch.support_y, model.embed(batch.query_x), 3
+        )
+    assert torch.allclose(edge, expected, atol=1e-6)
+
+
+def test_a_cnp_artifact_gives_the_cnps_query_mse(in_tmp, capsys):
+    torch.manual_seed(0)
+    model = CNP(CNPNet(representation=8, encoder_hidden=(8,), decoder_hidden=(8,)))
+    artifact = export_net(model, in_tmp / "c.safetensors")
+    task = make_sinusoid_task(in_tmp / "task", shots=5, query_shots=10, seed=0)
+    edge_main(
+        ["test", "-c", PI, "--threads", "1", "--model.artifact", str(artifact), "--data.root", str(task)]
+    )
+    dm = TaskFolderDataModule(str(task))
+    dm.setup()
+    with torch.no_grad():
+        mse = float(model.task_result(task_batch(dm)).loss_post)
+    assert f"Query MSE {mse:.4f} on 10 points" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- fit
+def test_fit_only_computes_the_prototypes(in_tmp, caplog):
+    artifact = export_net(protonet(), in_tmp / "p.safetensors")
+    cli = run_cli(edge_args("fit", artifact, image_task(in_tmp / "task")))
+    assert cli.model.epochs_run == 0 and cli.trainer.global_step == 0
+    assert cli.model.configure_optimizers() is None  # no optimizer state
+    assert "class prototypes of the 6 support examples" in caplog.text and "0 epochs" in caplog.text
+    tuned = load_artifact(in_tmp / "runs" / "edge" / "version_0" / FINETUNED)
+    assert tuned.metadata.learner == "protonet"
+    source = load_artifact(artifact).net.state_dict()
+    assert all(torch.equal(value, source[key]) for key, value in tuned.net.state_dict().items())
+
+
+@pytest.mark.parametrize(("learner", "val_shots"), [(protonet, 0), (protonet, 2), (matching, 0)])
+def test_fine_tune_embedding_keeps_pruned_weights_at_zero(in_tmp, learner, val_shots):
+    source = learner().net
+    masks = masks_of(source)
+    artifact = export_net(learner(), in_tmp / "p.safetensors")
+    task = image_task(in_tmp / "task", val_shots=val_shots)
+    extra = ["--model.fine_tune_embedding", "true", "--model.lr", "0.1", "--trainer.max_epochs", "3"]
+    cli = run_cli(edge_args("fit", artifact, task, *extra))
+    assert cli.model.epochs_run >= 1 and cli.model.fixed_steps == (None if val_shots else 10)
+    tuned = load_artifact(in_tmp / "runs" / "edge" / "version_0" / FINETUNED)
+    changed = False
+    for name, layer in masked_layers(tuned.net).items():
+        assert torch.equal(layer.mask, masks[name])
+        assert torch.count_nonzero(layer.weight[masks[name] == 0]) == 0
+        changed |= not torch.equal(layer.weight, masked_layers(source)[name].effective_weight())
+    assert changed  # it did fine-tune
+
+
+def test_fine_tune_embedding_is_only_for_metric_learners(tmp_path):
+    torch.manual_seed(0)
+    maml = export_net(
+        Conv4(out_features=3, hidden_channels=4, image_size=SIZE, blocks=2), tmp_path / "a.safetensors"
+    )
+    with pytest.raises(ConfigError, match="model.fine_tune_embedding"):
+        FineTuneModule(artifact=str(maml), fine_tune_embedding=True)
+
+
+# ---------------------------------------------------------------------------------- make pi-finetune
+def test_pi_finetune_with_a_protonet_artifact_prints_the_figures(in_tmp, capsys):
+    from lthmaml.edge.pi import main
+
+    model = protonet()
+    artifact = export_net(model, in_tmp / "p.safetensors")
+    task = image_task(in_tmp / "task", val_shots=2)
+    assert main(["--artifact", str(artifact), "--task", str(task), "--threads", "1", "--config", PI]) == 0
+    found = dict(re.findall(r"^  (\S.*?)\s{2,}(\S.*)$", capsys.readouterr().out, flags=re.M))
+    assert found["epochs run"].startswith("0 (adapted: the class prototypes of the 6 support examples")
+    assert found["best epoch"].startswith("n/a")
+    assert float(found["wall time"].split()[0]) > 0
+    assert 100 < float(found["peak resident memory"].split()[0]) < 100_000  # MiB, torch included
+    with torch.no_grad():
+        accuracy = float(model.task_result(task_batch(datamodule(task))).acc_post)
+    assert found["accuracy before"].startswith(f"{accuracy:.4f} (the artifact, adapted")
+    assert found["accuracy after"] == f"{accuracy:.4f}"
