@@ -14,6 +14,7 @@ Recipes run one after another in this process, or ``--jobs 2`` at a time as sepa
     python -m bench.converge --recipes today shipped --minutes 30 --marks 5 10 20 30
     python -m bench.converge --recipes fo-q1-func so-q1-func --minutes 10 --json bench/out/sweep.json
     python -m bench.converge --quick        # a smoke run on the test data, figures meaningless
+    python -m bench.converge --collect runs/converge/*.json --json bench/out/converge.json  # one table
 """
 
 from __future__ import annotations
@@ -214,6 +215,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="runs/converge", help="checkpoints per recipe")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny marks, few test tasks")
+    parser.add_argument(
+        "--collect",
+        nargs="+",
+        default=None,
+        help="only print the table of these result JSONs (and --json them)",
+    )
     parser.add_argument("extra", nargs="*", help="more lthmaml overrides for every recipe (after --)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -228,7 +235,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "400",
         ]
     args.marks = sorted(args.marks)
-    if args.jobs > 1 and len(args.recipes) > 1:
+    if args.collect:
+        results = [r for file in args.collect for r in json.loads(Path(file).read_text())["results"]]
+    elif args.jobs > 1 and len(args.recipes) > 1:
         results = run_side_by_side(args)
     else:
         results = [train_and_test(name, RECIPES[name], args) for name in args.recipes]
