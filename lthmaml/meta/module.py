@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Optional
 
@@ -36,7 +37,9 @@ class NetModule(pl.LightningModule):
     def save_portable_hyperparameters(self) -> None:
         """``save_hyperparameters()`` for the subclass ``__init__`` that calls it, keeping the net,
         optimizer and scheduler only as configs (what LightningCLI gives), never as pickled objects."""
-        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        with warnings.catch_warnings():  # the module objects are dropped just below, as it advises
+            warnings.filterwarnings("ignore", r"Attribute '\w+' is an instance of `nn.Module`")
+            self.save_hyperparameters(frame=inspect.currentframe().f_back)
         objects = ("net", "optimizer", "lr_scheduler")
         self.remove_ignored_hparams(
             [
