@@ -106,26 +106,15 @@ class Workload:
         total = timed(lambda: trainer.fit(model, train_dataloaders=loader))
         return {"loop_s": timer.seconds, "fit_s": total, "task_s": task_s[0], "params": _flat(model.net)}
 
-    def run_bare(self, first_order: bool, steps: int | None = None) -> dict:
+    def run_bare(self, first_order: bool, steps: int | None = None, loop: Callable | None = None) -> dict:
+        """A bare reference loop (``bare_loop``, or ``bare_func_loop``) on the same tasks and weights."""
         steps = steps or self.steps
         net = self.net().train()
         optimizer = torch.optim.Adam(net.parameters())
         batches = self.batches[:steps]
         task_s = [0.0]
-        seconds = timed(
-            lambda: bare_loop(net, optimizer, batches, self.setting.inner_steps, first_order, task_s)
-        )
-        return {"loop_s": seconds, "fit_s": seconds, "task_s": task_s[0], "params": _flat(net)}
-
-    def run_bare_func(self, first_order: bool, steps: int | None = None) -> dict:
-        steps = steps or self.steps
-        net = self.net().train()
-        optimizer = torch.optim.Adam(net.parameters())
-        batches = self.batches[:steps]
-        task_s = [0.0]
-        seconds = timed(
-            lambda: bare_func_loop(net, optimizer, batches, self.setting.inner_steps, first_order, task_s)
-        )
+        run = loop or bare_loop
+        seconds = timed(lambda: run(net, optimizer, batches, self.setting.inner_steps, first_order, task_s))
         return {"loop_s": seconds, "fit_s": seconds, "task_s": task_s[0], "params": _flat(net)}
 
 
@@ -405,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "higher": partial(w.run_ours, first_order, inner_loop="higher"),
                         "func": partial(w.run_ours, first_order, inner_loop="func"),
                         "bare higher": partial(w.run_bare, first_order),
-                        "bare func": partial(w.run_bare_func, first_order),
+                        "bare func": partial(w.run_bare, first_order, loop=bare_func_loop),
                     },
                     args.loop_steps,
                     args.meta_batch,

@@ -125,3 +125,17 @@ def shared_omniglot() -> Path:
             f"no Omniglot data at {root}: set LTHMAML_OMNIGLOT or run `lthmaml-data omniglot --root DIR`"
         )
     return root
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test runs in its own temporary folder (commands that write ``runs/`` there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Commands under test may set torch's threads (pi.yaml asks for 4): back to one after each."""
+    yield
+    torch.set_num_threads(1)

@@ -39,19 +39,6 @@ SIZE = 8
 LABELS = ["ant", "bee", "cat"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """pi.yaml asks for 4 threads; the tests pass --threads 1, and this restores it anyway."""
-    yield
-    torch.set_num_threads(1)
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 # ---------------------------------------------------------------------------------- helpers
 def embedding(seed: int = 0, fraction: float = 0.5) -> Conv4:
     """A headless Conv4 (16-dimensional embeddings), half its weights pruned by magnitude."""

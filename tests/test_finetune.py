@@ -33,19 +33,6 @@ LABELS = ["ant", "bee", "cat"]
 INNER = {"inner_lr": 0.3, "inner_steps": 1, "eval_inner_steps": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """pi.yaml asks for 4 threads (a Pi 4); the tests pass --threads 1, and this restores it anyway."""
-    yield
-    torch.set_num_threads(1)
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 # ---------------------------------------------------------------------------------- helpers
 def tiny_conv(ways: int = 3, seed: int = 0) -> Conv4:
     torch.manual_seed(seed)

@@ -115,6 +115,16 @@ class EpisodicLearner(NetModule):
             f"Post-adaptation on {tasks} test tasks ({self.adaptation_summary()}), mean +- 95% CI: {summary}"
         )
 
+    def _evaluate(self, batch: TaskBatch, stage: str) -> list[TaskResult]:
+        """Each task's query metrics after the learner's adaptation, logged under ``stage``."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self.record_test(self._evaluate(batch, "test"))
+
 
 class AmortizedLearner(EpisodicLearner):
     """A learner whose adaptation is a forward pass over the support set (metric learners, neural
@@ -169,9 +179,3 @@ class AmortizedLearner(EpisodicLearner):
             results = self.task_results(batch)
         self._log_results(stage, results)
         return results
-
-    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self.record_test(self._evaluate(batch, "test"))

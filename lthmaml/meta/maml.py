@@ -300,12 +300,6 @@ class MAML(EpisodicLearner):
         self._log_results(stage, results)
         return results
 
-    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self.record_test(self._evaluate(batch, "test"))
-
     def predict_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         """Adapted query predictions: class probabilities, or regression outputs."""
         with torch.enable_grad():
