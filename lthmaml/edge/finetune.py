@@ -8,11 +8,9 @@ Two regimes:
   with ``val/loss`` and ``val/acc`` logged for an ``EarlyStopping`` trainer callback; the weights
   of the best validation epoch are kept in memory and restored when fit ends. On a Pi an epoch
   costs minutes and the best one comes early, so stopping early is most of the saving.
-* **without one** (e.g. 1-shot: nothing to spare): there is nothing to stop on, so the module
-  runs exactly the inner loop MAML evaluated with, ``eval_inner_steps`` full-batch steps of plain
-  SGD at the meta-learned inner learning rate. That is the adaptation the meta-initialisation was
-  optimised (and validated) for; ``inner_steps`` is the training count, usually smaller, and
-  MAML papers report accuracy after the evaluation count.
+* **without one** (e.g. 1-shot): nothing to stop on, so the module runs exactly the inner loop
+  MAML evaluated with, ``eval_inner_steps`` full-batch SGD steps at the meta-learned inner rate:
+  the adaptation the meta-initialisation was optimised and validated for.
 
 A ProtoNet, MatchingNet or CNP artifact adapts in one forward pass over the support set
 (:mod:`lthmaml.edge.amortized`): ``fit`` then only adapts (0 epochs, no backward pass, no
@@ -20,8 +18,7 @@ optimizer state) unless ``fine_tune_embedding`` asks to fine-tune a metric learn
 the support loss, under the regimes above.
 
 Pruned weights stay exactly zero: the forward multiplies by the masks, and the raw weights are
-re-zeroed after every optimizer step (an optimizer with weight decay or momentum would
-otherwise grow them behind the mask).
+re-zeroed after every optimizer step (weight decay or momentum would grow them behind the mask).
 """
 
 from __future__ import annotations
@@ -70,7 +67,7 @@ class FineTuneModule(pl.LightningModule):
             prototypes / support embeddings. Not for other learners.
 
     After fit: ``epochs_run``, ``best_epoch`` (1-based; None without validation), ``best_score``
-    of ``best_monitor``; after test: ``test_results`` (``loss``, ``acc`` for classification, ``examples``).
+    of ``best.monitor``; after test: ``test_results`` (``loss``, ``acc`` for classification, ``examples``).
     ``predictions_path`` (a ``.csv`` file or a folder) is where predict writes ``predictions.csv``;
     default the trainer's log folder (the run folder).
     """
@@ -120,11 +117,7 @@ class FineTuneModule(pl.LightningModule):
         self.restore_best = restore_best
         self.predictions_path: Optional[Path] = None
         self.epochs_run = 0
-        self.best_epoch: Optional[int] = None
-        self.best_score: Optional[float] = None
-        self.best_monitor = "val/loss"
-        self.best_state: Optional[dict[str, Tensor]] = None
-        self.best = BestWeights("", "min")  # set up by the first validation of a fit
+        self.best = BestWeights("val/loss", "min")  # its monitor is set by the first validation of a fit
         self.fixed_steps: Optional[int] = None  # set when there is no validation split
         self.test_results: dict[str, float] = {}
         self.predictions: list[list] = []
@@ -166,8 +159,8 @@ class FineTuneModule(pl.LightningModule):
         self.check_task(datamodule)
         self.adapter = SupportAdapter.for_task(self.metadata, datamodule.splits["support"].y, self.source)
         if stage == "fit":
-            self.best_epoch, self.best_score, self.best_state, self.epochs_run = None, None, None, 0
-            self.best = BestWeights("", "min")
+            self.epochs_run = 0
+            self.best = BestWeights("val/loss", "min")
             self.fixed_steps = None
             if self.adapt_only:
                 self.trainer.fit_loop.max_epochs = 0  # adapting is on_fit_start's forward pass
@@ -320,15 +313,23 @@ class FineTuneModule(pl.LightningModule):
         if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING:
             return
         monitor, mode = self._monitor()
-        if self.best.monitor != monitor:  # the first validation of this fit
+        if (self.best.monitor, self.best.mode) != (monitor, mode):  # the first validation of this fit
             self.best = BestWeights(monitor, mode)
         score = means.get(monitor.split("/", 1)[1], means["loss"])
-        if math.isfinite(score) and self.best.update(score, self._weights, epoch=self.current_epoch + 1):
-            self.best_monitor, self.best_score, self.best_epoch = monitor, score, self.best.epoch
-            self.best_state = self.best.state
+        if math.isfinite(score):  # the whole state (masks, BatchNorm buffers), copied on a new best
+            self.best.update(
+                score,
+                lambda: {k: t.detach().clone() for k, t in self.net.state_dict().items()},
+                epoch=self.current_epoch + 1,
+            )
 
-    def _weights(self) -> dict[str, Tensor]:
-        return {name: t.detach().clone() for name, t in self.net.state_dict().items()}
+    @property
+    def best_epoch(self) -> Optional[int]:  # 1-based; None without validation
+        return self.best.epoch
+
+    @property
+    def best_score(self) -> Optional[float]:
+        return self.best.value
 
     def _monitor(self) -> tuple[str, str]:
         """The EarlyStopping monitor when it is one of ours, else ``val/loss``."""
@@ -341,11 +342,11 @@ class FineTuneModule(pl.LightningModule):
     def on_train_end(self) -> None:
         if self.fixed_steps is not None:
             return
-        if self.restore_best and self.best_state is not None:
-            self.net.load_state_dict(self.best_state)
+        if self.restore_best and self.best.state is not None:
+            self.net.load_state_dict(self.best.state)
             rank_zero_info(
                 f"Restored the weights of epoch {self.best_epoch} of {self.epochs_run} "
-                f"(best {self.best_monitor} {self.best_score:.4f})"
+                f"(best {self.best.monitor} {self.best_score:.4f})"
             )
 
     def export(self, output: Union[str, Path]) -> Path:

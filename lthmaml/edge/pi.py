@@ -161,7 +161,7 @@ def report(cli: PiFinetuneCLI, artifact: Path, task: Path) -> str:
     else:
         epochs = f"{model.epochs_run} of max {cli.trainer.max_epochs}"
         best = (
-            f"{model.best_epoch} ({model.best_monitor} {model.best_score:.4f})" if model.best_epoch else "n/a"
+            f"{model.best_epoch} ({model.best.monitor} {model.best_score:.4f})" if model.best_epoch else "n/a"
         )
     rows = [
         ("epochs run", epochs),
