@@ -8,7 +8,9 @@ the final level is recorded when the fit ends, before ModelCheckpoint writes ``l
 With ``patience`` a level may end sooner, on a validation plateau: the pruning step then happens
 at the validation after which ``patience`` validations in a row did not improve the monitored
 metric (by more than ``min_delta``) since the last pruning step, and at the latest after
-``steps_between`` batches as before; the level's record says ``stopped_early``. Since the plateau
+``steps_between`` batches as before; the level's record says ``stopped_early``. The final level
+(the strategy's target reached) ends the fit on its plateau the same way, as ``EarlyStopping``
+would. Since the plateau
 may come before the window of the last ``accumulate_batches`` opens, scoring then runs on every
 batch of the level: a step on a plateau before the window sums the scores of every batch since
 the last step, and when the window opens the earlier sums are dropped, so a later step sums the
@@ -60,6 +62,7 @@ class IterativePruning(PruningCallback):
         "last_step",
         "level_best",
         "level_start_step",
+        "ended_on_plateau",
     )
 
     def __init__(
@@ -90,6 +93,8 @@ class IterativePruning(PruningCallback):
         """The level's best validation (no weights kept): what ``patience`` counts from."""
         self.level_start_step: Optional[int] = 0
         """The global step of the last pruning step (0: the dense level), for the record."""
+        self.ended_on_plateau = False
+        """Whether the final level (the target reached) ended the fit on its plateau."""
 
     # ------------------------------------------------------------------ the strategy's method
     def finished(self, pl_module: pl.LightningModule) -> bool:
@@ -175,6 +180,7 @@ class IterativePruning(PruningCallback):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module)
         if self.finished(pl_module):
+            self.batches_since_prune += 1  # the final level's length, for its plateau
             return
         if not self.score_before_update and self.in_window():
             self.accumulate(pl_module, batch)
@@ -184,16 +190,21 @@ class IterativePruning(PruningCallback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if trainer.sanity_checking or self.patience is None or self.finished(pl_module):
+        if trainer.sanity_checking or self.patience is None:
             return
         self.level_best.update(self.monitored(trainer), dict, step=trainer.global_step)
-        if self.level_best.validations_since_best >= self.patience and self.batches_since_prune > 0:
+        if self.level_best.validations_since_best < self.patience or self.batches_since_prune == 0:
+            return
+        if self.finished(pl_module):  # the final level has converged too: the fit is done
+            self.ended_on_plateau, trainer.should_stop = True, True
+            rank_zero_info(f"{type(self).__name__}: the final level plateaued; the fit stops")
+        else:
             self.pruning_step(trainer, pl_module, stopped_early=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before ModelCheckpoint's hook, so the fit's last.ckpt holds the final record too.
         if self.pruning_steps > 0 and not self.level_recorded and self.last_epoch(trainer):
-            self.record(trainer, pl_module)
+            self.record(trainer, pl_module, stopped_early=self.ended_on_plateau)
         super().on_train_epoch_end(trainer, pl_module)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

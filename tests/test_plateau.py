@@ -171,6 +171,20 @@ def test_a_pruning_step_comes_at_the_plateau_scoring_every_batch_since_the_last(
     assert metagrad.history[2]["sparsity"] == pytest.approx(1 - 0.8**2, abs=0.01)
 
 
+def test_the_final_level_ends_the_fit_on_its_plateau(tmp_path):
+    """Level 0 runs its 6 batches, level 1 (the target) plateaus 2 validations after its best at
+    step 8: the fit stops at step 10 of the 30 that max_epochs allows, recorded as stopped early."""
+    scores = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.7, 0.7) + (0.9,) * 20  # by global step
+    metagrad = MetaGradientPruning(
+        prune_rate=0.2, steps=1, steps_between=6, accumulate_batches=2, **monitored(patience=2)
+    )
+    model = scripted(scores, by_step=True)
+    trainer = fit(model, TinyClassification(), [metagrad], tmp_path, max_epochs=10, val_check_interval=1)
+    assert trainer.global_step == 10
+    assert levels(metagrad.history) == [(0, 0, 6, False, None), (1, 6, 10, True, 2)]
+    assert metagrad.level_best.step == 8  # what the plateau counted from
+
+
 def test_without_patience_pruning_steps_keep_their_interval_and_window(tmp_path):
     metagrad = MetaGradientPruning(
         prune_rate=0.2, steps=2, steps_between=6, accumulate_batches=2, **monitored()
