@@ -68,8 +68,9 @@ endif
 # shared Omniglot subset, each level trained to its validation plateau, plus the sinusoid table
 # (bench/sinusoid.py, 20000 iterations). About 9 CPU-core hours in all (a lottery experiment 1.5,
 # dense 0.3, the sinusoid 0.5); `make -j2 experiments` runs two at a time, about 4.5 hours, and may
-# be stopped and run again across sittings. Each writes $(EXP_DIR)/<name>/version_0 and logs/<name>.log; a killed one resumes from its
-# last.ckpt when run again, a finished one is skipped (<name>.done; the sinusoid: its JSON exists).
+# be stopped and run again across sittings. Each writes $(EXP_DIR)/<name>/version_0 and
+# logs/<name>.log; a killed one resumes from its last.ckpt when run again, a finished one is
+# skipped (<name>.done; the sinusoid, MAML's table beside the CNP's and their plot: its JSON exists).
 EXP_DIR ?= runs/experiments
 EXP_ARGS ?=  # extra CLI overrides for every experiment, e.g. --data.init_args.root DIR
 SINUSOID ?= bench/out/sinusoid.json
@@ -78,7 +79,7 @@ EXPERIMENTS := lth_rewind_init lth_late_rewind lth_random_reinit powerprop_lotte
 experiments: $(EXPERIMENTS:%=$(EXP_DIR)/%.done) $(SINUSOID)
 
 $(SINUSOID): | $(STAMP)
-	$(BIN)/python -m bench.sinusoid --threads 1 --json $@
+	$(BIN)/python -m bench.sinusoid --threads 1 --json $@ --plot $(RESULTS)/sinusoid_predictions.png
 
 $(EXP_DIR)/lth_random_reinit.done: $(EXP_DIR)/lth_rewind_init.done  # it trains lth_rewind_init's masks
 

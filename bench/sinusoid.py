@@ -18,20 +18,30 @@ mean over tasks +- the 95% confidence half-width.
     python -m bench.sinusoid                          # default: 20000 iterations
     python -m bench.sinusoid --iterations 500         # smoke run, ~1 minute
     python -m bench.sinusoid --iterations 70000       # the paper's run length
+
+Beside MAML, a Conditional Neural Process (``configs/cnp_sinusoid.yaml``'s net: encoder 128-128,
+representation 128, decoder 4 x 128, Gaussian NLL) is meta-trained on the same tasks for the same
+iterations (``--no-cnp``: MAML only) and tested on the same 600 test tasks: the MSE of its
+predictive mean after one forward pass over the K support points. ``--plot PNG`` draws, for four
+test tasks, MAML's prediction after 10 steps and the CNP's predictive mean and +- 2 standard
+deviations.
 """
 
 from __future__ import annotations
 
 import time
 from functools import partial
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
 from bench.common import base_parser, make_trainer, print_table, setup, write_json
 from lthmaml.data import SinusoidDataModule
+from lthmaml.data.tasks import TaskBatch
+from lthmaml.meta.cnp import CNP
 from lthmaml.meta.maml import MAML
-from lthmaml.nets.models import MLP
+from lthmaml.nets.models import MLP, CNPNet
 
 PAPER_MSE = {1: 0.67, 5: 0.38, 10: 0.35}
 TOLERANCE = 0.15
@@ -76,6 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--inner-lr", type=float, default=0.01)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam meta learning rate")
     parser.add_argument("--log-every", type=int, default=None, help="progress line every N iterations")
+    parser.add_argument("--no-cnp", action="store_true", help="MAML only (no CNP beside it)")
+    parser.add_argument(
+        "--plot", default=None, help="PNG of MAML's and the CNP's predictions on 4 test tasks"
+    )
     args = parser.parse_args(argv)
     setup(args.threads)
     log_every = args.log_every or max(1, min(1000, args.iterations // 10))
@@ -148,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows,
     )
     print(f"pre-adaptation MSE (0 steps): {tests[0]['mse_pre_adaptation']:.3f}")
+    cnp = None if args.no_cnp else train_and_test_cnp(args, train_data, test_data, log_every)
+    if args.plot:
+        model.eval_inner_steps = max(args.eval_steps)
+        plot_predictions(model, cnp, test_data, args.plot)
     results = {
         "settings": vars(args) | {"json": str(args.json)},
         "iterations": args.iterations,
@@ -156,9 +174,84 @@ def main(argv: list[str] | None = None) -> dict:
         "iterations_per_s": args.iterations / train_seconds,
         "tests": tests,
         "tolerance": TOLERANCE,
+        "cnp": None if cnp is None else cnp["results"],
+        "plot": args.plot,
     }
     write_json("sinusoid", results, args.json)
     return results
+
+
+def train_and_test_cnp(
+    args, train_data: SinusoidDataModule, test_data: SinusoidDataModule, log_every: int
+) -> dict:
+    """The CNP on the same training tasks for as many iterations, tested on the same test tasks."""
+    pl.seed_everything(args.seed, verbose=False)
+    net = CNPNet(x_features=1, y_features=1, representation=128, encoder_hidden=(128, 128))
+    cnp = CNP(net, optimizer=partial(torch.optim.Adam, lr=args.lr))
+    print(f"CNP: meta-training {args.iterations} iterations on the same tasks", flush=True)
+    trainer = make_trainer(max_steps=args.iterations, callbacks=[Progress(log_every, args.iterations)])
+    start = time.perf_counter()
+    trainer.fit(cnp, datamodule=train_data)
+    seconds = time.perf_counter() - start
+    make_trainer().test(cnp, datamodule=test_data, verbose=False)
+    mse, ci95 = cnp.test_results["loss_post"], cnp.test_results["loss_post_ci95"]
+    nll = cnp.test_results.get("nll")
+    print(
+        f"CNP: test MSE {mse:.3f} +- {ci95:.3f} on the same {args.test_tasks} tasks (one forward pass"
+        f" over the {args.shots} support points), after {args.iterations} iterations ({seconds / 60:.1f} min)"
+    )
+    results = {"mse": mse, "ci95": ci95, "nll": nll, "train_seconds": seconds, "iterations": args.iterations}
+    return {"model": cnp, "results": results}
+
+
+def plot_predictions(maml: MAML, cnp: dict | None, test_data: SinusoidDataModule, path: str) -> None:
+    """Four test tasks: the true function (the query points), the support points, MAML after its
+    evaluation steps and the CNP's mean +- 2 standard deviations on a grid over [-5, 5]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test_data.setup("test")
+    batch = next(iter(test_data.test_dataloader()))
+    grid = torch.linspace(-5, 5, 200)[None, :, None].expand(4, -1, -1)
+    tasks = TaskBatch(batch.support_x[:4], batch.support_y[:4], grid, torch.zeros_like(grid))
+    maml_y = maml.predict_step(tasks, 0)
+    figure, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharey=True)
+    for index, axis in enumerate(axes):
+        order = batch.query_x[index, :, 0].argsort()
+        axis.plot(
+            batch.query_x[index, order, 0], batch.query_y[index, order, 0], color="0.6", lw=3, label="true"
+        )
+        axis.plot(
+            grid[index, :, 0],
+            maml_y[index, :, 0],
+            color="tab:blue",
+            label=f"MAML, {maml.eval_inner_steps} steps",
+        )
+        if cnp is not None:
+            mean, std = (t.detach() for t in cnp["model"].predict_gaussian(tasks))
+            m, sd = mean[index, :, 0], std[index, :, 0]
+            axis.plot(grid[index, :, 0], m, color="tab:orange", label="CNP mean")
+            axis.fill_between(
+                grid[index, :, 0], m - 2 * sd, m + 2 * sd, color="tab:orange", alpha=0.25, label="CNP +- 2 sd"
+            )
+        axis.scatter(
+            batch.support_x[index, :, 0],
+            batch.support_y[index, :, 0],
+            color="k",
+            zorder=5,
+            label="K = 5 support",
+        )
+        axis.set_title(f"test task {index}")
+        axis.set_xlabel("x")
+    axes[0].set_ylabel("y")
+    axes[-1].legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ class MetaCLI(LightningCLI):
             check_ckpt_path(self.config[subcommand], subcommand, self.needs_checkpoint)
 
     def before_instantiate_classes(self) -> None:
-        threads = self.config[self.subcommand].get("threads")
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        threads = config.get("threads")
         if threads is not None:
             if threads < 1:
                 raise ConfigError(f"--threads must be >= 1, got {threads}")

@@ -95,7 +95,7 @@ def test_make_experiments_runs_the_control_after_the_tickets_it_borrows(tmp_path
     assert sorted(order) == sorted(NAMES)
     assert order.index("lth_rewind_init") < order.index("lth_random_reinit")
     assert f"--trainer.callbacks.init_args.masks_from {tmp_path}/lth_rewind_init/version_0" in out
-    assert f"bench.sinusoid --threads 1 --json {tmp_path}/sinusoid.json" in out
+    assert f"bench.sinusoid --threads 1 --json {tmp_path}/sinusoid.json --plot docs/results/" in out
 
 
 @pytest.mark.slow

@@ -92,6 +92,7 @@ def test_readme_section_is_replaced_between_the_markers_only_and_regenerates_ide
                         "relative_to_paper": -0.0104,
                     }
                 ],
+                "cnp": {"mse": 0.1234, "ci95": 0.0121},
             }
         )
     )
@@ -115,6 +116,7 @@ def test_readme_section_is_replaced_between_the_markers_only_and_regenerates_ide
     assert "![Accuracy vs. weights remaining](docs/results/accuracy_vs_remaining.png)" in text
     assert (tmp_path / "docs" / "results" / "accuracy_vs_remaining.png").is_file()
     assert "| 1 | 0.663 ± 0.058 | 0.67 | -1.0% |" in text
+    assert "| CNP (no steps) | 0.123 ± 0.012 | | |" in text  # on the same test tasks
     assert "| 2 CPU cores, no GPU, 1 torch thread(s), 1 process(es) |" in text
     assert (
         "| omniglot | `lthmaml fit --config" in text and "| 3 | 3.3 min |" in text

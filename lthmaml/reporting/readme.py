@@ -239,6 +239,11 @@ def sinusoid_table(file: Path) -> str:
             f"| {test['eval_inner_steps']} | {test['mse']:.3f} ± {test['ci95']:.3f} | {test['paper']:.2f} "
             f"| {100 * test['relative_to_paper']:+.1f}% |"
         )
+    cnp = payload.get("cnp")
+    if cnp:  # the Conditional Neural Process on the same tasks: one forward pass, no steps
+        lines.append(f"| CNP (no steps) | {cnp['mse']:.3f} ± {cnp['ci95']:.3f} | | |")
+    if payload.get("plot"):
+        lines += ["", f"![MAML and the CNP on four sinusoid test tasks]({payload['plot']})"]
     return "\n".join(lines)
 
 
