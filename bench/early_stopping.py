@@ -40,7 +40,6 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 import yaml
-from lightning.pytorch.callbacks import EarlyStopping
 
 from bench.common import base_parser, make_trainer, print_table, setup, write_json
 from lthmaml.data import OmniglotDataModule, TaskFolderDataModule
@@ -49,6 +48,7 @@ from lthmaml.data.taskfolder_build import omniglot_task
 from lthmaml.edge.artifact import load_artifact
 from lthmaml.edge.export import export_net
 from lthmaml.edge.finetune import FineTuneModule, artifact_from_checkpoint
+from lthmaml.edge.stopping import TaskEarlyStopping
 from lthmaml.meta.maml import MAML
 from lthmaml.nets.models import Conv4
 from lthmaml.sparsity import load_masks, magnitude_scores, masks_of, prune_lowest, sparsity_report
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 PI = ROOT / "configs" / "edge" / "pi.yaml"
 WAYS, SHOTS, VAL_SHOTS, QUERY_SHOTS = 5, 5, 5, 10
-MAX_EPOCHS, PATIENCE = 10, 2
+MAX_EPOCHS = 10
 EPOCH_RATIO_TARGET, ACCURACY_LOSS_TARGET = 3.0, 1.0
 
 
@@ -139,21 +139,30 @@ class EpochLog(pl.Callback):
         metrics = trainer.callback_metrics
         self.epochs.append(
             {
-                "val_acc": float(metrics["val/acc"]),
-                "val_loss": float(metrics["val/loss"]),
+                "val_acc": float(metrics.get("val/acc", float("nan"))),
+                "val_loss": float(metrics.get("val/loss", float("nan"))),
                 "elapsed_s": time.perf_counter() - self.start,
             }
         )
 
 
-def finetune(artifact: Path, task: Path, early: Optional[dict], batch_size: int) -> dict:
-    """One fit: with ``early`` (EarlyStopping's arguments) best weights restored; else the last."""
-    module = FineTuneModule(artifact=str(artifact), restore_best=early is not None)
-    data = TaskFolderDataModule(str(task), image_size=28, batch_size=batch_size)
+REGIMES = {
+    # regime: (EarlyStopping on, the task's validation); "fixed" trains MAX_EPOCHS epochs, last weights
+    "early": (True, "auto"),
+    "fixed": (False, "auto"),
+    "inner-loop": (False, "none"),  # no validation: the artifact's eval_inner_steps steps
+}
+
+
+def finetune(artifact: Path, task: Path, regime: str, stopping: dict, batch_size: int) -> dict:
+    """One fit in ``regime`` (early: ``TaskEarlyStopping(**stopping)``, best weights restored)."""
+    early, validation = REGIMES[regime]
+    module = FineTuneModule(artifact=str(artifact), restore_best=early)
+    data = TaskFolderDataModule(str(task), image_size=28, batch_size=batch_size, validation=validation)
     log = EpochLog()
     callbacks: list[pl.Callback] = [log]
-    if early is not None:
-        callbacks.append(EarlyStopping(**early))
+    if early:
+        callbacks.append(TaskEarlyStopping(**stopping))
     trainer = make_trainer(callbacks=callbacks, max_epochs=MAX_EPOCHS, limit_val_batches=None)
     log.start = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -161,33 +170,42 @@ def finetune(artifact: Path, task: Path, early: Optional[dict], batch_size: int)
     with contextlib.redirect_stdout(io.StringIO()):  # the module prints its query accuracy
         trainer.test(module, datamodule=data, verbose=False)
     accs = [e["val_acc"] for e in log.epochs]
-    best = accs.index(max(accs))
+    measured = [i for i, acc in enumerate(accs) if acc == acc]  # NaN: no validation that epoch
+    best = max(measured, key=accs.__getitem__) if measured else None
     return {
         "epochs": module.epochs_run,
-        "best_val_acc_epoch": best + 1,
-        "wall_to_best_val_acc_s": log.epochs[best]["elapsed_s"],
+        "best_val_acc_epoch": None if best is None else best + 1,
+        "wall_to_best_val_acc_s": None if best is None else log.epochs[best]["elapsed_s"],
         "wall_s": wall,
         "query_acc": module.test_results["acc"],
-        "restored_epoch": module.best_epoch if early is not None else None,
+        "restored_epoch": module.best_epoch if early else None,
+        "validation": data.validation_source,
         "val": log.epochs,
     }
 
 
-def make_tasks(root: Path, count: int, out: Path, seed: int) -> list[Path]:
+def make_tasks(root: Path, count: int, out: Path, seed: int, shots: int, val_shots: int) -> list[Path]:
     """``count`` task folders of 5 meta-test classes of the default class split (seeded)."""
     omniglot = load_omniglot(root, 28)
     test = split_classes(omniglot.classes, (0.6, 0.2, 0.2), 0, False)["test"]
     images, classes = omniglot.images[test], [omniglot.classes[i] for i in test]
-    counts = {"shots": SHOTS, "val_shots": VAL_SHOTS, "query_shots": QUERY_SHOTS}
+    counts = {"shots": shots, "val_shots": val_shots, "query_shots": QUERY_SHOTS}
     return [
         omniglot_task(out / f"task_{i:03d}", images, classes, ways=WAYS, seed=seed + i, **counts)
         for i in range(count)
     ]
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def profile_stopping() -> dict:
+    """The edge profile's early stopping (configs/edge/pi.yaml): TaskEarlyStopping's arguments."""
+    callbacks = yaml.safe_load(PI.read_text())["trainer"]["callbacks"]
+    stopper = next(c for c in callbacks if c["class_path"].endswith("EarlyStopping"))
+    return {"monitor": None, **stopper.get("init_args", {})}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -204,13 +222,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "--artifacts", type=Path, default=None, help="keep the two artifacts here; reused when present"
     )
     parser.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch (default: pi.yaml's)")
+    profile = profile_stopping()
     parser.add_argument(
-        "--monitor", choices=["val/loss", "val/acc"], default="val/loss", help="EarlyStopping's"
+        "--monitor",
+        choices=["task", "val/loss", "val/acc"],
+        default="task",
+        help="what EarlyStopping watches (task: val/acc for classification, as pi.yaml)",
+    )
+    parser.add_argument("--patience", type=int, default=profile.get("patience", 3), help="default: pi.yaml's")
+    parser.add_argument(
+        "--min-delta", type=float, default=profile.get("min_delta", 0.0), help="default: pi.yaml's"
     )
     parser.add_argument(
-        "--patience", type=int, default=PATIENCE, help="EarlyStopping's (default: %(default)s)"
+        "--shots", type=int, default=SHOTS, help="support images per class; 1: no val/, derived (default 5)"
     )
-    parser.add_argument("--min-delta", type=float, default=0.0, help="EarlyStopping's (default: %(default)s)")
     parser.add_argument("--full", action="store_true", help="2000 meta-steps, 1000 after pruning, 50 tasks")
     args = parser.parse_args(argv)
     if args.full:
@@ -226,16 +251,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-early-") as tmp:
         out = Path(tmp)
         artifacts = build_models(args, out)
-        tasks = make_tasks(args.root, args.tasks, out, args.seed)
-        stopping = {"monitor": args.monitor, "mode": "max" if args.monitor == "val/acc" else "min"}
-        stopping.update(patience=args.patience, min_delta=args.min_delta)
+        val_shots = VAL_SHOTS if args.shots > 1 else 0  # a 1-shot task brings no val/
+        tasks = make_tasks(args.root, args.tasks, out, args.seed, args.shots, val_shots)
+        monitor = None if args.monitor == "task" else args.monitor
+        stopping = {"monitor": monitor, "patience": args.patience, "min_delta": args.min_delta}
+        if monitor is not None:
+            stopping["mode"] = "max" if monitor == "val/acc" else "min"
+        regimes = ["early", "fixed"] + (["inner-loop"] if val_shots == 0 else [])
         runs = {
             (model, regime): [
-                finetune(artifacts[model], task, stopping if regime == "early" else None, args.batch_size)
-                for task in tasks
+                finetune(artifacts[model], task, regime, stopping, args.batch_size) for task in tasks
             ]
             for model in artifacts
-            for regime in ("early", "fixed")
+            for regime in regimes
         }
         sparsities = {m: load_artifact(p).metadata.sparsity for m, p in artifacts.items()}
 
@@ -251,10 +279,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         }
         summary[f"{model}/{regime}"] = row
         rows.append([model, regime, *(row[k] for k in row)])
+    validation = runs[(next(iter(artifacts)), "early")][0]["validation"]
     print_table(
-        f"fine-tuning {args.tasks} Omniglot meta-test tasks (5-way, 5 support / 5 val / 10 query), "
-        f"batch {args.batch_size}; early: EarlyStopping({args.monitor}, patience {args.patience}, "
-        f"min_delta {args.min_delta:g}); means",
+        f"fine-tuning {args.tasks} Omniglot meta-test tasks (5-way, {args.shots} support / {val_shots} val / "
+        f"{QUERY_SHOTS} query), batch {args.batch_size}; early: TaskEarlyStopping({args.monitor}, patience "
+        f"{args.patience}, min_delta {args.min_delta:g}) on {validation}; means",
         ["model", "regime", "epochs", "best val-acc epoch", "wall to it (s)", "wall (s)", "query acc"],
         rows,
     )

@@ -63,8 +63,8 @@ def image_task(root: Path, shots=4, val_shots=4, query_shots=4, labelled=True, w
     )
 
 
-def datamodule(root: Path, batch_size: int = 32) -> TaskFolderDataModule:
-    dm = TaskFolderDataModule(str(root), image_size=SIZE, batch_size=batch_size)
+def datamodule(root: Path, batch_size: int = 32, **options) -> TaskFolderDataModule:
+    dm = TaskFolderDataModule(str(root), image_size=SIZE, batch_size=batch_size, **options)
     dm.setup()
     return dm
 
@@ -178,7 +178,7 @@ def test_without_val_runs_the_meta_learned_inner_loop(tmp_path, task_kind, caplo
         lr = 0.02
     path = make_artifact(tmp_path / "a.safetensors", net, task=task_kind, inner_lr=lr)
     module = FineTuneModule(artifact=str(path))
-    dm = datamodule(task, batch_size=2)  # smaller than the support: raised to one full batch
+    dm = datamodule(task, batch_size=2, validation="none")  # smaller than the support: one full batch
     fit = trainer(max_epochs=10, callbacks=[EarlyStopping(monitor="val/loss", patience=1)])
     fit.fit(module, datamodule=dm)
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lthmaml.data.images import decode_image
+from lthmaml.data.validation import Validation, derive_validation
 from lthmaml.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -189,16 +190,36 @@ class TaskFolderDataModule(pl.LightningDataModule):
     (sorted support folder names; ``[]`` for regression), ``ways`` (``len(labels)``, None for
     regression), ``has_val``, ``has_query``, ``query_labelled``, ``query_files`` (file paths
     relative to ``query/``, e.g. ``cat/1.png`` or ``1.png``; ``row_<i>`` for CSV rows, from 1),
-    ``splits`` (:class:`TaskSplit` per present split).
+    ``splits`` (:class:`TaskSplit` per present split), ``validation_source``.
+
+    For a fine-tune, :meth:`prepare_validation` finds the val split (``validation``: see
+    :data:`lthmaml.data.validation.Validation`): without ``val/`` (``val.csv``), ``val_per_class``
+    examples per class held out of the support set when it has more than one, else ``val_copies``
+    camera-jittered copies of each support image, seeded by ``val_seed``.
     """
 
-    def __init__(self, root: str, image_size: int = 28, batch_size: int = 32, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 28,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        validation: Validation = "auto",
+        val_per_class: int = 1,
+        val_copies: int = 4,
+        val_seed: int = 0,
+    ) -> None:
         super().__init__()
-        for name, value, least in (("image_size", image_size, 1), ("batch_size", batch_size, 1)):
-            if value < least:
+        counts = {"image_size": image_size, "batch_size": batch_size, "num_workers": num_workers}
+        for name, value in {**counts, "val_per_class": val_per_class, "val_copies": val_copies}.items():
+            if value < (least := 0 if name == "num_workers" else 1):
                 raise ConfigError(f"data.{name} must be >= {least}, got {value}")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.validation, self.val_per_class = validation, val_per_class
+        self.val_copies, self.val_seed = val_copies, val_seed
+        self.validation_source = ""
+        """What the val split is, for the log; set by :meth:`prepare_validation`."""
+        self.fine_tune_split: Optional[TaskSplit] = None
+        """What ``train_dataloader`` serves: the support set less any held-out examples."""
         self.root = root
         self.image_size = image_size
         self.batch_size = batch_size
@@ -314,9 +335,26 @@ class TaskFolderDataModule(pl.LightningDataModule):
         query = "" if not self.has_query else " (labelled)" if self.query_labelled else " (unlabelled)"
         return f"{self.root}: {kind}; {sizes}{query}"
 
+    def prepare_validation(self) -> str:
+        """Find the val split a fine-tune stops on (``validation``; the support set it trains on
+        loses what ``holdout`` takes), once; what it is. Not called, the folder's splits stand
+        as read (``test``, ``predict``, and amortized learners that only adapt)."""
+        self.setup()
+        if not self.validation_source:
+            options = (self.validation, self.val_per_class, self.val_copies, self.val_seed)
+            train, val, self.validation_source = derive_validation(
+                self.splits["support"], self.splits.get("val"), self.task, *options
+            )
+            self.fine_tune_split = train
+            if val is None:
+                self.splits.pop("val", None)
+            else:
+                self.splits["val"] = val
+        return self.validation_source
+
     # ------------------------------------------------------------------ loaders
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        split = self.splits[name]
+        split = self.fine_tune_split if name == "support" and self.fine_tune_split else self.splits[name]
         return DataLoader(
             TensorDataset(split.x, split.y),
             batch_size=self.batch_size,

@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lthmaml.edge.amortized import SupportAdapter
-from lthmaml.edge.artifact import AMORTIZED_LEARNERS, METRIC_LEARNERS
+from lthmaml.edge.artifact import AMORTIZED_LEARNERS, METRIC_LEARNERS, load_artifact
 from lthmaml.edge.export import artifact_from_checkpoint
 from lthmaml.edge.predictions import HEADER, prediction_rows, write_csv
 from lthmaml.errors import ConfigError, DataError, TrainingError
@@ -94,12 +94,7 @@ class FineTuneModule(pl.LightningModule):
             )
         if lr is not None and not lr > 0:
             raise ConfigError(f"model.lr must be > 0, got {lr}")
-        if artifact is not None:
-            from lthmaml.edge.artifact import load_artifact
-
-            loaded = load_artifact(artifact)
-        else:
-            loaded = artifact_from_checkpoint(checkpoint)
+        loaded = load_artifact(artifact) if artifact is not None else artifact_from_checkpoint(checkpoint)
         self.source = str(artifact if artifact is not None else checkpoint)
         self.net = loaded.net.train()  # artifacts load in eval mode; Lightning keeps a module's mode
         self.metadata = loaded.metadata
@@ -162,6 +157,8 @@ class FineTuneModule(pl.LightningModule):
             self.epochs_run = 0
             self.best = BestWeights("val/loss", "min")
             self.fixed_steps = None
+            if not self.adapt_only and hasattr(datamodule, "prepare_validation"):
+                rank_zero_info(f"Validation for early stopping: {datamodule.prepare_validation()}")
             if self.adapt_only:
                 self.trainer.fit_loop.max_epochs = 0  # adapting is on_fit_start's forward pass
             elif not datamodule.has_val:
