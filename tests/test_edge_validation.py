@@ -4,6 +4,8 @@ classification and ``val/loss`` for regression."""
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -72,9 +74,13 @@ def test_regression_without_val_has_none_and_explicit_choices_fail_in_one_line(t
     with pytest.raises(ConfigError, match="data.validation augment transforms images"):
         datamodule(sinusoid, validation="augment").prepare_validation()
     with pytest.raises(DataError, match="data.validation holdout needs 2 or more support examples"):
-        datamodule(image_task(tmp_path / "t1", shots=1, val_shots=0), validation="holdout").prepare_validation()
+        datamodule(
+            image_task(tmp_path / "t1", shots=1, val_shots=0), validation="holdout"
+        ).prepare_validation()
     with pytest.raises(DataError, match="data.validation is folder but the task has no val/"):
-        datamodule(image_task(tmp_path / "t2", shots=2, val_shots=0), validation="folder").prepare_validation()
+        datamodule(
+            image_task(tmp_path / "t2", shots=2, val_shots=0), validation="folder"
+        ).prepare_validation()
     with pytest.raises(ConfigError, match="data.val_copies must be >= 1, got 0"):
         datamodule(sinusoid, val_copies=0)
 
@@ -138,3 +144,33 @@ def test_the_fine_tune_says_which_validation_it_stopped_on(tmp_path, caplog):
     trainer(max_epochs=4, callbacks=[TaskEarlyStopping(patience=1)]).fit(module, datamodule=dm)
     assert "Validation for early stopping: 12 camera-jittered copies of the 3 support images" in caplog.text
     assert module.fixed_steps is None and module.best.monitor == "val/acc" and module.best_epoch is not None
+
+
+# ---------------------------------------------------------------------------------- one launch
+def test_one_launch_fits_and_writes_the_same_predictions_as_a_second_launch(in_tmp, caplog):
+    """``fit --predict_after_fit true`` writes predictions.csv from the fine-tuned weights in
+    memory: the rows a separate ``predict`` launch on the exported artifact writes."""
+    from lthmaml.edge.cli import FINETUNED
+    from lthmaml.edge.cli import main as edge_main
+
+    artifact = make_artifact(in_tmp / "a.safetensors", tiny_conv())
+    task = image_task(in_tmp / "task", shots=2, val_shots=2)
+    common = [
+        "--data.root",
+        str(task),
+        "--data.image_size",
+        str(SIZE),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    edge_main(["fit", "--model.artifact", str(artifact), *common, "--trainer.max_epochs", "3",
+               "--predict_after_fit", "true"])  # fmt: skip
+    run = in_tmp / "runs" / "edge" / "version_0"
+    one_launch = (run / "predictions.csv").read_text()
+    assert one_launch.count("\n") == 1 + 12  # the header and the 12 query images
+    assert re.search(r"Timings: start-up \d+\.\d\d s \(Python, imports, parsing\), fit \d+\.\d\d s, "
+                     r"predict \d+\.\d\d s", caplog.text)  # fmt: skip
+    edge_main(
+        ["predict", "--model.artifact", str(run / FINETUNED), *common, "--output", str(in_tmp / "p.csv")]
+    )
+    assert (in_tmp / "p.csv").read_text() == one_launch

@@ -8,9 +8,11 @@ then test or predict with the result, the LightningCLI way::
 
 ``fit`` keeps no checkpoints (a Pi's SD card is slow and small); it writes the fine-tuned net as a
 compact artifact, ``finetuned.safetensors`` in the run folder (or ``--output``), which ``test``
-and ``predict`` load like any artifact. ``--model.checkpoint run.ckpt`` starts from a ``lthmaml``
-checkpoint instead of an artifact. ``--threads``, and one-line errors, are the ``lthmaml``
-command's (:class:`lthmaml.cli.MetaCLI`).
+and ``predict`` load like any artifact. Every launch pays Python's, torch's and Lightning's
+start-up (seconds on a Pi), so ``fit --predict_after_fit true`` adapts and writes
+``predictions.csv`` in one launch, and the log gives start-up, fit and predict times apart.
+``--model.checkpoint run.ckpt`` starts from a ``lthmaml`` checkpoint instead of an artifact.
+``--threads``, and one-line errors, are the ``lthmaml`` command's (:class:`lthmaml.cli.MetaCLI`).
 
 A ProtoNet or MatchingNet artifact (its metadata's ``learner``) is adapted by embedding the
 support set: ``fit`` computes the prototypes / support embeddings (0 epochs, no backward pass)
@@ -20,6 +22,7 @@ learner's rule, the classes being the task folder's labels in its order.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -67,6 +70,16 @@ class EdgeCLI(MetaCLI):
             default=False,
             help="After fit, test the fine-tuned weights on the labelled query.",
         )
+        parser.add_argument(
+            "--predict_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, write predictions.csv of the query (into the run dir) in the same launch.",
+        )
+
+    def before_fit(self) -> None:
+        super().before_fit()
+        self.fit_started = time.perf_counter()
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
@@ -85,8 +98,34 @@ class EdgeCLI(MetaCLI):
             path = Path(output) if output else Path(log_dir or trainer.default_root_dir) / FINETUNED
             model.export(path)
             rank_zero_info(f"Wrote the fine-tuned net to {path}")
+        fitted = time.perf_counter()
         if self.config[self.subcommand].get("test_after_fit"):
             trainer.test(model, datamodule=self.datamodule)
+        predicted = ""
+        if self.config[self.subcommand].get("predict_after_fit"):
+            start = time.perf_counter()
+            trainer.predict(model, datamodule=self.datamodule)
+            predicted = f", predict {time.perf_counter() - start:.2f} s"
+        rank_zero_info(
+            f"Timings: start-up {self.fit_started - process_start():.2f} s (Python, imports, parsing), "
+            f"fit {fitted - self.fit_started:.2f} s{predicted}"
+        )
+
+
+def process_start() -> float:
+    """When this process started, on ``time.perf_counter``'s clock (Linux: from /proc; elsewhere:
+    when this module was imported, which leaves out Python's and torch's start-up)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        import os
+
+        return time.perf_counter() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return IMPORTED
+
+
+IMPORTED = time.perf_counter()
 
 
 def run_cli(args: Optional[list[str]] = None, cli_class: type[EdgeCLI] = EdgeCLI) -> EdgeCLI:

@@ -7,7 +7,9 @@ again when the checkpoint is newer) to ``last.safetensors`` beside it. Without `
 is built once into that run folder (``edge_task/``): for a regression net one sinusoid of the
 MAML distribution (5 support, 5 val, 50 query points); for a classifier ``ways`` classes of the
 run's Omniglot *meta-test* split (its ``config.yaml`` class split, so classes it never trained on),
-5 support, 5 val and 10 query images each. Fine-tuning runs with ``configs/edge/pi.yaml`` through
+5 support, 5 val and 10 query images each. Exporting and building the task are the server's part: they run in a
+child process, so the fine-tuning process holds only what a device would, and its peak memory is
+the device's. Fine-tuning runs with ``configs/edge/pi.yaml`` through
 the ``lthmaml-edge fit`` machinery; further arguments go to it (e.g. ``--trainer.max_epochs 5``).
 
 Printed: epochs run, best epoch, wall time of the fit, peak resident memory of the process
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import subprocess
 import sys
 import time
 import warnings
@@ -182,24 +185,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default="", help="task folder (default: built from the latest run)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="edge config (default: %(default)s)")
     parser.add_argument("--runs", default="runs", help="where runs are looked for (default: %(default)s)")
+    # the server's part, run in a child process by prepare(): export CHECKPOINT, build its task
+    parser.add_argument("--prepare-only", default=None, metavar="CHECKPOINT", help=argparse.SUPPRESS)
+    parser.add_argument("--with-task", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def prepare(checkpoint: Path, task_given: bool) -> tuple[Path, Optional[Path]]:
+    """The server's part, in a child process when there is work to do (exporting reads the whole
+    checkpoint, building a task the Omniglot zip): the device's process then holds only what a
+    device would, and its peak memory is the device's."""
+    run_dir = checkpoint.parent.parent
+    artifact = checkpoint.with_suffix(".safetensors")
+    stale = not artifact.is_file() or artifact.stat().st_mtime < checkpoint.stat().st_mtime
+    task = run_dir / TASK_FOLDER
+    if stale or not (task_given or (task.is_dir() and any(task.iterdir()))):
+        command = [sys.executable, "-m", "lthmaml.edge.pi", "--prepare-only", str(checkpoint)]
+        subprocess.run([*command, *([] if task_given else ["--with-task"])], check=True)
+    return artifact, None if task_given else task
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     with one_line_errors(PROG):
-        run_dir = None
+        if args.prepare_only:  # in the child: export, build the task, nothing else
+            checkpoint = Path(args.prepare_only)
+            artifact = artifact_of(checkpoint)
+            if args.with_task:
+                build_task(artifact, checkpoint.parent.parent)
+            return 0
+        task: Optional[Path] = Path(args.task) if args.task else None
         if args.artifact:
             artifact = Path(args.artifact)
         else:
-            checkpoint = latest_checkpoint(Path(args.runs))
-            run_dir = checkpoint.parent.parent
-            artifact = artifact_of(checkpoint)
-        if args.task:
-            task = Path(args.task)
-        elif run_dir is not None:
-            task = build_task(artifact, run_dir)
-        else:
+            artifact, built = prepare(latest_checkpoint(Path(args.runs)), task is not None)
+            task = task or built
+        if task is None:
             raise ConfigError(
                 "with ARTIFACT given, give TASK too (a task folder; see lthmaml.data.taskfolder)"
             )
