@@ -57,8 +57,12 @@ LEGACY_NETS = {
 """Class paths of artifacts written before the nets moved to ``lthmaml.nets``."""
 CLASSIFIER_DEFAULTS: dict[str, Any] = {"inner_lr": 0.01, "inner_steps": 10, "eval_inner_steps": 10}
 """Fine-tuning settings for a net that was not meta-trained (no learned step size to carry)."""
-VALUES, MASK = "@values", "@mask"
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
+VALUES, MASK, SCALE = "@values", "@mask", "@scale"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+"""Export dtypes by name. ``int8`` quantises the prunable weights per output channel (int8 codes
+and a float32 ``<name>.weight@scale`` per row) and stores the other float tensors as float16. A
+reader without ``int8`` here rejects such a file in one line (its dtype check), never misreads it,
+so ``int8`` did not bump :data:`FORMAT_VERSION`."""
 
 PathLike = Union[str, Path]
 
@@ -77,7 +81,8 @@ class ArtifactMetadata:
         sparsity: fraction of the source net's prunable weights that are zero (as
             :func:`lthmaml.sparsity.sparsity_report` counts it, before shrinking).
         source_sha256: SHA-256 of the checkpoint file exported ("" for an in-memory net).
-        dtype: ``"float32"`` or ``"float16"``: how the values are stored (loaded as float32).
+        dtype: ``"float32"``, ``"float16"`` or ``"int8"`` (see :data:`DTYPES`): how the values
+            are stored; always loaded as float32.
         format_version: :data:`FORMAT_VERSION` of the writer.
         inner_lrs: learned per-parameter inner learning rates by the artifact net's parameter
             names, or None (use ``inner_lr`` for all).
@@ -230,36 +235,49 @@ def _unpack(net: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
     arch = type(net).__name__
     remaining = dict(tensors)
 
-    def take(key: str, shape: torch.Size, floating: bool = True) -> Tensor:
+    def take(key: str, shape: torch.Size, floating: bool = True, int8: bool = False) -> Tensor:
+        """The tensor ``key`` (float32 if ``floating``; int8 codes also accepted, as floats, if ``int8``)."""
         value = remaining.pop(key)
-        if value.shape != shape or value.is_floating_point() != floating:
+        codes = int8 and value.dtype == torch.int8
+        if value.shape != shape or (value.is_floating_point() != floating and not codes):
             raise DataError(
                 f"{path}: tensor '{key}' is {tuple(value.shape)} {value.dtype}, "
                 f"the {arch} needs {tuple(shape)}"
             )
         return value.float() if floating else value
 
-    layers = masked_layers(net)
-    for name, layer in layers.items():
-        key, shape = f"{name}.weight", layer.weight.shape
-        if key in remaining:
-            layer.weight.copy_(take(key, shape))
-            layer.mask.fill_(1)
-            continue
-        if key + VALUES not in remaining or key + MASK not in remaining:
-            raise DataError(f"{path}: no tensor for '{key}' of the {arch}; the artifact does not match it")
-        count = layer.weight.numel()
+    def scale_of(key: str, rows: int) -> Tensor:
+        """The int8 weight ``key``'s per-output-channel scales: one per row, finite, >= 0."""
+        scale = take(key + SCALE, torch.Size([rows])) if key + SCALE in remaining else None
+        if scale is None or not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+            raise DataError(f"{path}: int8 weight '{key}' needs '{key + SCALE}', {rows} finite scales >= 0")
+        return scale
+
+    def unpack_mask(key: str, count: int) -> Tensor:
+        """The keep-mask of weight ``key`` (``count`` bools) from its packed bits."""
         packed = take(key + MASK, torch.Size([math.ceil(count / 8)]), floating=False)
         if packed.dtype != torch.uint8:
             raise DataError(f"{path}: mask '{key + MASK}' is {packed.dtype}, not uint8 bits")
         bits = np.unpackbits(packed.numpy())
         if bits[count:].any():
             raise DataError(f"{path}: mask '{key + MASK}' has bits set past its {count} weights")
-        keep = torch.from_numpy(bits[:count].astype(bool))
-        kept = int(keep.sum())
-        values = take(key + VALUES, torch.Size([kept]))
+        return torch.from_numpy(bits[:count].astype(bool))
+
+    layers = masked_layers(net)
+    for name, layer in layers.items():
+        key, shape, count = f"{name}.weight", layer.weight.shape, layer.weight.numel()
+        if key in remaining:
+            stored, keep = key, torch.ones(count, dtype=torch.bool)
+        elif key + VALUES in remaining and key + MASK in remaining:
+            stored, keep = key + VALUES, unpack_mask(key, count)
+        else:
+            raise DataError(f"{path}: no tensor for '{key}' of the {arch}; the artifact does not match it")
+        quantised = remaining[stored].dtype == torch.int8
+        values = take(stored, shape if stored == key else torch.Size([int(keep.sum())]), int8=True)
         flat = torch.zeros(count)
-        flat[keep] = values
+        flat[keep] = values.flatten()
+        if quantised:  # code * its row's scale: a pruned weight stays exactly 0
+            flat = (flat.view(shape[0], -1) * scale_of(key, shape[0])[:, None]).flatten()
         layer.weight.copy_(flat.view(shape))
         layer.mask.copy_(keep.view(shape).to(layer.mask.dtype))
     skip = {f"{name}.mask" for name in layers} | {f"{name}.weight" for name in layers}
