@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -86,7 +88,7 @@ def test_int8_via_checkpoint_keeps_the_metadata_and_torch_int8_means_the_same(tm
 
 
 # ---------------------------------------------------------------------------------- bytes
-def test_int8_at_80_percent_costs_a_byte_a_kept_weight_plus_mask_bits_scales_and_header(tmp_path):
+def test_int8_at_80_percent_costs_a_byte_a_kept_weight_plus_deflated_mask_scales_and_header(tmp_path):
     torch.manual_seed(0)
     net = Conv4(out_features=5, hidden_channels=64, image_size=28)  # the MAML paper's Omniglot net
     masks = sparsity.prune_lowest(sparsity.masks_of(net), sparsity.magnitude_scores(net), 0.8, rounds=1)
@@ -97,16 +99,27 @@ def test_int8_at_80_percent_costs_a_byte_a_kept_weight_plus_mask_bits_scales_and
     size = path.stat().st_size
 
     layers = masked_layers(net)
-    kept = sum(int(layer.mask.count_nonzero()) for layer in layers.values())
-    bits = sum(math.ceil(layer.mask.numel() / 8) for layer in layers.values())
+    keeps = [layer.mask.flatten() != 0 for layer in layers.values()]
+    packed = [np.packbits(keep.numpy()) for keep in keeps]
+    kept = sum(int(keep.sum()) for keep in keeps)
+    bits = sum(p.size for p in packed)
+    masks = sum(min(p.size, len(zlib.compress(p.tobytes(), 9))) for p in packed)  # per layer, the smaller
+    entropy = sum(keep.numel() * _entropy(keep.float().mean().item()) / 8 for keep in keeps)
     rows = sum(layer.weight.shape[0] for layer in layers.values())
     small = sum(p.numel() for n, p in net.named_parameters() if n.removesuffix(".weight") not in layers)
     header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
     assert (kept, bits, rows, small) == (22298, 13936, 261, 773)
-    assert size == header + kept + bits + 4 * rows + 2 * small  # nothing else is stored
-    assert (kept + bits) / dense <= 1 / 32 + 0.2 / 4 + 1e-3  # the physical limit, 0.081x
-    assert header <= 2900 and size / dense <= 0.0926  # 0.0925x: the header is 0.006x of it
+    assert masks == sum(t.numel() for k, t in stored(path).items() if "@mask" in k)
+    assert size == header + kept + masks + 4 * rows + 2 * small  # nothing else is stored
+    assert entropy <= masks <= 0.78 * bits  # deflate: 10,785 bytes, the masks' entropy 9,900
+    assert (kept + entropy) / dense <= 0.2 / 4 + _entropy(0.2) / 32 + 1e-3  # the physical limit, 0.072x
+    assert header <= 2900 and size / dense <= 0.09  # 0.0855x: the header is 0.006x of it
     assert size <= 0.67 * half
+
+
+def _entropy(p: float) -> float:
+    """The fewest bits per weight a mask keeping a fraction ``p`` can take (binary entropy)."""
+    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
 def test_float32_and_float16_artifacts_are_unchanged(tmp_path):
@@ -118,7 +131,7 @@ def test_float32_and_float16_artifacts_are_unchanged(tmp_path):
         assert export_net(net, tmp_path / "by_name.safetensors", {}, name).read_bytes() == path.read_bytes()
         raw = stored(path)
         assert not [key for key in raw if key.endswith("@scale")]
-        assert all(v.dtype == dtype for k, v in raw.items() if not k.endswith("@mask"))
+        assert all(v.dtype == dtype for k, v in raw.items() if "@mask" not in k)
         for layer_name, layer in masked_layers(net).items():
             kept = layer.effective_weight().detach()[layer.mask != 0].to(dtype)
             assert torch.equal(raw[f"{layer_name}.weight@values"], kept)

@@ -14,22 +14,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 
 from lthmaml import sparsity
+from lthmaml.edge.maskbits import MASK, MASKZ, unpack_mask
 from lthmaml.errors import ConfigError, DataError, LthmamlError
 from lthmaml.nets.layers import masked_layers
 from lthmaml.nets.models import MLP, CNPNet, Conv4
 
 PROG = "lthmaml-export"
-FORMAT_VERSION = 1
-"""Bumped whenever a reader of an older version would misread the file. Adding ``learner`` and
-``metric_scale`` did not bump it: a version-1 reader rejects fields it does not know (a one-line
-error naming them) rather than misreading the file, and a file without them is what it was."""
+FORMAT_VERSION = 2
+"""Bumped whenever an older reader would misread the file or refuse it for a wrong reason; this one
+loads every version up to it and refuses a newer one (update lthmaml). 2: a mask may be deflated
+(``@maskz``, :mod:`lthmaml.edge.maskbits`); version-1 files (``@mask`` only) load as they did.
+Adding ``learner`` and ``metric_scale`` did not bump it: a version-1 reader rejects fields it does
+not know (a one-line error naming them) rather than misreading the file."""
 METADATA_KEY = "lthmaml_artifact"
 NETS: dict[str, type[nn.Module]] = {
     "lthmaml.nets.models.Conv4": Conv4,
@@ -57,7 +59,7 @@ LEGACY_NETS = {
 """Class paths of artifacts written before the nets moved to ``lthmaml.nets``."""
 CLASSIFIER_DEFAULTS: dict[str, Any] = {"inner_lr": 0.01, "inner_steps": 10, "eval_inner_steps": 10}
 """Fine-tuning settings for a net that was not meta-trained (no learned step size to carry)."""
-VALUES, MASK, SCALE = "@values", "@mask", "@scale"
+VALUES, SCALE = "@values", "@scale"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 """Export dtypes by name. ``int8`` quantises the prunable weights per output channel (int8 codes
 and a float32 ``<name>.weight@scale`` per row) and stores the other float tensors as float16. A
@@ -213,10 +215,15 @@ def load_artifact(path: PathLike) -> Artifact:
     if not isinstance(values, dict):
         raise DataError(f"{path}: corrupt artifact metadata (not a JSON object)")
     version = values.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version < 1:
         raise DataError(
-            f"{path}: artifact format version {version!r}, this lthmaml reads version {FORMAT_VERSION}; "
-            f"export it again with this version's {PROG}"
+            f"{path}: artifact format version {version!r}, this lthmaml reads versions 1 to "
+            f"{FORMAT_VERSION}; export it again with this version's {PROG}"
+        )
+    if version > FORMAT_VERSION:
+        raise DataError(
+            f"{path}: artifact format version {version} is newer than this lthmaml reads "
+            f"(up to {FORMAT_VERSION}); update lthmaml to load it"
         )
     metadata = checked_metadata(values, str(path), DataError)
     try:
@@ -253,23 +260,14 @@ def _unpack(net: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
             raise DataError(f"{path}: int8 weight '{key}' needs '{key + SCALE}', {rows} finite scales >= 0")
         return scale
 
-    def unpack_mask(key: str, count: int) -> Tensor:
-        """The keep-mask of weight ``key`` (``count`` bools) from its packed bits."""
-        packed = take(key + MASK, torch.Size([math.ceil(count / 8)]), floating=False)
-        if packed.dtype != torch.uint8:
-            raise DataError(f"{path}: mask '{key + MASK}' is {packed.dtype}, not uint8 bits")
-        bits = np.unpackbits(packed.numpy())
-        if bits[count:].any():
-            raise DataError(f"{path}: mask '{key + MASK}' has bits set past its {count} weights")
-        return torch.from_numpy(bits[:count].astype(bool))
-
     layers = masked_layers(net)
     for name, layer in layers.items():
         key, shape, count = f"{name}.weight", layer.weight.shape, layer.weight.numel()
+        masks = [key + suffix for suffix in (MASKZ, MASK) if key + suffix in remaining]  # both: one left over
         if key in remaining:
             stored, keep = key, torch.ones(count, dtype=torch.bool)
-        elif key + VALUES in remaining and key + MASK in remaining:
-            stored, keep = key + VALUES, unpack_mask(key, count)
+        elif key + VALUES in remaining and masks:
+            stored, keep = key + VALUES, unpack_mask(masks[0], remaining.pop(masks[0]), count, str(path))
         else:
             raise DataError(f"{path}: no tensor for '{key}' of the {arch}; the artifact does not match it")
         quantised = remaining[stored].dtype == torch.int8
