@@ -84,3 +84,18 @@ def test_no_module_over_about_four_hundred_lines(package):
         if (n := len(f.read_text().splitlines())) > 420
     }
     assert long == {}
+
+
+def test_the_device_imports_no_meta_training_code():
+    """``lthmaml-edge`` loads what adapting an artifact needs: not MAML's inner loops (higher,
+    torch.func), the Omniglot reader, the training CLI's callbacks or the reporting code."""
+    import subprocess
+    import sys
+
+    probe = "import sys, lthmaml.edge.cli, lthmaml.edge.pi; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.split())  # fmt: skip
+    training = {"higher", "lthmaml.meta.maml", "lthmaml.meta.functional", "lthmaml.meta.higher_loop"}
+    training |= {"lthmaml.data.omniglot", "lthmaml.data.datamodule", "lthmaml.reporting", "callbacks"}
+    assert loaded & training == set()
+    assert {"lthmaml.edge.finetune", "lthmaml.meta.protonet"} <= loaded  # it did import the device path

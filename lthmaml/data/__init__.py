@@ -1,30 +1,37 @@
-"""Episodic data: tasks, samplers, sources (sinusoid, Omniglot) and DataModules."""
+"""Episodic data: tasks, samplers, sources (sinusoid, Omniglot) and DataModules.
 
-from lthmaml.data.classification import OmniglotClassificationDataModule
-from lthmaml.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
-from lthmaml.data.fewshot import FewShotTasks
-from lthmaml.data.omniglot import OmniglotImages, load_omniglot, split_classes
-from lthmaml.data.sinusoid import SinusoidTasks
-from lthmaml.data.taskfolder import TaskFolderDataModule, check_compatible, read_image
-from lthmaml.data.taskfolder_build import make_image_task, make_sinusoid_task
-from lthmaml.data.tasks import EpisodeDataset, EpochSampler, TaskBatch
+The names below load their module on first use (PEP 562), so a device that only reads a task
+folder (``lthmaml.data.taskfolder``) never imports the meta-training data code.
+"""
 
-__all__ = [
-    "EpisodeDataset",
-    "EpisodicDataModule",
-    "EpochSampler",
-    "FewShotTasks",
-    "OmniglotClassificationDataModule",
-    "OmniglotDataModule",
-    "OmniglotImages",
-    "SinusoidDataModule",
-    "SinusoidTasks",
-    "TaskBatch",
-    "load_omniglot",
-    "split_classes",
-    "TaskFolderDataModule",
-    "check_compatible",
-    "make_image_task",
-    "make_sinusoid_task",
-    "read_image",
-]
+from importlib import import_module
+from typing import Any
+
+_HOMES = {
+    "OmniglotClassificationDataModule": "classification",
+    "EpisodicDataModule": "datamodule",
+    "OmniglotDataModule": "datamodule",
+    "SinusoidDataModule": "datamodule",
+    "FewShotTasks": "fewshot",
+    "OmniglotImages": "omniglot",
+    "load_omniglot": "omniglot",
+    "split_classes": "omniglot",
+    "SinusoidTasks": "sinusoid",
+    "TaskFolderDataModule": "taskfolder",
+    "check_compatible": "taskfolder",
+    "read_image": "taskfolder",
+    "make_image_task": "taskfolder_build",
+    "make_sinusoid_task": "taskfolder_build",
+    "EpisodeDataset": "tasks",
+    "EpochSampler": "tasks",
+    "TaskBatch": "tasks",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value

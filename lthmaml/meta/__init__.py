@@ -1,10 +1,26 @@
-"""The learners: LightningModules that adapt per task and meta-update, on the TaskBatch data layer."""
+"""The learners: LightningModules that adapt per task and meta-update, on the TaskBatch data layer.
 
-from lthmaml.meta.classifier import Classifier
-from lthmaml.meta.cnp import CNP
-from lthmaml.meta.maml import MAML
-from lthmaml.meta.matching import MatchingNet
-from lthmaml.meta.module import NetModule
-from lthmaml.meta.protonet import ProtoNet
+The names below load their module on first use (PEP 562): a device adapting a ProtoNet artifact
+imports ``lthmaml.meta.protonet``, not MAML's inner loops (``higher``, ``torch.func``).
+"""
 
-__all__ = ["CNP", "MAML", "Classifier", "MatchingNet", "NetModule", "ProtoNet"]
+from importlib import import_module
+from typing import Any
+
+_HOMES = {
+    "CNP": "cnp",
+    "MAML": "maml",
+    "Classifier": "classifier",
+    "MatchingNet": "matching",
+    "NetModule": "module",
+    "ProtoNet": "protonet",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
