@@ -15,6 +15,10 @@ Recipes run one after another in this process, or ``--jobs 2`` at a time as sepa
     python -m bench.converge --recipes fo-q1-func so-q1-func --minutes 10 --json bench/out/sweep.json
     python -m bench.converge --quick        # a smoke run on the test data, figures meaningless
     python -m bench.converge --collect runs/converge/*.json --json bench/out/converge.json  # one table
+    python -m bench.converge --recipes shipped --marks 5 30 --test-only   # re-test some saved marks
+
+Testing a mark (600 tasks, 15 query images per class, the evaluation inner loop) takes 5-12
+minutes on a busy core, so a run with many marks may test only those that matter (``--test-only``).
 """
 
 from __future__ import annotations
@@ -118,13 +122,17 @@ def train_and_test(name: str, overrides: list[str], args: argparse.Namespace) ->
     fit += ["--trainer.enable_progress_bar", "false"]
     fit += ["--trainer.num_sanity_val_steps", "0", "--trainer.callbacks+=bench.converge.TrainingTimeMarks"]
     fit += ["--trainer.callbacks.dirpath", str(out), "--trainer.callbacks.marks", f"[{','.join(marks)}]"]
-    print(
-        f"converge: {name}: training {args.marks[-1]:g} min ({' '.join(overrides) or 'base config'})",
-        file=sys.stderr,
-    )
+    if not args.test_only:
+        print(
+            f"converge: {name}: training {args.marks[-1]:g} min ({' '.join(overrides) or 'base config'})",
+            file=sys.stderr,
+        )
     start = time.perf_counter()
-    lthmaml(fit)
-    wall = time.perf_counter() - start
+    if args.test_only:  # the checkpoints of an earlier run of this recipe, some of its marks
+        print(f"converge: {name}: testing the marks {marks} of {out}", file=sys.stderr)
+    else:
+        lthmaml(fit)
+    wall = None if args.test_only else time.perf_counter() - start
     steps = json.loads((out / "steps.json").read_text())
     rows = []
     for mark in args.marks:
@@ -216,6 +224,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny marks, few test tasks")
     parser.add_argument(
+        "--test-only",
+        action="store_true",
+        help="no training: test these --marks of an earlier run's checkpoints under --out",
+    )
+    parser.add_argument(
         "--collect",
         nargs="+",
         default=None,
@@ -259,6 +272,7 @@ def run_side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
             files[name] = Path(args.out) / f"{name}.json"
             command = [sys.executable, "-m", "bench.converge", "--recipes", name, "--config", args.config]
             command += ["--marks", *map(str, args.marks), "--threads", str(args.threads), "--out", args.out]
+            command += ["--test-only"] if args.test_only else []
             command += ["--json", str(files[name]), *(["--", *args.extra] if args.extra else [])]
             running.append(subprocess.Popen(command, cwd=REPO))
         time.sleep(5)
