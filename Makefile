@@ -66,8 +66,8 @@ endif
 # The evidence behind README "Results" (configs/experiments/, each stacked on base.yaml): the
 # lottery-ticket family, Powerprop, meta-gradient and Taylor pruning and the dense reference, on the
 # shared Omniglot subset, each level trained to its validation plateau, plus the sinusoid table
-# (bench/sinusoid.py, 20000 iterations). About 9 CPU-core hours in all (a lottery experiment 1.5,
-# dense 0.3, the sinusoid 0.5); `make -j2 experiments` runs two at a time, about 4.5 hours, and may
+# (bench/sinusoid.py, 20000 iterations). About 8 CPU-core hours in all (a lottery experiment 1.3,
+# dense 0.3, the sinusoid 0.5); `make -j2 experiments` runs two at a time, about 4 hours, and may
 # be stopped and run again across sittings. Each writes $(EXP_DIR)/<name>/version_0 and
 # logs/<name>.log; a killed one resumes from its last.ckpt when run again, a finished one is
 # skipped (<name>.done; the sinusoid, MAML's table beside the CNP's and their plot: its JSON exists).
