@@ -81,8 +81,8 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (1, -1, *([1] * (x.dim() - 2)))
-        if self.track_running_stats:  # running statistics: the fused kernel
-            out = super().forward(x)
+        if self.track_running_stats or not torch.is_grad_enabled():
+            out = super().forward(x)  # the fused kernel: running statistics, or no graph to build
         else:
             # Batch statistics written out: the fused kernel's double backward is wrong under
             # torch.func.vmap (second-order MAML over a chunk of tasks); these ops are not.
