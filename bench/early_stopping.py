@@ -89,7 +89,7 @@ def build_models(args, out: Path) -> dict[str, Path]:
         return paths
     if args.checkpoint:
         export_net(artifact_from_checkpoint(args.checkpoint).net, paths["dense"], _meta(args.checkpoint))
-        dense = MAML(load_artifact(paths["dense"]).net, inner_lr=_meta(args.checkpoint)["inner_lr"])
+        dense = MAML(load_artifact(paths["dense"]).net.train(), inner_lr=_meta(args.checkpoint)["inner_lr"])
     else:
         torch.manual_seed(args.seed)
         dense = MAML(
