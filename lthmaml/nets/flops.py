@@ -1,0 +1,112 @@
+"""Multiply-adds of a Conv4's forward pass on its alive channels: what filter pruning saves.
+
+Counted, for one example: each conv's ``k_h k_w C_in C_out H_out W_out`` and the head's
+``in_features x out_features`` multiply-adds. Left out: biases, BatchNorm, ReLU and pooling (a few
+operations a channel and position, against ``k_h k_w C_in`` for a conv's output). Channels are the
+alive ones (a filter with any unpruned weight, :func:`lthmaml.sparsity.alive_channels`), so a
+filter-pruned net and its :func:`~lthmaml.nets.shrink.shrink` copy count the same; unstructured
+zeros inside a kept filter count, since dense kernels compute them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lthmaml.errors import ConfigError
+from lthmaml.nets.layers import MaskedConv2d
+from lthmaml.nets.models import Conv4
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A conv of the chain: its qualified name, kernel area, output positions and alive widths."""
+
+    name: str
+    kernel: int
+    positions: int
+    alive_in: int
+    alive_out: int
+
+    @property
+    def flops(self) -> int:
+        return self.kernel * self.alive_in * self.alive_out * self.positions
+
+
+def find_conv4(model: nn.Module) -> tuple[str, Conv4]:
+    """The qualified name (``""``: the model itself) and the Conv4 inside ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, Conv4):
+            return name, module
+    raise ConfigError(
+        f"FLOPs are counted on a lthmaml.nets.models.Conv4, and {type(model).__name__} holds none"
+    )
+
+
+def _side(side: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    return (side + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_shapes(model: nn.Module) -> list[ConvShape]:
+    """The convs of the Conv4 in ``model`` in forward order, named as in ``model``."""
+    prefix, net = find_conv4(model)
+    dot = f"{prefix}." if prefix else ""
+    shapes, height, width = [], net.image_size, net.image_size
+    alive_in = net.in_channels
+    for index, block in enumerate(net.features):
+        conv: MaskedConv2d = block[0]
+        height, width = (
+            _side(side, k, s, p, d)
+            for side, k, s, p, d in zip(
+                (height, width), conv.kernel_size, conv.stride, conv.padding, conv.dilation
+            )
+        )
+        alive_out = int(conv.mask.flatten(1).any(dim=1).sum())  # lthmaml.sparsity.alive_channels
+        kernel = conv.kernel_size[0] * conv.kernel_size[1]
+        shapes.append(ConvShape(f"{dot}features.{index}.0", kernel, height * width, alive_in, alive_out))
+        for pool in (m for m in block if isinstance(m, nn.MaxPool2d)):
+            height, width = (
+                _side(side, pool.kernel_size, pool.stride, pool.padding) for side in (height, width)
+            )
+        alive_in = alive_out
+    return shapes
+
+
+def head_positions(net: Conv4) -> int:
+    """Inputs of the head per channel of the last block (its flattened map's positions)."""
+    return net.embedding_features // net.features[-1][0].out_channels
+
+
+def layer_flops(model: nn.Module) -> dict[str, int]:
+    """Multiply-adds of one example's forward pass by layer (the convs, then the head if any)."""
+    prefix, net = find_conv4(model)
+    shapes = conv_shapes(model)
+    flops = {shape.name: shape.flops for shape in shapes}
+    if net.head is not None:
+        flops[f"{prefix}.head" if prefix else "head"] = (
+            shapes[-1].alive_out * head_positions(net) * net.head.out_features
+        )
+    return flops
+
+
+def forward_flops(model: nn.Module) -> int:
+    """Multiply-adds of one example's forward pass through the Conv4 in ``model``."""
+    return sum(layer_flops(model).values())
+
+
+def filter_flops(model: nn.Module) -> dict[str, int]:
+    """Per conv: the multiply-adds one more alive filter costs (what removing one saves).
+
+    Its own output map, ``k_h k_w C_in^alive H_out W_out``, plus the input channel it is to the
+    next layer: ``k_h k_w C_out^alive H_out W_out`` of the next conv, or the head's
+    ``positions x out_features`` after the last block (nothing for a headless Conv4).
+    """
+    _, net = find_conv4(model)
+    shapes = conv_shapes(model)
+    feeds = [nxt.kernel * nxt.alive_out * nxt.positions for nxt in shapes[1:]]
+    feeds.append(0 if net.head is None else head_positions(net) * net.head.out_features)
+    return {
+        shape.name: shape.kernel * shape.alive_in * shape.positions + feed
+        for shape, feed in zip(shapes, feeds)
+    }
