@@ -47,8 +47,13 @@ def test_auto_uses_the_folders_val_split_when_there_is_one(tmp_path):
     assert len(dm.splits["support"]) == 12 and len(dm.splits["val"]) == 6
 
 
-def test_auto_holds_out_one_per_class_and_trains_on_the_rest(tmp_path):
+def test_auto_without_val_has_none_so_the_inner_loop_runs(tmp_path):
     dm = datamodule(image_task(tmp_path / "t", shots=4, val_shots=0))
+    assert dm.prepare_validation() == "none" and not dm.has_val
+
+
+def test_holdout_takes_one_per_class_and_trains_on_the_rest(tmp_path):
+    dm = datamodule(image_task(tmp_path / "t", shots=4, val_shots=0), validation="holdout")
     assert not dm.has_val
     assert dm.prepare_validation().startswith("3 support examples held out (1 per class, seed 0), 9 left")
     assert sorted(dm.splits["val"].y.tolist()) == [0, 1, 2]
@@ -59,8 +64,8 @@ def test_auto_holds_out_one_per_class_and_trains_on_the_rest(tmp_path):
     assert all(name.startswith("support:") for name in val_files)
 
 
-def test_auto_jitters_a_one_shot_support_set_into_a_val_split(tmp_path):
-    dm = datamodule(image_task(tmp_path / "t", shots=1, val_shots=0), val_copies=5)
+def test_augment_jitters_a_one_shot_support_set_into_a_val_split(tmp_path):
+    dm = datamodule(image_task(tmp_path / "t", shots=1, val_shots=0), validation="augment", val_copies=5)
     assert "15 camera-jittered copies of the 3 support images" in dm.prepare_validation()
     val = dm.splits["val"]
     assert val.y.tolist() == [0, 1, 2] * 5 and val.x.shape == (15, 1, SIZE, SIZE)
@@ -139,7 +144,7 @@ def test_a_given_monitor_is_kept_and_min_delta_counts_in_its_direction():
 
 def test_the_fine_tune_says_which_validation_it_stopped_on(tmp_path, caplog):
     artifact = make_artifact(tmp_path / "a.safetensors", tiny_conv())
-    dm = datamodule(image_task(tmp_path / "t", shots=1, val_shots=0))
+    dm = datamodule(image_task(tmp_path / "t", shots=1, val_shots=0), validation="augment")
     module = FineTuneModule(artifact=str(artifact))
     trainer(max_epochs=4, callbacks=[TaskEarlyStopping(patience=1)]).fit(module, datamodule=dm)
     assert "Validation for early stopping: 12 camera-jittered copies of the 3 support images" in caplog.text

@@ -193,8 +193,8 @@ class TaskFolderDataModule(pl.LightningDataModule):
     ``splits`` (:class:`TaskSplit` per present split), ``validation_source``.
 
     For a fine-tune, :meth:`prepare_validation` finds the val split (``validation``: see
-    :data:`lthmaml.data.validation.Validation`): without ``val/`` (``val.csv``), ``val_per_class``
-    examples per class held out of the support set when it has more than one, else ``val_copies``
+    :data:`lthmaml.data.validation.Validation`): ``val/`` (``val.csv``) by default; ``holdout``:
+    ``val_per_class`` examples per class held out of the support set; ``augment``: ``val_copies``
     camera-jittered copies of each support image, seeded by ``val_seed``.
     """
 
