@@ -9,7 +9,9 @@ filters go decides how much: the plain Taylor criterion keeps most of the full-r
 block, whose maps (BatchNorm, ReLU, pooling and their backward) dominate a CPU step. The FLOPs
 regularisation (``--flops-weight``, the callback's ``flops_weight``) takes filters of the blocks
 with the most multiply-adds per filter first: the second block (a first-block filter costs 0.85 of
-one, the third 0.24), so FLOPs fall faster than the step time.
+one, the third 0.24), so FLOPs fall faster than the step time. ``--cost activations`` (the
+callback's ``cost``) weighs each filter by its map's positions instead, taking the first block's
+filters first (the second costs 0.25 of one), which is what brings a CPU step down.
 
 Setting. The MAML Omniglot net (Conv4, 64 filters a block, 28x28 inputs, 5-way); a fine-tuning
 step as the device takes it on a 5-way 5-shot task (25 support images, one full batch): forward,
@@ -17,8 +19,8 @@ cross-entropy, backward, SGD, re-masking. Pruning: :class:`callbacks.taylor.Tayl
 own criterion and steps, without the training in between: the query loss after MAML's inner loop
 (``MAML.task_losses(adapted=True)``) on ``--score-tasks`` tasks is scored, the ``--filters-per-step``
 lowest filters go (0: all at once), and again until ``--fraction`` of all filters is removed; once
-with ``flops_weight`` 0 and once with each ``--flops-weight``. ``shrink`` then builds each narrower
-Conv4. Every net goes through ``lthmaml.edge.export`` and is loaded back, as the device gets it.
+with ``flops_weight`` 0 and once with each ``--flops-weight`` and ``--cost``. ``shrink`` then builds
+each narrower Conv4. Every net goes through ``lthmaml.edge.export`` and is loaded back, as the device gets it.
 
 Weights and tasks: random weights and synthetic Omniglot-shaped tasks (the step time depends on
 shapes only, but the widths Taylor leaves depend on the weights), or ``--checkpoint`` (a 5-way
@@ -41,6 +43,9 @@ in a plain torch loop.
     python -m bench.structured_speed --steps 100 --repeats 5 --flops-weight 0.05 0.1 0.2
     # a trained net, with its meta-test accuracy (~8 minutes):
     python -m bench.structured_speed --checkpoint runs/converge/so-q1-func-mb8/t20.ckpt --score-tasks 40
+    # the activations cost against the FLOPs cost, each at two weights:
+    python -m bench.structured_speed --checkpoint runs/converge/so-q1-func-mb8/t20.ckpt --score-tasks 40 \
+        --flops-weight 0.05 0.1 --cost flops activations
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ from lthmaml.edge.export import export_net
 from lthmaml.edge.finetune import FineTuneModule, artifact_from_checkpoint
 from lthmaml.meta.maml import MAML
 from lthmaml.meta.metrics import mean_and_ci95
-from lthmaml.nets.flops import forward_flops
+from lthmaml.nets.flops import COSTS, Cost, forward_flops
 from lthmaml.nets.models import Conv4
 from lthmaml.nets.shrink import shrink
 
@@ -90,13 +95,13 @@ INNER_LR = 0.4
 
 # ---------------------------------------------------------------------------------- pruning
 def taylor_prune(
-    model: MAML, fraction: float, per_step: int, flops_weight: float, tasks: TaskBatch
+    model: MAML, fraction: float, per_step: int, flops_weight: float, tasks: TaskBatch, cost: Cost = "flops"
 ) -> dict[str, int]:
     """Prune ``model.net`` as :class:`TaylorFilterPruning` does, rescoring ``tasks`` before each
     step (no training between steps); the filters left per conv."""
     total = sum(conv.out_channels for conv, _ in sparsity.conv_batchnorm_pairs(model.net).values())
     callback = TaylorFilterPruning(
-        filters_per_step=per_step or total, target_fraction=fraction, flops_weight=flops_weight
+        filters_per_step=per_step or total, target_fraction=fraction, flops_weight=flops_weight, cost=cost
     )
     while not callback.finished(model):
         scores, _ = callback.score_batch(model, tasks)
@@ -132,10 +137,11 @@ def build_artifacts(args, out: Path) -> tuple[dict[str, Path], dict[str, dict[st
     steps = {"inner_lr": INNER_LR, "eval_inner_steps": args.warmup + args.steps, "task": "classification"}
     paths = {"dense": export_net(model.net, out / "dense.safetensors", steps)}
     widths = {"dense": {f"features.{i}.0": b[0].out_channels for i, b in enumerate(model.net.features)}}
-    for weight in sorted({0.0, *args.flops_weight}):
-        name = f"taylor fw={weight:g}"
+    runs = [("flops", 0.0)] + [(c, w) for c in args.cost for w in sorted(set(args.flops_weight)) if w]
+    for cost, weight in runs:
+        name = f"taylor {cost} {weight:g}" if weight else "taylor plain"
         pruned = learner(copy.deepcopy(model.net), model)
-        widths[name] = taylor_prune(pruned, args.fraction, args.filters_per_step, weight, tasks)
+        widths[name] = taylor_prune(pruned, args.fraction, args.filters_per_step, weight, tasks, cost)
         paths[name] = export_net(shrink(pruned.net), out / f"pruned{len(paths)}.safetensors", steps)
     return paths, widths, model if trained else None
 
@@ -219,6 +225,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         nargs="+",
         default=[0.1],
         help="TaylorFilterPruning.flops_weight of the pruned nets beside the plain criterion's (weight 0)",
+    )
+    parser.add_argument(
+        "--cost",
+        nargs="+",
+        choices=sorted(COSTS),
+        default=["flops"],
+        help="TaylorFilterPruning.cost the weights regularise (several: each weight with each cost)",
     )
     parser.add_argument(
         "--filters-per-step", type=int, default=8, help="filters removed per scoring (0: all in one step)"

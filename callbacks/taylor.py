@@ -20,6 +20,12 @@ on a comparable scale, ``Theta_l^flops`` the multiply-adds one alive filter of l
 :func:`lthmaml.nets.flops.filter_flops`), divided by the largest over the ranked layers; it is
 recounted at every pruning step, as the widths change. On the 28x28 Conv4 64 the terms are
 0.85, 1, 0.24 and 0.04 for the four blocks: removals move to the first two, the second most.
+With ``cost="activations"`` the cost is instead the activation memory the paper also names: a
+map's ``H_out W_out`` positions (:func:`lthmaml.nets.flops.filter_activations`), 1, 0.25, 0.06 and
+0.01 for the four blocks, so removals move to the full-resolution first block, whose maps
+(BatchNorm, ReLU, pooling and their backward) dominate a fine-tuning step on a CPU: at 50% of the
+filters removed from the trained Omniglot net, weight 0.05 gives 0.42 to 0.45x the dense step time
+at 89.9% accuracy (FLOPs at 0.05: 0.49x, 88.1%; none: 0.55x, 89.2%; ``bench/structured_speed.py``).
 
 Schedule (section 3). Every ``steps_between`` training steps the ``filters_per_step`` lowest
 filters go (their conv filters and BatchNorm channel, via the engine's ``prune_channels``) while
@@ -56,7 +62,7 @@ from torch import Tensor
 from callbacks.iterative import IterativePruning
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.nets.flops import filter_flops
+from lthmaml.nets.flops import COSTS, Cost, filter_cost
 from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d
 
 
@@ -112,7 +118,8 @@ def layer_normalized(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def flops_regularized(
     scores: Mapping[str, Tensor], costs: Mapping[str, float], flops_weight: float
 ) -> dict[str, Tensor]:
-    """``scores - flops_weight * cost / max cost``, each layer's cost being one of its filters'."""
+    """``scores - flops_weight * cost / max cost``, each layer's cost being one of its filters'
+    (FLOPs or activations)."""
     top = max(costs[name] for name in scores)
     return {name: s - flops_weight * costs[name] / top for name, s in scores.items()}
 
@@ -127,6 +134,12 @@ class TaylorFilterPruning(IterativePruning):
             per-filter FLOPs (1 for the costliest layer) times this is taken off its scores.
             Layer-normalised scores of a layer of ``n`` filters are about ``1/sqrt(n)`` each
             (0.125 for 64), so weights of a few hundredths already move removals. Needs a Conv4.
+        cost: what a filter costs in that term. ``"flops"``: the multiply-adds of its map and of its
+            input channel to the next layer (the second block of the Omniglot Conv4 costs most);
+            ``"activations"``: its map's output positions, ``H_out W_out`` (the first block, at full
+            resolution, costs most). On a CPU a fine-tuning step's time follows the per-position
+            work of the full-resolution maps more than the multiply-adds, so ``"activations"``
+            brings the step time down further at the same accuracy.
         exclude: conv layers (qualified names, e.g. ``net.features.0.0``) never pruned.
         steps_between, accumulate_batches, write_every, patience, min_delta: the schedule of
             :class:`~callbacks.iterative.IterativePruning`; ``monitor``, ``mode``,
@@ -141,6 +154,7 @@ class TaylorFilterPruning(IterativePruning):
         accumulate_batches: Optional[int] = 5,
         exclude: Sequence[str] = (),
         flops_weight: float = 0.0,
+        cost: Cost = "flops",
         **kwargs: Any,
     ) -> None:
         if kwargs.get("scope", "global") != "global" or kwargs.get("layer_rates"):
@@ -158,7 +172,10 @@ class TaylorFilterPruning(IterativePruning):
             raise ConfigError(f"TaylorFilterPruning: flops_weight must be >= 0, got {flops_weight}")
         self.filters_per_step = filters_per_step
         self.target_fraction = target_fraction
+        if cost not in COSTS:
+            raise ConfigError(f"TaylorFilterPruning: cost must be one of {sorted(COSTS)}, got {cost!r}")
         self.flops_weight = flops_weight
+        self.cost = cost
 
     # ------------------------------------------------------------------ the layers and the target
     def layers(self, pl_module: pl.LightningModule) -> dict[str, tuple[MaskedConv2d, MaskedBatchNorm2d]]:
@@ -194,7 +211,7 @@ class TaylorFilterPruning(IterativePruning):
                 f"{total} filters, but each of the {layers} conv layers keeps at least one"
             )
         if self.flops_weight:
-            filter_flops(pl_module)  # a net whose FLOPs are not counted fails now, not at the first step
+            filter_cost(pl_module, self.cost)  # a net not counted fails now, not at the first step
         super().setup(trainer, pl_module, stage)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -212,11 +229,11 @@ class TaylorFilterPruning(IterativePruning):
         return taylor_scores(batchnorms, pl_module.task_losses(batch, adapted=True))
 
     def criterion(self, pl_module: pl.LightningModule, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """What is ranked: layer-normalised scores, FLOPs-regularised when ``flops_weight > 0``."""
+        """What is ranked: layer-normalised scores, cost-regularised when ``flops_weight > 0``."""
         normalized = layer_normalized(scores)
         if not self.flops_weight:
             return normalized
-        return flops_regularized(normalized, filter_flops(pl_module), self.flops_weight)
+        return flops_regularized(normalized, filter_cost(pl_module, self.cost), self.flops_weight)
 
     def prune_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Mapping[str, Tensor]

@@ -409,6 +409,7 @@ def test_prune_config_stacks_on_the_omniglot_config(capsys):
         "steps_between": 20,
         "target_fraction": 0.5,
         "flops_weight": 0.0,  # the plain criterion unless asked
+        "cost": "flops",
         "accumulate_batches": 5,
         "write_every": 1,
         "scope": "global",

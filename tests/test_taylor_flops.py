@@ -1,5 +1,6 @@
-"""FLOPs-regularised Taylor pruning (Molchanov et al. 2017, section 2.4): the multiply-add count of
-a Conv4 against a hand count, the ranking it moves, weight 0 as the plain criterion, bad options."""
+"""FLOPs-regularised Taylor pruning (Molchanov et al. 2017, section 2.4): the multiply-add and
+activation counts of a Conv4 against hand counts, the ranking they move, weight 0 as the plain
+criterion, bad options."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lthmaml import sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.meta.classifier import Classifier
 from lthmaml.meta.maml import MAML
-from lthmaml.nets.flops import filter_flops, forward_flops, layer_flops
+from lthmaml.nets.flops import filter_activations, filter_cost, filter_flops, forward_flops, layer_flops
 from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d
 from lthmaml.nets.models import Conv4
 from lthmaml.nets.shrink import shrink
@@ -75,6 +76,26 @@ def test_the_maml_omniglot_conv4_counts_9_8_million_multiply_adds():
     }
 
 
+def test_activations_of_a_small_conv4_are_its_maps_positions_whatever_the_widths():
+    net = small_net()
+    # One more filter of block 0 adds an 8x8 map, of block 1 (after a 2x2 pooling) a 4x4 one.
+    assert filter_activations(net) == {"features.0.0": 64, "features.1.0": 16}
+    sparsity.prune_channels(net, "features.0.0", [1])
+    sparsity.prune_channels(net, "features.1.0", [0, 2, 7])
+    assert (
+        filter_activations(net) == filter_activations(shrink(net)) == {"features.0.0": 64, "features.1.0": 16}
+    )
+    assert filter_activations(MAML(net)) == {"net.features.0.0": 64, "net.features.1.0": 16}
+    assert filter_cost(net, "activations") == filter_activations(net)
+    assert filter_cost(net, "flops") == filter_flops(net)
+    assert filter_activations(Conv4()) == {
+        "features.0.0": 28 * 28,
+        "features.1.0": 14 * 14,
+        "features.2.0": 7 * 7,
+        "features.3.0": 3 * 3,
+    }
+
+
 # ---------------------------------------------------------------------------------- the ranking
 def uniform(model: nn.Module) -> dict[str, Tensor]:
     """Every filter scores the same: the raw Taylor criterion ties everywhere."""
@@ -115,6 +136,35 @@ def test_the_flops_term_is_recounted_on_the_widths_left_at_each_step():
     callback.prune_step(None, model, uniform(model))  # the target, 6 of 12: 3 more, block 0 keeps one
     assert alive_of(model) == {CONVS[0]: [3], CONVS[1]: [3, 4, 5, 6, 7]}
     assert callback.finished(model)
+
+
+@pytest.mark.parametrize(("cost", "block"), [("flops", 1), ("activations", 0)])
+def test_with_the_activations_cost_ties_leave_the_full_resolution_block_first(cost, block):
+    # The Omniglot Conv4, 64 filters a block, every filter scoring the same (0.125 once normalised).
+    # FLOPs: block 1 costs most (block 0: 0.85 of it); activations: block 0, 784 positions (block 1:
+    # 196, a quarter). Either way at weight 0.05 the 8 filters go from the costliest block.
+    model = Classifier(Conv4(out_features=5))
+    callback = TaylorFilterPruning(filters_per_step=8, target_fraction=0.5, flops_weight=0.05, cost=cost)
+    assert callback.prune_step(None, model, uniform(model)) == {"filters_removed": 8}
+    widths = [len(channels) for channels in alive_of(model).values()]
+    assert widths == [56 if b == block else 64 for b in range(4)]
+
+
+def test_the_activations_criterion_takes_the_full_resolution_block_where_flops_would_not():
+    # Small net: ties are 1/2 (block 0, 4 filters) and 1/sqrt(8) (block 1); positions 64 and 16,
+    # so block 1 weighs 1/4. Block 0 goes first above (1/2 - 1/sqrt(8)) / (3/4) = 0.195; with the
+    # FLOPs cost above 0.222 (see above): at 0.21 the two costs disagree.
+    scores = {}
+    for cost in ("activations", "flops"):
+        model = Classifier(small_net())
+        callback = TaylorFilterPruning(filters_per_step=3, target_fraction=0.5, flops_weight=0.21, cost=cost)
+        scores[cost] = callback.criterion(model, uniform(model))
+        callback.prune_step(None, model, uniform(model))
+        scores[cost, "widths"] = [len(channels) for channels in alive_of(model).values()]
+    torch.testing.assert_close(scores["activations"][CONVS[0]], torch.full((4,), 0.5 - 0.21))
+    torch.testing.assert_close(scores["activations"][CONVS[1]], torch.full((8,), 1 / math.sqrt(8) - 0.21 / 4))
+    assert scores["activations", "widths"] == [1, 8]
+    assert scores["flops", "widths"] == [4, 5]
 
 
 # ---------------------------------------------------------------------------------- weight 0
@@ -175,9 +225,18 @@ def test_a_negative_flops_weight_is_a_config_error_naming_the_option(flops_weigh
         TaylorFilterPruning(flops_weight=flops_weight)
 
 
-def test_flops_weight_on_a_net_other_than_conv4_is_a_config_error_at_setup():
+@pytest.mark.parametrize("cost", ["memory", "FLOPs", None])
+def test_an_unknown_cost_is_a_config_error_naming_the_option(cost):
+    with pytest.raises(
+        ConfigError, match=r"TaylorFilterPruning: cost must be one of \['activations', 'flops'\]"
+    ):
+        TaylorFilterPruning(cost=cost)
+
+
+@pytest.mark.parametrize("cost", ["flops", "activations"])
+def test_flops_weight_on_a_net_other_than_conv4_is_a_config_error_at_setup(cost):
     net = nn.Sequential(MaskedConv2d(1, 4, 3), MaskedBatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
-    callback = TaylorFilterPruning(filters_per_step=1, target_fraction=0.25, flops_weight=0.1)
+    callback = TaylorFilterPruning(filters_per_step=1, target_fraction=0.25, flops_weight=0.1, cost=cost)
     with pytest.raises(ConfigError, match="FLOPs are counted on a lthmaml.nets.models.Conv4"):
         callback.setup(None, Classifier(net), "fit")
     TaylorFilterPruning(filters_per_step=1, target_fraction=0.25).layers(

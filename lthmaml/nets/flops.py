@@ -6,11 +6,18 @@ operations a channel and position, against ``k_h k_w C_in`` for a conv's output)
 alive ones (a filter with any unpruned weight, :func:`lthmaml.sparsity.alive_channels`), so a
 filter-pruned net and its :func:`~lthmaml.nets.shrink.shrink` copy count the same; unstructured
 zeros inside a kept filter count, since dense kernels compute them.
+
+Per filter, two costs of a pruning criterion's regularisation (Molchanov et al. 2017, section 2.4,
+which names both FLOPs and memory): :func:`filter_flops`, the multiply-adds one alive filter adds,
+and :func:`filter_activations`, the activations its feature map adds; :func:`filter_cost` picks one
+by name (:data:`COSTS`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -110,3 +117,26 @@ def filter_flops(model: nn.Module) -> dict[str, int]:
         shape.name: shape.kernel * shape.alive_in * shape.positions + feed
         for shape, feed in zip(shapes, feeds)
     }
+
+
+def filter_activations(model: nn.Module) -> dict[str, int]:
+    """Per conv: the activations one more alive filter adds to one example's forward pass.
+
+    Its output map, ``H_out W_out`` positions, whatever the widths: kept three times for the backward
+    pass (conv, BatchNorm and ReLU outputs), each of them read and written by BatchNorm, ReLU and
+    pooling and their backward, the per-position work that is a CPU step's bulk at full resolution
+    (the pooled map, a quarter of it, is left out).
+    """
+    return {shape.name: shape.positions for shape in conv_shapes(model)}
+
+
+Cost = Literal["flops", "activations"]
+COSTS: dict[str, Callable[[nn.Module], dict[str, int]]] = {
+    "flops": filter_flops,
+    "activations": filter_activations,
+}
+
+
+def filter_cost(model: nn.Module, cost: Cost) -> dict[str, int]:
+    """Per conv: what one more alive filter costs, in ``cost`` (a key of :data:`COSTS`)."""
+    return COSTS[cost](model)
