@@ -4,8 +4,7 @@ The names below load their module on first use (PEP 562), so a device that only 
 folder (``lthmaml.data.taskfolder``) never imports the meta-training data code.
 """
 
-from importlib import import_module
-from typing import Any
+from lthmaml._lazy import lazy_exports
 
 _HOMES = {
     "OmniglotClassificationDataModule": "classification",
@@ -26,12 +25,4 @@ _HOMES = {
     "EpochSampler": "tasks",
     "TaskBatch": "tasks",
 }
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __all__ = lazy_exports(__name__, _HOMES)
