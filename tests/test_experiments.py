@@ -107,6 +107,7 @@ def test_make_experiments_then_results_fills_the_readme_with_the_logged_numbers(
     tiny = [
         *("--data.init_args.root", str(root), "--data.init_args.tasks_per_epoch", "10"),
         *("--data.init_args.meta_batch_size", "5", "--data.init_args.val_tasks", "5"),
+        *("--data.init_args.eval_query_shots", "2"),  # 6 drawers a character: 1 support + 2 query
         *("--data.init_args.test_tasks", "10", "--model.init_args.net.init_args.hidden_channels", "4"),
         *("--trainer.callbacks.init_args.rounds", "2", "--trainer.callbacks.init_args.epochs_per_round", "1"),
     ]
