@@ -126,10 +126,7 @@ def accuracy(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for level in (0.0, args.sparsity):
             pruned = copy.deepcopy(net)
-            masks = sparsity.prune_lowest(
-                sparsity.masks_of(pruned), sparsity.magnitude_scores(pruned), level, layer_rates={"head": 0.5}
-            )
-            sparsity.load_masks(pruned, masks)
+            sparsity.prune_by_magnitude(pruned, level, layer_rates={"head": 0.5})
             actual = sparsity.sparsity_report(pruned).sparsity
             accs, sizes = {}, {}
             for dtype in ("float32", "int8"):
@@ -178,8 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for target in SPARSITIES:
-            scores = sparsity.magnitude_scores(net)  # rounds=1: prune up to `target` of all weights
-            sparsity.load_masks(net, sparsity.prune_lowest(sparsity.masks_of(net), scores, target, rounds=1))
+            sparsity.prune_by_magnitude(net, target, rounds=1)  # rounds=1: up to `target` of all weights
             measured = measure(net, Path(tmp))
             sizes = measured["bytes"]
             dense = sizes["dense_safetensors"]

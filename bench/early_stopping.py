@@ -51,7 +51,7 @@ from lthmaml.edge.finetune import FineTuneModule, artifact_from_checkpoint
 from lthmaml.edge.stopping import TaskEarlyStopping
 from lthmaml.meta.maml import MAML
 from lthmaml.nets.models import Conv4
-from lthmaml.sparsity import load_masks, magnitude_scores, masks_of, prune_lowest, sparsity_report
+from lthmaml.sparsity import prune_by_magnitude, sparsity_report
 
 ROOT = Path(__file__).resolve().parent.parent
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
@@ -105,9 +105,7 @@ def build_models(args, out: Path) -> dict[str, Path]:
     else:
         pruned = copy.deepcopy(dense)
         pruned.first_order = True
-        load_masks(
-            pruned.net, prune_lowest(masks_of(pruned.net), magnitude_scores(pruned.net), args.sparsity)
-        )
+        prune_by_magnitude(pruned.net, args.sparsity)
         start = time.perf_counter()
         if args.retrain_steps:
             meta_train(pruned, args.root, args.retrain_steps, args.meta_batch, args.seed + 1)

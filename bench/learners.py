@@ -81,28 +81,18 @@ def build_module(name: str, extra: Optional[list[str]] = None) -> tuple[torch.nn
     return cli.model, cli.config["data"]["init_args"]
 
 
-def prune_by_magnitude(module: torch.nn.Module, fraction: float) -> None:
-    """Global magnitude pruning of ``fraction`` of the prunable weights (a head at half rate)."""
-    from lthmaml import sparsity
-
-    masks = sparsity.masks_of(module)
-    rates = {"net.head": 0.5} if "net.head" in masks else None
-    sparsity.load_masks(
-        module, sparsity.prune_lowest(masks, sparsity.magnitude_scores(module), fraction, layer_rates=rates)
-    )
-    sparsity.apply_masks(module)
-
-
 def artifacts_from_configs(names: list[str], folder: Path) -> dict[tuple[str, float], Path]:
     """Each learner's freshly initialised net, dense and pruned, exported as a device would get it."""
+    from lthmaml import sparsity
     from lthmaml.edge.export import export_net
 
     paths = {}
     for name in names:
         for fraction in (0.0, SPARSITY):
             module, data = build_module(name)
-            if fraction:
-                prune_by_magnitude(module, fraction)
+            if fraction:  # a head at half rate, as the LTH papers prune it
+                rates = {"net.head": 0.5} if module_has_head(module) else None
+                sparsity.prune_by_magnitude(module, fraction, layer_rates=rates)
             path = folder / f"{name}-{fraction:g}.safetensors"
             export_net(module, path, metadata={"ways": data["ways"]} if module_has_head(module) else None)
             paths[(name, fraction)] = path
@@ -125,23 +115,24 @@ def random_task(ways: int, channels: int, size: int, seed: int) -> tuple[torch.T
     return torch.rand(ways, channels, size, size, generator=generator), torch.arange(ways)
 
 
-def adapt_once(artifact: Any, x: torch.Tensor, y: torch.Tensor) -> None:
-    """What ``lthmaml-edge`` does to a task's support set before it predicts."""
-    from lthmaml import sparsity
+def adapt_once(module: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    """What ``lthmaml-edge`` does to a task's support set before it predicts, on its
+    :class:`~lthmaml.edge.finetune.FineTuneModule` (its optimizer, loss and masks), without the
+    Trainer around it: the prototypes / support embeddings, or the evaluation inner steps."""
     from lthmaml.edge.amortized import SupportAdapter
+    from lthmaml.sparsity import apply_masks
 
-    adapter = SupportAdapter.for_task(artifact.metadata, y, "bench")
+    adapter = SupportAdapter.for_task(module.metadata, y, "bench")
     if adapter is not None:
-        adapter.adapt(artifact.net, x, y)
+        adapter.adapt(module.net, x, y)
         return
-    net, meta = artifact.net, artifact.metadata
-    optimizer = torch.optim.SGD(net.parameters(), lr=meta.inner_lr)
-    for _ in range(meta.eval_inner_steps):
-        loss = torch.nn.functional.cross_entropy(net(x), y)
+    optimizer = module.configure_optimizers()
+    for _ in range(module.metadata.eval_inner_steps):
+        loss = module.loss(module.net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sparsity.apply_masks(net)
+        apply_masks(module.net)
 
 
 def measure_adaptation(path: Path, ways: int, repeats: int) -> dict[str, Any]:
@@ -149,26 +140,26 @@ def measure_adaptation(path: Path, ways: int, repeats: int) -> dict[str, Any]:
     import copy
     import resource
 
-    from lthmaml.edge.artifact import load_artifact
+    from lthmaml.edge.finetune import FineTuneModule
 
     torch.set_num_threads(1)
-    artifact = load_artifact(path)
-    architecture = artifact.metadata.architecture["init_args"]
+    module = FineTuneModule(artifact=str(path))
+    architecture = module.metadata.architecture["init_args"]
     channels, size = architecture.get("in_channels", 1), architecture.get("image_size", 28)
-    weights = copy.deepcopy(artifact.net.state_dict())
+    weights = copy.deepcopy(module.net.state_dict())
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = []
     for seed in range(repeats + 2):  # two warm-up tasks
         x, y = random_task(ways, channels, size, seed)
-        artifact.net.load_state_dict(weights)
+        module.net.load_state_dict(weights)
         start = time.perf_counter()
-        adapt_once(artifact, x, y)
+        adapt_once(module, x, y)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "learner": artifact.metadata.learner,
+        "learner": module.metadata.learner,
         "ways": ways,
-        "sparsity": artifact.metadata.sparsity,
+        "sparsity": module.metadata.sparsity,
         "artifact_bytes": path.stat().st_size,
         "adapt_ms": 1000 * statistics.median(times[2:]),
         "adapt_ms_min": 1000 * min(times[2:]),

@@ -129,6 +129,18 @@ def prune_lowest(
     return new_masks
 
 
+def prune_by_magnitude(
+    model: nn.Module,
+    fraction: float,
+    layer_rates: Optional[Mapping[str, float]] = None,
+    rounds: Optional[int] = None,
+) -> None:
+    """Install global magnitude pruning of ``fraction`` of ``model``'s remaining prunable weights
+    (:func:`prune_lowest`'s ``layer_rates`` and ``rounds``): one-shot pruning outside a callback."""
+    scores = magnitude_scores(model)
+    load_masks(model, prune_lowest(masks_of(model), scores, fraction, layer_rates=layer_rates, rounds=rounds))
+
+
 def _prune_group(masks: Masks, scores: Scores, names: list[str], count: int) -> None:
     alive = [masks[name].flatten().bool() for name in names]
     candidates = torch.cat([scores[name].flatten().float()[keep] for name, keep in zip(names, alive)])

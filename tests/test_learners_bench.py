@@ -18,6 +18,7 @@ from bench.learners import (
 )
 from lthmaml import sparsity
 from lthmaml.edge.artifact import load_artifact
+from lthmaml.edge.finetune import FineTuneModule
 
 
 def test_each_learner_is_named_by_its_learner_and_ways_and_its_config_exists():
@@ -40,7 +41,7 @@ def test_artifacts_hold_the_learner_and_the_pruned_ones_are_80_percent_sparse_an
 
 def test_maml_adaptation_takes_its_evaluation_steps_and_keeps_pruned_weights_zero(tmp_path):
     path = artifacts_from_configs(["maml-5way"], tmp_path)[("maml-5way", SPARSITY)]
-    artifact = load_artifact(path)
+    artifact = FineTuneModule(artifact=str(path))
     before = {name: p.detach().clone() for name, p in artifact.net.named_parameters()}
     x, y = torch.rand(5, 1, 28, 28), torch.arange(5)
     adapt_once(artifact, x, y)
