@@ -15,7 +15,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lthmaml.checkpointing import LastCheckpoint
@@ -105,6 +105,26 @@ class MetaCLI(LightningCLI):
                 test_rounds(self.trainer, self.model, self.datamodule)
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the run's ``config.yaml``, but a fit that resumes from a checkpoint of the same run
+    folder (a fixed logger version, as ``make experiments`` uses) keeps the one written when the run
+    began; any other fit into a folder that holds a run is refused in one line, not overwritten."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: LightningModule, stage: str) -> None:
+        log_dir = Path(trainer.log_dir or ".")
+        if self.already_saved or not (log_dir / self.config_filename).is_file():
+            return super().setup(trainer, pl_module, stage)
+        ckpt = self.config.get("ckpt_path")
+        if ckpt and log_dir.resolve() in Path(ckpt).resolve().parents:
+            self.already_saved = True  # resuming this run: its config.yaml stays the record
+            return None
+        raise ConfigError(
+            f"{log_dir} already holds a run ({self.config_filename}): resume it with --ckpt_path "
+            f"{log_dir / 'checkpoints' / 'last.ckpt'}, or choose another "
+            "--trainer.logger.init_args.version or save_dir"
+        )
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -241,6 +261,7 @@ def main(args: Optional[list[str]] = None) -> None:
             trainer_defaults=TRAINER_DEFAULTS,
             args=args,
             auto_configure_optimizers=False,
+            save_config_callback=RunConfig,
             parser_kwargs=PARSER_KWARGS,
         )
 

@@ -87,6 +87,39 @@ def test_resume_from_last_checkpoint_continues_the_step_count(in_tmp):
     assert resumed["global_step"] == 10 and resumed["epoch"] == 1
 
 
+def test_a_fixed_version_run_resumes_in_place_and_is_never_overwritten(in_tmp, capsys):
+    """``make experiments`` fixes the logger version so masks_from and resume find the run: resuming
+    writes into the same folder and keeps its config.yaml; a fresh fit into it is a one-line error."""
+    fixed = [*TINY, "--trainer.logger.init_args.version", "0"]
+    main(["fit", "-c", SINUSOID, *fixed])
+    run = in_tmp / "runs" / "sinusoid" / "version_0"
+    config = (run / "config.yaml").read_text()
+    main(
+        [
+            "fit",
+            "-c",
+            SINUSOID,
+            *fixed,
+            "--trainer.max_epochs",
+            "2",
+            "--ckpt_path",
+            str(run / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 10 and resumed["epoch"] == 1
+    assert (run / "config.yaml").read_text() == config and not (run.parent / "version_1").exists()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", SINUSOID, *fixed])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "runs/sinusoid/version_0 already holds a run" in err and "--ckpt_path" in err and "last.ckpt" in err
+    )
+    assert (run / "config.yaml").read_text() == config
+
+
 def test_ways_mismatch_is_a_one_line_config_error(in_tmp, capsys, monkeypatch):
     from lthmaml.data import SinusoidDataModule
 
