@@ -225,10 +225,18 @@ class UpdateClock(Callback):
 
 def seconds_per_update(name: str, folder: Path, updates: int = 12) -> float:
     """The median time of a meta-update of ``name`` here, from a short fit (first 3 left out)."""
-    from lthmaml.cli import main as lthmaml
-
     clock = folder / f"{name}-calibration.json"
     config, overrides = LEARNERS[name]
+    with tempfile.TemporaryDirectory(prefix="calibration-", dir=folder) as scratch:  # nothing kept
+        calibrate(config, overrides, updates, Path(scratch), clock)
+    times = sorted((int(step), t) for step, t in json.loads(clock.read_text()).items())
+    return statistics.median(b - a for (_, a), (_, b) in zip(times[2:], times[3:]))
+
+
+def calibrate(config: str, overrides: list[str], updates: int, scratch: Path, clock: Path) -> None:
+    """A fit of ``updates`` meta-updates without validation, its update times written to ``clock``."""
+    from lthmaml.cli import main as lthmaml
+
     lthmaml(
         [
             *("fit", "-c", str(REPO / config), *overrides, "--threads", "1"),
@@ -243,15 +251,13 @@ def seconds_per_update(name: str, folder: Path, updates: int = 12) -> float:
             ),
             *(
                 "--trainer.default_root_dir",
-                str(folder / "calibration"),
+                str(scratch),
                 "--trainer.enable_progress_bar",
                 "false",
             ),
             *("--trainer.callbacks+=bench.learners.UpdateClock", "--trainer.callbacks.path", str(clock)),
         ]
     )
-    times = sorted((int(step), t) for step, t in json.loads(clock.read_text()).items())
-    return statistics.median(b - a for (_, a), (_, b) in zip(times[2:], times[3:]))
 
 
 def train_one(name: str, minutes: float, root: Path) -> dict[str, Any]:
