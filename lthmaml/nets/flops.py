@@ -140,3 +140,24 @@ COSTS: dict[str, Callable[[nn.Module], dict[str, int]]] = {
 def filter_cost(model: nn.Module, cost: Cost) -> dict[str, int]:
     """Per conv: what one more alive filter costs, in ``cost`` (a key of :data:`COSTS`)."""
     return COSTS[cost](model)
+
+
+def weight_uses(model: nn.Module) -> dict[str, int]:
+    """How often one example's forward pass applies each entry of each mask-aware layer's weight:
+    a conv's output positions, 1 for a linear layer. A kept entry costs that many multiply-adds, so
+    ``sum(mask.sum() * uses)`` is a sparse net's forward cost as sparse-training papers count it
+    (Evci et al. 2020, appendix H: zeros inside a filter are skipped, unlike :func:`layer_flops`)."""
+    from lthmaml.nets.layers import MaskedLinear, masked_layers
+
+    layers = masked_layers(model)
+    convs = [name for name, layer in layers.items() if isinstance(layer, MaskedConv2d)]
+    positions = {shape.name: shape.positions for shape in conv_shapes(model)} if convs else {}
+    uses = {}
+    for name, layer in layers.items():
+        if isinstance(layer, MaskedLinear):
+            uses[name] = 1
+        elif name in positions:
+            uses[name] = positions[name]
+        else:
+            raise ConfigError(f"{name}: FLOPs are counted for the convs of a Conv4 and linear layers only")
+    return uses

@@ -24,19 +24,29 @@ class MaskedMixin:
 
     The effective weight is ``transform(weight) * mask``; every forward uses it, so
     reparametrisations and pruning compose and survive ``higher.monkeypatch``.
+
+    ``backward_mask`` (a superset of ``mask``, or None) is TopKAST's backward set: the forward value
+    stays ``transform(weight) * mask``, but the gradient also reaches the weights of
+    ``backward_mask``, as if they computed. A plain attribute, like ``weight_transform``, so the
+    functional copies of the inner loop keep it; the strategy that sets it keeps it in its state.
     """
 
     weight: Tensor
     mask: Tensor
     weight_transform: Optional[WeightTransform]
+    backward_mask: Optional[Tensor]
 
     def _init_mask(self) -> None:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=self.weight.dtype))
         self.weight_transform = None
+        self.backward_mask = None
 
     def effective_weight(self) -> Tensor:
         weight = self.weight if self.weight_transform is None else self.weight_transform(self.weight)
-        return weight * self.mask
+        if self.backward_mask is None:
+            return weight * self.mask
+        explore = weight * (self.backward_mask - self.mask)  # value 0 below, gradient kept
+        return weight * self.mask + (explore - explore.detach())
 
 
 class MaskedLinear(MaskedMixin, nn.Linear):

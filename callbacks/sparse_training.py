@@ -1,0 +1,236 @@
+"""Always-sparse training: the net is sparse from its first update, written once for every method.
+
+The server never trains the dense net: before the first meta-update the strategy chooses the
+initial masks (``initial_masks``: random, by sensitivity, by magnitude) at each layer's density
+(:func:`lthmaml.sparsity.layer_densities`, ``uniform`` or ``erk``); every ``update_every`` steps
+until ``stop_updates_at`` of the fit a dynamic strategy rewires them (``update_masks``: drop and
+grow, the density unchanged; a grown weight starts at zero with a fresh optimizer state), and the
+last ``1 - stop_updates_at`` of the fit trains the final mask. The forward mask holds inside
+MAML's inner loop (the layers multiply by it), so adapted weights are as sparse.
+
+Training FLOPs are counted as the sparse-training papers do (Evci et al. 2020, appendix H): a
+training step costs ``3 f`` (forward, and a backward pass of twice its cost) where ``f`` is the
+forward multiply-adds of one example through the kept weights (:func:`lthmaml.nets.flops.weight_uses`),
+and a strategy adds what its method costs beyond that (``step_cost``, ``update_cost``). The fit's
+one record (``rounds/round_00``, the net as trained when the fit ends) holds, besides the shared
+schema, ``train_flops_vs_dense``: the fit's FLOPs over those of the same steps dense.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from callbacks.base import PruningCallback
+from lthmaml import sparsity
+from lthmaml.errors import ConfigError
+from lthmaml.nets.flops import weight_uses
+from lthmaml.sparsity import Distribution, Masks
+
+Decay = Literal["constant", "cosine"]
+
+
+class SparseTraining(PruningCallback):
+    """Base of the always-sparse strategies (static masks, SNIP, SET, RigL, TopKAST).
+
+    Args:
+        sparsity: the fraction of the prunable weights that are zero from the first update on.
+        distribution: how the density is shared among layers: ``erk`` (the default of the
+            sparse-training papers) or ``uniform``.
+        update_every: meta-updates between mask updates (None: the mask is fixed).
+        stop_updates_at: the fraction of the fit's steps (``trainer.estimated_stepping_batches``)
+            after which the mask is fixed.
+        drop_fraction: the fraction of each layer's kept weights rewired by an update;
+            ``drop_decay: cosine`` anneals it to zero at ``stop_updates_at`` (RigL), ``constant``
+            keeps it (SET).
+        seed: the random draws (initial masks, random growth), keyed by the update's number too,
+            so a resumed fit draws what an uninterrupted one would.
+        **kwargs: ``exclude``, ``layer_rates`` (unused here), ``monitor``, ``mode``,
+            ``test_each_round`` of :class:`~callbacks.base.PruningCallback`.
+    """
+
+    default_distribution: ClassVar[Optional[Distribution]] = "erk"
+    state_attributes = (
+        *PruningCallback.state_attributes,
+        "started",
+        "mask_updates",
+        "flops",
+        "dense_flops",
+    )
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        distribution: Optional[Distribution] = "erk",
+        update_every: Optional[int] = None,
+        stop_updates_at: float = 0.75,
+        drop_fraction: float = 0.3,
+        drop_decay: Decay = "cosine",
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"{name}.sparsity must be in [0, 1), got {sparsity}")
+        if distribution not in ("erk", "uniform") and not (
+            distribution is None and self.default_distribution is None
+        ):
+            raise ConfigError(f"{name}.distribution must be 'erk' or 'uniform', got {distribution!r}")
+        if update_every is not None and update_every < 1:
+            raise ConfigError(f"{name}.update_every must be >= 1 or null (a fixed mask), got {update_every}")
+        if not 0.0 < stop_updates_at <= 1.0 or not 0.0 <= drop_fraction < 1.0:
+            raise ConfigError(
+                f"{name}: stop_updates_at must be in (0, 1] and drop_fraction in [0, 1); "
+                f"got {stop_updates_at}, {drop_fraction}"
+            )
+        if drop_decay not in ("constant", "cosine"):
+            raise ConfigError(f"{name}.drop_decay must be 'constant' or 'cosine', got {drop_decay!r}")
+        self.sparsity, self.distribution = sparsity, distribution
+        self.update_every, self.stop_updates_at = update_every, stop_updates_at
+        self.drop_fraction, self.drop_decay, self.seed = drop_fraction, drop_decay, seed
+        self.started = False
+        self.mask_updates = 0
+        self.flops = 0.0
+        """Training multiply-adds so far, per example (see the module docstring)."""
+        self.dense_flops = 0.0
+        """What the same steps would have cost dense."""
+
+    # ------------------------------------------------------------------ the strategy's method
+    def initial_masks(self, pl_module: pl.LightningModule, batch: Any) -> Masks:
+        """The masks the first meta-update trains (default: random at :meth:`densities`)."""
+        layers = self.prunable(pl_module)
+        generator = self.generator(0)
+        scores = {name: torch.rand(layer.mask.shape, generator=generator) for name, layer in layers.items()}
+        return sparsity.keep_highest(scores, self.densities(pl_module))
+
+    def update_masks(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, fraction: float
+    ) -> None:
+        """Rewire ``fraction`` of each layer's kept weights (dynamic strategies)."""
+
+    def step_cost(self, pl_module: pl.LightningModule, forward: float, dense: float) -> float:
+        """Multiply-adds of one training step, given one sparse and one dense forward pass."""
+        return 3 * forward
+
+    def update_cost(self, forward: float, dense: float) -> float:
+        """What a mask update adds (RigL: a dense gradient)."""
+        return 0.0
+
+    def keep_raw_weights(self, pl_module: pl.LightningModule) -> None:
+        """After each update: the raw weights under a mask are zeroed (TopKAST keeps them)."""
+        sparsity.apply_masks(pl_module)
+
+    def details(self) -> dict[str, Any]:
+        """What this strategy's record adds to the shared schema."""
+        return {}
+
+    # ------------------------------------------------------------------ shared helpers
+    def densities(self, pl_module: pl.LightningModule, sparsity_: Optional[float] = None) -> dict[str, float]:
+        """Each prunable layer's kept fraction for the net at ``sparsity_`` (default: the target)."""
+        target = self.sparsity if sparsity_ is None else sparsity_
+        return sparsity.layer_densities(
+            self.prunable(pl_module), 1.0 - target, self.distribution or "uniform"
+        )
+
+    def generator(self, draw: int) -> torch.Generator:
+        """The random source of draw ``draw`` (0: the initial masks, ``k``: the k-th update)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+
+    def current_fraction(self, trainer: pl.Trainer) -> float:
+        """The drop fraction at this step: constant, or RigL's ``alpha / 2 (1 + cos(pi t / T_end))``."""
+        if self.drop_decay == "constant":
+            return self.drop_fraction
+        return (
+            self.drop_fraction / 2 * (1 + math.cos(math.pi * trainer.global_step / self.update_end(trainer)))
+        )
+
+    def update_end(self, trainer: pl.Trainer) -> int:
+        """The step after which the mask is fixed: ``stop_updates_at`` of the fit's steps."""
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError(
+                f"{type(self).__name__}: mask updates stop at a fraction of the fit: set trainer.max_steps "
+                "or trainer.max_epochs"
+            )
+        return max(1, int(self.stop_updates_at * total))
+
+    def forward_cost(
+        self, pl_module: pl.LightningModule, masks: Optional[Masks] = None
+    ) -> tuple[float, float]:
+        """One example's forward multiply-adds through the kept weights of ``masks`` (default: the
+        layers' masks; layers left out of pruning count dense), and dense."""
+        uses = weight_uses(pl_module)
+        layers = sparsity.masked_layers(pl_module)
+        kept = masks or {}
+        sparse = sum(
+            float((kept[name] if name in kept else layer.mask).sum()) * uses[name]
+            for name, layer in layers.items()
+        )
+        dense = sum(float(layer.mask.numel()) * uses[name] for name, layer in layers.items())
+        return sparse, dense
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.started:
+            return
+        sparsity.load_masks(pl_module, self.initial_masks(pl_module, batch))  # no optimizer state yet
+        self.started = True
+        report = sparsity.sparsity_report(pl_module)
+        rank_zero_info(
+            f"{type(self).__name__}: sparsity {report.sparsity:.2%} from the first step\n{report.table()}"
+        )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.keep_raw_weights(pl_module)
+        forward, dense = self.forward_cost(pl_module)
+        self.flops += self.step_cost(pl_module, forward, dense)
+        self.dense_flops += 3 * dense
+        step = trainer.global_step
+        if (
+            self.update_every is not None
+            and step % self.update_every == 0
+            and step <= self.update_end(trainer)
+        ):
+            fraction = self.current_fraction(trainer)
+            self.update_masks(trainer, pl_module, batch, fraction)
+            self.mask_updates += 1
+            self.flops += self.update_cost(*self.forward_cost(pl_module))
+            self.keep_raw_weights(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before ModelCheckpoint's hook, so the fit's last.ckpt holds the record too.
+        if self.started and not self.history and self.last_epoch(trainer):
+            self.write_round(trainer, pl_module, details=self.record_details())
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def record_details(self) -> dict[str, Any]:
+        return {
+            "train_flops_vs_dense": self.flops / self.dense_flops if self.dense_flops else None,
+            "distribution": self.distribution,
+            "mask_updates": self.mask_updates,
+            **self.details(),
+        }
+
+
+def dense_gradients(pl_module: pl.LightningModule, layers: dict[str, Any], batch: Any) -> dict[str, Tensor]:
+    """|dL/dw| at every entry, pruned ones too, summed over the batch's tasks: the support loss
+    at the meta-parameters (``task_losses``, the first-order task gradient every learner gives)."""
+    total: dict[str, Tensor] = {}
+    with torch.enable_grad(), sparsity.effective_weights_as_leaves(layers, dense=True) as leaves:
+        names = list(leaves)
+        for loss in pl_module.task_losses(batch, adapted=False):
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+            for name, grad in zip(names, grads):
+                if grad is not None:
+                    total[name] = grad if name not in total else total[name] + grad
+    return {name: grad.abs() for name, grad in total.items()}
