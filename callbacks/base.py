@@ -221,6 +221,7 @@ class PruningCallback(Callback):
             val_metrics = self.last_val_metrics or self.validation_metrics(trainer)
         metrics = dict(val_metrics)
         report = sparsity.sparsity_report(pl_module)
+        flops = sparsity.forward_multiply_adds(pl_module) or (None, None)
         record = RoundRecord(
             round=len(self.history),
             sparsity=report.sparsity,
@@ -234,6 +235,8 @@ class PruningCallback(Callback):
             tasks_scored=tasks_scored,
             round_start_step=round_start_step,
             stopped_early=stopped_early,
+            forward_flops=flops[0],
+            dense_forward_flops=flops[1],
             details=dict(details or {}),
             **validation,
         ).as_dict()

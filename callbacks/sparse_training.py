@@ -29,7 +29,6 @@ from torch import Tensor
 from callbacks.base import PruningCallback
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.nets.flops import weight_uses
 from lthmaml.sparsity import Distribution, Masks
 
 Decay = Literal["constant", "cosine"]
@@ -160,20 +159,15 @@ class SparseTraining(PruningCallback):
             )
         return max(1, int(self.stop_updates_at * total))
 
-    def forward_cost(
-        self, pl_module: pl.LightningModule, masks: Optional[Masks] = None
-    ) -> tuple[float, float]:
-        """One example's forward multiply-adds through the kept weights of ``masks`` (default: the
-        layers' masks; layers left out of pruning count dense), and dense."""
-        uses = weight_uses(pl_module)
-        layers = sparsity.masked_layers(pl_module)
-        kept = masks or {}
-        sparse = sum(
-            float((kept[name] if name in kept else layer.mask).sum()) * uses[name]
-            for name, layer in layers.items()
-        )
-        dense = sum(float(layer.mask.numel()) * uses[name] for name, layer in layers.items())
-        return sparse, dense
+    @staticmethod
+    def forward_cost(pl_module: pl.LightningModule, masks: Optional[Masks] = None) -> tuple[float, float]:
+        """One example's forward multiply-adds through the kept weights, and dense."""
+        costs = sparsity.forward_multiply_adds(pl_module, masks)
+        if costs is None:
+            raise ConfigError(
+                f"{type(pl_module).__name__}: training FLOPs are counted for Conv4 and MLP nets"
+            )
+        return costs
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_batch_start(
@@ -215,6 +209,7 @@ class SparseTraining(PruningCallback):
 
     def record_details(self) -> dict[str, Any]:
         return {
+            "train_flops": self.flops,
             "train_flops_vs_dense": self.flops / self.dense_flops if self.dense_flops else None,
             "distribution": self.distribution,
             "mask_updates": self.mask_updates,

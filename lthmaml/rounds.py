@@ -53,6 +53,10 @@ class RoundRecord:
             over, all ranks together (None: the step did not score tasks, or the net is dense).
         test, test_metric, test_metrics: the test counterpart of ``monitor`` and every test metric,
             when the round was tested (``test_each_round``).
+        forward_flops, dense_forward_flops: multiply-adds of one example's forward pass through
+            the kept weights, and through all of them (:func:`lthmaml.sparsity.forward_multiply_adds`;
+            None where the net's layers are not counted): training FLOPs are ``3 x forward_flops``
+            a step, as the sparse-training papers count them.
         details: what only this strategy records (documented in its file, e.g. Taylor's filters).
     """
 
@@ -74,6 +78,8 @@ class RoundRecord:
     test: Optional[float] = None
     test_metric: Optional[str] = None
     test_metrics: dict[str, float] = field(default_factory=dict)
+    forward_flops: Optional[float] = None
+    dense_forward_flops: Optional[float] = None
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

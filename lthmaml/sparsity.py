@@ -433,6 +433,23 @@ def start_at_zero(layer: MaskedMixin, grown: Tensor, optimizers: Sequence[torch.
                 value[grown] = 0.0
 
 
+def forward_multiply_adds(
+    model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None
+) -> Optional[tuple[float, float]]:
+    """One example's forward multiply-adds in ``model``'s mask-aware layers through the kept weights
+    of ``masks`` (default: the layers' own; a layer they leave out counts its own mask), and dense
+    (:func:`lthmaml.nets.flops.weight_uses`); None for a net whose layers are not counted."""
+    from lthmaml.nets.flops import weight_uses
+
+    try:
+        uses = weight_uses(model)
+    except ConfigError:
+        return None
+    layers, chosen = masked_layers(model), masks or {}
+    kept = sum(float(chosen.get(name, layer.mask).sum()) * uses[name] for name, layer in layers.items())
+    return kept, sum(float(layer.mask.numel()) * uses[name] for name, layer in layers.items())
+
+
 def set_backward_masks(model: nn.Module, masks: Optional[Mapping[str, Tensor]]) -> None:
     """Install (``None``: remove) the layers' backward sets: TopKAST's gradient reaches the
     weights of the backward mask although only those of the forward mask compute (see

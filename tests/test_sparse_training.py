@@ -167,6 +167,7 @@ def test_every_layer_keeps_its_exact_count_after_every_update_and_records_flops(
     flops = record["details"]["train_flops_vs_dense"]
     # The record counts zero effective weights: a kept weight SET grew behind a dead unit stays 0.
     assert 0.0 < flops < 1.0 and record["sparsity"] >= 1 - kept / total - 1e-9
+    assert (record["forward_flops"], record["dense_forward_flops"]) == (kept, total)  # an MLP: one use each
     metrics = json.loads((tmp_path / "rounds" / "round_00" / "metrics.json").read_text())
     assert metrics["details"]["train_flops_vs_dense"] == flops
 
