@@ -11,6 +11,14 @@ round ``r`` trains at sparsity ``1 - (1 - p) ** r``. At the end of a round its b
 weights are recorded under ``rounds/round_XX``; then they are pruned by magnitude to the next
 round's sparsity and rewound (or re-initialised, or kept). The last round trains the final ticket
 (the standard LTH evaluation) and ends the fit.
+
+Distillation (``distill_weight > 0``). From round 1 on, each task's training objective adds a
+temperature-scaled KL term towards the dense round-0 net's query outputs (Hinton et al. 2015; see
+:mod:`lthmaml.meta.distill`). The teacher is loaded from round 0's record,
+``rounds/round_00/model.ckpt``, whose path rides in the callback's state: a fit resumed from any
+later checkpoint, into a new run folder too, distils from the same net. Every record's ``details``
+then hold ``distill_weight`` and ``distill_temperature`` (round 0, the teacher, trains without the
+term).
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from torch import Tensor
 from callbacks.round_based import RoundBasedPruning
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.rounds import MASK_FILE, ROUNDS_FOLDER, round_folder_name
+from lthmaml.meta.distill import Distillable, Distillation, check_options, load_teacher
+from lthmaml.rounds import CHECKPOINT_FILE, MASK_FILE, ROUNDS_FOLDER, round_folder_name
 
 RewindTo = Union[Literal["init", "none"], int]
 
@@ -47,13 +56,16 @@ class LotteryTicket(RoundBasedPruning):
             ``reinit_random`` this is the control exactly as the paper runs it: the winning
             tickets' masks with fresh weights.
         seed: seed of ``reinit_random``.
+        distill_weight: weight of the distillation term towards the dense round-0 net in rounds
+            1 and later (0: none; the learner must output class logits).
+        distill_temperature: its softmax temperature ``T`` (the term is scaled by ``T^2``).
         rounds, epochs_per_round, steps_per_round: the schedule of
             :class:`~callbacks.round_based.RoundBasedPruning` (``patience``, ``min_delta``: a round
             ends on a validation plateau); ``scope``, ``exclude``, ``layer_rates``, ``monitor``,
             ``mode``, ``test_each_round``: as for :class:`~callbacks.base.PruningCallback`.
     """
 
-    state_attributes = (*RoundBasedPruning.state_attributes, "rewind_state")
+    state_attributes = (*RoundBasedPruning.state_attributes, "rewind_state", "teacher_file")
 
     def __init__(
         self,
@@ -62,9 +74,12 @@ class LotteryTicket(RoundBasedPruning):
         reinit_random: bool = False,
         masks_from: Optional[str] = None,
         seed: int = 0,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 4.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_options("LotteryTicket", distill_weight, distill_temperature)
         if not 0.0 < prune_rate < 1.0:
             raise ConfigError(f"LotteryTicket.prune_rate must be in (0, 1), got {prune_rate}")
         if isinstance(rewind_to, bool) or not (
@@ -80,7 +95,10 @@ class LotteryTicket(RoundBasedPruning):
         self.reinit_random = reinit_random
         self.masks_from = None if masks_from is None else Path(masks_from)
         self.seed = seed
+        self.distill_weight, self.distill_temperature = float(distill_weight), float(distill_temperature)
         self.rewind_state: Optional[dict[str, Tensor]] = None
+        self.teacher_file: Optional[str] = None
+        """Round 0's ``model.ckpt`` (absolute), the distillation teacher; None: not distilling."""
 
     # ------------------------------------------------------------------ the method
     def next_round(self, pl_module: pl.LightningModule) -> None:
@@ -126,11 +144,57 @@ class LotteryTicket(RoundBasedPruning):
                     f"model's layers ({shapes}): use a run of the same net"
                 )
 
+    # ------------------------------------------------------------------ distillation
+    def round_details(self) -> dict[str, Any]:
+        if self.distill_weight == 0:
+            return {}
+        return {"distill_weight": self.distill_weight, "distill_temperature": self.distill_temperature}
+
+    def teacher_checkpoint(self, trainer: pl.Trainer) -> Path:
+        """Round 0's record (this run's own, for a checkpoint written before the path was kept)."""
+        return Path(self.teacher_file or self.round_dir(trainer, 0) / CHECKPOINT_FILE)
+
+    def attach_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Distil from the round-0 net once round 0 is recorded (and from no net before)."""
+        if self.distill_weight == 0:
+            return
+        pl_module.distillation = (
+            Distillation(
+                load_teacher(pl_module, self.teacher_checkpoint(trainer)),
+                self.distill_weight,
+                self.distill_temperature,
+            )
+            if self.history
+            else None
+        )
+
+    def check_distillation(self, pl_module: pl.LightningModule) -> None:
+        """Fail before training if the learner cannot distil, or distils from a teacher of its own."""
+        if self.distill_weight == 0:
+            return
+        if not isinstance(pl_module, Distillable):
+            raise ConfigError(
+                f"LotteryTicket.distill_weight: {type(pl_module).__name__} has no class logits to distil"
+            )
+        if getattr(pl_module, "distill_weight", 0.0) > 0:
+            raise ConfigError(
+                "LotteryTicket.distill_weight: the model distils from its own distill_from; set one of them"
+            )
+
+    def end_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.distill_weight > 0 and not self.history:  # round 0's record, the teacher, comes now
+            self.teacher_file = str((self.round_dir(trainer, 0) / CHECKPOINT_FILE).resolve())
+        super().end_round(trainer, pl_module)
+        if len(self.history) == 1:
+            self.attach_teacher(trainer, pl_module)
+
     # ------------------------------------------------------------------ the rewind point
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.masks_from is not None:
             self.check_borrowed_masks(pl_module)
+        if stage == "fit":
+            self.check_distillation(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rewind_step == 0 and self.rewind_state is None:
@@ -140,6 +204,7 @@ class LotteryTicket(RoundBasedPruning):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self.attach_teacher(trainer, pl_module)  # a resumed fit past round 0 distils from it again
         round_steps = self.round_steps(trainer)
         if round_steps is not None and self.rewind_step is not None and self.rewind_step >= round_steps:
             raise ConfigError(

@@ -85,6 +85,10 @@ class RoundBasedPruning(PruningCallback):
         """Prune the recorded net to level ``self.round`` and set the weights the round starts from."""
         raise NotImplementedError
 
+    def round_details(self) -> dict[str, Any]:
+        """What the strategy adds to each round's record (its ``details``)."""
+        return {}
+
     # ------------------------------------------------------------------ the schedule
     @property
     def finished(self) -> bool:
@@ -132,6 +136,7 @@ class RoundBasedPruning(PruningCallback):
             val_metrics=best.metrics if best.state is not None else None,
             round_start_step=self.round_start_step,
             stopped_early=stopped_early,
+            details=self.round_details(),
             val_step=best.step,
             val_epoch=best.epoch,
             val_epoch_in_round=in_round,

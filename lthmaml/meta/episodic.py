@@ -151,6 +151,12 @@ class AmortizedLearner(EpisodicLearner):
         """The per-task loss training minimises and pruning criteria differentiate."""
         return result.loss_post
 
+    def training_objectives(self, batch: TaskBatch) -> tuple[list[TaskResult], Tensor]:
+        """Each task's query metrics and the ``[tasks]`` objectives whose mean training minimises
+        (a learner may add terms of its own, such as a distillation's)."""
+        results = self.task_results(batch)
+        return results, torch.stack([self.objective(r) for r in results])
+
     def task_losses(self, batch: TaskBatch, adapted: bool = False) -> Iterator[Tensor]:
         """One loss per task for pruning criteria, differentiable w.r.t. the parameters: the query
         objective given the support set, lazily (Taylor pruning's gates see each task's passes).
@@ -163,8 +169,8 @@ class AmortizedLearner(EpisodicLearner):
             yield self.objective(self.task_result(batch.task(i)))
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        results = self.task_results(batch)
-        loss = torch.stack([self.objective(r) for r in results]).mean()
+        results, objectives = self.training_objectives(batch)
+        loss = objectives.mean()
         if not bool(loss.isfinite()):  # stop before backward and the optimizer step see it
             raise TrainingError(
                 non_finite_message(

@@ -19,13 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError, TrainingError, non_finite_message
+from lthmaml.meta.distill import Distillable
 from lthmaml.meta.episodic import EpisodicLearner
 from lthmaml.meta.functional import FunctionalInnerLoop
 from lthmaml.meta.higher_loop import Adapted
 from lthmaml.meta.metrics import TaskResult, task_accuracy, task_loss
 
 
-class MAML(EpisodicLearner):
+class MAML(Distillable, EpisodicLearner):
     """Model-Agnostic Meta-Learning.
 
     Args:
@@ -44,6 +45,10 @@ class MAML(EpisodicLearner):
         optimizer, lr_scheduler: the meta-optimizer, configurable the LightningCLI way.
         gradient_clip_val: clip the meta-gradient norm (manual optimization does not use the
             Trainer's clipping).
+
+    With a ``distillation`` attached (:mod:`lthmaml.meta.distill`), each task's meta-loss adds its
+    term between the adapted query outputs and the teacher's (the teacher adapted to the task by
+    its ``eval_inner_steps``, as it is validated).
     """
 
     def __init__(
@@ -116,8 +121,9 @@ class MAML(EpisodicLearner):
         rates = list(self.inner_lrs) if self.inner_lrs is not None else None
         return Adapted(self.net, self.inner_lr, rates, support_x, support_y, steps, track_higher_grads)
 
-    def meta_train_task(self, task: TaskBatch, scale: float) -> TaskResult:
-        """Adapt to one task and back-propagate ``scale`` times its query loss into ``.grad``.
+    def meta_train_task(self, task: TaskBatch, scale: float, teacher: Optional[Tensor] = None) -> TaskResult:
+        """Adapt to one task and back-propagate ``scale`` times its query loss into ``.grad``
+        (plus the distillation term towards the ``teacher``'s query logits, when given).
 
         Only post-adaptation metrics: a pre-adaptation pass would cost a forward per task in
         the hot loop, and validation reports it anyway.
@@ -125,22 +131,32 @@ class MAML(EpisodicLearner):
         with self.adapt(task.support_x, task.support_y, self.inner_steps, not self.first_order) as adapted:
             logits = adapted(task.query_x)
             loss = task_loss(logits, task.query_y)
-            self._backward_meta_loss(loss * scale, adapted)
+            objective = loss if teacher is None else loss + self.distillation.loss(logits, teacher)
+            self._backward_meta_loss(objective * scale, adapted)
         return TaskResult(
             loss_pre=None, loss_post=loss.detach(), acc_post=task_accuracy(logits.detach(), task.query_y)
         )
 
     def meta_train(self, batch: TaskBatch, scale: float) -> list[TaskResult]:
-        """Back-propagate ``scale`` times each task's query loss into ``.grad``, by the chosen loop."""
+        """Back-propagate ``scale`` times each task's query loss (and distillation term, with a
+        teacher attached) into ``.grad``, by the chosen loop."""
+        teacher = self.teacher_logits(batch)
         if self.inner_loop == "higher":
-            return [self.meta_train_task(batch.task(i), scale) for i in range(batch.num_tasks)]
+            return [
+                self.meta_train_task(batch.task(i), scale, None if teacher is None else teacher[i])
+                for i in range(batch.num_tasks)
+            ]
         results = []
-        for chunk in self.chunks(batch):
+        for index, chunk in enumerate(self.chunks(batch)):
             outputs = self.functional_loop().chunk_outputs(
                 chunk.support_x, chunk.support_y, chunk.query_x, self.inner_steps, self.first_order
             )
             losses = torch.stack([task_loss(out, y) for out, y in zip(outputs, chunk.query_y)])
-            self.manual_backward(losses.sum() * scale)
+            objective = losses.sum()
+            if teacher is not None:
+                targets = teacher[index * self.task_chunk : index * self.task_chunk + len(outputs)]
+                objective = objective + sum(map(self.distillation.loss, outputs, targets))
+            self.manual_backward(objective * scale)
             for out, loss, y in zip(outputs.detach(), losses.detach(), chunk.query_y):
                 results.append(TaskResult(loss_pre=None, loss_post=loss, acc_post=task_accuracy(out, y)))
         return results
@@ -161,18 +177,31 @@ class MAML(EpisodicLearner):
     def adapted_outputs(self, batch: TaskBatch, steps: int) -> list[Tensor]:
         """Each task's query outputs after ``steps`` of adaptation, detached (no meta-gradient)."""
         if self.inner_loop == "func":
-            loop = self.functional_loop()
-            return [
-                out
-                for chunk in self.chunks(batch)
-                for out in loop.evaluate_outputs(chunk.support_x, chunk.support_y, chunk.query_x, steps)
-            ]
+            return self.functional_outputs(batch, steps)
         outputs = []
         for i in range(batch.num_tasks):
             task = batch.task(i)
             with self.adapt(task.support_x, task.support_y, steps, False) as adapted:
                 outputs.append(adapted(task.query_x).detach())
         return outputs
+
+    def functional_outputs(self, batch: TaskBatch, steps: int) -> list[Tensor]:
+        """:meth:`adapted_outputs` through ``torch.func``, whatever ``inner_loop`` is."""
+        loop = self.functional_loop()
+        return [
+            out
+            for chunk in self.chunks(batch)
+            for out in loop.evaluate_outputs(chunk.support_x, chunk.support_y, chunk.query_x, steps)
+        ]
+
+    def query_logits(self, batch: TaskBatch) -> list[Tensor]:
+        """The query outputs after ``eval_inner_steps`` of adaptation, as validation scores them.
+
+        Always through ``torch.func``: it differentiates the support loss w.r.t. whatever weights
+        it is given, so a frozen teacher (``requires_grad`` off) adapts too; ``higher`` only adapts
+        weights that require a gradient. Both loops agree to 1e-5.
+        """
+        return self.functional_outputs(batch, self.eval_inner_steps)
 
     def evaluate_batch(self, batch: TaskBatch) -> list[TaskResult]:
         """Query metrics before and after ``eval_inner_steps`` of adaptation (no meta-gradient)."""

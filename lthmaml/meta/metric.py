@@ -17,11 +17,12 @@ from torch import Tensor, nn
 
 from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError, DataError
+from lthmaml.meta.distill import Distillable
 from lthmaml.meta.episodic import AmortizedLearner
 from lthmaml.meta.metrics import TaskResult, task_accuracy
 
 
-class MetricLearner(AmortizedLearner):
+class MetricLearner(Distillable, AmortizedLearner):
     """A classifier of query examples by their embeddings' relation to the support embeddings.
 
     Support and query sets are embedded in separate forward passes, as MAML's adapted net sees
@@ -33,6 +34,9 @@ class MetricLearner(AmortizedLearner):
     leaves only the query pass): the gate gradient sums over support and query examples, which is
     the criterion over the whole task, divided by the query pass's size, a factor the same in
     every layer that leaves the ranking as it is.
+
+    With a ``distillation`` attached (:mod:`lthmaml.meta.distill`), each task's training objective
+    adds its term between the query log-probabilities and the teacher's for the same task.
 
     Args:
         net: the embedding net, built from mask-aware layers so that it can be pruned; a Conv4
@@ -73,19 +77,36 @@ class MetricLearner(AmortizedLearner):
         )
 
     def task_result(self, task: TaskBatch) -> TaskResult:
-        log_p = self.task_log_probabilities(task)
-        return TaskResult(
-            loss_pre=None,
-            loss_post=F.nll_loss(log_p, task.query_y),
-            acc_post=task_accuracy(log_p.detach(), task.query_y),
-        )
+        return query_result(self.task_log_probabilities(task), task.query_y)
+
+    def training_objectives(self, batch: TaskBatch) -> tuple[list[TaskResult], Tensor]:
+        teacher = self.teacher_logits(batch)
+        if teacher is None:
+            return super().training_objectives(batch)
+        tasks = [batch.task(i) for i in range(batch.num_tasks)]
+        log_ps = [self.task_log_probabilities(task) for task in tasks]
+        results = [query_result(log_p, task.query_y) for log_p, task in zip(log_ps, tasks)]
+        objectives = [
+            self.objective(result) + self.distillation.loss(log_p, target)
+            for result, log_p, target in zip(results, log_ps, teacher)
+        ]
+        return results, torch.stack(objectives)
+
+    def query_logits(self, batch: TaskBatch) -> list[Tensor]:
+        """Each task's query log-probabilities (logits up to a constant), without a graph."""
+        with torch.no_grad():
+            return [self.task_log_probabilities(batch.task(i)) for i in range(batch.num_tasks)]
 
     def predict_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         """``[tasks, queries, ways]`` class probabilities of the query examples."""
-        with torch.no_grad():
-            return torch.stack(
-                [self.task_log_probabilities(batch.task(i)).exp() for i in range(batch.num_tasks)]
-            )
+        return torch.stack(self.query_logits(batch)).exp()
+
+
+def query_result(log_p: Tensor, query_y: Tensor) -> TaskResult:
+    """One task's query metrics from its ``[queries, ways]`` log-probabilities (the loss keeps its graph)."""
+    return TaskResult(
+        loss_pre=None, loss_post=F.nll_loss(log_p, query_y), acc_post=task_accuracy(log_p.detach(), query_y)
+    )
 
 
 def check_labels(support_y: Tensor, query_y: Tensor, learner: str) -> int:
