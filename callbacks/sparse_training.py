@@ -12,8 +12,10 @@ Training FLOPs are counted as the sparse-training papers do (Evci et al. 2020, a
 training step costs ``3 f`` (forward, and a backward pass of twice its cost) where ``f`` is the
 forward multiply-adds of one example through the kept weights (:func:`lthmaml.nets.flops.weight_uses`),
 and a strategy adds what its method costs beyond that (``step_cost``, ``update_cost``). The fit's
-one record (``rounds/round_00``, the net as trained when the fit ends) holds, besides the shared
-schema, ``train_flops_vs_dense``: the fit's FLOPs over those of the same steps dense.
+one record (``rounds/round_00``, written when the fit ends) holds the weights and masks of the
+best validation by ``monitor`` (as a lottery round records its best; the last ones without a
+monitor) and, besides the shared schema, ``train_flops`` (per example) and
+``train_flops_vs_dense``: the fit's FLOPs over those of the same steps dense.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ from callbacks.base import PruningCallback
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.sparsity import Distribution, Masks
+from lthmaml.tracking import BestWeights
 
 Decay = Literal["constant", "cosine"]
+MASK = "mask:"
+"""The prefix of the masks among the best-weights snapshot's parameters."""
 
 
 class SparseTraining(PruningCallback):
@@ -60,6 +65,7 @@ class SparseTraining(PruningCallback):
         "mask_updates",
         "flops",
         "dense_flops",
+        "best",
     )
 
     def __init__(
@@ -99,6 +105,8 @@ class SparseTraining(PruningCallback):
         """Training multiply-adds so far, per example (see the module docstring)."""
         self.dense_flops = 0.0
         """What the same steps would have cost dense."""
+        self.best = BestWeights(self.monitor or "", self.mode or "max", self.min_delta)
+        """The best validation's weights and masks (the masks change while a dynamic one trains)."""
 
     # ------------------------------------------------------------------ the strategy's method
     def initial_masks(self, pl_module: pl.LightningModule, batch: Any) -> Masks:
@@ -201,11 +209,49 @@ class SparseTraining(PruningCallback):
             self.flops += self.update_cost(*self.forward_cost(pl_module))
             self.keep_raw_weights(pl_module)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.best.monitor, self.best.mode = self.monitor or "", self.mode or "max"
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or not self.started or self.monitor is None:
+            return
+        self.best.update(
+            self.monitored(trainer),
+            lambda: {
+                **sparsity.snapshot(pl_module),
+                **{MASK + n: m for n, m in sparsity.masks_of(pl_module).items()},
+            },
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            metrics=self.validation_metrics(trainer),
+        )
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before ModelCheckpoint's hook, so the fit's last.ckpt holds the record too.
         if self.started and not self.history and self.last_epoch(trainer):
-            self.write_round(trainer, pl_module, details=self.record_details())
+            self.write_record(trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
+
+    def write_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the best validation's masks and weights (if any) and record them."""
+        best = self.best
+        if best.state is None:
+            self.write_round(trainer, pl_module, details=self.record_details())
+            return
+        masks = {name[len(MASK) :]: value for name, value in best.state.items() if name.startswith(MASK)}
+        sparsity.load_masks(pl_module, masks)
+        sparsity.rewind(pl_module, {n: v for n, v in best.state.items() if not n.startswith(MASK)})
+        self.write_round(
+            trainer,
+            pl_module,
+            recorded="best",
+            val_metrics=best.metrics,
+            details=self.record_details(),
+            val_step=best.step,
+            val_epoch=best.epoch,
+        )
 
     def record_details(self) -> dict[str, Any]:
         return {

@@ -407,3 +407,31 @@ def test_each_config_stacks_and_a_tiny_cli_fit_records_the_sparse_net(tmp_path, 
     metrics = json.loads((run / "rounds" / "round_00" / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(callback["init_args"]["sparsity"], abs=0.02)
     assert 0 < metrics["details"]["train_flops_vs_dense"] < 1
+
+
+def test_the_record_holds_the_best_validations_masks_and_weights(tmp_path):
+    """SET rewires after every step, so the masks of the best validation (the first: no later one
+    beats it by min_delta 100) differ from the last; the record restores and writes those."""
+
+    class FirstValidation(Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 0:
+                self.masks = sparsity.masks_of(pl_module)
+            self.last = sparsity.masks_of(pl_module)  # the last: before the record restores the best
+
+    torch.manual_seed(0)
+    datamodule = SinusoidDataModule(shots=4, query_shots=5, meta_batch_size=3, tasks_per_epoch=9, val_tasks=6)
+    model, _ = sinusoid_maml()
+    strategy = SET(
+        sparsity=0.8, update_every=1, stop_updates_at=1.0, monitor="val/loss_post", mode="min", min_delta=100
+    )
+    first = FirstValidation()
+    fit(model, datamodule, [strategy, first], tmp_path, limit_val_batches=None, max_epochs=3)
+    (record,) = strategy.history
+    assert record["recorded"] == "best" and record["val_step"] == 3 and record["val_epoch"] == 0
+    written = sparsity.read_masks(tmp_path / "rounds" / "round_00" / "mask.safetensors")
+    assert any(not torch.equal(first.last[name], mask) for name, mask in first.masks.items())
+    for name, mask in first.masks.items():
+        assert torch.equal(written[name], mask), name
+        assert torch.equal(sparsity.masks_of(model)[name], mask), name  # restored in the module too
+    assert strategy.mask_updates == 9
