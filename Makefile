@@ -96,6 +96,31 @@ $(EXP_DIR)/%.done: configs/experiments/%.yaml configs/experiments/base.yaml | $(
 	  $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/$*.log 2>&1
 	@touch $@
 
+# Always-sparse training on the same protocol (configs/experiments/sparse/<method>.yaml, issue #11):
+# static, SNIP, SET, RigL, Top-KAST and Powerprop + Top-KAST, each at sparsity 0.8, 0.9 and 0.95,
+# trained from the first update to the dense run's plateau rule, its best validation tested on the
+# 600 meta-test tasks; runs/experiments/sparse_<method>_<level>. About 0.4 CPU-core hours each,
+# 7 in all; `make -j2 sparse-experiments` resumes like `make experiments`.
+SPARSE_METHODS := static snip set rigl topkast powerprop_topkast
+SPARSE_LEVELS := 80 90 95
+SPARSE_RUNS := $(foreach m,$(SPARSE_METHODS),$(foreach l,$(SPARSE_LEVELS),sparse_$(m)_$(l)))
+.PHONY: sparse-experiments
+sparse-experiments: $(SPARSE_RUNS:%=$(EXP_DIR)/%.done)
+
+$(EXP_DIR)/sparse_%.done: configs/experiments/base.yaml | $(STAMP)
+	@mkdir -p $(EXP_DIR)/logs
+	@level=$(lastword $(subst _, ,$*)); method=$(patsubst %_$(lastword $(subst _, ,$*)),%,$*); \
+	last=$(EXP_DIR)/sparse_$*/version_0/checkpoints/last.ckpt; resume=; \
+	if [ -f $$last ]; then echo "sparse-experiments: resuming sparse_$* from $$last"; resume="--ckpt_path $$last"; \
+	elif [ -e $(EXP_DIR)/sparse_$* ]; then \
+	  echo "sparse-experiments: $(EXP_DIR)/sparse_$* exists but has no last.ckpt: move it away and run again" >&2; exit 1; fi; \
+	echo "sparse-experiments: sparse_$* (log: $(EXP_DIR)/logs/sparse_$*.log)"; \
+	OMP_NUM_THREADS=1 $(BIN)/lthmaml fit -c configs/experiments/base.yaml -c configs/experiments/sparse/$$method.yaml \
+	  --trainer.logger.init_args.save_dir $(EXP_DIR) --trainer.logger.init_args.name sparse_$* \
+	  --trainer.callbacks.init_args.sparsity 0.$$level \
+	  $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/sparse_$*.log 2>&1
+	@touch $@
+
 # README "Results": the report of the experiments (plots and tables under $(RESULTS)) and the
 # sinusoid table of bench/sinusoid.py, written into README.md between its results markers.
 RESULTS ?= docs/results

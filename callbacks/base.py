@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lthmaml import sparsity
+from lthmaml import rewiring, sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.rounds import (
     CHECKPOINT_FILE,
@@ -221,7 +221,7 @@ class PruningCallback(Callback):
             val_metrics = self.last_val_metrics or self.validation_metrics(trainer)
         metrics = dict(val_metrics)
         report = sparsity.sparsity_report(pl_module)
-        flops = sparsity.forward_multiply_adds(pl_module) or (None, None)
+        flops = rewiring.forward_multiply_adds(pl_module) or (None, None)
         record = RoundRecord(
             round=len(self.history),
             sparsity=report.sparsity,
@@ -397,13 +397,20 @@ def round_table(history: Sequence[Mapping[str, Any]]) -> str:
     keys += sorted(
         {key for row in rows for key in row.get("details") or {} if number(row.get(key))} - set(keys)
     )
-    widths = [max(12, len(key) + 2) for key in keys]
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        return (
+            f"{value:.4f}"
+            if isinstance(value, float) and abs(value) < 1e6
+            else f"{value:.4g}"
+            if isinstance(value, float)
+            else str(value)
+        )
+
+    cells = [[cell(row.get(key)) for key in keys] for row in rows]
+    widths = [max(12, len(key) + 2, *(len(line[i]) + 2 for line in cells)) for i, key in enumerate(keys)]
     lines = ["".join(f"{key:>{width}}" for key, width in zip(keys, widths))]
-    for row in rows:
-        cells = []
-        for key, width in zip(keys, widths):
-            value = row.get(key)
-            value = "" if value is None else value
-            cells.append(f"{value:>{width}.4f}" if isinstance(value, float) else f"{value!s:>{width}}")
-        lines.append("".join(cells))
+    lines += ["".join(f"{text:>{width}}" for text, width in zip(line, widths)) for line in cells]
     return "\n".join(lines)

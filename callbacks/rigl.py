@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from callbacks.sparse_training import SparseTraining, dense_gradients
-from lthmaml import sparsity
+from lthmaml import rewiring
 
 
 class RigL(SparseTraining):
@@ -45,11 +45,11 @@ class RigL(SparseTraining):
         gradients = dense_gradients(pl_module, layers, batch)
         for name, layer in layers.items():
             count = round(fraction * float(layer.mask.sum()))
-            mask, grown = sparsity.drop_and_grow(
+            mask, grown = rewiring.drop_and_grow(
                 layer.mask, layer.effective_weight().abs(), gradients[name], count
             )
             layer.mask.copy_(mask)
-            sparsity.start_at_zero(layer, grown, trainer.optimizers)
+            rewiring.start_at_zero(layer, grown, trainer.optimizers)
 
     def update_cost(self, forward: float, dense: float) -> float:
         return 2 * forward + dense

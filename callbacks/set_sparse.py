@@ -4,7 +4,7 @@ Mocanu et al. (2018), "Scalable training of artificial neural networks with adap
 connectivity". The net starts from a random mask at Erdos-Renyi(-Kernel) densities; every
 ``update_every`` steps each layer drops the ``zeta`` fraction of its kept weights closest to zero
 and grows as many connections at random among those it does not hold, so its density stays
-fixed. A grown weight starts at zero (the engine's :func:`~lthmaml.sparsity.start_at_zero`).
+fixed. A grown weight starts at zero (the engine's :func:`~lthmaml.rewiring.start_at_zero`).
 The paper rewires at the end of every epoch with a constant ``zeta = 0.3``.
 """
 
@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.sparse_training import SparseTraining
-from lthmaml import sparsity
+from lthmaml import rewiring
 
 
 class SET(SparseTraining):
@@ -40,6 +40,6 @@ class SET(SparseTraining):
         for layer in self.prunable(pl_module).values():
             count = round(fraction * float(layer.mask.sum()))
             growth = torch.rand(layer.mask.shape, generator=generator).to(layer.mask.device)
-            mask, grown = sparsity.drop_and_grow(layer.mask, layer.effective_weight().abs(), growth, count)
+            mask, grown = rewiring.drop_and_grow(layer.mask, layer.effective_weight().abs(), growth, count)
             layer.mask.copy_(mask)
-            sparsity.start_at_zero(layer, grown, trainer.optimizers)
+            rewiring.start_at_zero(layer, grown, trainer.optimizers)

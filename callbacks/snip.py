@@ -20,8 +20,9 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.sparse_training import SparseTraining
-from lthmaml import sparsity
-from lthmaml.sparsity import Distribution, Masks
+from lthmaml import rewiring, sparsity
+from lthmaml.rewiring import Distribution
+from lthmaml.sparsity import Masks
 
 
 class SNIP(SparseTraining):
@@ -55,7 +56,7 @@ class SNIP(SparseTraining):
     def initial_masks(self, pl_module: pl.LightningModule, batch: Any) -> Masks:
         scores = self.sensitivities(pl_module, batch)
         if self.distribution is not None:
-            return sparsity.keep_highest(scores, self.densities(pl_module))
+            return rewiring.keep_highest(scores, self.densities(pl_module))
         return sparsity.prune_lowest(
             sparsity.masks_of(pl_module), scores, self.sparsity, self.scope, self.layer_rates
         )

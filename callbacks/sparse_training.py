@@ -2,7 +2,7 @@
 
 The server never trains the dense net: before the first meta-update the strategy chooses the
 initial masks (``initial_masks``: random, by sensitivity, by magnitude) at each layer's density
-(:func:`lthmaml.sparsity.layer_densities`, ``uniform`` or ``erk``); every ``update_every`` steps
+(:func:`lthmaml.rewiring.layer_densities`, ``uniform`` or ``erk``); every ``update_every`` steps
 until ``stop_updates_at`` of the fit a dynamic strategy rewires them (``update_masks``: drop and
 grow, the density unchanged; a grown weight starts at zero with a fresh optimizer state), and the
 last ``1 - stop_updates_at`` of the fit trains the final mask. The forward mask holds inside
@@ -29,9 +29,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from callbacks.base import PruningCallback
-from lthmaml import sparsity
+from lthmaml import rewiring, sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.sparsity import Distribution, Masks
+from lthmaml.rewiring import Distribution
+from lthmaml.sparsity import Masks
 from lthmaml.tracking import BestWeights
 
 Decay = Literal["constant", "cosine"]
@@ -114,7 +115,7 @@ class SparseTraining(PruningCallback):
         layers = self.prunable(pl_module)
         generator = self.generator(0)
         scores = {name: torch.rand(layer.mask.shape, generator=generator) for name, layer in layers.items()}
-        return sparsity.keep_highest(scores, self.densities(pl_module))
+        return rewiring.keep_highest(scores, self.densities(pl_module))
 
     def update_masks(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, fraction: float
@@ -141,7 +142,7 @@ class SparseTraining(PruningCallback):
     def densities(self, pl_module: pl.LightningModule, sparsity_: Optional[float] = None) -> dict[str, float]:
         """Each prunable layer's kept fraction for the net at ``sparsity_`` (default: the target)."""
         target = self.sparsity if sparsity_ is None else sparsity_
-        return sparsity.layer_densities(
+        return rewiring.layer_densities(
             self.prunable(pl_module), 1.0 - target, self.distribution or "uniform"
         )
 
@@ -170,7 +171,7 @@ class SparseTraining(PruningCallback):
     @staticmethod
     def forward_cost(pl_module: pl.LightningModule, masks: Optional[Masks] = None) -> tuple[float, float]:
         """One example's forward multiply-adds through the kept weights, and dense."""
-        costs = sparsity.forward_multiply_adds(pl_module, masks)
+        costs = rewiring.forward_multiply_adds(pl_module, masks)
         if costs is None:
             raise ConfigError(
                 f"{type(pl_module).__name__}: training FLOPs are counted for Conv4 and MLP nets"

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from callbacks.sparse_training import SparseTraining
-from lthmaml import sparsity
+from lthmaml import rewiring, sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.sparsity import Masks
 
@@ -80,11 +80,11 @@ class TopKAST(SparseTraining):
         forward = self.densities(pl_module)
         backward = self.densities(pl_module, self.backward_sparsity)
         backward = {name: max(backward[name], forward[name]) for name in forward}  # B contains A
-        masks = sparsity.keep_highest(scores, forward)
-        self.backward_masks = sparsity.keep_highest(scores, backward)
+        masks = rewiring.keep_highest(scores, forward)
+        self.backward_masks = rewiring.keep_highest(scores, backward)
         for name, layer in self.prunable(pl_module).items():
             layer.mask.copy_(masks[name])
-        sparsity.set_backward_masks(pl_module, self.backward_masks)
+        rewiring.set_backward_masks(pl_module, self.backward_masks)
         return masks
 
     def initial_masks(self, pl_module: pl.LightningModule, batch: Any) -> Masks:
@@ -122,11 +122,11 @@ class TopKAST(SparseTraining):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.backward_masks is not None:  # again after a resume: a layer attribute is not in a checkpoint
-            sparsity.set_backward_masks(pl_module, self.backward_masks)
+            rewiring.set_backward_masks(pl_module, self.backward_masks)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The trained net is ``A`` only: the rest of ``theta`` is dropped and the sets removed."""
-        sparsity.set_backward_masks(pl_module, None)
+        rewiring.set_backward_masks(pl_module, None)
         sparsity.apply_masks(pl_module)
         super().on_fit_end(trainer, pl_module)
 

@@ -54,7 +54,7 @@ class RoundRecord:
         test, test_metric, test_metrics: the test counterpart of ``monitor`` and every test metric,
             when the round was tested (``test_each_round``).
         forward_flops, dense_forward_flops: multiply-adds of one example's forward pass through
-            the kept weights, and through all of them (:func:`lthmaml.sparsity.forward_multiply_adds`;
+            the kept weights, and through all of them (:func:`lthmaml.rewiring.forward_multiply_adds`;
             None where the net's layers are not counted): training FLOPs are ``3 x forward_flops``
             a step, as the sparse-training papers count them.
         details: what only this strategy records (documented in its file, e.g. Taylor's filters).

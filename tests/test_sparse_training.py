@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks import SET, SNIP, PruningCallback, RigL, StaticSparse, TopKAST
 from callbacks.powerprop import Powerprop
-from lthmaml import sparsity
+from lthmaml import rewiring, sparsity
 from lthmaml.cli import main
 from lthmaml.data import SinusoidDataModule
 from lthmaml.errors import ConfigError
@@ -68,7 +68,7 @@ def test_erk_keeps_the_target_density_and_small_layers_denser():
     layers = {"a": MaskedConv2d(1, 8, 3), "b": MaskedConv2d(8, 32, 3), "c": MaskedLinear(32, 5)}
     sizes = {name: layer.weight.numel() for name, layer in layers.items()}
     for density in (0.05, 0.1, 0.2, 0.5):
-        erk = sparsity.layer_densities(layers, density, "erk")
+        erk = rewiring.layer_densities(layers, density, "erk")
         kept = sum(erk[name] * sizes[name] for name in layers)
         assert kept == pytest.approx(density * sum(sizes.values()))
         assert erk["b"] < erk["c"] and erk["b"] < erk["a"] and max(erk.values()) <= 1.0
@@ -77,15 +77,15 @@ def test_erk_keeps_the_target_density_and_small_layers_denser():
         ratios = {name: sum(layers[name].weight.shape) / sizes[name] for name in free}
         scale = {erk[name] / ratios[name] for name in free}
         assert max(scale) == pytest.approx(min(scale))
-    assert sparsity.layer_densities(layers, 0.5, "erk")["a"] == 1.0  # 72 weights: capped, dense
-    assert sparsity.layer_densities(layers, 0.3, "uniform") == {"a": 0.3, "b": 0.3, "c": 0.3}
+    assert rewiring.layer_densities(layers, 0.5, "erk")["a"] == 1.0  # 72 weights: capped, dense
+    assert rewiring.layer_densities(layers, 0.3, "uniform") == {"a": 0.3, "b": 0.3, "c": 0.3}
     with pytest.raises(ConfigError, match="distribution"):
-        sparsity.layer_densities(layers, 0.3, "random")
+        rewiring.layer_densities(layers, 0.3, "random")
 
 
 def test_keep_highest_keeps_exact_counts_ties_to_the_lower_index():
     scores = {"x": torch.tensor([[0.5, 0.1], [0.5, 0.9]]), "y": torch.zeros(5)}
-    masks = sparsity.keep_highest(scores, {"x": 0.5, "y": 0.4})
+    masks = rewiring.keep_highest(scores, {"x": 0.5, "y": 0.4})
     assert masks["x"].tolist() == [[1.0, 0.0], [0.0, 1.0]]  # 0.9, then the first 0.5
     assert masks["y"].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
 
@@ -94,7 +94,7 @@ def test_drop_and_grow_keeps_the_count_drops_the_lowest_grows_the_highest_inacti
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
     drop = torch.tensor([0.3, 0.1, 0.2, 0.0, 0.0, 0.0])
     grow = torch.tensor([9.0, 9.0, 9.0, 0.5, 0.7, 0.1])  # the active entries' gradients never count
-    new, grown = sparsity.drop_and_grow(mask, drop, grow, 2)
+    new, grown = rewiring.drop_and_grow(mask, drop, grow, 2)
     assert new.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
     assert grown.tolist() == [False, False, False, True, True, False]
     assert int(new.sum()) == int(mask.sum())
@@ -108,7 +108,7 @@ def test_a_grown_weight_starts_at_zero_with_a_fresh_optimizer_state():
     grown = torch.zeros_like(layer.mask, dtype=torch.bool)
     grown[0, 1] = True
     before = {key: value.clone() for key, value in optimizer.state[layer.weight].items()}
-    sparsity.start_at_zero(layer, grown, [optimizer])
+    rewiring.start_at_zero(layer, grown, [optimizer])
     assert layer.weight[0, 1] == 0
     for key in ("exp_avg", "exp_avg_sq"):
         state = optimizer.state[layer.weight][key]
@@ -155,7 +155,7 @@ def test_every_layer_keeps_its_exact_count_after_every_update_and_records_flops(
     layers = sparsity.prunable_layers(model)
     assert len(counts.kept) == 12 and all(kept == counts.kept[0] for kept in counts.kept)
     if strategy.distribution is not None:
-        densities = sparsity.layer_densities(layers, 0.2, strategy.distribution)
+        densities = rewiring.layer_densities(layers, 0.2, strategy.distribution)
         assert counts.kept[0] == {
             name: round(densities[name] * layers[name].weight.numel()) for name in layers
         }
@@ -323,7 +323,7 @@ def test_adapted_weights_are_sparse_inside_the_inner_loop(tmp_path, inner_loop):
             for name, mask in masks.items():
                 assert torch.all(weights[f"{name}.weight"][mask == 0] == 0), name
             continue
-        sparsity.set_backward_masks(model, strategy.backward_masks)  # as during TopKAST's training
+        rewiring.set_backward_masks(model, strategy.backward_masks)  # as during TopKAST's training
         explored, explored_outputs = adapted_weights(model, task)
         torch.testing.assert_close(explored_outputs, outputs, rtol=1e-6, atol=1e-7)
         moved = sum(
