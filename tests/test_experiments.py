@@ -144,3 +144,40 @@ def test_make_experiments_then_results_fills_the_readme_with_the_logged_numbers(
     assert (tmp_path / "docs" / "accuracy_vs_remaining.png").is_file()
     assert "| lth_random_reinit | `lthmaml fit -c configs/experiments/base.yaml" in text
     assert "Against the random-reinit control (lth_random_reinit) at 2 pruned levels" in text
+
+
+def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_protocol(tmp_path, capsys):
+    out = subprocess.run(
+        ["make", "-n", "-B", "sparse-experiments", f"EXP_DIR={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.count("lthmaml fit") == 18
+    methods = sorted(p.stem for p in (EXPERIMENTS / "sparse").glob("*.yaml"))
+    assert methods == ["powerprop_topkast", "rigl", "set", "snip", "static", "topkast"]
+    dense = resolved("dense", capsys)
+    for method in methods:
+        with pytest.raises(SystemExit):
+            main(
+                [
+                    *(
+                        "fit",
+                        "-c",
+                        str(EXPERIMENTS / "base.yaml"),
+                        "-c",
+                        str(EXPERIMENTS / "sparse" / f"{method}.yaml"),
+                    ),
+                    *("--trainer.callbacks.init_args.sparsity", "0.95", "--print_config"),
+                ]
+            )
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert (config["data"], config["model"], config["trainer"]["max_epochs"]) == (
+            dense["data"],
+            dense["model"],
+            dense["trainer"]["max_epochs"],
+        )
+        stopping, *_, strategy = config["trainer"]["callbacks"]
+        assert stopping == dense["trainer"]["callbacks"][0]  # the dense run's plateau rule
+        assert strategy["init_args"]["sparsity"] == 0.95 and strategy["init_args"]["test_each_round"] is True
