@@ -23,6 +23,7 @@ from typing import Any, Optional
 from lthmaml.errors import DataError
 from lthmaml.reporting.plots import PLOTS, percent_scale
 from lthmaml.reporting.runs import Run, accuracy_points, dense_reference, round_seconds
+from lthmaml.reporting.sparse import sparse_findings, sparse_table
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -286,6 +287,18 @@ def results_section(runs: Sequence[Run], out: Path, readme: Path, sinusoid: Opti
         *findings(runs),
         "",
     ]
+    table = sparse_table(runs)
+    if table is not None:
+        lines += [
+            "Always-sparse training against iterative pruning (test accuracy %, mean ± 95% CI, and "
+            "training FLOPs relative to training the dense net; `~`: interpolated between the two "
+            "recorded levels around the column):",
+            "",
+            table,
+            "",
+            *sparse_findings(runs),
+            "",
+        ]
     lines += [image("rounds", "Best-validation epoch and wall time per round"), ""]
     lines += [image("time", "Validation accuracy vs. meta-training time"), ""]
     lines += [image("layers", "Per-layer sparsity of the final models"), ""]

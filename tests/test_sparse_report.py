@@ -1,0 +1,91 @@
+"""README's always-sparse table: accuracy at 80/90/95%, interpolated for iterative runs, and
+training FLOPs relative to the dense run, computed from the records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_report import config, write_events
+
+from lthmaml.reporting import runs as reading
+from lthmaml.reporting.sparse import sparse_findings, sparse_table
+
+DENSE_FORWARD = 1000.0
+
+
+def record(folder: Path, index: int, sparsity: float, test: float, ci: float, **extra) -> None:
+    folder = folder / "rounds" / f"round_{index:02d}"
+    folder.mkdir(parents=True)
+    values = {
+        "round": index,
+        "pruning_step": index,
+        "epoch": index,
+        "sparsity": sparsity,
+        "global_step": extra.pop("global_step", 100),
+        "monitor": "val/acc_post",
+        "test": test,
+        "test_metric": "test/acc_post",
+        "test_metrics": {"test/acc_post": test, "test/acc_post_ci95": ci},
+        "dense_forward_flops": DENSE_FORWARD,
+        **extra,
+    }
+    (folder / "metrics.json").write_text(json.dumps(values))
+
+
+def make_run(root: Path, name: str, callbacks: list[dict]) -> Path:
+    run = root / name / "version_0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config(callbacks)))
+    write_events(run, [("val/acc_post", 10.0, 100, 0.5)])
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list:
+    dense = tmp_path / "dense" / "version_0"
+    dense.mkdir(parents=True)
+    (dense / "config.yaml").write_text(yaml.safe_dump(config([])))
+    write_events(dense, [("val/acc_post", 10.0, 200, 0.9), ("test/acc_post", 20.0, 200, 0.95)])
+    lottery = make_run(tmp_path, "lth_rewind_init", [{"class_path": "callbacks.LotteryTicket"}])
+    # Levels 0, 87.5, 93.75 %: each round 200 steps at its own forward cost.
+    for index, (s, test, forward) in enumerate(
+        [(0.0, 0.95, 1000.0), (0.875, 0.92, 200.0), (0.9375, 0.90, 100.0)]
+    ):
+        record(
+            lottery,
+            index,
+            s,
+            test,
+            0.01,
+            forward_flops=forward,
+            round_start_step=200 * index,
+            global_step=200 * (index + 1),
+        )
+    rigl = make_run(tmp_path, "sparse_rigl_90", [{"class_path": "callbacks.RigL"}])
+    record(rigl, 0, 0.9, 0.905, 0.02, details={"train_flops": 150_000.0})
+    return [reading.load_run(p) for p in (dense, lottery, rigl)]
+
+
+def test_the_table_holds_interpolated_iterative_accuracy_and_flops_against_dense(runs):
+    table = sparse_table(runs).splitlines()
+    rigl = next(line for line in table if line.startswith("| rigl |"))
+    lottery = next(line for line in table if line.startswith("| lth_rewind_init |"))
+    dense_flops = 3 * DENSE_FORWARD * 200  # the dense run's 200 steps
+    assert f"90.50 ± 2.00, {150_000 / dense_flops:.2f}x" in rigl  # 0.25x
+    # 90%: 2.5/6.25 of the way from 87.5% (92.0) to 93.75% (90.0): 91.20, FLOPs to reach 93.75%.
+    lottery_flops = 3 * (1000 * 200 + 200 * 200 + 100 * 200)
+    assert f"~91.20 ± 1.00, {lottery_flops / dense_flops:.2f}x" in lottery  # 1.30x: three rounds
+    assert "—" in rigl and "| dense (dense) | 95.00, 1.00x" in table[-1]
+
+
+def test_the_finding_compares_the_best_of_each_family_at_90(runs):
+    (line,) = sparse_findings(runs)
+    assert "rigl (90.50%)" in line and "0.70 points below" in line and "lth_rewind_init (~91.20%)" in line
+    assert f"{150_000 / (3 * (1000 * 200 + 200 * 200 + 100 * 200)):.2f}x" in line and "met." in line
+
+
+def test_no_sparse_run_no_table(runs):
+    assert sparse_table(runs[:2]) is None
