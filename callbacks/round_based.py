@@ -213,7 +213,12 @@ class RoundBasedPruning(PruningCallback):
             self.fit_schedule(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(self.history) > self.round and not self.finished:
+        if self.finished:  # resumed after the last round was recorded (killed while testing them)
+            rank_zero_info(
+                f"{type(self).__name__}: all {len(self.history)} rounds are recorded; nothing to train"
+            )
+            trainer.should_stop = True
+        elif len(self.history) > self.round:
             self.start_next_round(pl_module)  # resumed from a round's model.ckpt, written before pruning
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

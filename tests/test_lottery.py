@@ -402,6 +402,34 @@ def test_a_resumed_fit_continues_exactly(tmp_path, resume_from):
     assert not round_folder(tmp_path / "resumed", 0).exists()
 
 
+def test_resuming_a_finished_fit_trains_nothing_and_tests_its_rounds(tmp_path):
+    """Killed after the last round was recorded (while testing the rounds): the resumed fit must not
+    train on to max_epochs, only test what is untested."""
+    lottery = LotteryTicket(
+        rounds=1, epochs_per_round=2, monitor="val/loss_post", mode="min", test_each_round=True
+    )
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    fit(maml(lr=0.05), sinusoid(), [lottery, checkpoints], tmp_path, enable_checkpointing=True, max_epochs=10)
+    last = tmp_path / "ckpt" / "epoch=3.ckpt"
+    assert len(lottery.history) == 2 and not (tmp_path / "ckpt" / "epoch=4.ckpt").exists()
+
+    class Batches(Callback):
+        count = 0
+
+        def on_train_batch_start(self, *args) -> None:
+            Batches.count += 1
+
+    resumed_lottery = LotteryTicket(
+        rounds=1, epochs_per_round=2, monitor="val/loss_post", mode="min", test_each_round=True
+    )
+    model, data = maml(lr=0.05), sinusoid()
+    trainer = fit(model, data, [resumed_lottery, Batches()], tmp_path, ckpt_path=last, max_epochs=10)
+    assert Batches.count == 0 and trainer.global_step == torch.load(last, weights_only=False)["global_step"]
+    resumed_lottery.test_rounds(trainer, model, data)
+    assert [r["round"] for r in resumed_lottery.history] == [0, 1]
+    assert all(r["test"] is not None for r in resumed_lottery.history)
+
+
 PLATEAU_ROUNDS = [
     *("--trainer.callbacks.init_args.epochs_per_round", "3", "--trainer.callbacks.init_args.patience", "1"),
     *("--trainer.callbacks.init_args.min_delta", "100", "--data.init_args.tasks_per_epoch", "50"),
