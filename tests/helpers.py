@@ -1,12 +1,15 @@
 """What many test files need: a quiet CPU Trainer, tiny few-shot image tasks and classification
-data, and the comparisons of the pruning tests."""
+data, the comparisons of the pruning tests, and generated colour photo datasets (class folders,
+the mini-ImageNet layout)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from lthmaml.data import EpisodicDataModule, FewShotTasks
@@ -94,3 +97,65 @@ def assert_same(actual: dict, expected: dict) -> None:
 
 def round_folder(root: Path, index: int) -> Path:
     return root / "rounds" / f"round_{index:02d}"
+
+
+# ---------------------------------------------------------------------------------- colour images
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 130, 40),  # the same luma as red: told apart only in colour
+    "blue": (40, 60, 220),
+    "yellow": (220, 210, 40),
+    "magenta": (210, 40, 210),
+    "cyan": (40, 200, 200),
+    "orange": (240, 140, 20),
+    "purple": (110, 30, 170),
+    "brown": (120, 70, 30),
+    "pink": (250, 170, 190),
+    "olive": (120, 130, 20),
+    "navy": (20, 20, 100),
+}
+"""Class colours of the generated photo datasets (tests make them; nothing is downloaded)."""
+
+
+def colour_photo(colour: tuple[int, int, int], seed: int, size: tuple[int, int] = (20, 20)) -> Image.Image:
+    """A ``size`` (width, height) RGB photo of ``colour`` with per-pixel noise and a dark blob."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = np.asarray(colour, dtype=np.int64) + rng.integers(-35, 36, (height, width, 3))
+    top, left = rng.integers(0, max(height // 2, 1)), rng.integers(0, max(width // 2, 1))
+    pixels[top : top + height // 4, left : left + width // 4] //= 3
+    return Image.fromarray(pixels.clip(0, 255).astype("uint8"), mode="RGB")
+
+
+def write_photos(
+    folder: Path, colour: str, count: int, seed: int = 0, suffix: str = ".jpg", **kw
+) -> list[Path]:
+    """``count`` photos of one class into ``folder`` (JPEG at quality 95, or any PIL suffix)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{colour}_{i:03d}{suffix}"
+        image = colour_photo(COLOURS[colour], seed * 1000 + i, **kw)
+        image.save(path, **({"quality": 95} if suffix == ".jpg" else {}))
+        paths.append(path)
+    return paths
+
+
+def mini_imagenet(root: Path, splits: dict[str, list[str]], per_class: int = 8, **kw) -> Path:
+    """The mini-ImageNet layout as published: ``images/<wnid><index>.jpg`` and ``train.csv``,
+    ``val.csv``, ``test.csv`` with the header ``filename,label``; one colour per class."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    number = 0
+    for split, colours in splits.items():
+        rows = ["filename,label"]
+        for colour in colours:
+            number += 1
+            wnid = f"n{number:08d}"
+            for i, path in enumerate(write_photos(root / "tmp", colour, per_class, seed=number, **kw)):
+                name = f"{wnid}{i:08d}.jpg"
+                path.rename(images / name)
+                rows.append(f"{name},{wnid}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    (root / "tmp").rmdir()
+    return root

@@ -97,5 +97,6 @@ def test_the_device_imports_no_meta_training_code():
                                 check=True).stdout.split())  # fmt: skip
     training = {"higher", "lthmaml.meta.maml", "lthmaml.meta.functional", "lthmaml.meta.higher_loop"}
     training |= {"lthmaml.data.omniglot", "lthmaml.data.datamodule", "lthmaml.reporting", "callbacks"}
+    training |= {"lthmaml.data.imageset", "lthmaml.data.folders"}  # one's own images: meta-training only
     assert loaded & training == set()
     assert {"lthmaml.edge.finetune", "lthmaml.meta.protonet"} <= loaded  # it did import the device path

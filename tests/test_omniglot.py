@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lthmaml.data import OmniglotDataModule, SinusoidDataModule, load_omniglot, split_classes
+from lthmaml.data import OmniglotDataModule, SinusoidDataModule, imageset, load_omniglot, split_classes
 from lthmaml.data import omniglot as og
 from lthmaml.errors import ConfigError, DataError
 
@@ -108,12 +108,12 @@ def test_disk_cache_is_used_and_invalidated_when_a_file_changes(fake_omniglot, l
     assert payload["images"].dtype == torch.uint8 and payload["classes"] == first.classes
 
     og.clear_memory_cache()
-    decode = og.decode_image
+    decode = imageset.decode_image  # where every reader decodes
 
     def refuse(*args):
         raise AssertionError("decoded although the disk cache is valid")
 
-    monkeypatch.setattr(og, "decode_image", refuse)
+    monkeypatch.setattr(imageset, "decode_image", refuse)
     second = load_omniglot(root, image_size=12)
     assert second is not first and torch.equal(second.images, first.images)
 
@@ -122,7 +122,7 @@ def test_disk_cache_is_used_and_invalidated_when_a_file_changes(fake_omniglot, l
     os.utime(changed, ns=(1, 1))  # a new mtime even on coarse clocks
     with pytest.raises(AssertionError, match="decoded"):
         load_omniglot(root, image_size=12)  # the memory cache is checked against the files too
-    monkeypatch.setattr(og, "decode_image", decode)
+    monkeypatch.setattr(imageset, "decode_image", decode)
     third = load_omniglot(root, image_size=12)
     assert len(list(lthmaml_cache.glob("omniglot-*.pt"))) == 2
     assert torch.equal(third.images[4, 1, 0], ink(fake_omniglot.glyph("Beta", "character02", 1, variant=7)))

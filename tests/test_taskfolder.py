@@ -82,7 +82,7 @@ def save(path: Path, image: Image.Image | np.ndarray) -> Path:
 
 def expected(gray: np.ndarray, image_size: int = SIZE) -> torch.Tensor:
     """The meta-training preprocessing of a square grayscale glyph: ink 1.0, float [1, S, S]."""
-    return torch.from_numpy(decode_image(png_bytes(Image.fromarray(gray)), image_size)).float()[None] / 255
+    return torch.from_numpy(decode_image(png_bytes(Image.fromarray(gray)), image_size).pixels).float() / 255
 
 
 def write_csv(path: Path, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""Episodic data: tasks, samplers, sources (sinusoid, Omniglot) and DataModules.
+"""Episodic data: tasks, samplers, sources (sinusoid, Omniglot, image folders) and DataModules.
 
 The names below load their module on first use (PEP 562), so a device that only reads a task
 folder (``lthmaml.data.taskfolder``) never imports the meta-training data code.
@@ -9,16 +9,20 @@ from lthmaml._lazy import lazy_exports
 _HOMES = {
     "OmniglotClassificationDataModule": "classification",
     "EpisodicDataModule": "datamodule",
+    "ImageTasksDataModule": "datamodule",
     "OmniglotDataModule": "datamodule",
     "SinusoidDataModule": "datamodule",
     "FewShotTasks": "fewshot",
+    "ImageFolderDataModule": "folders",
+    "Normalization": "images",
+    "decode_image": "images",
+    "read_image": "images",
     "OmniglotImages": "omniglot",
     "load_omniglot": "omniglot",
-    "split_classes": "omniglot",
+    "split_classes": "imageset",
     "SinusoidTasks": "sinusoid",
     "TaskFolderDataModule": "taskfolder",
     "check_compatible": "taskfolder",
-    "read_image": "taskfolder",
     "make_image_task": "taskfolder_build",
     "make_sinusoid_task": "taskfolder_build",
     "EpisodeDataset": "tasks",

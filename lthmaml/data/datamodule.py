@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from lthmaml.data.fewshot import FewShotTasks
-from lthmaml.data.omniglot import OmniglotImages, SplitSpec, check_class_split, load_omniglot, split_classes
+from lthmaml.data.images import IMAGE_LOOK, Look, Normalization, channels
+from lthmaml.data.imageset import SplitSpec, check_class_split, split_classes
+from lthmaml.data.omniglot import OmniglotImages, load_omniglot
 from lthmaml.data.sinusoid import SinusoidTasks
 from lthmaml.data.tasks import EpisodeDataset, EpochSampler, TaskSource
 from lthmaml.errors import ConfigError
@@ -153,7 +157,76 @@ class SinusoidDataModule(EpisodicDataModule):
         return SinusoidTasks(shots=self.shots, query_shots=self.split_query_shots(split))
 
 
-class OmniglotDataModule(EpisodicDataModule):
+class ImageTasksDataModule(EpisodicDataModule):
+    """N-way K-shot classification on classes of images split into meta-train, val and test: what
+    the Omniglot and image-folder modules share. Subclasses read in :meth:`setup` (building the
+    module stays instant for ``--print_config``) and draw a split's tasks in :meth:`split_tasks`.
+
+    The look (``ink``, ``gray``, ``rgb``: :mod:`lthmaml.data.images`) and the normalisation of
+    the meta-train images go into the checkpoint (:meth:`state_dict`, under :data:`IMAGE_LOOK`),
+    so the exported artifact tells the device how to decode its photos.
+    """
+
+    look: Look = "ink"
+
+    def __init__(self, ways: int, shots: int, query_shots: int, image_size: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        check_episode(ways, shots, query_shots)
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.image_size = image_size
+        self.normalization = Normalization.identity(self.look)
+        self.class_indices: dict[str, list[int]] = {}
+        self._sources: dict[str, FewShotTasks] = {}
+
+    @abstractmethod
+    def split_tasks(self, split: str) -> FewShotTasks:
+        """The tasks of ``split``, after :meth:`setup`."""
+
+    def task_source(self, split: str) -> FewShotTasks:
+        if split not in self._sources:
+            self.setup()
+            self._sources[split] = self.split_tasks(split)
+        return self._sources[split]
+
+    def check_net_channels(self) -> None:
+        """The attached model's net takes this look's channels: a ConfigError naming both
+        options, not a shape error inside torch."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        taken = getattr(getattr(model, "net", None), "in_channels", None)
+        if taken is not None and taken != channels(self.look):
+            raise ConfigError(
+                f"model.init_args.net.init_args.in_channels={taken} but data.init_args.look={self.look!r} "
+                f"gives {channels(self.look)}: set in_channels {channels(self.look)} or another look"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {IMAGE_LOOK: {"look": self.look, "normalization": self.normalization.to_dict()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed or tested run keeps the checkpoint's normalisation (the net learned on it)."""
+        saved = state_dict.get(IMAGE_LOOK)
+        if saved is None:
+            return
+        if saved.get("look", "ink") != self.look:
+            raise ConfigError(
+                f"the checkpoint was meta-trained with look {saved.get('look')!r} but data.init_args.look "
+                f"is {self.look!r}: give the look of its config.yaml"
+            )
+        stored = Normalization.parse(saved.get("normalization"), self.look)
+        if stored != self.normalization:
+            warnings.warn(
+                f"the data's normalisation {self.normalization} differs from the checkpoint's {stored} "
+                "(the images changed?): the checkpoint's is used",
+                stacklevel=2,
+            )
+        self.normalization = stored
+
+    def to_input(self, pixels: Tensor) -> Tensor:
+        """Drawn uint8 pixels as the net's input, by the arithmetic the device uses."""
+        return self.normalization.apply(pixels)
+
+
+class OmniglotDataModule(ImageTasksDataModule):
     """N-way K-shot Omniglot classification (MAML section 5.2) on a seeded split of classes.
 
     Images are read in :meth:`setup`, not here, so that building the module (``--print_config``)
@@ -190,20 +263,15 @@ class OmniglotDataModule(EpisodicDataModule):
         eval_query_shots: Optional[int] = 15,
         **kwargs,
     ) -> None:
-        super().__init__(eval_query_shots=eval_query_shots, **kwargs)
-        check_episode(ways, shots, query_shots)
+        super().__init__(ways, shots, query_shots, image_size, eval_query_shots=eval_query_shots, **kwargs)
         check_class_split(class_split)
         self.root = root
-        self.ways, self.shots, self.query_shots = ways, shots, query_shots
-        self.image_size = image_size
         self.class_split = list(class_split)
         self.split_by_alphabet = split_by_alphabet
         self.split_seed = split_seed
         self.augment_rotations = augment_rotations
         self.cache_dir = cache_dir
         self.data: Optional[OmniglotImages] = None
-        self.class_indices: dict[str, list[int]] = {}
-        self._sources: dict[str, FewShotTasks] = {}
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is None:
@@ -211,16 +279,14 @@ class OmniglotDataModule(EpisodicDataModule):
             self.class_indices = split_classes(
                 self.data.classes, self.class_split, self.split_seed, self.split_by_alphabet
             )
+        self.check_net_channels()
 
-    def task_source(self, split: str) -> FewShotTasks:
-        if split not in self._sources:
-            self.setup()
-            self._sources[split] = FewShotTasks(
-                self.data.images[self.class_indices[split]],
-                self.ways,
-                self.shots,
-                self.split_query_shots(split),
-                rotations=self.augment_rotations and split == "train",
-                name=split,
-            )
-        return self._sources[split]
+    def split_tasks(self, split: str) -> FewShotTasks:
+        return FewShotTasks(
+            self.data.images[self.class_indices[split]],
+            self.ways,
+            self.shots,
+            self.split_query_shots(split),
+            rotations=self.augment_rotations and split == "train",
+            name=split,
+        )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Optional
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -17,9 +20,15 @@ class FewShotTasks:
     """Draws ``ways`` classes, then ``shots`` support and ``query_shots`` query images of each.
 
     Args:
-        images: ``[classes, examples, channels, height, width]`` float images (all classes of a split).
+        images: ``[classes, examples, channels, height, width]`` images (all classes of a split);
+            or, with ``counts``, ``[images, channels, height, width]`` with class ``i`` the
+            ``counts[i]`` rows after the classes before it (classes of different sizes).
         ways, shots, query_shots: the episode shape.
         rotations: multiply the class pool by four rotations (Santoro et al.; used on meta-train).
+        flips: mirror each drawn image left to right with probability 1/2 (label-preserving, for
+            photos; the extra draws leave tasks without flips as they were).
+        prepare: turns the drawn images into the net's input (uint8 pixels to normalised floats),
+            so a split stays in memory as uint8; None: the images are the input.
         name: the split's name, for error messages.
     """
 
@@ -31,13 +40,23 @@ class FewShotTasks:
         query_shots: int,
         rotations: bool = False,
         name: str = "train",
+        counts: Optional[Sequence[int]] = None,
+        flips: bool = False,
+        prepare: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
-        if images.dim() != 5:
-            raise ValueError(f"images must be [classes, examples, C, H, W], got {tuple(images.shape)}")
+        if images.dim() != (4 if counts is not None else 5):
+            shape = "[images, C, H, W] with counts" if counts is not None else "[classes, examples, C, H, W]"
+            raise ValueError(f"images must be {shape}, got {tuple(images.shape)}")
         self.images = images
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
         self.rotations = ROTATIONS if rotations else 1
-        classes, examples = images.shape[:2]
+        self.flips, self.prepare = flips, prepare
+        self.counts = list(counts) if counts is not None else None
+        self.offsets = (
+            None if counts is None else np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        )
+        classes = len(self.counts) if counts is not None else images.shape[0]
+        examples = min(self.counts, default=0) if counts is not None else images.shape[1]
         pool = classes * self.rotations
         if ways < 1 or shots < 1 or query_shots < 1:
             raise ConfigError(
@@ -57,22 +76,32 @@ class FewShotTasks:
 
     @property
     def num_classes(self) -> int:
-        return self.images.shape[0] * self.rotations
+        classes = len(self.counts) if self.counts is not None else self.images.shape[0]
+        return classes * self.rotations
 
     def sample(self, rng: np.random.Generator) -> TaskBatch:
         per_class = self.shots + self.query_shots
-        examples = self.images.shape[1]
         chosen = rng.choice(self.num_classes, size=self.ways, replace=False)
         labels = shuffled_labels(self.ways, rng)
         support, query = [], []
         for pooled_class in chosen:
             image_class, quarter_turns = divmod(int(pooled_class), self.rotations)
-            picks = torch.from_numpy(rng.choice(examples, size=per_class, replace=False))
-            images = self.images[image_class, picks]
+            if self.counts is None:
+                picks = torch.from_numpy(rng.choice(self.images.shape[1], size=per_class, replace=False))
+                images = self.images[image_class, picks]
+            else:
+                picks = rng.choice(self.counts[image_class], size=per_class, replace=False)
+                images = self.images[torch.from_numpy(self.offsets[image_class] + picks)]
             if quarter_turns:
                 images = torch.rot90(images, quarter_turns, dims=(-2, -1))
+            if self.flips:
+                mirrored = torch.from_numpy(rng.random(per_class) < 0.5)
+                images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
             support.append(images[: self.shots])
             query.append(images[self.shots :])
         support_y = labels.repeat_interleave(self.shots)
         query_y = labels.repeat_interleave(self.query_shots)
-        return TaskBatch(torch.cat(support), support_y, torch.cat(query), query_y)
+        support_x, query_x = torch.cat(support), torch.cat(query)
+        if self.prepare is not None:
+            support_x, query_x = self.prepare(support_x), self.prepare(query_x)
+        return TaskBatch(support_x, support_y, query_x, query_y)

@@ -14,30 +14,42 @@ Regression (CSV with a header)::
     root/query.csv     x[,y]        optional; without a y column it is unlabelled
 
 Labels are the sorted names of the ``support/`` folders; label ``i`` is class ``i`` of the net.
-Images are preprocessed exactly as in meta-training (:func:`lthmaml.data.images.decode_image`:
-grayscale with alpha on white paper, EXIF rotation, padded square, LANCZOS to ``image_size``
-squared, ink 1.0 on paper 0.0). JPEG, BMP, GIF, WebP and TIFF are
-read too: a phone camera does not write PNG.
+Images are preprocessed exactly as in meta-training, in the look the model was meta-trained with
+(the artifact's ``look`` and ``normalization``; :mod:`lthmaml.data.images`): ``ink`` (Omniglot:
+grayscale, padded square, ink 1.0 on paper 0.0), ``gray`` or ``rgb`` (centre-cropped square), all
+with alpha on white paper, EXIF rotation, LANCZOS to ``image_size`` squared, then the meta-train
+normalisation. An image that disagrees with the look (a colour photo for a gray model, a gray one
+for a colour model) is converted, and the log says so. JPEG, BMP, GIF, WebP and TIFF are read
+too: a phone camera does not write PNG.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lthmaml.data.images import decode_image
+from lthmaml.data.images import (
+    IMAGE_SUFFIXES,
+    DecodeTally,
+    Look,
+    Normalization,
+    decode_file,
+    model_look,
+    visible,
+)
+from lthmaml.data.tables import read_csv
 from lthmaml.data.validation import Validation, derive_validation
 from lthmaml.errors import ConfigError, DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS = ("support", "val", "query")
 UNLABELLED = -1
 """The class target of an unlabelled query image (regression: NaN)."""
@@ -48,30 +60,15 @@ LAYOUT = (
 
 
 # ---------------------------------------------------------------------------------- images
-def read_image(path: Union[str, Path], image_size: int = 28) -> Tensor:
-    """One image file as the net sees it: float ``[1, image_size, image_size]``, ink 1.0, paper 0.0."""
-    path = Path(path)
-    try:
-        ink = decode_image(path.read_bytes(), image_size)
-    except Exception as error:  # any decoder failure (OSError, SyntaxError, zlib, bombs) = unreadable
-        reason = str(error) or type(error).__name__
-        raise DataError(f"cannot read image {path} ({reason}): replace or delete the file") from None
-    return torch.from_numpy(ink).float().div_(255.0).unsqueeze(0)
-
-
-def _visible(path: Path) -> bool:
-    return not path.name.startswith((".", "__MACOSX"))
-
-
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name; other files (notes, thumbs) are ignored."""
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.iterdir() if p.is_file() and visible(p.name) and p.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
 def _label_folders(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
+    return sorted((p for p in folder.iterdir() if p.is_dir() and visible(p.name)), key=lambda p: p.name)
 
 
 def _scan_labelled(folder: Path, known: Optional[list[str]]) -> dict[str, list[Path]]:
@@ -101,57 +98,6 @@ def _scan_labelled(folder: Path, known: Optional[list[str]]) -> dict[str, list[P
     return found
 
 
-# ---------------------------------------------------------------------------------- CSV
-def read_csv(path: Union[str, Path], require_y: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    """``x`` and ``y`` columns (header row; other columns are ignored) as float ``[rows, 1]``.
-
-    ``y`` is None when the file has no y column and ``require_y`` is False (an unlabelled query).
-    """
-    path = Path(path)
-    columns = "x,y" if require_y else "x (and optionally y)"
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet BOMs
-            reader = csv.reader(handle)
-            header = next((row for row in reader if any(cell.strip() for cell in row)), None)
-            if header is None:
-                raise DataError(f"{path} is empty: write a header {columns} and one row per example")
-            names = [cell.strip().lower() for cell in header]
-            missing = [c for c in ("x", "y") if c not in names and (require_y or c == "x")]
-            if missing:
-                raise DataError(
-                    f"{path} has no column {' or '.join(missing)} (header: {','.join(header)}): "
-                    f"its first row must name the columns {columns}"
-                )
-            wanted = [c for c in ("x", "y") if c in names]
-            index = {c: names.index(c) for c in wanted}
-            values: dict[str, list[float]] = {c: [] for c in wanted}
-            for row in reader:
-                if not any(cell.strip() for cell in row):
-                    continue  # blank lines
-                number = len(values["x"]) + 1
-                for column in wanted:
-                    cell = row[index[column]].strip() if index[column] < len(row) else ""
-                    try:
-                        value = float(cell)
-                    except ValueError:
-                        value = math.nan
-                    if not math.isfinite(value):
-                        raise DataError(
-                            f"{path} row {number} (line {reader.line_num}): {column} = {cell!r} is not a "
-                            "finite number: fix or delete the row"
-                        )
-                    values[column].append(value)
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(
-            f"cannot read {path} ({error}): write it as UTF-8 text with a header {columns}"
-        ) from None
-    if not values["x"]:
-        raise DataError(f"{path} has a header but no rows: add one row per example")
-    x = torch.tensor(values["x"], dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(values["y"], dtype=torch.float32).unsqueeze(1) if "y" in values else None
-    return x, y
-
-
 # ---------------------------------------------------------------------------------- the module
 @dataclass
 class TaskSplit:
@@ -177,7 +123,8 @@ class TaskFolderDataModule(pl.LightningDataModule):
 
     Every loader yields ``(x, y)`` tuples:
 
-    * classification: ``x`` float32 ``[B, 1, image_size, image_size]`` in [0, 1] (ink 1.0), ``y``
+    * classification: ``x`` float32 ``[B, C, image_size, image_size]`` as meta-training's input
+      (:attr:`look`: C is 3 for ``rgb``, else 1; Omniglot's ``ink``: in [0, 1], ink 1.0), ``y``
       int64 ``[B]`` indices into :attr:`labels`; ``-1`` for an unlabelled query image.
     * regression: ``x`` float32 ``[B, 1]``, ``y`` float32 ``[B, 1]``; NaN for an unlabelled query row.
 
@@ -228,10 +175,38 @@ class TaskFolderDataModule(pl.LightningDataModule):
         self.labels: list[str] = []
         self.ways: Optional[int] = None
         self.splits: dict[str, TaskSplit] = {}
+        self.look: Look = "ink"
+        self.normalization = Normalization.identity()
+        """How images are decoded: the model's (:meth:`follow`); Omniglot's ink until a model is known."""
+        self._tally = DecodeTally(self.look, image_size)
 
     # ------------------------------------------------------------------ reading
+    def follow(self, metadata: Any) -> None:
+        """Decode images as the model (its artifact metadata) was meta-trained: its look and
+        normalisation. A folder read in another look is read again."""
+        init_args = (getattr(metadata, "architecture", None) or {}).get("init_args", {})
+        try:
+            look, normalization = model_look(
+                getattr(metadata, "look", None),
+                getattr(metadata, "normalization", None),
+                init_args.get("in_channels"),
+            )
+        except ValueError as error:
+            raise ConfigError(f"the model's metadata: {error}") from None
+        if (look, normalization) == (self.look, self.normalization):
+            return
+        self.look, self.normalization = look, normalization
+        self._tally = DecodeTally(look, self.image_size)
+        if self.task == "classification":
+            self.task, self.splits, self.validation_source, self.fine_tune_split = None, {}, "", None
+            self.setup()
+
     def setup(self, stage: Optional[str] = None) -> None:
-        """Reads the folder once (every file: a bad one fails here, not mid-training)."""
+        """Reads the folder once (every file: a bad one fails here, not mid-training), in the look
+        of the model being fitted, tested or predicted with when there is one."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if getattr(model, "metadata", None) is not None:
+            self.follow(model.metadata)
         if self.task is not None:
             return
         root = Path(self.root).expanduser()
@@ -277,17 +252,30 @@ class TaskFolderDataModule(pl.LightningDataModule):
                     "put every query image in query/ (unlabelled) or every one in query/<label>/ (labelled)"
                 )
             if loose:
-                x = torch.stack([read_image(p, self.image_size) for p in loose])
+                x = self._read(loose)
                 y = torch.full((len(loose),), UNLABELLED, dtype=torch.int64)
                 splits["query"] = TaskSplit(x, y, [p.name for p in loose], labelled=False)
             else:
                 splits["query"] = self._image_split(_scan_labelled(query, labels), labels)
         self.labels = labels
+        self._say_conversions(root)
         return splits
+
+    def _read(self, paths: list[Path]) -> Tensor:
+        """The images as the net's input, tallying what converting them did."""
+        decoded = [decode_file(path, self.image_size, self.look) for path in paths]
+        for path, image in zip(paths, decoded):
+            self._tally.add(str(path), image)
+        return self.normalization.apply(torch.from_numpy(np.stack([d.pixels for d in decoded])))
+
+    def _say_conversions(self, root: Path) -> None:
+        for note in self._tally.notes(f"task folder {root}"):
+            rank_zero_info(note)
+        self._tally = DecodeTally(self.look, self.image_size)
 
     def _image_split(self, found: dict[str, list[Path]], labels: list[str]) -> TaskSplit:
         paths = [(label, path) for label, files in found.items() for path in files]
-        x = torch.stack([read_image(path, self.image_size) for _, path in paths])
+        x = self._read([path for _, path in paths])
         y = torch.tensor([labels.index(label) for label, _ in paths], dtype=torch.int64)
         return TaskSplit(x, y, [f"{label}/{path.name}" for label, path in paths])
 
@@ -395,7 +383,9 @@ def check_compatible(
     datamodule: TaskFolderDataModule, metadata: Any, artifact: Union[str, Path, None] = None
 ) -> None:
     """ConfigError unless a model (its :class:`~lthmaml.edge.export.ArtifactMetadata`) fits the folder:
-    the same task kind, as many ways as label folders, the image size it was trained at."""
+    the same task kind, as many ways as label folders, the image size it was trained at. The folder
+    is read in the model's look and normalisation (:meth:`TaskFolderDataModule.follow`)."""
+    datamodule.follow(metadata)
     datamodule.setup()
     source = f"the model {artifact}" if artifact is not None else "the model"
     task = getattr(metadata, "task", None)

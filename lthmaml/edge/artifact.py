@@ -20,6 +20,7 @@ from safetensors.torch import save
 from torch import Tensor, nn
 
 from lthmaml import sparsity
+from lthmaml.data.images import model_look
 from lthmaml.edge.maskbits import MASK, MASKZ, unpack_mask
 from lthmaml.errors import ConfigError, DataError, LthmamlError
 from lthmaml.nets.layers import masked_layers
@@ -30,8 +31,8 @@ FORMAT_VERSION = 2
 """Bumped whenever an older reader would misread the file or refuse it for a wrong reason; this one
 loads every version up to it and refuses a newer one (update lthmaml). 2: a mask may be deflated
 (``@maskz``, :mod:`lthmaml.edge.maskbits`); version-1 files (``@mask`` only) load as they did.
-Adding ``learner`` and ``metric_scale`` did not bump it: a version-1 reader rejects fields it does
-not know (a one-line error naming them) rather than misreading the file."""
+Adding ``learner``, ``metric_scale``, ``look`` and ``normalization`` did not bump it: an older
+reader rejects fields it does not know (a one-line error naming them) rather than misreading them."""
 METADATA_KEY = "lthmaml_artifact"
 NETS: dict[str, type[nn.Module]] = {
     "lthmaml.nets.models.Conv4": Conv4,
@@ -101,6 +102,8 @@ class ArtifactMetadata:
             when that names a learner, else ``"maml"``.
         metric_scale: MatchingNet's (learned) inverse temperature of the attention softmax; None
             for every other learner. It lies outside the net, so it travels here.
+        look, normalization: how the device decodes images, ``ink``/``gray``/``rgb`` and the meta-train
+            ``{mean, std}`` per channel (:func:`lthmaml.data.images.model_look` reads None as before).
     """
 
     architecture: dict
@@ -121,6 +124,8 @@ class ArtifactMetadata:
     stored_weights: int = 0
     learner: str = "maml"
     metric_scale: Optional[float] = None
+    look: Optional[str] = None
+    normalization: Optional[dict[str, list[float]]] = None
 
 
 def learner_of(class_path: Optional[str]) -> Optional[str]:
@@ -352,6 +357,12 @@ def checked_metadata(
             f"out_features={out_features} classes: export it again"
         )
     _check_learner(checked, out_features, where, error)
+    if checked.get("look") is not None or checked.get("normalization") is not None:
+        in_channels = init_args.get("in_channels") if isinstance(init_args, Mapping) else None
+        try:
+            model_look(checked.get("look"), checked.get("normalization"), in_channels)
+        except ValueError as problem:
+            raise error(f"{where}: artifact metadata {problem}") from None
     rates = checked.get("inner_lrs")
     if rates is not None:
         if not isinstance(rates, Mapping):

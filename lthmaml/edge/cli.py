@@ -18,6 +18,10 @@ A ProtoNet or MatchingNet artifact (its metadata's ``learner``) is adapted by em
 support set: ``fit`` computes the prototypes / support embeddings (0 epochs, no backward pass)
 unless ``--model.fine_tune_embedding true``; ``test`` and ``predict`` score the query with the
 learner's rule, the classes being the task folder's labels in its order.
+
+Images are decoded in the artifact's look (``ink``, ``gray``, ``rgb``) and normalised by the
+meta-train statistics it carries (:meth:`~lthmaml.data.taskfolder.TaskFolderDataModule.follow`);
+``--data.image_size`` must be the artifact's (84 for a mini-ImageNet net).
 """
 
 from __future__ import annotations

@@ -42,6 +42,11 @@ module's class): a ProtoNet or MatchingNet artifact is a headless embedding (``w
 net for any N) that the device adapts by embedding the support set, no inner loop; MatchingNet's
 attention scale (a parameter outside ``net``) goes into ``metric_scale``; a CNP artifact is its
 CNPNet (encoder and decoder).
+
+Images: the meta-training DataModule's look and per-channel normalisation (its checkpoint state
+under ``image_look``, :class:`~lthmaml.data.datamodule.ImageTasksDataModule`) go into ``look`` and
+``normalization``, so the device decodes its photos as meta-training did; a Conv4 without them
+gets ``rgb`` for 3 input channels, else ``ink`` (Omniglot, all there was before looks).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lthmaml import sparsity
+from lthmaml.data.images import IMAGE_LOOK
 from lthmaml.edge.artifact import (
     AMORTIZED_LEARNERS,
     CLASSIFIER_DEFAULTS,
@@ -159,6 +165,7 @@ def export_checkpoint(
         install_power(net, alpha)
     module = hparams.get("_class_path")
     fields: dict[str, Any] = {"source_sha256": sha256_of(path), "source_module": module}
+    fields.update(_image_look(data.values()))
     learner = learner_of(module) or ("maml" if "inner_lr" in hparams else "classifier")
     fields["learner"] = learner
     if learner == "matching":
@@ -191,11 +198,23 @@ def artifact_from_checkpoint(checkpoint: PathLike) -> Artifact:
         return load_artifact(path)
 
 
+def _image_look(states: Any) -> dict[str, Any]:
+    """The ``look`` and ``normalization`` an image DataModule saved (its checkpoint state under
+    :data:`~lthmaml.data.images.IMAGE_LOOK`), or nothing: the net's channels then decide."""
+    saved = next((v[IMAGE_LOOK] for v in states if isinstance(v, Mapping) and IMAGE_LOOK in v), None)
+    if not isinstance(saved, Mapping):
+        return {}
+    return {key: saved[key] for key in ("look", "normalization") if saved.get(key) is not None}
+
+
 def _module_fields(module: nn.Module) -> dict[str, Any]:
     """Fine-tuning settings of an in-memory LightningModule: its learner (by its class or a base
     class, see :data:`~lthmaml.edge.artifact.LEARNERS`), MAML's inner loop, MatchingNet's scale."""
     cls = type(module)
     fields: dict[str, Any] = {"source_module": f"{cls.__module__}.{cls.__qualname__}"}
+    datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
+    if callable(getattr(datamodule, "state_dict", None)):
+        fields.update(_image_look([datamodule.state_dict()]))
     learner = next(filter(None, (learner_of(kind.__name__) for kind in cls.__mro__)), None)  # subclasses too
     fields["learner"] = learner or ("maml" if hasattr(module, "inner_lr") else "classifier")
     if fields["learner"] == "matching":
@@ -241,6 +260,7 @@ def _write(net: nn.Module, output: Path, fields: dict[str, Any], dtype: Union[to
         "task": task,
         "ways": net.out_features if task == "classification" else None,
         **CLASSIFIER_DEFAULTS,
+        "look": ("rgb" if net.in_channels == 3 else "ink") if is_conv else None,
     }
     values = {
         **defaults,
