@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import COLOURS, colour_photo, quiet_trainer, write_photos
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -206,3 +207,31 @@ def _rewrite(path: Path, **changes) -> Path:
         values.pop(key, None) if value is None else values.__setitem__(key, value)
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(values)})
     return path
+
+
+def test_the_task_folder_follows_the_models_image_size_unless_given(tmp_path):
+    """Without data.image_size the device reads images at the artifact's size (an 84x84
+    mini-ImageNet net needs no option); a size given and different stays a one-line error."""
+    from types import SimpleNamespace
+
+    from lthmaml.data.taskfolder import check_compatible
+
+    root = tmp_path / "task"
+    for label in ("a", "b"):
+        (root / "support" / label).mkdir(parents=True)
+        Image.new("RGB", (30, 20), (200, 10, 10) if label == "a" else (10, 200, 10)).save(
+            root / "support" / label / "1.png"
+        )
+    model = SimpleNamespace(
+        task="classification",
+        ways=2,
+        look="rgb",
+        normalization=None,
+        architecture={"init_args": {"in_channels": 3, "image_size": 12, "out_features": 2}},
+    )
+    following = TaskFolderDataModule(str(root))
+    check_compatible(following, model)
+    assert following.image_size == 12 and tuple(following.splits["support"].x.shape[1:]) == (3, 12, 12)
+    given = TaskFolderDataModule(str(root), image_size=16)
+    with pytest.raises(ConfigError, match="takes 12x12 images .*data.image_size=16"):
+        check_compatible(given, model)

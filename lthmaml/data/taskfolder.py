@@ -99,6 +99,10 @@ def _scan_labelled(folder: Path, known: Optional[list[str]]) -> dict[str, list[P
 
 
 # ---------------------------------------------------------------------------------- the module
+DEFAULT_IMAGE_SIZE = 28
+"""The image size of a folder read before (or without) a model that names one: Omniglot's."""
+
+
 @dataclass
 class TaskSplit:
     """One split: ``x`` and ``y`` as the loaders serve them, and the file (or CSV row) of each example."""
@@ -126,6 +130,7 @@ class TaskFolderDataModule(pl.LightningDataModule):
     * classification: ``x`` float32 ``[B, C, image_size, image_size]`` as meta-training's input
       (:attr:`look`: C is 3 for ``rgb``, else 1; Omniglot's ``ink``: in [0, 1], ink 1.0), ``y``
       int64 ``[B]`` indices into :attr:`labels`; ``-1`` for an unlabelled query image.
+      ``image_size`` None (the default): the model's, once :meth:`follow` knows it (28 before).
     * regression: ``x`` float32 ``[B, 1]``, ``y`` float32 ``[B, 1]``; NaN for an unlabelled query row.
 
     ``train_dataloader`` is the support set, shuffled (one full batch when it holds at most
@@ -148,7 +153,7 @@ class TaskFolderDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str,
-        image_size: int = 28,
+        image_size: Optional[int] = None,
         batch_size: int = 32,
         num_workers: int = 0,
         validation: Validation = "auto",
@@ -157,7 +162,8 @@ class TaskFolderDataModule(pl.LightningDataModule):
         val_seed: int = 0,
     ) -> None:
         super().__init__()
-        counts = {"image_size": image_size, "batch_size": batch_size, "num_workers": num_workers}
+        size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+        counts = {"image_size": size, "batch_size": batch_size, "num_workers": num_workers}
         for name, value in {**counts, "val_per_class": val_per_class, "val_copies": val_copies}.items():
             if value < (least := 0 if name == "num_workers" else 1):
                 raise ConfigError(f"data.{name} must be >= {least}, got {value}")
@@ -168,7 +174,9 @@ class TaskFolderDataModule(pl.LightningDataModule):
         self.fine_tune_split: Optional[TaskSplit] = None
         """What ``train_dataloader`` serves: the support set less any held-out examples."""
         self.root = root
-        self.image_size = image_size
+        self.image_size = size
+        self.image_size_given = image_size is not None
+        """False: the model's image size, once one is known (:meth:`follow`)."""
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.task: Optional[str] = None
@@ -178,12 +186,13 @@ class TaskFolderDataModule(pl.LightningDataModule):
         self.look: Look = "ink"
         self.normalization = Normalization.identity()
         """How images are decoded: the model's (:meth:`follow`); Omniglot's ink until a model is known."""
-        self._tally = DecodeTally(self.look, image_size)
+        self._tally = DecodeTally(self.look, self.image_size)
 
     # ------------------------------------------------------------------ reading
     def follow(self, metadata: Any) -> None:
-        """Decode images as the model (its artifact metadata) was meta-trained: its look and
-        normalisation. A folder read in another look is read again."""
+        """Decode images as the model (its artifact metadata) was meta-trained: its look,
+        normalisation and (unless ``image_size`` was given) image size. A folder read otherwise is
+        read again."""
         init_args = (getattr(metadata, "architecture", None) or {}).get("init_args", {})
         try:
             look, normalization = model_look(
@@ -193,9 +202,10 @@ class TaskFolderDataModule(pl.LightningDataModule):
             )
         except ValueError as error:
             raise ConfigError(f"the model's metadata: {error}") from None
-        if (look, normalization) == (self.look, self.normalization):
+        size = self.image_size if self.image_size_given else init_args.get("image_size") or self.image_size
+        if (look, normalization, size) == (self.look, self.normalization, self.image_size):
             return
-        self.look, self.normalization = look, normalization
+        self.look, self.normalization, self.image_size = look, normalization, size
         self._tally = DecodeTally(look, self.image_size)
         if self.task == "classification":
             self.task, self.splits, self.validation_source, self.fine_tune_split = None, {}, "", None

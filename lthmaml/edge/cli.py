@@ -21,7 +21,7 @@ learner's rule, the classes being the task folder's labels in its order.
 
 Images are decoded in the artifact's look (``ink``, ``gray``, ``rgb``) and normalised by the
 meta-train statistics it carries (:meth:`~lthmaml.data.taskfolder.TaskFolderDataModule.follow`);
-``--data.image_size`` must be the artifact's (84 for a mini-ImageNet net).
+at the artifact's image size (``--data.image_size`` only overrides it, and must then agree).
 """
 
 from __future__ import annotations
