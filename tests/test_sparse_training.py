@@ -435,3 +435,32 @@ def test_the_record_holds_the_best_validations_masks_and_weights(tmp_path):
         assert torch.equal(written[name], mask), name
         assert torch.equal(sparsity.masks_of(model)[name], mask), name  # restored in the module too
     assert strategy.mask_updates == 9
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SNIP(sparsity=0.7, monitor="val/acc", mode="max"),
+        lambda: RigL(sparsity=0.7, update_every=1, stop_updates_at=1.0, monitor="val/acc", mode="max"),
+        lambda: TopKAST(sparsity=0.7, monitor="val/acc", mode="max"),
+    ],
+    ids=["snip", "rigl", "topkast"],
+)
+def test_the_supervised_classifier_trains_sparse_too(tmp_path, make):
+    from helpers import TinyClassification
+
+    from lthmaml.meta.classifier import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(
+        MLP(in_features=4, hidden=(16,), out_features=3), optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
+    )
+    strategy, counts = make(), Densities()
+    fit(model, TinyClassification(), [strategy, counts], tmp_path, max_epochs=3, limit_val_batches=None)
+    assert len(counts.kept) == 9 and all(kept == counts.kept[0] for kept in counts.kept)
+    total = sum(layer.mask.numel() for layer in sparsity.prunable_layers(model).values())
+    assert 1 - sum(counts.kept[0].values()) / total == pytest.approx(0.7, abs=0.02)
+    (record,) = strategy.history
+    assert record["recorded"] == "best" and record["monitor"] == "val/acc"
+    for layer in sparsity.prunable_layers(model).values():
+        assert torch.all(layer.weight[layer.mask == 0] == 0)
