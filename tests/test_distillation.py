@@ -277,6 +277,7 @@ def test_lottery_rounds_distil_from_the_round_zero_record(name, tmp_path):
         assert_same(watch.teachers[epoch], teacher_weights)
     teacher = model.distillation.teacher
     assert teacher is not model and not any(p.requires_grad for p in teacher.parameters())
+    assert teacher._trainer is None  # the copy left the trainer (and its data) behind
     assert all(bool((mask == 1).all()) for mask in sparsity.masks_of(teacher).values())
     assert sparsity.sparsity_report(model).sparsity > 0.3
     assert lottery.teacher_file == str((round_folder(tmp_path, 0) / "model.ckpt").resolve())

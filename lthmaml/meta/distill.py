@@ -94,7 +94,9 @@ def load_teacher(student: Distillable, checkpoint: Path) -> Distillable:
     if not checkpoint.is_file():
         raise ConfigError(f"the distillation teacher's checkpoint {checkpoint} does not exist")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    teacher = copy.deepcopy(student, {id(student.distillation): None})  # not the student's teacher
+    # Neither the student's own teacher nor its trainer (and with it the data) is copied.
+    skip = [student.distillation, getattr(student, "_trainer", None)]
+    teacher = copy.deepcopy(student, {id(item): None for item in skip if item is not None})
     try:
         teacher.load_state_dict(state)
     except RuntimeError as error:
