@@ -397,3 +397,45 @@ def test_a_five_round_lottery_ticket_on_protonet_from_the_configs(
         for name in masks:
             assert torch.all(state[f"{name}.weight"][state[f"{name}.mask"] == 0] == 0), (r, name)
     assert not round_folder(run, 6).exists()
+
+
+def test_protonet_trains_on_wider_episodes_than_it_is_tested_on_and_a_head_refuses(tmp_path):
+    """train_ways (Snell et al.'s higher-way training): meta-train episodes of 4 classes, val/test of 3."""
+    from helpers import quiet_trainer
+
+    from lthmaml.data import FewShotTasks
+    from lthmaml.data.datamodule import ImageTasksDataModule
+    from lthmaml.errors import ConfigError
+    from lthmaml.meta.maml import MAML
+    from lthmaml.meta.protonet import ProtoNet
+    from lthmaml.nets.models import Conv4
+
+    class Tiny(ImageTasksDataModule):
+        def __init__(self, **kwargs):
+            super().__init__(
+                ways=3, shots=1, query_shots=2, image_size=8, meta_batch_size=2, tasks_per_epoch=4, **kwargs
+            )
+            self.images = torch.rand(8, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+        def setup(self, stage=None):
+            pass
+
+        def split_tasks(self, split):
+            return FewShotTasks(
+                self.images, self.split_ways(split), self.shots, self.split_query_shots(split), name=split
+            )
+
+    data = Tiny(train_ways=4, val_tasks=2, test_tasks=2)
+    train = next(iter(data.train_dataloader()))
+    val = next(iter(data.val_dataloader()))
+    assert train.support_y.unique().numel() == 4 and val.support_y.unique().numel() == 3
+    torch.manual_seed(0)
+    model = ProtoNet(Conv4(out_features=None, hidden_channels=4, image_size=8, blocks=2))
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=None, default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2
+    head = MAML(Conv4(out_features=3, hidden_channels=4, image_size=8, blocks=2))
+    with pytest.raises(ConfigError, match="out_features=3 but data.init_args.train_ways=4"):
+        head.check_data_fits(data)
+    with pytest.raises(ConfigError, match="train_ways"):
+        Tiny(train_ways=1)

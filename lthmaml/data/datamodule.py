@@ -169,14 +169,33 @@ class ImageTasksDataModule(EpisodicDataModule):
 
     look: Look = "ink"
 
-    def __init__(self, ways: int, shots: int, query_shots: int, image_size: int, **kwargs) -> None:
+    def __init__(
+        self,
+        ways: int,
+        shots: int,
+        query_shots: int,
+        image_size: int,
+        train_ways: Optional[int] = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         check_episode(ways, shots, query_shots)
+        if train_ways is not None and train_ways < 2:
+            raise ConfigError(
+                f"data.init_args.train_ways must be >= 2 classes or null (ways), got {train_ways}"
+            )
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.train_ways = train_ways
+        """Classes of a meta-training episode when not ``ways``: Snell et al. train Prototypical
+        Networks on 60-way episodes for 5- and 20-way tests (a learner without a ``ways``-wide head)."""
         self.image_size = image_size
         self.normalization = Normalization.identity(self.look)
         self.class_indices: dict[str, list[int]] = {}
         self._sources: dict[str, FewShotTasks] = {}
+
+    def split_ways(self, split: str) -> int:
+        """Classes of a ``split``'s episodes: ``train_ways`` (if set) in training, else ``ways``."""
+        return self.train_ways if split == "train" and self.train_ways is not None else self.ways
 
     @abstractmethod
     def split_tasks(self, split: str) -> FewShotTasks:
@@ -284,7 +303,7 @@ class OmniglotDataModule(ImageTasksDataModule):
     def split_tasks(self, split: str) -> FewShotTasks:
         return FewShotTasks(
             self.data.images[self.class_indices[split]],
-            self.ways,
+            self.split_ways(split),
             self.shots,
             self.split_query_shots(split),
             rotations=self.augment_rotations and split == "train",

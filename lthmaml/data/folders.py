@@ -283,7 +283,7 @@ class ImageFolderDataModule(ImageTasksDataModule):
         train = split == "train"
         return FewShotTasks(
             part.pixels,
-            self.ways,
+            self.split_ways(split),
             self.shots,
             self.split_query_shots(split),
             rotations=train and self.augment == "rotations",

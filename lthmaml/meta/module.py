@@ -50,9 +50,11 @@ class NetModule(pl.LightningModule):
         )
 
     def check_data_fits(self, datamodule: object) -> None:
-        """The net's output width and input size match the data's ``ways`` and ``image_size``
-        where both are known: a ConfigError naming the two options, not a shape error in torch."""
-        for net_option, data_option in (("out_features", "ways"), ("image_size", "image_size")):
+        """The net's output width and input size match the data's ``ways`` (and ``train_ways``: a
+        head is as wide as every episode) and ``image_size`` where both are known: a ConfigError
+        naming the two options, not a shape error in torch."""
+        pairs = (("out_features", "ways"), ("out_features", "train_ways"), ("image_size", "image_size"))
+        for net_option, data_option in pairs:
             built = getattr(self.net, net_option, None)
             given = getattr(datamodule, data_option, None)
             if built is not None and given is not None and built != given:
