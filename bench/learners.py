@@ -51,6 +51,13 @@ LEARNERS: dict[str, tuple[str, list[str]]] = {
     "matching-5way": ("configs/matching_5way1shot.yaml", []),
     "maml-20way": ("configs/omniglot_20way1shot.yaml", []),
     "protonet-20way": ("configs/protonet_20way1shot.yaml", []),
+    "protonet-train60-20way": (  # Snell et al.'s Omniglot training: 60-way episodes, 5 queries a class
+        "configs/protonet_20way1shot.yaml",
+        [
+            *("--data.init_args.train_ways", "60", "--data.init_args.meta_batch_size", "1"),
+            *("--data.init_args.tasks_per_epoch", "200"),
+        ],
+    ),
     "matching-20way": (
         "configs/matching_5way1shot.yaml",
         ["--data.init_args.ways", "20", "--data.init_args.meta_batch_size", "2"],
@@ -318,7 +325,7 @@ def table(adapt: list[dict[str, Any]], train: list[dict[str, Any]]) -> str:
     names = list(dict.fromkeys([row["name"] for row in adapt] + [t["name"] for t in train]))
     for name in names:
         for index, fraction in enumerate((0.0, SPARSITY)):
-            cells = [name.split("-")[0], str(ways_of(name)), f"{fraction:.0%}"]
+            cells = [name.rsplit("-", 1)[0], str(ways_of(name)), f"{fraction:.0%}"]
             round_ = trained.get((name, index))
             if round_ and round_["test_acc"] is not None:
                 cells.append(f"{100 * round_['test_acc']:.1f} ± {100 * (round_['test_acc_ci95'] or 0):.1f}")
@@ -339,7 +346,7 @@ def speedups(adapt: list[dict[str, Any]]) -> list[str]:
     """MAML's adaptation time over each metric learner's, per ways and sparsity."""
     lines = []
     for row in adapt:
-        learner, ways = row["name"].split("-")
+        learner, ways = row["name"].rsplit("-", 1)
         maml = next((r for r in adapt if r["name"] == f"maml-{ways}" and r["pruned"] == row["pruned"]), None)
         if maml and learner != "maml":
             lines.append(
