@@ -235,6 +235,13 @@ class SparseTraining(PruningCallback):
             self.write_record(trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A stop the epoch-end hook could not see yet: EarlyStopping decides after it. (last.ckpt was
+        # written before this record: a fit killed now and resumed trains one more epoch, then
+        # records the same best weights.)
+        if self.started and not self.history:
+            self.write_record(trainer, pl_module)
+
     def write_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restore the best validation's masks and weights (if any) and record them."""
         best = self.best

@@ -464,3 +464,19 @@ def test_the_supervised_classifier_trains_sparse_too(tmp_path, make):
     assert record["recorded"] == "best" and record["monitor"] == "val/acc"
     for layer in sparsity.prunable_layers(model).values():
         assert torch.all(layer.weight[layer.mask == 0] == 0)
+
+
+@pytest.mark.parametrize("stopping_first", [True, False], ids=["stopping-first", "stopping-after"])
+def test_a_fit_ended_by_early_stopping_still_records_the_sparse_net(tmp_path, stopping_first):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    torch.manual_seed(0)
+    datamodule = SinusoidDataModule(shots=4, query_shots=5, meta_batch_size=3, tasks_per_epoch=9, val_tasks=6)
+    model, _ = sinusoid_maml()
+    strategy = SET(sparsity=0.8, update_every=1, monitor="val/loss_post", mode="min")
+    stopping = EarlyStopping(monitor="val/loss_post", mode="min", patience=1, min_delta=100)
+    callbacks = [stopping, strategy] if stopping_first else [strategy, stopping]
+    trainer = fit(model, datamodule, callbacks, tmp_path, limit_val_batches=None, max_epochs=10)
+    assert trainer.current_epoch < 9  # stopped early
+    (record,) = strategy.history
+    assert record["recorded"] == "best" and (tmp_path / "rounds" / "round_00" / "model.ckpt").is_file()
