@@ -100,12 +100,23 @@ $(EXP_DIR)/%.done: configs/experiments/%.yaml configs/experiments/base.yaml | $(
 # static, SNIP, SET, RigL, Top-KAST and Powerprop + Top-KAST, each at sparsity 0.8, 0.9 and 0.95,
 # trained from the first update to the dense run's plateau rule, its best validation tested on the
 # 600 meta-test tasks; runs/experiments/sparse_<method>_<level>. About 0.4 CPU-core hours each,
-# 7 in all; `make -j2 sparse-experiments` resumes like `make experiments`.
+# 7 in all; plus lth_distill (the lottery with distillation, 1.5). `make -j2 sparse-experiments`
+# resumes like `make experiments`.
 SPARSE_METHODS := static snip set rigl topkast powerprop_topkast
 SPARSE_LEVELS := 80 90 95
 SPARSE_RUNS := $(foreach m,$(SPARSE_METHODS),$(foreach l,$(SPARSE_LEVELS),sparse_$(m)_$(l)))
 .PHONY: sparse-experiments
-sparse-experiments: $(SPARSE_RUNS:%=$(EXP_DIR)/%.done)
+sparse-experiments: $(SPARSE_RUNS:%=$(EXP_DIR)/%.done) $(EXP_DIR)/lth_distill.done
+
+# lth_rewind_init with distillation from its round 0 (configs/experiments/sparse/lth_distill.yaml).
+$(EXP_DIR)/lth_distill.done: configs/experiments/sparse/lth_distill.yaml configs/experiments/base.yaml | $(STAMP)
+	@mkdir -p $(EXP_DIR)/logs
+	@last=$(EXP_DIR)/lth_distill/version_0/checkpoints/last.ckpt; resume=; \
+	if [ -f $$last ]; then echo "sparse-experiments: resuming lth_distill from $$last"; resume="--ckpt_path $$last"; fi; \
+	echo "sparse-experiments: lth_distill (log: $(EXP_DIR)/logs/lth_distill.log)"; \
+	OMP_NUM_THREADS=1 $(BIN)/lthmaml fit -c configs/experiments/base.yaml -c $< \
+	  --trainer.logger.init_args.save_dir $(EXP_DIR) $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/lth_distill.log 2>&1
+	@touch $@
 
 $(EXP_DIR)/sparse_%.done: configs/experiments/base.yaml | $(STAMP)
 	@mkdir -p $(EXP_DIR)/logs

@@ -154,8 +154,8 @@ def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_prot
         text=True,
         check=True,
     ).stdout
-    assert out.count("lthmaml fit") == 18
-    methods = sorted(p.stem for p in (EXPERIMENTS / "sparse").glob("*.yaml"))
+    assert out.count("lthmaml fit") == 18 + 1  # and lth_distill
+    methods = sorted(p.stem for p in (EXPERIMENTS / "sparse").glob("*.yaml") if p.stem != "lth_distill")
     assert methods == ["powerprop_topkast", "rigl", "set", "snip", "static", "topkast"]
     dense = resolved("dense", capsys)
     for method in methods:
@@ -181,3 +181,23 @@ def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_prot
         stopping, *_, strategy = config["trainer"]["callbacks"]
         assert stopping == dense["trainer"]["callbacks"][0]  # the dense run's plateau rule
         assert strategy["init_args"]["sparsity"] == 0.95 and strategy["init_args"]["test_each_round"] is True
+
+
+def test_lth_distill_is_lth_rewind_init_with_distillation(capsys):
+    ticket = resolved("lth_rewind_init", capsys)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "-c",
+                str(EXPERIMENTS / "base.yaml"),
+                "-c",
+                str(EXPERIMENTS / "sparse" / "lth_distill.yaml"),
+                "--print_config",
+            ]
+        )
+    distill = yaml.safe_load(capsys.readouterr().out)
+    (a,), (b,) = ticket["trainer"]["callbacks"], distill["trainer"]["callbacks"]
+    assert b["init_args"].pop("distill_weight") == 1.0 and b["init_args"].pop("distill_temperature") == 4.0
+    a["init_args"].pop("distill_weight"), a["init_args"].pop("distill_temperature")
+    assert a == b and (ticket["data"], ticket["model"]) == (distill["data"], distill["model"])
