@@ -21,7 +21,6 @@ from typing import Any
 import lightning.pytorch as pl
 
 from callbacks.sparse_training import SparseTraining, dense_gradients
-from lthmaml import rewiring
 
 
 class RigL(SparseTraining):
@@ -41,15 +40,7 @@ class RigL(SparseTraining):
     def update_masks(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, fraction: float
     ) -> None:
-        layers = self.prunable(pl_module)
-        gradients = dense_gradients(pl_module, layers, batch)
-        for name, layer in layers.items():
-            count = round(fraction * float(layer.mask.sum()))
-            mask, grown = rewiring.drop_and_grow(
-                layer.mask, layer.effective_weight().abs(), gradients[name], count
-            )
-            layer.mask.copy_(mask)
-            rewiring.start_at_zero(layer, grown, trainer.optimizers)
+        self.rewire(trainer, pl_module, fraction, dense_gradients(pl_module, self.prunable(pl_module), batch))
 
     def update_cost(self, forward: float, dense: float) -> float:
         return 2 * forward + dense

@@ -16,7 +16,6 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.sparse_training import SparseTraining
-from lthmaml import rewiring
 
 
 class SET(SparseTraining):
@@ -37,9 +36,8 @@ class SET(SparseTraining):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, fraction: float
     ) -> None:
         generator = self.generator(self.mask_updates + 1)
-        for layer in self.prunable(pl_module).values():
-            count = round(fraction * float(layer.mask.sum()))
-            growth = torch.rand(layer.mask.shape, generator=generator).to(layer.mask.device)
-            mask, grown = rewiring.drop_and_grow(layer.mask, layer.effective_weight().abs(), growth, count)
-            layer.mask.copy_(mask)
-            rewiring.start_at_zero(layer, grown, trainer.optimizers)
+        growth = {
+            name: torch.rand(layer.mask.shape, generator=generator).to(layer.mask.device)
+            for name, layer in self.prunable(pl_module).items()
+        }
+        self.rewire(trainer, pl_module, fraction, growth)

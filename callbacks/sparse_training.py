@@ -21,6 +21,7 @@ monitor) and, besides the shared schema, ``train_flops`` (per example) and
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, Optional
 
 import lightning.pytorch as pl
@@ -106,6 +107,8 @@ class SparseTraining(PruningCallback):
         """Training multiply-adds so far, per example (see the module docstring)."""
         self.dense_flops = 0.0
         """What the same steps would have cost dense."""
+        self._step_flops: Optional[tuple[float, float]] = None
+        """(sparse, dense) multiply-adds of a training step at the current masks."""
         self.best = BestWeights(self.monitor or "", self.mode or "max", self.min_delta)
         """The best validation's weights and masks (the masks change while a dynamic one trains)."""
 
@@ -121,6 +124,23 @@ class SparseTraining(PruningCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, fraction: float
     ) -> None:
         """Rewire ``fraction`` of each layer's kept weights (dynamic strategies)."""
+
+    def rewire(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        fraction: float,
+        growth: Mapping[str, Tensor],
+    ) -> None:
+        """Each layer drops ``fraction`` of its kept weights by smallest magnitude and grows as many
+        of highest ``growth`` (SET: random, RigL: the dense gradient), starting them at zero."""
+        for name, layer in self.prunable(pl_module).items():
+            count = round(fraction * float(layer.mask.sum()))
+            mask, grown = rewiring.drop_and_grow(
+                layer.mask, layer.effective_weight().abs(), growth[name], count
+            )
+            layer.mask.copy_(mask)
+            rewiring.start_at_zero(layer, grown, trainer.optimizers)
 
     def step_cost(self, pl_module: pl.LightningModule, forward: float, dense: float) -> float:
         """Multiply-adds of one training step, given one sparse and one dense forward pass."""
@@ -195,9 +215,11 @@ class SparseTraining(PruningCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.keep_raw_weights(pl_module)
-        forward, dense = self.forward_cost(pl_module)
-        self.flops += self.step_cost(pl_module, forward, dense)
-        self.dense_flops += 3 * dense
+        if self._step_flops is None:  # the masks' cost, counted again only when they change
+            forward, dense = self.forward_cost(pl_module)
+            self._step_flops = (self.step_cost(pl_module, forward, dense), 3 * dense)
+        self.flops += self._step_flops[0]
+        self.dense_flops += self._step_flops[1]
         step = trainer.global_step
         if (
             self.update_every is not None
@@ -207,6 +229,7 @@ class SparseTraining(PruningCallback):
             fraction = self.current_fraction(trainer)
             self.update_masks(trainer, pl_module, batch, fraction)
             self.mask_updates += 1
+            self._step_flops = None
             self.flops += self.update_cost(*self.forward_cost(pl_module))
             self.keep_raw_weights(pl_module)
 

@@ -4,15 +4,19 @@ the mini-ImageNet layout)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from lthmaml.data import EpisodicDataModule, FewShotTasks
+from lthmaml.edge.artifact import METADATA_KEY
 
 QUIET = dict(
     logger=False,
@@ -159,3 +163,14 @@ def mini_imagenet(root: Path, splits: dict[str, list[str]], per_class: int = 8, 
         (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
     (root / "tmp").rmdir()
     return root
+
+
+def rewrite_metadata(path: Path, **changes) -> Path:
+    """The artifact with its metadata fields changed (a value of None removes the field)."""
+    with safe_open(str(path), framework="pt") as handle:
+        values = json.loads(handle.metadata()[METADATA_KEY])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    for key, value in changes.items():
+        values.pop(key, None) if value is None else values.__setitem__(key, value)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(values)})
+    return path

@@ -5,20 +5,17 @@ them, converting (and saying so) what disagrees. Tiny generated photos and nets.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import COLOURS, colour_photo, quiet_trainer, write_photos
+from helpers import COLOURS, colour_photo, quiet_trainer, rewrite_metadata, write_photos
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lthmaml.data import ImageFolderDataModule, Normalization, TaskFolderDataModule, decode_image
 from lthmaml.edge import export
-from lthmaml.edge.artifact import METADATA_KEY, load_artifact
+from lthmaml.edge.artifact import load_artifact
 from lthmaml.edge.cli import FINETUNED
 from lthmaml.edge.cli import main as edge_main
 from lthmaml.edge.export import export_net
@@ -182,7 +179,7 @@ def test_omniglot_artifacts_keep_the_ink_look(tmp_path):
     path = export_net(tiny_conv(1), tmp_path / "ink.safetensors", INNER)
     metadata = load_artifact(path).metadata
     assert (metadata.look, metadata.normalization) == ("ink", None)
-    older = _rewrite(path, look=None, normalization=None)  # an artifact written before looks
+    older = rewrite_metadata(path, look=None, normalization=None)  # an artifact written before looks
     dm = TaskFolderDataModule(str(tmp_path), image_size=SIZE)
     dm.follow(load_artifact(older).metadata)
     assert dm.look == "ink" and dm.normalization.is_identity
@@ -192,21 +189,10 @@ def test_a_look_that_does_not_fit_the_net_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="look 'rgb' gives 3 channels but the net takes in_channels=1"):
         export_net(tiny_conv(1), tmp_path / "a.safetensors", {**INNER, "look": "rgb"})
     path = export_net(tiny_conv(3), tmp_path / "b.safetensors", INNER)
-    _rewrite(path, normalization={"mean": [0.5], "std": [0.2]})
+    rewrite_metadata(path, normalization={"mean": [0.5], "std": [0.2]})
     with pytest.raises(DataError, match="normalization mean must hold 3 numbers for look 'rgb'") as error:
         load_artifact(path)
     assert str(path) in str(error.value) and "\n" not in str(error.value)
-
-
-def _rewrite(path: Path, **changes) -> Path:
-    """The artifact with metadata fields changed (None removes one)."""
-    with safe_open(str(path), framework="pt") as handle:
-        values = json.loads(handle.metadata()[METADATA_KEY])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    for key, value in changes.items():
-        values.pop(key, None) if value is None else values.__setitem__(key, value)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(values)})
-    return path
 
 
 def test_the_task_folder_follows_the_models_image_size_unless_given(tmp_path):

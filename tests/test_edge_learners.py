@@ -7,7 +7,6 @@ Tiny nets: a headless 2-block Conv4 of 4 filters on 8x8 images, a CNPNet of widt
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from functools import partial
@@ -16,13 +15,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from helpers import rewrite_metadata
 
 from lthmaml.data.taskfolder import TaskFolderDataModule
 from lthmaml.data.taskfolder_build import make_image_task, make_sinusoid_task
 from lthmaml.data.tasks import TaskBatch
-from lthmaml.edge.artifact import METADATA_KEY, load_artifact
+from lthmaml.edge.artifact import load_artifact
 from lthmaml.edge.cli import FINETUNED, run_cli
 from lthmaml.edge.cli import main as edge_main
 from lthmaml.edge.export import export_checkpoint, export_net
@@ -82,17 +80,6 @@ def edge_args(sub: str, artifact, task, *extra: str) -> list[str]:
 def read_rows(path: Path) -> list[dict]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def rewrite_metadata(path: Path, **changes) -> Path:
-    """The artifact with its metadata fields changed (a value of None removes the field)."""
-    with safe_open(str(path), framework="pt") as handle:
-        values = json.loads(handle.metadata()[METADATA_KEY])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    for key, value in changes.items():
-        values.pop(key, None) if value is None else values.__setitem__(key, value)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(values)})
-    return path
 
 
 # ---------------------------------------------------------------------------------- the metadata

@@ -19,7 +19,8 @@ EXPERIMENTS = REPO / "configs" / "experiments"
 NAMES = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem != "base")
 
 
-def resolved(name: str, capsys) -> dict:
+def resolved(name: str, capsys, *extra: str) -> dict:
+    """The config of experiment ``name`` (a path under configs/experiments, e.g. ``sparse/rigl``)."""
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
@@ -28,6 +29,7 @@ def resolved(name: str, capsys) -> dict:
                 str(EXPERIMENTS / "base.yaml"),
                 "-c",
                 str(EXPERIMENTS / f"{name}.yaml"),
+                *extra,
                 "--print_config",
             ]
         )
@@ -159,20 +161,7 @@ def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_prot
     assert methods == ["powerprop_topkast", "rigl", "set", "snip", "static", "topkast"]
     dense = resolved("dense", capsys)
     for method in methods:
-        with pytest.raises(SystemExit):
-            main(
-                [
-                    *(
-                        "fit",
-                        "-c",
-                        str(EXPERIMENTS / "base.yaml"),
-                        "-c",
-                        str(EXPERIMENTS / "sparse" / f"{method}.yaml"),
-                    ),
-                    *("--trainer.callbacks.init_args.sparsity", "0.95", "--print_config"),
-                ]
-            )
-        config = yaml.safe_load(capsys.readouterr().out)
+        config = resolved(f"sparse/{method}", capsys, "--trainer.callbacks.init_args.sparsity", "0.95")
         assert (config["data"], config["model"], config["trainer"]["max_epochs"]) == (
             dense["data"],
             dense["model"],
@@ -185,18 +174,7 @@ def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_prot
 
 def test_lth_distill_is_lth_rewind_init_with_distillation(capsys):
     ticket = resolved("lth_rewind_init", capsys)
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "fit",
-                "-c",
-                str(EXPERIMENTS / "base.yaml"),
-                "-c",
-                str(EXPERIMENTS / "sparse" / "lth_distill.yaml"),
-                "--print_config",
-            ]
-        )
-    distill = yaml.safe_load(capsys.readouterr().out)
+    distill = resolved("sparse/lth_distill", capsys)
     (a,), (b,) = ticket["trainer"]["callbacks"], distill["trainer"]["callbacks"]
     assert b["init_args"].pop("distill_weight") == 1.0 and b["init_args"].pop("distill_temperature") == 4.0
     a["init_args"].pop("distill_weight"), a["init_args"].pop("distill_temperature")

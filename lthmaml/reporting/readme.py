@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from lthmaml.errors import DataError
 from lthmaml.reporting.plots import PLOTS, percent_scale
-from lthmaml.reporting.runs import Run, accuracy_points, dense_reference, round_seconds
+from lthmaml.reporting.runs import Run, accuracy_points, dense_reference, round_seconds, run_name
 from lthmaml.reporting.sparse import sparse_findings, sparse_table
 
 BEGIN = "<!-- results:begin -->"
@@ -31,11 +31,6 @@ EXPERIMENT_CONFIGS = Path("configs/experiments")
 
 
 # ---------------------------------------------------------------------- per-run facts
-def run_name(run: Run) -> str:
-    """The experiment's name: its logger folder (``runs/experiments/<name>/version_0``)."""
-    return run.path.parent.name if run.path.name.startswith("version_") else run.path.name
-
-
 def wall_minutes(run: Run) -> Optional[float]:
     ends = [event[0] for events in run.scalars.values() for event in events]
     if run.start_time is None or not ends:

@@ -185,6 +185,11 @@ def load_run(path: Path) -> Run:
 # ---------------------------------------------------------------------- data for the plots
 
 
+def run_name(run: Run) -> str:
+    """The experiment's name: its logger folder (``runs/experiments/<name>/version_0``)."""
+    return run.path.parent.name if run.path.name.startswith("version_") else run.path.name
+
+
 def round_value(run: Run, record: dict[str, Any]) -> tuple[Optional[float], Optional[float], str]:
     """A round's (metric, 95% CI, source): its test when tested, else the validation value of the
     recorded weights (``best_val``: the round's best, ``val``: its last)."""

@@ -14,14 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from lthmaml.reporting.runs import Run, last_scalar, round_value
+from lthmaml.reporting.runs import Run, last_scalar, round_value, run_name
 
 LEVELS = (0.8, 0.9, 0.95)
 PREFIX = "sparse_"
-
-
-def run_name(run: Run) -> str:
-    return run.path.parent.name if run.path.name.startswith("version_") else run.path.name
 
 
 def training_flops(run: Run, upto_round: int) -> Optional[float]:
