@@ -73,6 +73,9 @@ endif
 # skipped (<name>.done; the sinusoid, MAML's table beside the CNP's and their plot: its JSON exists).
 EXP_DIR ?= runs/experiments
 EXP_ARGS ?=  # extra CLI overrides for every experiment, e.g. --data.init_args.root DIR
+# Committed: each finished experiment's records (no weights), what `results` reads.
+EVIDENCE ?= docs/results/evidence
+archive = $(BIN)/python -m lthmaml.reporting.archive $(EXP_DIR)/$(1)/version_0 $(EVIDENCE)/$(1)/version_0
 SINUSOID ?= bench/out/sinusoid.json
 EXPERIMENTS := lth_rewind_init lth_late_rewind lth_random_reinit powerprop_lottery metagrad taylor dense
 .PHONY: experiments results
@@ -94,6 +97,7 @@ $(EXP_DIR)/%.done: configs/experiments/%.yaml configs/experiments/base.yaml | $(
 	  --trainer.logger.init_args.save_dir $(EXP_DIR) \
 	  $(if $(filter lth_random_reinit,$*),--trainer.callbacks.init_args.masks_from $(EXP_DIR)/lth_rewind_init/version_0) \
 	  $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/$*.log 2>&1
+	@$(call archive,$*) >> $(EXP_DIR)/logs/$*.log
 	@touch $@
 
 # Always-sparse training on the same protocol (configs/experiments/sparse/<method>.yaml, issue #11):
@@ -116,6 +120,7 @@ $(EXP_DIR)/lth_distill.done: configs/experiments/sparse/lth_distill.yaml configs
 	echo "sparse-experiments: lth_distill (log: $(EXP_DIR)/logs/lth_distill.log)"; \
 	OMP_NUM_THREADS=1 $(BIN)/lthmaml fit -c configs/experiments/base.yaml -c $< \
 	  --trainer.logger.init_args.save_dir $(EXP_DIR) $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/lth_distill.log 2>&1
+	@$(call archive,lth_distill) >> $(EXP_DIR)/logs/lth_distill.log
 	@touch $@
 
 $(EXP_DIR)/sparse_%.done: configs/experiments/base.yaml | $(STAMP)
@@ -130,12 +135,23 @@ $(EXP_DIR)/sparse_%.done: configs/experiments/base.yaml | $(STAMP)
 	  --trainer.logger.init_args.save_dir $(EXP_DIR) --trainer.logger.init_args.name sparse_$* \
 	  --trainer.callbacks.init_args.sparsity 0.$$level \
 	  $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/sparse_$*.log 2>&1
+	@$(call archive,sparse_$*) >> $(EXP_DIR)/logs/sparse_$*.log
 	@touch $@
 
-# README "Results": the report of the experiments (plots and tables under $(RESULTS)) and the
-# sinusoid table of bench/sinusoid.py, written into README.md between its results markers.
+# README "Results": the report of the finished experiments (plots and tables under $(RESULTS)) and
+# the sinusoid table of bench/sinusoid.py, written into README.md between its results markers. It
+# reads the records archived under $(EVIDENCE) (lthmaml/reporting/archive.py: config, events and
+# round metrics, no weights), which every finished experiment writes, so experiments finished in
+# different sittings or on different machines make one table; those not finished yet are named.
 RESULTS ?= docs/results
 README ?= README.md
-results: $(STAMP)
-	$(BIN)/python -m lthmaml.reporting.report $(EXPERIMENTS:%=$(EXP_DIR)/%/version_0) -o $(RESULTS) \
-	  $(if $(wildcard $(SINUSOID)),--sinusoid $(SINUSOID)) --readme $(README)
+ALL_EXPERIMENTS = $(EXPERIMENTS) $(SPARSE_RUNS) lth_distill
+FINISHED = $(strip $(foreach e,$(ALL_EXPERIMENTS),$(wildcard $(EVIDENCE)/$(e)/version_0)))
+PENDING = $(strip $(foreach e,$(ALL_EXPERIMENTS),$(if $(wildcard $(EVIDENCE)/$(e)/version_0),,$(e))))
+.PHONY: archive
+archive: | $(STAMP)  # refresh the archive of every experiment finished in $(EXP_DIR)
+	@for e in $(ALL_EXPERIMENTS); do if [ -f $(EXP_DIR)/$$e.done ]; then $(call archive,$$e); fi; done
+results: archive | $(STAMP)
+	$(if $(FINISHED),,@echo "results: no finished experiment under $(EVIDENCE): run make experiments first" >&2; exit 1)
+	$(BIN)/python -m lthmaml.reporting.report $(FINISHED) -o $(RESULTS) \
+	  $(if $(wildcard $(SINUSOID)),--sinusoid $(SINUSOID)) $(if $(PENDING),--pending $(PENDING)) --readme $(README)

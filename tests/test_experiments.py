@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def test_make_experiments_then_results_fills_the_readme_with_the_logged_numbers(
     runs, experiments = tmp_path / "runs", "lth_rewind_init lth_random_reinit"
     sinusoid = tmp_path / "sinusoid.json"  # present, so make does not run bench/sinusoid.py
     sinusoid.write_text(json.dumps({"iterations": 1, "tests": []}))
-    common = [f"EXP_DIR={runs}", f"EXPERIMENTS={experiments}", f"SINUSOID={sinusoid}"]
+    evidence = tmp_path / "evidence"
+    common = [f"EXP_DIR={runs}", f"EXPERIMENTS={experiments}", f"SINUSOID={sinusoid}", f"EVIDENCE={evidence}"]
     env = {**os.environ, "LTHMAML_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     make = ["make", "--no-print-directory", "-s"]
     subprocess.run(
@@ -146,6 +148,22 @@ def test_make_experiments_then_results_fills_the_readme_with_the_logged_numbers(
     assert (tmp_path / "docs" / "accuracy_vs_remaining.png").is_file()
     assert "| lth_random_reinit | `lthmaml fit -c configs/experiments/base.yaml" in text
     assert "Against the random-reinit control (lth_random_reinit) at 2 pruned levels" in text
+
+    # Each finished experiment left its records, and no weights, in the evidence folder, and the
+    # section is rebuilt from there alone once the run folders are gone (another sitting).
+    for name in experiments.split():
+        kept = [p for p in (evidence / name / "version_0").rglob("*") if p.is_file()]
+        assert len([p for p in kept if p.name == "metrics.json"]) == 3
+        assert not [p for p in kept if p.suffix in (".ckpt", ".safetensors")]
+    shutil.rmtree(runs)
+    readme.write_text("# Results\n\n<!-- results:begin -->\n<!-- results:end -->\n")
+    subprocess.run(
+        [*make, "results", *common, f"RESULTS={tmp_path / 'docs'}", f"README={readme}"],
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
+    assert readme.read_text() == text
 
 
 def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_protocol(tmp_path, capsys):

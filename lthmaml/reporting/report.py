@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sinusoid", type=Path, default=None, help="bench/sinusoid.py's JSON, for the sinusoid table"
     )
+    parser.add_argument(
+        "--pending",
+        nargs="+",
+        default=(),
+        metavar="NAME",
+        help="experiments not finished yet: the README section names them as still to run",
+    )
     return parser
 
 
@@ -178,7 +185,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise DataError(f"no run to report in {named}: every one failed at start-up")
         report = write_report(runs, args.out)
         if args.readme is not None:
-            write_readme(args.readme, results_section(runs, args.out, args.readme, args.sinusoid))
+            write_readme(
+                args.readme, results_section(runs, args.out, args.readme, args.sinusoid, args.pending)
+            )
             print(f"{PROG}: wrote the results section of {args.readme}")
     print(f"{PROG}: wrote {report} ({len(runs)} runs)")
     return 0
