@@ -76,7 +76,7 @@ EXP_ARGS ?=  # extra CLI overrides for every experiment, e.g. --data.init_args.r
 # Committed: each finished experiment's records (no weights), what `results` reads.
 EVIDENCE ?= docs/results/evidence
 archive = $(BIN)/python -m lthmaml.reporting.archive $(EXP_DIR)/$(1)/version_0 $(EVIDENCE)/$(1)/version_0
-SINUSOID ?= bench/out/sinusoid.json
+SINUSOID ?= $(EVIDENCE)/sinusoid.json
 EXPERIMENTS := lth_rewind_init lth_late_rewind lth_random_reinit powerprop_lottery metagrad taylor dense
 .PHONY: experiments results
 experiments: $(EXPERIMENTS:%=$(EXP_DIR)/%.done) $(SINUSOID)
