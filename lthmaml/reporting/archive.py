@@ -3,34 +3,33 @@
 The evidence of README "Results" takes more CPU hours than one sitting on a shared machine has, and
 a run folder (``runs/experiments/<name>/version_0``) lives only where it was trained. So when an
 experiment finishes, ``make experiments`` copies what the report reads from it (``config.yaml``,
-``machine.json``, the TensorBoard events, ``rounds/round_XX/metrics.json``: a few hundred KiB, no
-checkpoint, no mask) into ``docs/results/evidence/<name>/version_0``, and ``make results`` reports
-from there: experiments finished in different sittings, or on different machines, end up in one
-table, and the committed records are what anyone can check the README's figures against.
+``machine.json``, ``rounds/round_XX/metrics.json``, and the TensorBoard scalars as text in
+``scalars.json``: a few hundred KiB, no binary event file, no checkpoint, no mask) into
+``docs/results/evidence/<name>/version_0``, and ``make results`` reports from there: experiments
+finished in different sittings, or on different machines, end up in one table, and the committed
+records are what anyone can check the README's figures against.
 
-    python -m lthmaml.reporting.archive runs/experiments/dense/version_0 docs/results/evidence/dense/version_0
+    python -m lthmaml.reporting.archive runs/experiments/dense/version_0 \\
+        docs/results/evidence/dense/version_0
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 from lthmaml.errors import DataError, one_line_errors
-from lthmaml.reporting.runs import is_run_dir
+from lthmaml.reporting.runs import SCALARS_FILE, is_run_dir, read_scalars
 from lthmaml.rounds import METRICS_FILE, ROUNDS_FOLDER
 
 PROG = "python -m lthmaml.reporting.archive"
-RECORD_PATTERNS = (
-    "config.yaml",
-    "machine.json",
-    "events.out.tfevents.*",
-    f"{ROUNDS_FOLDER}/*/{METRICS_FILE}",
-)
-"""What the report reads from a run folder, relative to it: everything archived."""
+RECORD_PATTERNS = ("config.yaml", "machine.json", f"{ROUNDS_FOLDER}/*/{METRICS_FILE}")
+"""What the report reads from a run folder, relative to it, copied as it is; the TensorBoard
+events go in as text (:data:`~lthmaml.reporting.runs.SCALARS_FILE`)."""
 
 
 def record_files(run: Path) -> list[Path]:
@@ -54,6 +53,10 @@ def archive_run(run: Path, destination: Path) -> list[Path]:
         (staging / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run / file, staging / file)
     staging.mkdir(parents=True, exist_ok=True)  # a run with no records yet still archives as a folder
+    scalars, start = read_scalars(run)
+    if scalars:
+        (staging / SCALARS_FILE).write_text(json.dumps({"start_time": start, "scalars": scalars}))
+        files.append(Path(SCALARS_FILE))
     if destination.exists():
         shutil.rmtree(destination)
     staging.rename(destination)

@@ -69,16 +69,12 @@ def command(run: Run) -> str:
     """The command that reruns the experiment: its configs when ``configs/experiments`` has them."""
     name, base = run_name(run), f"lthmaml fit -c {EXPERIMENT_CONFIGS}/base.yaml"
     method, _, percent = name.removeprefix("sparse_").rpartition("_")
-    for config, extra in (
-        (EXPERIMENT_CONFIGS / f"{name}.yaml", ""),
-        (EXPERIMENT_CONFIGS / "sparse" / f"{name}.yaml", ""),  # lth_distill
-        (
-            EXPERIMENT_CONFIGS / "sparse" / f"{method}.yaml",
-            f" --trainer.callbacks.init_args.sparsity 0.{percent}",
-        ),
-    ):
-        if config.is_file() and (not extra or name.startswith("sparse_")):
-            return f"{base} -c {config}{extra}"
+    sparse = EXPERIMENT_CONFIGS / "sparse" / f"{method}.yaml"  # sparse_<method>_<percent> (make)
+    if name.startswith("sparse_") and sparse.is_file():
+        return f"{base} -c {sparse} --trainer.callbacks.init_args.sparsity 0.{percent}"
+    for config in (EXPERIMENT_CONFIGS / f"{name}.yaml", EXPERIMENT_CONFIGS / "sparse" / f"{name}.yaml"):
+        if config.is_file():
+            return f"{base} -c {config}"
     return f"lthmaml fit --config {run.path / 'config.yaml'}"
 
 

@@ -16,6 +16,8 @@ from lthmaml.errors import DataError
 from lthmaml.rounds import RoundRecord
 
 SOURCES = {"test": "test", "best_val": "best val", "val": "last val"}
+SCALARS_FILE = "scalars.json"
+"""An archived run's TensorBoard scalars as text (lthmaml/reporting/archive.py), read like its events."""
 
 
 @dataclass
@@ -58,6 +60,7 @@ def is_run_dir(path: Path) -> bool:
         (path / "config.yaml").is_file()
         or (path / "rounds").is_dir()
         or any(path.glob("events.out.tfevents.*"))
+        or (path / SCALARS_FILE).is_file()
     )
 
 
@@ -125,7 +128,7 @@ def read_rounds(path: Path) -> list[dict[str, Any]]:
 def read_scalars(path: Path) -> tuple[dict[str, list[tuple[float, int, float]]], Optional[float]]:
     """Every scalar of the run's event files (none dropped), and the first event's wall time."""
     if not any(path.glob("events.out.tfevents.*")):
-        return {}, None
+        return read_archived_scalars(path)
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0})
@@ -141,6 +144,22 @@ def read_scalars(path: Path) -> tuple[dict[str, list[tuple[float, int, float]]],
         for tag in accumulator.Tags().get("scalars", [])
     }
     return scalars, start
+
+
+def read_archived_scalars(path: Path) -> tuple[dict[str, list[tuple[float, int, float]]], Optional[float]]:
+    """:func:`read_scalars` of an archived run: its ``scalars.json``, or nothing."""
+    file = path / SCALARS_FILE
+    if not file.is_file():
+        return {}, None
+    try:
+        payload = json.loads(file.read_text())
+        scalars = {
+            tag: [(float(w), int(s), float(v)) for w, s, v in events]
+            for tag, events in payload["scalars"].items()
+        }
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{file}: not an archived run's scalars ({error})") from None
+    return scalars, payload.get("start_time")
 
 
 def primary_metric(config: dict[str, Any], rounds: list[dict], scalars: dict) -> str:
