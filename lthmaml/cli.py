@@ -264,6 +264,10 @@ def main(args: Optional[list[str]] = None) -> None:
             save_config_callback=RunConfig,
             parser_kwargs=PARSER_KWARGS,
         )
+    # Lightning destroys only NCCL process groups at exit; a gloo group left to the interpreter's
+    # teardown can abort a rank after a finished fit ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
