@@ -58,7 +58,7 @@ class LastCheckpoint(Checkpoint):
         """Write the checkpoint beside ``last.ckpt`` and rename it over (every rank calls this)."""
         partial = self.path.with_name(f".{LAST}.partial")  # not *.ckpt: never taken for a checkpoint
         try:
-            trainer.save_checkpoint(partial)
+            trainer.save_checkpoint(partial, weights_only=False)  # resumable: optimizer and callbacks
         except BaseException:
             if trainer.is_global_zero:
                 partial.unlink(missing_ok=True)

@@ -258,13 +258,17 @@ def dense_reference(run: Run) -> Optional[tuple[float, Optional[float]]]:
 
 
 def round_seconds(run: Run) -> dict[int, float]:
-    """Wall time of each round: between consecutive ``prune/round`` events (from the fit's start)."""
-    events = sorted(run.scalars.get("prune/round", []), key=lambda e: (e[1], e[0]))
-    if not events or run.start_time is None:
+    """Wall time of each round: between the first ``prune/round`` event of consecutive rounds
+    (from the fit's start). A round's record is logged again, later, when ``test_each_round``
+    tests it at the end of the fit; the first event is the one that ends its training."""
+    if run.start_time is None:
         return {}
+    ends: dict[int, float] = {}
+    for wall, _, value in sorted(run.scalars.get("prune/round", [])):
+        ends.setdefault(int(round(value)), wall)
     seconds, previous = {}, run.start_time
-    for wall, _, value in events:
-        seconds[int(round(value))] = wall - previous
+    for round_index, wall in sorted(ends.items(), key=lambda item: item[1]):
+        seconds[round_index] = wall - previous
         previous = wall
     return seconds
 
