@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_info
 
 from lthmaml.checkpointing import LastCheckpoint
-from lthmaml.environment import FailedRunMarker, MachineRecord
+from lthmaml.environment import FailedRunMarker, MachineRecord, release_process_group
 from lthmaml.errors import ConfigError, DataError, one_line_errors
 from lthmaml.progress import EpochProgress
 
@@ -264,10 +264,7 @@ def main(args: Optional[list[str]] = None) -> None:
             save_config_callback=RunConfig,
             parser_kwargs=PARSER_KWARGS,
         )
-    # Lightning destroys only NCCL process groups at exit; a gloo group left to the interpreter's
-    # teardown can abort a rank after a finished fit ("terminate called without an active exception").
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    release_process_group()
 
 
 if __name__ == "__main__":

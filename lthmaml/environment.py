@@ -90,3 +90,13 @@ class FailedRunMarker(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         mark_failed(trainer, exception)
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if any, before the interpreter exits.
+
+    Lightning destroys only NCCL groups at exit; a gloo group left to the interpreter's teardown
+    can abort a rank after a finished fit ("terminate called without an active exception").
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -28,6 +28,7 @@ from callbacks.metagrad import MetaGradientPruning
 from callbacks.taylor import TaylorFilterPruning
 from lthmaml import sparsity
 from lthmaml.data import EpisodicDataModule, SinusoidDataModule
+from lthmaml.environment import release_process_group
 from lthmaml.errors import ConfigError
 from lthmaml.meta.maml import MAML
 from lthmaml.nets.models import MLP, Conv4
@@ -140,10 +141,7 @@ def _rank_main(rank: int, port: int, job: Callable[[bool, Path, str], None], out
     try:
         job(True, out, f"rank{rank}")
     finally:
-        # Lightning destroys only NCCL groups at exit; a gloo group left to the interpreter's
-        # teardown sometimes aborts the rank ("terminate called without an active exception").
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        release_process_group()
 
 
 def loopback_interface() -> str:
