@@ -67,6 +67,41 @@ def test_findings_are_computed_from_the_levels(lottery_run, control_run, dense_r
     assert "**dense** (no pruning, one round's budget): 93.00 ± 1.50." in text
 
 
+DISTILLED_TEST = [0.91234, 0.91, 0.81]  # against TEST: 20%: +2.23 points, under 2.22 + 2.22 (within); 36%: +1.00 (within)
+
+
+def distilled_twin(lottery_run: Path, name: str, **init_args) -> Path:
+    """The lottery run again with a teacher (and any other option changed), its own test numbers."""
+    run = lottery_run.parents[1] / name / "version_0"
+    shutil.copytree(lottery_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["trainer"]["callbacks"][1]["init_args"].update(distill_weight=1.0, distill_temperature=4.0, **init_args)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for r, value in enumerate(DISTILLED_TEST):
+        file = run / "rounds" / f"round_{r:02d}" / "metrics.json"
+        record = json.loads(file.read_text())
+        record["test"] = record["test_metrics"]["test/acc_post"] = value
+        record["test_metrics"]["test/acc_post_ci95"] = 0.02222
+        file.write_text(json.dumps(record))
+    return run
+
+
+def test_distillation_is_compared_level_by_level_with_the_same_rounds_without_it(lottery_run, control_run):  # noqa: F811
+    distilled = distilled_twin(lottery_run, "distilled")
+    other = distilled_twin(lottery_run, "distilled_other_rate", rounds=3)  # no undistilled twin
+    runs = [reading.load_run(p) for p in (lottery_run, control_run, distilled, other)]
+    lines = results.findings(runs)
+    (line,) = [line for line in lines if line.startswith("- **distilled**")]
+    assert (
+        "Distillation's effect, against the same rounds without it (omniglot) at 2 pruned levels: "
+        "20.0%: 91.00 ± 2.22 against 88.77 ± 2.22 (+2.23 points, within the CIs); "
+        "36.0%: 81.00 ± 2.22 against 80.00 ± 3.33 (+1.00 points, within the CIs)."
+    ) in line
+    assert "Distillation" not in next(line for line in lines if line.startswith("- **distilled_other_rate**"))
+    assert "Distillation" not in next(line for line in lines if line.startswith("- **omniglot**"))
+    assert results.undistilled_twin(runs[3], runs) is None and results.undistilled_twin(runs[0], runs) is None
+
+
 def test_readme_section_is_replaced_between_the_markers_only_and_regenerates_identically(
     lottery_run,  # noqa: F811
     dense_run,  # noqa: F811

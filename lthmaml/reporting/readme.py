@@ -120,7 +120,76 @@ def better(run: Run, a: float, b: float) -> bool:
     return a > b if "acc" in run.metric else a < b
 
 
-def run_findings(run: Run, control: Optional[Run]) -> list[str]:
+def level_comparison(run: Run, other: Run) -> tuple[list[float], list[float], list[float]]:
+    """The pruned levels both runs recorded, and those where ``run`` is better / worse and apart."""
+    ours = {level(1 - p["x"]): p for p in accuracy_points(run)}
+    theirs = {level(1 - p["x"]): p for p in accuracy_points(other)}
+    common = [key for key in sorted(ours) if key in theirs and key > 0]
+
+    def is_apart(key: float) -> bool:
+        return apart(ours[key]["y"], ours[key]["ci"], theirs[key]["y"], theirs[key]["ci"])
+
+    above = [k for k in common if better(run, ours[k]["y"], theirs[k]["y"]) and is_apart(k)]
+    below = [k for k in common if better(run, theirs[k]["y"], ours[k]["y"]) and is_apart(k)]
+    return common, above, below
+
+
+def distillation_effect(run: Run, undistilled: Run) -> str:
+    """Level by level, the distilled rounds against the same rounds without the teacher."""
+    common, above, below = level_comparison(run, undistilled)
+    ours = {level(1 - p["x"]): p for p in accuracy_points(run)}
+    theirs = {level(1 - p["x"]): p for p in accuracy_points(undistilled)}
+    scale = percent_scale(run)
+    unit = " points" if "acc" in run.metric else ""
+    levels = []
+    for key in common:
+        a, b = ours[key], theirs[key]
+        verdict = "better, apart" if key in above else "worse, apart" if key in below else "within the CIs"
+        levels.append(
+            f"{key:.1f}%: {a['y'] * scale:.2f} ± {(a['ci'] or 0) * scale:.2f} against "
+            f"{b['y'] * scale:.2f} ± {(b['ci'] or 0) * scale:.2f} "
+            f"({(a['y'] - b['y']) * scale:+.2f}{unit}, {verdict})"
+        )
+    return (
+        f"Distillation's effect, against the same rounds without it ({run_name(undistilled)}) at "
+        f"{len(common)} pruned levels: " + "; ".join(levels) + "."
+        if common
+        else f"No pruned level in common with the same rounds without distillation ({run_name(undistilled)})."
+    )
+
+
+def strategy_args(run: Run) -> Optional[tuple[str, dict[str, Any]]]:
+    """The pruning callback's class path and init_args, as the run's config names them."""
+    for callback in (run.config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).startswith("callbacks."):
+            return str(callback["class_path"]), dict(callback.get("init_args") or {})
+    return None
+
+
+DISTILL_OPTIONS = ("distill_weight", "distill_temperature")
+
+
+def undistilled_twin(run: Run, runs: Sequence[Run]) -> Optional[Run]:
+    """For a run that distils, the finished run with the same strategy and options but no teacher."""
+    ours = strategy_args(run)
+    if ours is None or not ours[1].get("distill_weight"):
+        return None
+    strip = lambda args: {k: v for k, v in args.items() if k not in DISTILL_OPTIONS}  # noqa: E731
+    for other in runs:
+        theirs = strategy_args(other)
+        if (
+            other is not run
+            and other.rounds
+            and theirs is not None
+            and theirs[0] == ours[0]
+            and not theirs[1].get("distill_weight")
+            and strip(theirs[1]) == strip(ours[1])
+        ):
+            return other
+    return None
+
+
+def run_findings(run: Run, control: Optional[Run], undistilled: Optional[Run] = None) -> list[str]:
     """What one pruned run's curve shows, in numbers: start, peak, the sparsest level that holds."""
     points = accuracy_points(run)
     if not points:
@@ -164,35 +233,21 @@ def run_findings(run: Run, control: Optional[Run]) -> list[str]:
             f"{seconds[last_round]:.0f} s (round {last_round})."
         )
     if control is not None and control is not run:
-        ours = {level(1 - p["x"]): p for p in points}
-        theirs = {level(1 - p["x"]): p for p in accuracy_points(control)}
-        common = [key for key in sorted(ours) if key in theirs and key > 0]
-        above = [
-            k
-            for k in common
-            if better(run, ours[k]["y"], theirs[k]["y"])
-            and apart(ours[k]["y"], ours[k]["ci"], theirs[k]["y"], theirs[k]["ci"])
-        ]
-        below = [
-            k
-            for k in common
-            if better(run, theirs[k]["y"], ours[k]["y"])
-            and apart(ours[k]["y"], ours[k]["ci"], theirs[k]["y"], theirs[k]["ci"])
-        ]
+        common, above, below = level_comparison(run, control)
         if len(common) > 1:  # a single shared level is a coincidence of schedules, not a curve
             lines.append(
                 f"Against the random-reinit control ({run_name(control)}) at {len(common)} pruned "
                 f"levels: better and apart at {len(above)}, worse and apart at {len(below)}, "
                 f"within the CIs at {len(common) - len(above) - len(below)}."
             )
+    if undistilled is not None:
+        lines.append(distillation_effect(run, undistilled))
     return lines
 
 
 def is_control(run: Run) -> bool:
-    for callback in (run.config.get("trainer") or {}).get("callbacks") or []:
-        if isinstance(callback, dict) and (callback.get("init_args") or {}).get("reinit_random"):
-            return True
-    return False
+    args = strategy_args(run)
+    return bool(args and args[1].get("reinit_random"))
 
 
 def findings(runs: Sequence[Run]) -> list[str]:
@@ -213,7 +268,7 @@ def findings(runs: Sequence[Run]) -> list[str]:
                     + "."
                 )
             continue
-        lines.append(" ".join(run_findings(run, control)))
+        lines.append(" ".join(run_findings(run, control, undistilled_twin(run, runs))))
     return [f"- {line}" for line in lines if line]
 
 
