@@ -100,6 +100,21 @@ def test_distillation_is_compared_level_by_level_with_the_same_rounds_without_it
     assert "Distillation" not in next(line for line in lines if line.startswith("- **distilled_other_rate**"))
     assert "Distillation" not in next(line for line in lines if line.startswith("- **omniglot**"))
     assert results.undistilled_twin(runs[3], runs) is None and results.undistilled_twin(runs[0], runs) is None
+    assert "differ" not in line  # the same round 0: the teacher is the only difference
+
+    # A second run without a teacher whose round 0 tests otherwise (another machine's trajectory):
+    # the twin that started the same is preferred, and alone it is compared with the caveat.
+    rerun = lottery_run.parents[1] / "elsewhere" / "version_0"
+    shutil.copytree(lottery_run, rerun)
+    file = rerun / "rounds" / "round_00" / "metrics.json"
+    record = json.loads(file.read_text())
+    record["test"] = record["test_metrics"]["test/acc_post"] = 0.95
+    file.write_text(json.dumps(record))
+    elsewhere = reading.load_run(rerun)
+    assert results.undistilled_twin(runs[2], [elsewhere, *runs]) is runs[0]
+    (line,) = [x for x in results.findings([elsewhere, runs[2]]) if x.startswith("- **distilled**")]
+    assert "against the same rounds without it (elsewhere)" in line
+    assert "Their dense rounds differ (91.23 against 95.00" in line
 
 
 def test_readme_section_is_replaced_between_the_markers_only_and_regenerates_identically(

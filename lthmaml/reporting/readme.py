@@ -150,11 +150,18 @@ def distillation_effect(run: Run, undistilled: Run) -> str:
             f"{b['y'] * scale:.2f} ± {(b['ci'] or 0) * scale:.2f} "
             f"({(a['y'] - b['y']) * scale:+.2f}{unit}, {verdict})"
         )
+    if not common:
+        return f"No pruned level in common with the same rounds without distillation ({run_name(undistilled)})."
+    start = ""
+    if round_zero(run) != round_zero(undistilled):
+        start = (
+            f" Their dense rounds differ ({(round_zero(run) or 0) * scale:.2f} against "
+            f"{(round_zero(undistilled) or 0) * scale:.2f}: another trajectory, so these differences "
+            "mix the teacher's effect with run-to-run variation."
+        )
     return (
         f"Distillation's effect, against the same rounds without it ({run_name(undistilled)}) at "
-        f"{len(common)} pruned levels: " + "; ".join(levels) + "."
-        if common
-        else f"No pruned level in common with the same rounds without distillation ({run_name(undistilled)})."
+        f"{len(common)} pruned levels: " + "; ".join(levels) + "." + start
     )
 
 
@@ -169,24 +176,33 @@ def strategy_args(run: Run) -> Optional[tuple[str, dict[str, Any]]]:
 DISTILL_OPTIONS = ("distill_weight", "distill_temperature")
 
 
+def round_zero(run: Run) -> Optional[float]:
+    points = [p for p in accuracy_points(run) if level(1 - p["x"]) == 0]
+    return points[0]["y"] if points else None
+
+
 def undistilled_twin(run: Run, runs: Sequence[Run]) -> Optional[Run]:
-    """For a run that distils, the finished run with the same strategy and options but no teacher."""
+    """For a run that distils, the finished run with the same strategy and options but no teacher.
+
+    Of several, the one whose dense round 0 tests the same as ours: that run trained the same
+    trajectory (same seed and machine), so the pruned levels differ by the teacher alone.
+    """
     ours = strategy_args(run)
     if ours is None or not ours[1].get("distill_weight"):
         return None
     strip = lambda args: {k: v for k, v in args.items() if k not in DISTILL_OPTIONS}  # noqa: E731
-    for other in runs:
-        theirs = strategy_args(other)
-        if (
-            other is not run
-            and other.rounds
-            and theirs is not None
-            and theirs[0] == ours[0]
-            and not theirs[1].get("distill_weight")
-            and strip(theirs[1]) == strip(ours[1])
-        ):
-            return other
-    return None
+    twins = [
+        other
+        for other in runs
+        if other is not run
+        and other.rounds
+        and (theirs := strategy_args(other)) is not None
+        and theirs[0] == ours[0]
+        and not theirs[1].get("distill_weight")
+        and strip(theirs[1]) == strip(ours[1])
+    ]
+    same_start = [other for other in twins if round_zero(other) == round_zero(run)]
+    return (same_start or twins or [None])[0]
 
 
 def run_findings(run: Run, control: Optional[Run], undistilled: Optional[Run] = None) -> list[str]:
