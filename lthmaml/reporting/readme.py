@@ -84,6 +84,10 @@ def level(sparsity: float) -> float:
     return round(100.0 * sparsity, 1)
 
 
+def points_by_level(run: Run) -> dict[float, dict[str, Any]]:
+    return {level(1.0 - p["x"]): p for p in accuracy_points(run)}
+
+
 def cell(run: Run, value: float, ci: Optional[float], source: str) -> str:
     scale = percent_scale(run)
     text = f"{value * scale:.2f}" + ("" if ci is None else f" ± {ci * scale:.2f}")
@@ -96,7 +100,7 @@ def comparison_table(runs: Sequence[Run]) -> str:
     if not pruned:
         return "_No run has pruning rounds._"
     values: dict[str, dict[float, dict[str, Any]]] = {
-        run_name(run): {level(1.0 - p["x"]): p for p in accuracy_points(run)} for run in pruned
+        run_name(run): points_by_level(run) for run in pruned
     }
     levels = sorted({key for by_level in values.values() for key in by_level})
     header = "| sparsity | weights remaining | " + " | ".join(run_name(run) for run in pruned) + " |"
@@ -122,8 +126,7 @@ def better(run: Run, a: float, b: float) -> bool:
 
 def level_comparison(run: Run, other: Run) -> tuple[list[float], list[float], list[float]]:
     """The pruned levels both runs recorded, and those where ``run`` is better / worse and apart."""
-    ours = {level(1 - p["x"]): p for p in accuracy_points(run)}
-    theirs = {level(1 - p["x"]): p for p in accuracy_points(other)}
+    ours, theirs = points_by_level(run), points_by_level(other)
     common = [key for key in sorted(ours) if key in theirs and key > 0]
 
     def is_apart(key: float) -> bool:
@@ -137,8 +140,9 @@ def level_comparison(run: Run, other: Run) -> tuple[list[float], list[float], li
 def distillation_effect(run: Run, undistilled: Run) -> str:
     """Level by level, the distilled rounds against the same rounds without the teacher."""
     common, above, below = level_comparison(run, undistilled)
-    ours = {level(1 - p["x"]): p for p in accuracy_points(run)}
-    theirs = {level(1 - p["x"]): p for p in accuracy_points(undistilled)}
+    if not common:
+        return f"No pruned level in common with the same rounds without distillation ({run_name(undistilled)})."
+    ours, theirs = points_by_level(run), points_by_level(undistilled)
     scale = percent_scale(run)
     unit = " points" if "acc" in run.metric else ""
     levels = []
@@ -150,8 +154,6 @@ def distillation_effect(run: Run, undistilled: Run) -> str:
             f"{b['y'] * scale:.2f} ± {(b['ci'] or 0) * scale:.2f} "
             f"({(a['y'] - b['y']) * scale:+.2f}{unit}, {verdict})"
         )
-    if not common:
-        return f"No pruned level in common with the same rounds without distillation ({run_name(undistilled)})."
     start = ""
     if round_zero(run) != round_zero(undistilled):
         start = (
@@ -177,8 +179,8 @@ DISTILL_OPTIONS = ("distill_weight", "distill_temperature")
 
 
 def round_zero(run: Run) -> Optional[float]:
-    points = [p for p in accuracy_points(run) if level(1 - p["x"]) == 0]
-    return points[0]["y"] if points else None
+    dense = points_by_level(run).get(0.0)
+    return None if dense is None else dense["y"]
 
 
 def undistilled_twin(run: Run, runs: Sequence[Run]) -> Optional[Run]:
