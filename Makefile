@@ -86,19 +86,30 @@ $(SINUSOID): | $(STAMP)
 
 $(EXP_DIR)/lth_random_reinit.done: $(EXP_DIR)/lth_rewind_init.done  # it trains lth_rewind_init's masks
 
-$(EXP_DIR)/%.done: configs/experiments/%.yaml configs/experiments/base.yaml | $(STAMP)
+# fit_experiment: fit $(1) (a run name under $(EXP_DIR)) from config $(2) plus arguments $(3); it
+# resumes from the run's last.ckpt, refuses a folder without one, archives the records, stamps $@.
+define fit_experiment
 	@mkdir -p $(EXP_DIR)/logs
-	@last=$(EXP_DIR)/$*/version_0/checkpoints/last.ckpt; resume=; \
-	if [ -f $$last ]; then echo "experiments: resuming $* from $$last"; resume="--ckpt_path $$last"; \
-	elif [ -e $(EXP_DIR)/$* ]; then \
-	  echo "experiments: $(EXP_DIR)/$* exists but has no last.ckpt: move it away and run again" >&2; exit 1; fi; \
-	echo "experiments: $* (log: $(EXP_DIR)/logs/$*.log)"; \
-	OMP_NUM_THREADS=1 $(BIN)/lthmaml fit -c configs/experiments/base.yaml -c $< \
-	  --trainer.logger.init_args.save_dir $(EXP_DIR) \
-	  $(if $(filter lth_random_reinit,$*),--trainer.callbacks.init_args.masks_from $(EXP_DIR)/lth_rewind_init/version_0) \
-	  $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/$*.log 2>&1
-	@$(call archive,$*) >> $(EXP_DIR)/logs/$*.log
+	@last=$(EXP_DIR)/$(1)/version_0/checkpoints/last.ckpt; resume=; \
+	if [ -f $$last ]; then echo "experiments: resuming $(1) from $$last"; resume="--ckpt_path $$last"; \
+	elif [ -e $(EXP_DIR)/$(1) ]; then \
+	  echo "experiments: $(EXP_DIR)/$(1) exists but has no last.ckpt: move it away and run again" >&2; exit 1; fi; \
+	echo "experiments: $(1) (log: $(EXP_DIR)/logs/$(1).log)"; \
+	OMP_NUM_THREADS=1 $(BIN)/lthmaml fit -c configs/experiments/base.yaml -c $(2) \
+	  --trainer.logger.init_args.save_dir $(EXP_DIR) --trainer.logger.init_args.name $(1) $(3) \
+	  $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/$(1).log 2>&1
+	@$(call archive,$(1)) >> $(EXP_DIR)/logs/$(1).log
 	@touch $@
+endef
+
+$(EXP_DIR)/%.done: configs/experiments/%.yaml configs/experiments/base.yaml | $(STAMP)
+	$(call fit_experiment,$*,$<,$(if $(filter lth_random_reinit,$*),--trainer.callbacks.init_args.masks_from $(EXP_DIR)/lth_rewind_init/version_0))
+
+# <experiment>_rerun: the experiment again under another name, to see whether this machine
+# reproduces it (float rounding differs between hosts; runs on one trajectory compare cleanly).
+REPEATS := lth_rewind_init_rerun
+$(EXP_DIR)/%_rerun.done: configs/experiments/%.yaml configs/experiments/base.yaml | $(STAMP)
+	$(call fit_experiment,$*_rerun,$<,)
 
 # Always-sparse training on the same protocol (configs/experiments/sparse/<method>.yaml, issue #11):
 # static, SNIP, SET, RigL, Top-KAST and Powerprop + Top-KAST, each at sparsity 0.8, 0.9 and 0.95,
@@ -114,29 +125,12 @@ sparse-experiments: $(SPARSE_RUNS:%=$(EXP_DIR)/%.done) $(EXP_DIR)/lth_distill.do
 
 # lth_rewind_init with distillation from its round 0 (configs/experiments/sparse/lth_distill.yaml).
 $(EXP_DIR)/lth_distill.done: configs/experiments/sparse/lth_distill.yaml configs/experiments/base.yaml | $(STAMP)
-	@mkdir -p $(EXP_DIR)/logs
-	@last=$(EXP_DIR)/lth_distill/version_0/checkpoints/last.ckpt; resume=; \
-	if [ -f $$last ]; then echo "sparse-experiments: resuming lth_distill from $$last"; resume="--ckpt_path $$last"; fi; \
-	echo "sparse-experiments: lth_distill (log: $(EXP_DIR)/logs/lth_distill.log)"; \
-	OMP_NUM_THREADS=1 $(BIN)/lthmaml fit -c configs/experiments/base.yaml -c $< \
-	  --trainer.logger.init_args.save_dir $(EXP_DIR) $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/lth_distill.log 2>&1
-	@$(call archive,lth_distill) >> $(EXP_DIR)/logs/lth_distill.log
-	@touch $@
+	$(call fit_experiment,lth_distill,$<,)
 
+# sparse_<method>_<level>: configs/experiments/sparse/<method>.yaml at sparsity 0.<level>.
+sparse_level = $(lastword $(subst _, ,$(1)))
 $(EXP_DIR)/sparse_%.done: configs/experiments/base.yaml | $(STAMP)
-	@mkdir -p $(EXP_DIR)/logs
-	@level=$(lastword $(subst _, ,$*)); method=$(patsubst %_$(lastword $(subst _, ,$*)),%,$*); \
-	last=$(EXP_DIR)/sparse_$*/version_0/checkpoints/last.ckpt; resume=; \
-	if [ -f $$last ]; then echo "sparse-experiments: resuming sparse_$* from $$last"; resume="--ckpt_path $$last"; \
-	elif [ -e $(EXP_DIR)/sparse_$* ]; then \
-	  echo "sparse-experiments: $(EXP_DIR)/sparse_$* exists but has no last.ckpt: move it away and run again" >&2; exit 1; fi; \
-	echo "sparse-experiments: sparse_$* (log: $(EXP_DIR)/logs/sparse_$*.log)"; \
-	OMP_NUM_THREADS=1 $(BIN)/lthmaml fit -c configs/experiments/base.yaml -c configs/experiments/sparse/$$method.yaml \
-	  --trainer.logger.init_args.save_dir $(EXP_DIR) --trainer.logger.init_args.name sparse_$* \
-	  --trainer.callbacks.init_args.sparsity 0.$$level \
-	  $(EXP_ARGS) $$resume >> $(EXP_DIR)/logs/sparse_$*.log 2>&1
-	@$(call archive,sparse_$*) >> $(EXP_DIR)/logs/sparse_$*.log
-	@touch $@
+	$(call fit_experiment,sparse_$*,configs/experiments/sparse/$(patsubst %_$(call sparse_level,$*),%,$*).yaml,--trainer.callbacks.init_args.sparsity 0.$(call sparse_level,$*))
 
 # README "Results": the report of the finished experiments (plots and tables under $(RESULTS)) and
 # the sinusoid table of bench/sinusoid.py, written into README.md between its results markers. It
@@ -145,7 +139,7 @@ $(EXP_DIR)/sparse_%.done: configs/experiments/base.yaml | $(STAMP)
 # different sittings or on different machines make one table; those not finished yet are named.
 RESULTS ?= docs/results
 README ?= README.md
-ALL_EXPERIMENTS = $(EXPERIMENTS) $(SPARSE_RUNS) lth_distill
+ALL_EXPERIMENTS = $(EXPERIMENTS) $(REPEATS) $(SPARSE_RUNS) lth_distill
 FINISHED = $(strip $(foreach e,$(ALL_EXPERIMENTS),$(wildcard $(EVIDENCE)/$(e)/version_0)))
 PENDING = $(strip $(foreach e,$(ALL_EXPERIMENTS),$(if $(wildcard $(EVIDENCE)/$(e)/version_0),,$(e))))
 .PHONY: archive

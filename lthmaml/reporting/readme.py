@@ -75,6 +75,9 @@ def command(run: Run) -> str:
     for config in (EXPERIMENT_CONFIGS / f"{name}.yaml", EXPERIMENT_CONFIGS / "sparse" / f"{name}.yaml"):
         if config.is_file():
             return f"{base} -c {config}"
+    rerun = EXPERIMENT_CONFIGS / f"{name.removesuffix('_rerun')}.yaml"  # <experiment>_rerun (make)
+    if name.endswith("_rerun") and rerun.is_file():
+        return f"{base} -c {rerun} --trainer.logger.init_args.name {name}"
     return f"lthmaml fit --config {run.path / 'config.yaml'}"
 
 
@@ -159,7 +162,7 @@ def distillation_effect(run: Run, undistilled: Run) -> str:
         start = (
             f" Their dense rounds differ ({(round_zero(run) or 0) * scale:.2f} against "
             f"{(round_zero(undistilled) or 0) * scale:.2f}: another trajectory, so these differences "
-            "mix the teacher's effect with run-to-run variation."
+            "mix the teacher's effect with run-to-run variation)."
         )
     return (
         f"Distillation's effect, against the same rounds without it ({run_name(undistilled)}) at "
