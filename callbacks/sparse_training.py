@@ -5,7 +5,8 @@ initial masks (``initial_masks``: random, by sensitivity, by magnitude) at each 
 (:func:`lthmaml.rewiring.layer_densities`, ``uniform`` or ``erk``); every ``update_every`` steps
 until ``stop_updates_at`` of the fit a dynamic strategy rewires them (``update_masks``: drop and
 grow, the density unchanged; a grown weight starts at zero with a fresh optimizer state), and the
-last ``1 - stop_updates_at`` of the fit trains the final mask. The forward mask holds inside
+last ``1 - stop_updates_at`` of the fit trains the final mask. An update comes before a step, so no
+validation scores (or records) a net whose grown weights have not trained yet. The forward mask holds inside
 MAML's inner loop (the layers multiply by it), so adapted weights are as sparse.
 
 Training FLOPs are counted as the sparse-training papers do (Evci et al. 2020, appendix H): a
@@ -61,6 +62,10 @@ class SparseTraining(PruningCallback):
     """
 
     default_distribution: ClassVar[Optional[Distribution]] = "erk"
+    updates_after_step: ClassVar[bool] = False
+    """Where a mask update runs: before a step (drop-and-grow zeroes what it grows, which no
+    validation may score untrained), or right after one (TopKAST's re-selection by magnitude
+    zeroes nothing, and a validation then scores the top-K of the current weights)."""
     state_attributes = (
         *PruningCallback.state_attributes,
         "started",
@@ -202,14 +207,19 @@ class SparseTraining(PruningCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.started:
+        """The initial masks before the first step; a drop-and-grow update before a step, never
+        after one: a validation between the two would score (and might record) a net whose grown
+        weights are still zero. So, as in SET's code, evaluate, then evolve."""
+        if not self.started:
+            sparsity.load_masks(pl_module, self.initial_masks(pl_module, batch))  # no optimizer state yet
+            self.started = True
+            report = sparsity.sparsity_report(pl_module)
+            rank_zero_info(
+                f"{type(self).__name__}: sparsity {report.sparsity:.2%} from the first step\n{report.table()}"
+            )
             return
-        sparsity.load_masks(pl_module, self.initial_masks(pl_module, batch))  # no optimizer state yet
-        self.started = True
-        report = sparsity.sparsity_report(pl_module)
-        rank_zero_info(
-            f"{type(self).__name__}: sparsity {report.sparsity:.2%} from the first step\n{report.table()}"
-        )
+        if not self.updates_after_step:
+            self.update_if_due(trainer, pl_module, batch)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -220,18 +230,19 @@ class SparseTraining(PruningCallback):
             self._step_flops = (self.step_cost(pl_module, forward, dense), 3 * dense)
         self.flops += self._step_flops[0]
         self.dense_flops += self._step_flops[1]
+        if self.updates_after_step:
+            self.update_if_due(trainer, pl_module, batch)
+
+    def update_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Every ``update_every`` steps until :meth:`update_end`: :meth:`update_masks`, counted."""
         step = trainer.global_step
-        if (
-            self.update_every is not None
-            and step % self.update_every == 0
-            and step <= self.update_end(trainer)
-        ):
-            fraction = self.current_fraction(trainer)
-            self.update_masks(trainer, pl_module, batch, fraction)
-            self.mask_updates += 1
-            self._step_flops = None
-            self.flops += self.update_cost(*self.forward_cost(pl_module))
-            self.keep_raw_weights(pl_module)
+        if self.update_every is None or step % self.update_every or step > self.update_end(trainer):
+            return
+        self.update_masks(trainer, pl_module, batch, self.current_fraction(trainer))
+        self.mask_updates += 1
+        self._step_flops = None
+        self.flops += self.update_cost(*self.forward_cost(pl_module))
+        self.keep_raw_weights(pl_module)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

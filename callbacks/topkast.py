@@ -45,6 +45,7 @@ class TopKAST(SparseTraining):
     """
 
     state_attributes = (*SparseTraining.state_attributes, "backward_masks")
+    updates_after_step = True  # A is the top-K of the weights the last step left
 
     def __init__(
         self,

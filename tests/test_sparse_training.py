@@ -174,15 +174,17 @@ def test_every_layer_keeps_its_exact_count_after_every_update_and_records_flops(
 
 def test_dynamic_masks_change_and_grown_weights_start_at_zero(tmp_path):
     class Grown(Callback):
-        """The weights of entries that the update after batch ``k`` grew, right after it."""
+        """The weights of entries that the update before batch ``k`` grew, right after it."""
 
         def __init__(self) -> None:
             self.before, self.grown_values, self.changes = None, [], 0
 
-        def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
             self.before = sparsity.masks_of(pl_module)
 
-        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        def on_train_batch_start(self, trainer, pl_module, *args) -> None:  # after the strategy's
+            if self.before is None:
+                return
             for name, layer in sparsity.prunable_layers(pl_module).items():
                 grown = (layer.mask == 1) & (self.before[name] == 0)
                 self.changes += int(grown.sum())
@@ -195,7 +197,7 @@ def test_dynamic_masks_change_and_grown_weights_start_at_zero(tmp_path):
         model, datamodule = sinusoid_maml()
         grown = Grown()
         fit(model, datamodule, [strategy, grown], tmp_path / type(strategy).__name__)  # grown runs after
-        assert strategy.mask_updates == 4 and grown.changes > 0
+        assert strategy.mask_updates == 3 and grown.changes > 0  # before steps 3, 6, 9 of 12
         assert all(torch.all(values == 0) for values in grown.grown_values)
 
 
@@ -434,7 +436,37 @@ def test_the_record_holds_the_best_validations_masks_and_weights(tmp_path):
     for name, mask in first.masks.items():
         assert torch.equal(written[name], mask), name
         assert torch.equal(sparsity.masks_of(model)[name], mask), name  # restored in the module too
-    assert strategy.mask_updates == 9
+    assert strategy.mask_updates == 8  # before every step but the first
+
+
+def test_a_validation_never_scores_connections_just_grown_at_zero(tmp_path):
+    """The mask update comes before a step, so every validation (here each one follows an update
+    step) scores a net whose grown weights have trained: with half the kept weights rewired, an
+    update right before it would leave about half of them at zero."""
+
+    class ZerosAtValidation(Callback):
+        def __init__(self) -> None:
+            self.fractions: list[float] = []
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            layers = sparsity.prunable_layers(pl_module).values()
+            kept = sum(int(layer.mask.sum()) for layer in layers)
+            zeros = sum(int(((layer.effective_weight() == 0) & (layer.mask == 1)).sum()) for layer in layers)
+            self.fractions.append(zeros / kept)
+
+    from helpers import TinyClassification
+
+    from lthmaml.meta.classifier import Classifier
+
+    torch.manual_seed(0)  # a net whose connections all get gradients (the tiny sinusoid MLP has dead units)
+    model = Classifier(
+        MLP(in_features=4, hidden=(16,), out_features=3), optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
+    )
+    strategy = SET(sparsity=0.5, update_every=3, drop_fraction=0.5, stop_updates_at=1.0, distribution="uniform")
+    probe = ZerosAtValidation()
+    fit(model, TinyClassification(), [strategy, probe], tmp_path, limit_val_batches=None, max_epochs=3)
+    assert strategy.mask_updates == 2 and len(probe.fractions) == 3
+    assert max(probe.fractions) < 0.1, probe.fractions
 
 
 @pytest.mark.parametrize(
