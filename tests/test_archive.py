@@ -90,7 +90,9 @@ def test_the_command_of_an_always_sparse_run_names_its_method_config_and_sparsit
     assert results.command(run).endswith("-c configs/experiments/sparse/lth_distill.yaml")
     run = reading.Run(path=tmp_path / "taylor" / "version_0", strategy="TaylorPruning", config={}, rounds=[])
     assert results.command(run).endswith("-c configs/experiments/taylor.yaml")
-    run = reading.Run(path=tmp_path / "lth_rewind_init_rerun" / "version_0", strategy="Lottery", config={}, rounds=[])
+    run = reading.Run(
+        path=tmp_path / "lth_rewind_init_rerun" / "version_0", strategy="Lottery", config={}, rounds=[]
+    )
     assert results.command(run).endswith(
         "-c configs/experiments/lth_rewind_init.yaml --trainer.logger.init_args.name lth_rewind_init_rerun"
     )

@@ -89,3 +89,21 @@ def test_the_finding_compares_the_best_of_each_family_at_90(runs):
 
 def test_no_sparse_run_no_table(runs):
     assert sparse_table(runs[:2]) is None
+
+
+@pytest.mark.parametrize("epochs_trained, marked", [(12, True), (11, False)])
+def test_a_fit_that_ran_to_its_epoch_cap_is_marked_a_lower_bound(tmp_path, runs, epochs_trained, marked):
+    folder = make_run(tmp_path, "sparse_set_95", [{"class_path": "callbacks.SET"}])
+    settings = yaml.safe_load((folder / "config.yaml").read_text())
+    settings["trainer"]["max_epochs"] = 12
+    (folder / "config.yaml").write_text(yaml.safe_dump(settings))
+    # 10 steps an epoch; Lightning logs the epoch with each training step, and the test epoch after.
+    steps = 10 * epochs_trained
+    events = [("epoch", float(s), s, float(s // 10)) for s in range(0, steps, 5)]
+    write_events(folder, [("val/acc_post", 10.0, 100, 0.5), *events, ("epoch", 999.0, steps, 12.0)])
+    record(folder, 0, 0.95, 0.88, 0.02, global_step=steps, details={"train_flops": 60_000.0})
+    table = sparse_table([*runs, reading.load_run(folder)]).splitlines()
+    (line,) = [row for row in table if row.startswith("| set |")]
+    assert line.endswith("0.10x * |") is marked and "88.00 ± 2.00, 0.10x" in line
+    rigl = next(row for row in table if row.startswith("| rigl |"))
+    assert "*" not in rigl  # max_epochs -1: no cap to reach

@@ -462,7 +462,9 @@ def test_a_validation_never_scores_connections_just_grown_at_zero(tmp_path):
     model = Classifier(
         MLP(in_features=4, hidden=(16,), out_features=3), optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
     )
-    strategy = SET(sparsity=0.5, update_every=3, drop_fraction=0.5, stop_updates_at=1.0, distribution="uniform")
+    strategy = SET(
+        sparsity=0.5, update_every=3, drop_fraction=0.5, stop_updates_at=1.0, distribution="uniform"
+    )
     probe = ZerosAtValidation()
     fit(model, TinyClassification(), [strategy, probe], tmp_path, limit_val_batches=None, max_epochs=3)
     assert strategy.mask_updates == 2 and len(probe.fractions) == 3

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from lthmaml.errors import DataError
 from lthmaml.reporting.plots import PLOTS, percent_scale
 from lthmaml.reporting.runs import Run, accuracy_points, dense_reference, round_seconds, run_name
-from lthmaml.reporting.sparse import sparse_findings, sparse_table
+from lthmaml.reporting.sparse import CAPPED, sparse_findings, sparse_table
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -102,9 +102,7 @@ def comparison_table(runs: Sequence[Run]) -> str:
     pruned = [run for run in runs if run.rounds]
     if not pruned:
         return "_No run has pruning rounds._"
-    values: dict[str, dict[float, dict[str, Any]]] = {
-        run_name(run): points_by_level(run) for run in pruned
-    }
+    values: dict[str, dict[float, dict[str, Any]]] = {run_name(run): points_by_level(run) for run in pruned}
     levels = sorted({key for by_level in values.values() for key in by_level})
     header = "| sparsity | weights remaining | " + " | ".join(run_name(run) for run in pruned) + " |"
     rule = "|---:|---:|" + "---:|" * len(pruned)
@@ -144,7 +142,8 @@ def distillation_effect(run: Run, undistilled: Run) -> str:
     """Level by level, the distilled rounds against the same rounds without the teacher."""
     common, above, below = level_comparison(run, undistilled)
     if not common:
-        return f"No pruned level in common with the same rounds without distillation ({run_name(undistilled)})."
+        name = run_name(undistilled)
+        return f"No pruned level in common with the same rounds without distillation ({name})."
     ours, theirs = points_by_level(run), points_by_level(undistilled)
     scale = percent_scale(run)
     unit = " points" if "acc" in run.metric else ""
@@ -386,7 +385,8 @@ def results_section(
         lines += [
             "Always-sparse training against iterative pruning (test accuracy %, mean ± 95% CI, and "
             "training FLOPs relative to training the dense net; `~`: interpolated between the two "
-            "recorded levels around the column):",
+            f"recorded levels around the column; `{CAPPED}`: the fit ran to its `max_epochs` cap still "
+            "learning, not to its plateau, so the figure is a lower bound):",
             "",
             table,
             "",

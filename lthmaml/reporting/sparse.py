@@ -6,7 +6,9 @@ forward cost, ``3 x dense_forward_flops`` a step). An always-sparse run (``spars
 gives its record's ``details.train_flops``; an iterative run (lottery tickets, Powerprop, ...) the
 FLOPs of every round up to the level (``3 x forward_flops x`` the round's steps), and its accuracy at
 a column's sparsity by linear interpolation between its two recorded levels around it (marked ``~``:
-the lottery schedule's levels are 50, 75, 87.5, 93.75 %, none of them at a column).
+the lottery schedule's levels are 50, 75, 87.5, 93.75 %, none of them at a column). An always-sparse
+cell is marked ``*`` when its fit ran to the trainer's ``max_epochs`` cap instead of ending on its
+plateau: the net was still learning, so the figure is a lower bound on what the method reaches.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lthmaml.reporting.runs import Run, last_scalar, round_value, run_name
 
 LEVELS = (0.8, 0.9, 0.95)
 PREFIX = "sparse_"
+CAPPED = "*"
 
 
 def training_flops(run: Run, upto_round: int) -> Optional[float]:
@@ -73,6 +76,14 @@ def dense_flops(dense: Optional[Run], runs: Sequence[Run]) -> Optional[float]:
     return None if forward is None or not steps else 3.0 * forward * steps
 
 
+def ran_to_cap(run: Run, record: dict[str, Any]) -> bool:
+    """Whether a one-round fit trained all its ``max_epochs`` epochs instead of ending on its plateau
+    (EarlyStopping stops it before): the ``epoch`` Lightning logs with the fit's last training step."""
+    cap = (run.config.get("trainer") or {}).get("max_epochs")
+    trained = [epoch for _, step, epoch in run.scalars.get("epoch", []) if step < record["global_step"]]
+    return isinstance(cap, int) and cap > 0 and bool(trained) and max(trained) + 1 >= cap
+
+
 def cells_by_method(runs: Sequence[Run]) -> dict[str, dict[float, dict[str, Any]]]:
     """Every method's cells by column sparsity: always-sparse runs first, then iterative ones."""
     sparse = [run for run in runs if run_name(run).startswith(PREFIX) and run.rounds]
@@ -88,6 +99,7 @@ def cells_by_method(runs: Sequence[Run]) -> dict[str, dict[float, dict[str, Any]
                 "ci": found[1],
                 "flops": flops_of(run, 0, record),
                 "exact": True,
+                "capped": ran_to_cap(run, record),
             }
     for run in runs:
         if run.rounds and not run_name(run).startswith(PREFIX) and len(run.rounds) > 1:
@@ -130,7 +142,7 @@ def format_cell(cell: Optional[dict[str, Any]], reference: Optional[float]) -> s
         text += f" ± {100 * cell['ci']:.2f}"
     if cell["flops"] is not None and reference:
         text += f", {cell['flops'] / reference:.2f}x"
-    return text
+    return text + (f" {CAPPED}" if cell.get("capped") else "")
 
 
 def sparse_findings(runs: Sequence[Run], target: float = 0.9) -> list[str]:
