@@ -107,3 +107,37 @@ def test_a_fit_that_ran_to_its_epoch_cap_is_marked_a_lower_bound(tmp_path, runs,
     assert line.endswith("0.10x * |") is marked and "88.00 ± 2.00, 0.10x" in line
     rigl = next(row for row in table if row.startswith("| rigl |"))
     assert "*" not in rigl  # max_epochs -1: no cap to reach
+
+
+def test_plots_draw_an_always_sparse_method_as_one_curve_and_its_levels_in_their_own_panels(
+    tmp_path, runs, monkeypatch
+):
+    from lthmaml.reporting import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, file: figures.append(fig))
+    rigl_80 = make_run(tmp_path, "sparse_rigl_80", [{"class_path": "callbacks.RigL"}])
+    record(rigl_80, 0, 0.8, 0.93, 0.01, details={"train_flops": 200_000.0})
+    everything = [*runs, reading.load_run(rigl_80)]
+    assert plots.plot_remaining(everything, tmp_path / "x.png") is None
+    (ax,) = figures[0].axes
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    (rigl,) = [label for label in labels if "RigL" in label]
+    assert rigl == "RigL (always sparse: sparse_rigl_*), test"
+    curve = next(c for c in ax.containers if c.get_label() == rigl)  # one errorbar, both levels
+    xs, ys = curve.lines[0].get_data()
+    assert list(xs) == pytest.approx([0.2, 0.1]) and list(ys) == pytest.approx([93.0, 90.5])
+    assert plots.plot_time(everything, tmp_path / "y.png") is None
+    titles = sorted(a.get_title().rpartition(": ")[2] for a in figures[1].axes if a.get_visible())
+    assert titles == ["always sparse, 80%", "always sparse, 90%", "pruning rounds and dense"]
+
+
+def test_the_layer_map_holds_each_final_rounds_layer_sparsity_and_nan_where_absent(runs):
+    from lthmaml.reporting.plots import layer_table
+
+    finals = [
+        (runs[1], {"a": {"sparsity": 0.5}, "b": {"sparsity": 0.25}}),
+        (runs[2], {"b": {"sparsity": 0.9}}),
+    ]
+    table = layer_table(finals, ["a", "b"])
+    assert table[0] == [50.0, 25.0] and table[1][1] == pytest.approx(90.0) and table[1][0] != table[1][0]

@@ -14,6 +14,8 @@ from lthmaml.reporting.runs import (
     metric_over_time,
     remaining_ticks,
     round_seconds,
+    run_name,
+    sparse_method,
 )
 
 PLOTS = {
@@ -35,11 +37,50 @@ def percent_scale(run: Run) -> float:
     return 100.0 if "acc" in run.metric else 1.0  # accuracy in %, losses as logged
 
 
-def _panels(n: int, width: float = 7.5, height: float = 5.0):
+def _panels(n: int, width: float = 7.5, height: float = 5.0, columns: Optional[int] = None):
+    """A row of ``n`` panels, or a grid of ``columns`` a row; unused grid cells are hidden."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, list(axes[0])
+    columns = min(n, columns or n)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _colors(n: int) -> list:
+    """``n`` distinguishable colours: tab10 while it lasts, tab20 beyond (no colour used twice)."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, so that no curve hides behind it however many runs there are."""
+    legend = ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    legend.set_in_layout(False)  # tight_layout keeps the axes' size; the saved bbox takes the legend
+
+
+def series(group: Sequence[Run]) -> list[tuple[str, list[Run]]]:
+    """What plot 1 draws as one curve: a pruning run's rounds, or an always-sparse method's runs at
+    their levels (``sparse_<method>_<level>``, one round each), in the order first met."""
+    found: dict[str, list[Run]] = {}
+    for run in group:
+        method = sparse_method(run)
+        key = f"{run.strategy} (always sparse: sparse_{method}_*)" if method else run.label
+        found.setdefault(key, []).append(run)
+    return list(found.items())
+
+
+def family(run: Run) -> str:
+    """Plot 3's panel for a run: always-sparse runs by level (they would bury the rest), the others
+    together."""
+    if sparse_method(run):
+        return f"always sparse, {run_name(run).rpartition('_')[2]}%"
+    return "pruning rounds and dense"
 
 
 def plot_remaining(runs: Sequence[Run], file: Path) -> Optional[str]:
@@ -57,25 +98,32 @@ def plot_remaining(runs: Sequence[Run], file: Path) -> Optional[str]:
     for ax, (label, group) in zip(axes, groups.items()):
         xs = [p["x"] for r in group for p in accuracy_points(r) if p["x"] > 0] or [1.0]
         smallest = min(xs)
-        for run in group:
-            scale = percent_scale(run)
-            points = [p for p in accuracy_points(run) if p["x"] > 0]
+        curves = series(group)
+        for (name, members), color in zip(curves, _colors(len(curves))):
+            scale = percent_scale(members[0])
+            points = sorted(
+                (p for run in members for p in accuracy_points(run) if p["x"] > 0), key=lambda p: -p["x"]
+            )
             if points:
+                always_sparse = sparse_method(members[0]) is not None
                 ax.errorbar(
                     [p["x"] for p in points],
                     [p["y"] * scale for p in points],
                     yerr=[(p["ci"] or 0.0) * scale for p in points],
-                    marker="o",
+                    marker="s" if always_sparse else "o",
+                    linestyle="--" if always_sparse else "-",
+                    color=color,
                     capsize=3,
-                    label=f"{run.label}, {'/'.join(sorted({SOURCES[p['source']] for p in points}))}",
+                    label=f"{name}, {'/'.join(sorted({SOURCES[p['source']] for p in points}))}",
                 )
-            elif run.dense and (ref := dense_reference(run)) is not None:
-                y, ci = ref
-                line = ax.axhline(
-                    y * scale, linestyle="--", color="black", label=f"dense reference: {run.label}"
-                )
-                if ci:
-                    ax.axhspan((y - ci) * scale, (y + ci) * scale, color=line.get_color(), alpha=0.12)
+            for run in members:
+                if run.dense and (ref := dense_reference(run)) is not None:
+                    y, ci = ref
+                    line = ax.axhline(
+                        y * scale, linestyle="--", color="black", label=f"dense reference: {run.label}"
+                    )
+                    if ci:
+                        ax.axhspan((y - ci) * scale, (y + ci) * scale, color=line.get_color(), alpha=0.12)
         ax.set_xscale("log")
         ticks = remaining_ticks(smallest)
         ax.set_xlim(1.08, min(smallest, ticks[-1]) / 1.08)  # inverted: 100% on the left
@@ -86,7 +134,7 @@ def plot_remaining(runs: Sequence[Run], file: Path) -> Optional[str]:
         ax.set_ylabel(label + ", mean ± 95% CI")
         ax.set_title("Metric vs. weights remaining (test when tested, else best validation)")
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend_outside(ax)
     _save(fig, file)
     return None
 
@@ -96,6 +144,8 @@ def plot_rounds(runs: Sequence[Run], file: Path) -> Optional[str]:
     pruned = [r for r in runs if r.rounds]
     if not pruned:
         return "no run has pruning rounds (rounds/round_XX/metrics.json)"
+    # A one-round run (always-sparse) is a single dot on both panels: drawn only when nothing else is.
+    pruned = [r for r in pruned if len(r.rounds) > 1] or pruned
     fig, (left, right) = _panels(2, width=6.5)
     any_epoch = any_time = in_round = False
     for run in pruned:
@@ -117,9 +167,9 @@ def plot_rounds(runs: Sequence[Run], file: Path) -> Optional[str]:
         ax.set_xlabel("pruning round")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(True, alpha=0.3)
-        if ok:
-            ax.legend(fontsize="small")
-        else:
+        if ok and ax is right:
+            _legend_outside(ax)
+        elif not ok:
             ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
     left.set_ylabel(
         "epoch of best validation within the round (1 = first)"
@@ -135,23 +185,24 @@ def plot_rounds(runs: Sequence[Run], file: Path) -> Optional[str]:
 
 def plot_time(runs: Sequence[Run], file: Path) -> Optional[str]:
     """Plot 3: validation metric vs. meta-training time, or the reason it was skipped."""
-    groups = {
-        label: group for label, group in _groups(runs).items() if any(metric_over_time(r) for r in group)
-    }
-    if not groups:
-        return "no run has TensorBoard events with a val/ metric"
-    fig, axes = _panels(len(groups))
-    for ax, (label, group) in zip(axes, groups.items()):
+    panels: dict[tuple[str, str], list[Run]] = {}
+    for label, group in _groups(runs).items():
         for run in group:
-            points = metric_over_time(run)
-            if points:
-                minutes, values = zip(*points)
-                ax.plot(minutes, [v * percent_scale(run) for v in values], marker=".", label=run.label)
+            if metric_over_time(run):
+                panels.setdefault((label, family(run)), []).append(run)
+    if not panels:
+        return "no run has TensorBoard events with a val/ metric"
+    fig, axes = _panels(len(panels), width=7.0, height=4.5, columns=2)
+    for ax, ((label, kind), group) in zip(axes, panels.items()):
+        for run, color in zip(group, _colors(len(group))):
+            minutes, values = zip(*metric_over_time(run))
+            scale = percent_scale(run)
+            ax.plot(minutes, [v * scale for v in values], marker=".", color=color, label=run.label)
         ax.set_xlabel("meta-training wall time since the fit started (min)")
         ax.set_ylabel(label.replace("query", "validation query"))
-        ax.set_title("Validation metric vs. meta-training time")
+        ax.set_title(f"Validation metric vs. meta-training time: {kind}")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="lower right")  # curves rise from the left: that corner is free
     _save(fig, file)
     return None
 
@@ -164,33 +215,45 @@ def plot_layers(runs: Sequence[Run], file: Path) -> Optional[str]:
     names: list[str] = []
     for _, layers in finals:
         names += [name for name in layers if name not in names]
-    fig, (ax,) = _panels(1, width=max(7.0, 1.1 * len(names) * max(1, len(finals)) ** 0.5 + 3))
-    width = 0.8 / len(finals)
-    for i, (run, layers) in enumerate(finals):
-        xs = [j + (i - (len(finals) - 1) / 2) * width for j in range(len(names))]
-        values = [100.0 * layers[n]["sparsity"] if n in layers else 0.0 for n in names]
-        last = run.rounds[-1]
-        bars = ax.bar(
-            xs, values, width, label=f"{run.label}: round {last['round']}, {last['sparsity']:.1%} overall"
-        )
-        ax.bar_label(bars, fmt="%.1f", fontsize="x-small")
+    table = layer_table(finals, names)
+    fig, (ax,) = _panels(1, width=max(7.0, 2.0 + 1.3 * len(names)), height=max(3.5, 1.5 + 0.32 * len(finals)))
+    image = ax.imshow(table, cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
+    for i, row in enumerate(table):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN: the layer exists in this run
+                ink = "black" if value > 60 else "white"
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize="x-small", color=ink)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(
         names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center"
     )
+    ax.set_yticks(range(len(finals)))
+    ax.set_yticklabels(
+        [
+            f"{run.label}: round {run.rounds[-1]['round']}, {run.rounds[-1]['sparsity']:.1%}"
+            for run, _ in finals
+        ],
+        fontsize="small",
+    )
     ax.set_xlabel("layer")
-    ax.set_ylabel("weights pruned (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Per-layer sparsity of the final model")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.set_title("Per-layer sparsity of the final model (% of the layer's weights pruned)")
+    fig.colorbar(image, ax=ax, label="weights pruned (%)")
     _save(fig, file)
     return None
+
+
+def layer_table(finals: Sequence[tuple[Run, dict]], names: Sequence[str]) -> list[list[float]]:
+    """Plot 4's cells: % of each layer pruned in each run's final round, NaN where a run lacks it."""
+    return [
+        [100.0 * layers[n]["sparsity"] if n in layers else float("nan") for n in names]
+        for _, layers in finals
+    ]
 
 
 def _save(fig, file: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(file, dpi=110)
+    legends = [legend for ax in fig.axes if (legend := ax.get_legend()) is not None]
+    fig.savefig(file, dpi=110, bbox_inches="tight", bbox_extra_artists=legends)  # outside legends too
     plt.close(fig)

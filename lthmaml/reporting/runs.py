@@ -209,6 +209,18 @@ def run_name(run: Run) -> str:
     return run.path.parent.name if run.path.name.startswith("version_") else run.path.name
 
 
+ALWAYS_SPARSE = "sparse_"
+"""The experiments' name for an always-sparse run: ``sparse_<method>_<level>`` (the Makefile's)."""
+
+
+def sparse_method(run: Run) -> Optional[str]:
+    """The method of an always-sparse run (``sparse_rigl_90`` -> ``rigl``), None for any other run."""
+    name = run_name(run)
+    if not name.startswith(ALWAYS_SPARSE) or "_" not in name[len(ALWAYS_SPARSE) :]:
+        return None
+    return name[len(ALWAYS_SPARSE) :].rpartition("_")[0]
+
+
 def round_value(run: Run, record: dict[str, Any]) -> tuple[Optional[float], Optional[float], str]:
     """A round's (metric, 95% CI, source): its test when tested, else the validation value of the
     recorded weights (``best_val``: the round's best, ``val``: its last)."""

@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from lthmaml.reporting.runs import Run, last_scalar, round_value, run_name
+from lthmaml.reporting.runs import Run, last_scalar, round_value, run_name, sparse_method
 
 LEVELS = (0.8, 0.9, 0.95)
-PREFIX = "sparse_"
 CAPPED = "*"
 
 
@@ -86,10 +85,10 @@ def ran_to_cap(run: Run, record: dict[str, Any]) -> bool:
 
 def cells_by_method(runs: Sequence[Run]) -> dict[str, dict[float, dict[str, Any]]]:
     """Every method's cells by column sparsity: always-sparse runs first, then iterative ones."""
-    sparse = [run for run in runs if run_name(run).startswith(PREFIX) and run.rounds]
+    sparse = [run for run in runs if sparse_method(run) and run.rounds]
     methods: dict[str, dict[float, dict[str, Any]]] = {}
     for run in sparse:
-        method, _, _ = run_name(run)[len(PREFIX) :].rpartition("_")
+        method = sparse_method(run)
         record = run.rounds[0]
         found = point(run, record)
         if found is not None:
@@ -102,7 +101,7 @@ def cells_by_method(runs: Sequence[Run]) -> dict[str, dict[float, dict[str, Any]
                 "capped": ran_to_cap(run, record),
             }
     for run in runs:
-        if run.rounds and not run_name(run).startswith(PREFIX) and len(run.rounds) > 1:
+        if run.rounds and not sparse_method(run) and len(run.rounds) > 1:
             methods[run_name(run)] = {x: p for x in LEVELS if (p := at_level(run, x)) is not None}
     return methods
 
@@ -115,7 +114,7 @@ def dense_run(runs: Sequence[Run]) -> Optional[Run]:
 
 def sparse_table(runs: Sequence[Run]) -> Optional[str]:
     """The comparison table, or None when there is no always-sparse run."""
-    if not any(run_name(run).startswith(PREFIX) and run.rounds for run in runs):
+    if not any(sparse_method(run) and run.rounds for run in runs):
         return None
     dense = dense_run(runs)
     reference = dense_flops(dense, runs)
@@ -149,9 +148,7 @@ def sparse_findings(runs: Sequence[Run], target: float = 0.9) -> list[str]:
     """The issue's target at ``target`` sparsity: the best always-sparse method against the best
     iterative one, the accuracy gap and the ratio of their training FLOPs."""
     methods = cells_by_method(runs)
-    sparse_names = {
-        run_name(r)[len(PREFIX) :].rpartition("_")[0] for r in runs if run_name(r).startswith(PREFIX)
-    }
+    sparse_names = {method for r in runs if (method := sparse_method(r))}
     scored = {m: c[target] for m, c in methods.items() if target in c}
     always = {m: c for m, c in scored.items() if m in sparse_names}
     iterative = {m: c for m, c in scored.items() if m not in sparse_names}
