@@ -4,15 +4,17 @@ A pruning paper is read from four plots, so this writes those four PNGs and a ``
 links them beside one table per run (its numbers are the logged ones, rounded for display):
 
 1. ``accuracy_vs_remaining.png``: the metric of each round against the fraction of weights left
-   (log x, as in the lottery-ticket papers), one line per run; a run without rounds (dense) is a
+   (log x, as in the lottery-ticket papers), one line per run (per method for always-sparse runs);
+   a run without rounds (dense) is a
    horizontal reference line with its 95% CI band.
 2. ``rounds.png``: per pruning round, the epoch of the recorded weights' validation
    (``val_epoch``) and the wall time of the round: the time between consecutive ``prune/round``
    TensorBoard events (the first round counts from the event file's first event), validation
    included.
 3. ``accuracy_vs_time.png``: the ``val/`` metric against wall time since the event file's first
-   event (the fit's start), in minutes, one line per run.
-4. ``layer_sparsity.png``: per-layer sparsity of each run's final round (``metrics.json`` layers).
+   event (the fit's start), in minutes, one line per run; always-sparse runs in a panel per level.
+4. ``layer_sparsity.png``: a heat map of each run's per-layer sparsity in its final round
+   (``metrics.json`` layers).
 
 A round's metric is its ``test`` when the round was tested, else the validation value of its
 recorded weights; the error bars are ``test_metrics[<test_metric>_ci95]``. Only matplotlib, PyYAML
