@@ -5,8 +5,7 @@ links them beside one table per run (its numbers are the logged ones, rounded fo
 
 1. ``accuracy_vs_remaining.png``: the metric of each round against the fraction of weights left
    (log x, as in the lottery-ticket papers), one line per run (per method for always-sparse runs);
-   a run without rounds (dense) is a
-   horizontal reference line with its 95% CI band.
+   a run without rounds (dense) is a horizontal reference line with its 95% CI band.
 2. ``rounds.png``: per pruning round, the epoch of the recorded weights' validation
    (``val_epoch``) and the wall time of the round: the time between consecutive ``prune/round``
    TensorBoard events (the first round counts from the event file's first event), validation
