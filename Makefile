@@ -114,9 +114,9 @@ $(EXP_DIR)/%_rerun.done: configs/experiments/%.yaml configs/experiments/base.yam
 # Always-sparse training on the same protocol (configs/experiments/sparse/<method>.yaml, issue #11):
 # static, SNIP, SET, RigL, Top-KAST and Powerprop + Top-KAST, each at sparsity 0.8, 0.9 and 0.95,
 # trained from the first update to the dense run's plateau rule, its best validation tested on the
-# 600 meta-test tasks; runs/experiments/sparse_<method>_<level>. About 0.4 CPU-core hours each,
-# 7 in all; plus lth_distill (the lottery with distillation, 1.5). `make -j2 sparse-experiments`
-# resumes like `make experiments`.
+# 600 meta-test tasks; runs/experiments/sparse_<method>_<level>. 14-44 minutes each on
+# one core (measured), about 7 core-hours in all; plus lth_distill (the lottery with distillation,
+# 2.1). `make -j2 sparse-experiments` resumes like `make experiments`.
 SPARSE_METHODS := static snip set rigl topkast powerprop_topkast
 SPARSE_LEVELS := 80 90 95
 SPARSE_RUNS := $(foreach m,$(SPARSE_METHODS),$(foreach l,$(SPARSE_LEVELS),sparse_$(m)_$(l)))
