@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,7 @@ from lthmaml.reporting.runs import (
     metric_over_time,
     remaining_ticks,
     round_seconds,
-    run_name,
+    sparse_level,
     sparse_method,
 )
 
@@ -51,7 +52,7 @@ def _panels(n: int, width: float = 7.5, height: float = 5.0, columns: Optional[i
 
 
 def _colors(n: int) -> list:
-    """``n`` distinguishable colours: tab10 while it lasts, tab20 beyond (no colour used twice)."""
+    """``n`` distinguishable colours: tab10 while it lasts, tab20 beyond (repeating only past 20)."""
     import matplotlib.pyplot as plt
 
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
@@ -78,9 +79,8 @@ def series(group: Sequence[Run]) -> list[tuple[str, list[Run]]]:
 def family(run: Run) -> str:
     """Plot 3's panel for a run: always-sparse runs by level (they would bury the rest), the others
     together."""
-    if sparse_method(run):
-        return f"always sparse, {run_name(run).rpartition('_')[2]}%"
-    return "pruning rounds and dense"
+    level = sparse_level(run)
+    return f"always sparse, {level}%" if level else "pruning rounds and dense"
 
 
 def plot_remaining(runs: Sequence[Run], file: Path) -> Optional[str]:
@@ -220,7 +220,7 @@ def plot_layers(runs: Sequence[Run], file: Path) -> Optional[str]:
     image = ax.imshow(table, cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
     for i, row in enumerate(table):
         for j, value in enumerate(row):
-            if value == value:  # not NaN: the layer exists in this run
+            if not math.isnan(value):  # the layer exists in this run
                 ink = "black" if value > 60 else "white"
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize="x-small", color=ink)
     ax.set_xticks(range(len(names)))

@@ -213,12 +213,22 @@ ALWAYS_SPARSE = "sparse_"
 """The experiments' name for an always-sparse run: ``sparse_<method>_<level>`` (the Makefile's)."""
 
 
+def _sparse_parts(run: Run) -> Optional[tuple[str, str]]:
+    name = run_name(run)
+    method, _, level = name[len(ALWAYS_SPARSE) :].rpartition("_")
+    return (method, level) if name.startswith(ALWAYS_SPARSE) and method else None
+
+
 def sparse_method(run: Run) -> Optional[str]:
     """The method of an always-sparse run (``sparse_rigl_90`` -> ``rigl``), None for any other run."""
-    name = run_name(run)
-    if not name.startswith(ALWAYS_SPARSE) or "_" not in name[len(ALWAYS_SPARSE) :]:
-        return None
-    return name[len(ALWAYS_SPARSE) :].rpartition("_")[0]
+    parts = _sparse_parts(run)
+    return parts[0] if parts else None
+
+
+def sparse_level(run: Run) -> Optional[str]:
+    """The sparsity level an always-sparse run is named for (``sparse_rigl_90`` -> ``90``)."""
+    parts = _sparse_parts(run)
+    return parts[1] if parts else None
 
 
 def round_value(run: Run, record: dict[str, Any]) -> tuple[Optional[float], Optional[float], str]:
