@@ -53,7 +53,6 @@ from lthmaml.edge.artifact import dense_size, dense_tensors, load_artifact
 from lthmaml.edge.export import artifact_from_checkpoint, export_net
 from lthmaml.meta.maml import MAML
 from lthmaml.meta.metrics import mean_and_ci95
-from lthmaml.nets.layers import masked_layers
 from lthmaml.nets.models import Conv4
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,11 +68,9 @@ def torch_sparse(net: torch.nn.Module, layout: str) -> dict[str, torch.Tensor]:
     """The dense tensors with the prunable weights in a PyTorch sparse layout (``coo`` or ``csr``)."""
     warnings.filterwarnings("ignore", ".*Sparse CSR tensor support is in beta.*")
     tensors = dense_tensors(net)
-    for name in masked_layers(net):
-        weight = tensors[f"{name}.weight"]
-        tensors[f"{name}.weight"] = (
-            weight.to_sparse() if layout == "coo" else weight.flatten(1).to_sparse_csr()
-        )
+    for name in sparsity.prunable(net):
+        weight = tensors[name]
+        tensors[name] = weight.to_sparse() if layout == "coo" else weight.flatten(1).to_sparse_csr()
     return tensors
 
 
@@ -110,8 +107,13 @@ def measure(net: Conv4, folder: Path) -> dict:
 
 
 def meta_test(module: MAML, data, artifact: Path) -> torch.Tensor:
-    """Per-task query accuracies of ``module`` with the artifact's (dequantised) weights."""
-    module.net.load_state_dict(load_artifact(artifact).net.state_dict())
+    """Per-task query accuracies of ``module`` with the artifact's (dequantised) weights and masks."""
+    net = load_artifact(artifact).net
+    state = {key: value for key, value in module.state_dict().items() if not key.startswith("masks.")}
+    weights = {key: value for key, value in net.state_dict().items() if not key.startswith("masks.")}
+    state.update({f"net.{key}": value for key, value in weights.items()})
+    state.update({f"masks.net.{key}": mask for key, mask in sparsity.masks_within(net).items()})
+    module.load_state_dict(state)  # a Powerprop module stores the weights through its transform
     make_trainer().test(module, datamodule=data, verbose=False)
     return module.test_per_task["acc_post"].compute()
 

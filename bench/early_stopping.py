@@ -89,7 +89,8 @@ def build_models(args, out: Path) -> dict[str, Path]:
         return paths
     if args.checkpoint:
         export_net(artifact_from_checkpoint(args.checkpoint).net, paths["dense"], _meta(args.checkpoint))
-        dense = MAML(load_artifact(paths["dense"]).net.train(), inner_lr=_meta(args.checkpoint)["inner_lr"])
+        net = load_artifact(paths["dense"]).net.train()
+        dense = MAML(net, inner_lr=_meta(args.checkpoint)["inner_lr"])  # it takes over the net's masks
     else:
         torch.manual_seed(args.seed)
         dense = MAML(
@@ -105,7 +106,7 @@ def build_models(args, out: Path) -> dict[str, Path]:
     else:
         pruned = copy.deepcopy(dense)
         pruned.first_order = True
-        prune_by_magnitude(pruned.net, args.sparsity)
+        prune_by_magnitude(pruned, args.sparsity)  # the learner keeps the masks, meta-training holds them
         start = time.perf_counter()
         if args.retrain_steps:
             meta_train(pruned, args.root, args.retrain_steps, args.meta_batch, args.seed + 1)

@@ -127,7 +127,7 @@ def adapt_once(module: Any, x: torch.Tensor, y: torch.Tensor) -> None:
     :class:`~lthmaml.edge.finetune.FineTuneModule` (its optimizer, loss and masks), without the
     Trainer around it: the prototypes / support embeddings, or the evaluation inner steps."""
     from lthmaml.edge.amortized import SupportAdapter
-    from lthmaml.sparsity import apply_masks
+    from lthmaml.sparsity import apply_masks, mask_gradients
 
     adapter = SupportAdapter.for_task(module.metadata, y, "bench")
     if adapter is not None:
@@ -138,8 +138,9 @@ def adapt_once(module: Any, x: torch.Tensor, y: torch.Tensor) -> None:
         loss = module.loss(module.net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        mask_gradients(module.net)  # as FineTuneModule: before the step and after it
         optimizer.step()
-        apply_masks(module.net)
+        apply_masks(module.net, [optimizer])
 
 
 def measure_adaptation(path: Path, ways: int, repeats: int) -> dict[str, Any]:

@@ -85,7 +85,6 @@ from lthmaml.meta.maml import MAML
 from lthmaml.meta.metrics import mean_and_ci95
 from lthmaml.nets.flops import COSTS, Cost, forward_flops
 from lthmaml.nets.models import Conv4
-from lthmaml.nets.shrink import shrink
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 0.5
@@ -117,7 +116,7 @@ def omniglot(config: str, test_tasks: int, seed: int) -> OmniglotDataModule:
 
 
 def learner(net: torch.nn.Module, like: MAML) -> MAML:
-    """A MAML around ``net`` with ``like``'s inner loops."""
+    """A MAML around ``net`` with ``like``'s inner loops, taking over the masks ``net`` carries."""
     return MAML(net, like.inner_lr, like.inner_steps, like.eval_inner_steps, inner_loop="func")
 
 
@@ -142,7 +141,7 @@ def build_artifacts(args, out: Path) -> tuple[dict[str, Path], dict[str, dict[st
         name = f"taylor {cost} {weight:g}" if weight else "taylor plain"
         pruned = learner(copy.deepcopy(model.net), model)
         widths[name] = taylor_prune(pruned, args.fraction, args.filters_per_step, weight, tasks, cost)
-        paths[name] = export_net(shrink(pruned.net), out / f"pruned{len(paths)}.safetensors", steps)
+        paths[name] = export_net(pruned, out / f"pruned{len(paths)}.safetensors", steps)  # shrinks it
     return paths, widths, model if trained else None
 
 
@@ -188,8 +187,9 @@ def bare_step(artifact: Path, x: torch.Tensor, y: torch.Tensor, warmup: int, ste
         start = time.perf_counter()
         optimizer.zero_grad()
         F.cross_entropy(net(x), y).backward()
+        sparsity.mask_gradients(net)  # as FineTuneModule does around its step
         optimizer.step()
-        sparsity.apply_masks(net)
+        sparsity.apply_masks(net, [optimizer])
         times.append(time.perf_counter() - start)
     return median(times[warmup:])
 

@@ -31,6 +31,7 @@ from lthmaml.rounds import (
     Recorded,
     RoundRecord,
     round_folder_name,
+    round_table,
 )
 from lthmaml.sparsity import Scope
 
@@ -40,9 +41,10 @@ class PruningCallback(Callback):
 
     Args:
         scope: rank scores over all layers together (``global``) or within each layer.
-        exclude: names of mask-aware layers never pruned (e.g. ``net.head``).
-        layer_rates: layers pruned on their own at a multiple of the rate (``{net.head: 0.5}``
-            prunes the output layer at half rate, as the LTH papers do).
+        exclude: weights never pruned, by parameter name (``net.head.weight``) or layer name
+            (``net.head``: all its prunable weights).
+        layer_rates: weights (or layers) pruned on their own at a multiple of the rate
+            (``{net.head: 0.5}`` prunes the output layer at half rate, as the LTH papers do).
         monitor, mode: the validation metric a level is judged by (``val/acc_post`` with ``max``
             for MAML classification, ``val/loss_post`` with ``min`` for regression, ``val/acc`` for
             the supervised Classifier). Default: the ModelCheckpoint's monitor and mode.
@@ -101,13 +103,27 @@ class PruningCallback(Callback):
         """Pruning events applied so far: the ``pruning_step`` of the next record."""
         self.last_validation: Optional[tuple[int, int]] = None
         """(global step, epoch) of the last validation: when ``val/*`` in callback_metrics was measured."""
+        self.uses: Optional[dict[str, int]] = None
+        """Per prunable weight, how often a forward pass applies it (the FLOPs of a record); None:
+        counted on a Conv4 or linear layers, if the net is one."""
         self.last_val_metrics: dict[str, float] = {}
         """Its ``val/*`` metrics: a record written right after a resume, before any validation, has
         them too (``callback_metrics`` are not in a checkpoint)."""
 
     # ------------------------------------------------------------------ engine calls for strategies
-    def prunable(self, pl_module: pl.LightningModule) -> dict[str, sparsity.MaskedMixin]:
-        return sparsity.prunable_layers(pl_module, self.exclude)
+    def prunable(self, pl_module: pl.LightningModule) -> list[str]:
+        """The names of the weights this strategy prunes."""
+        return sparsity.prunable(pl_module, self.exclude)
+
+    def rates(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """``layer_rates`` by weight name."""
+        names = self.prunable(pl_module)
+        return {
+            name: rate
+            for key, rate in self.layer_rates.items()
+            for name in names
+            if sparsity.is_named(key, name)
+        }
 
     def prune(
         self,
@@ -122,7 +138,12 @@ class PruningCallback(Callback):
         an iterative schedule; see :func:`lthmaml.sparsity.prune_lowest`).
         """
         masks = sparsity.prune_lowest(
-            sparsity.masks_of(pl_module), scores, fraction, self.scope, self.layer_rates, rounds
+            sparsity.masks_of(pl_module, list(scores)),
+            scores,
+            fraction,
+            self.scope,
+            self.rates(pl_module),
+            rounds,
         )
         sparsity.load_masks(pl_module, masks)
 
@@ -221,7 +242,7 @@ class PruningCallback(Callback):
             val_metrics = self.last_val_metrics or self.validation_metrics(trainer)
         metrics = dict(val_metrics)
         report = sparsity.sparsity_report(pl_module)
-        flops = rewiring.forward_multiply_adds(pl_module) or (None, None)
+        flops = rewiring.forward_multiply_adds(pl_module, uses=self.uses) or (None, None)
         record = RoundRecord(
             round=len(self.history),
             sparsity=report.sparsity,
@@ -304,13 +325,16 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        layers = self.prunable(pl_module)  # fail early, naming the layers, if exclude is wrong
-        unknown = sorted(set(self.layer_rates) - set(layers))
+        names = self.prunable(pl_module)  # fail early, naming the weights, if exclude is wrong
+        unknown = sorted(key for key in self.layer_rates if not any(sparsity.is_named(key, n) for n in names))
         if unknown:  # ... and if layer_rates is (its names differ between nets: net.head, net.net.4)
             raise ConfigError(
-                f"{type(self).__name__}: layer_rates names {unknown}, which are not prunable layers of "
-                f"{type(pl_module).__name__}; choose from {sorted(layers)}"
+                f"{type(self).__name__}: layer_rates names {unknown}, which are not prunable weights of "
+                f"{type(pl_module).__name__}; choose from {names}"
             )
+        dense = sparsity.left_dense(pl_module)
+        if dense and stage == "fit":
+            rank_zero_info(f"{type(self).__name__}: left dense (not a conv or linear weight): {dense}")
         if self.monitor is None and trainer.checkpoint_callback is not None:
             self.monitor = trainer.checkpoint_callback.monitor
             self.mode = trainer.checkpoint_callback.mode
@@ -319,9 +343,6 @@ class PruningCallback(Callback):
                 f"{type(self).__name__}.patience needs a monitored metric: set monitor and mode "
                 "(or a ModelCheckpoint monitor)"
             )
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        sparsity.apply_masks(pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -363,54 +384,3 @@ def _on_cpu(value: Any) -> Any:
     if isinstance(value, list):
         return [_on_cpu(item) for item in value]
     return value
-
-
-TABLE_COLUMNS = (
-    "round",
-    "sparsity",
-    "val",
-    "val_epoch",
-    "val_step",
-    "round_start_step",
-    "stopped_early",
-    "test",
-    "pruning_step",
-    "tasks_scored",
-)
-
-
-def round_table(history: Sequence[Mapping[str, Any]]) -> str:
-    """The per-round table printed at fit end: the shared columns any record has (numbers, and
-    ``stopped_early``), then the numbers among the strategy's ``details``."""
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    def shown(value: Any) -> bool:
-        return isinstance(value, (int, float))  # a flag too
-
-    rows = [
-        {**record, **{k: v for k, v in (record.get("details") or {}).items() if number(v)}}
-        for record in history
-    ]
-    keys = [key for key in TABLE_COLUMNS if any(shown(row.get(key)) for row in rows)]
-    keys += sorted(
-        {key for row in rows for key in row.get("details") or {} if number(row.get(key))} - set(keys)
-    )
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return ""
-        return (
-            f"{value:.4f}"
-            if isinstance(value, float) and abs(value) < 1e6
-            else f"{value:.4g}"
-            if isinstance(value, float)
-            else str(value)
-        )
-
-    cells = [[cell(row.get(key)) for key in keys] for row in rows]
-    widths = [max(12, len(key) + 2, *(len(line[i]) + 2 for line in cells)) for i, key in enumerate(keys)]
-    lines = ["".join(f"{key:>{width}}" for key, width in zip(keys, widths))]
-    lines += ["".join(f"{text:>{width}}" for text, width in zip(line, widths)) for line in cells]
-    return "\n".join(lines)

@@ -178,7 +178,7 @@ class IterativePruning(PruningCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_end(trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.finished(pl_module):
             self.batches_since_prune += 1  # the final level's length, for its plateau
             return

@@ -113,10 +113,12 @@ class MetaGradientPruning(IterativePruning):
         return self.pruning_steps >= self.steps
 
     def score_batch(self, pl_module: pl.LightningModule, batch: Any) -> tuple[dict[str, Tensor], int]:
-        """Each task's squared support-loss gradient w.r.t. the effective weights, summed."""
+        """Each task's squared support-loss gradient w.r.t. the effective weights, summed (0 at
+        pruned entries)."""
         squares: dict[str, Tensor] = {}
         tasks = 0
-        with torch.enable_grad(), sparsity.effective_weights_as_leaves(self.prunable(pl_module)) as leaves:
+        names = self.prunable(pl_module)
+        with torch.enable_grad(), sparsity.weights_as_leaves(pl_module, names) as leaves:
             names = list(leaves)
             for loss in pl_module.task_losses(batch, adapted=False):
                 grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
@@ -124,7 +126,8 @@ class MetaGradientPruning(IterativePruning):
                     if grad is not None:
                         squares[name] = grad**2 if name not in squares else squares[name] + grad**2
                 tasks += 1
-        return squares, tasks
+        masks = sparsity.masks_of(pl_module, list(squares))
+        return {name: square * masks[name] for name, square in squares.items()}, tasks
 
     def importance(self, pl_module: pl.LightningModule, grad_sq: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Eq. 7: ``|w| * sum_tasks g**2``, divided by its sum of absolute values over the layer."""
@@ -146,10 +149,10 @@ class MetaGradientPruning(IterativePruning):
         first, second = (
             (gradients, magnitudes) if self.criterion == "gradient_first" else (magnitudes, gradients)
         )
-        masks = sparsity.masks_of(pl_module)
+        masks = sparsity.masks_of(pl_module, list(second))
         pool = min(1.0, self.candidate_factor * fraction)
         # The candidate pool is itself a prune_lowest selection: the weights it would remove.
-        after = sparsity.prune_lowest(masks, first, pool, self.scope, self.layer_rates)
+        after = sparsity.prune_lowest(masks, first, pool, self.scope, self.rates(pl_module))
         inf = torch.tensor(float("inf"))
         return {
             name: torch.where(masks[name].bool() & ~after[name].bool(), second[name], inf.to(second[name]))
@@ -172,7 +175,9 @@ class MetaGradientPruning(IterativePruning):
 
     # ------------------------------------------------------------------ helpers
     def _alive(self, pl_module: pl.LightningModule) -> int:
-        return sum(int(layer.mask.sum()) for layer in self.prunable(pl_module).values())
+        return sum(
+            int(mask.sum()) for mask in sparsity.masks_of(pl_module, self.prunable(pl_module)).values()
+        )
 
     def _magnitudes(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         return sparsity.magnitude_scores(pl_module, self.exclude)

@@ -20,12 +20,11 @@ Adaptive optimizers. Adam divides each gradient by its running RMS, which cancel
 and its update, computed as if for ``w``, is multiplied by ``alpha * |phi| ** (alpha - 1)`` before
 it moves ``phi``; for plain SGD this is the uncorrected update again.
 
-The reparametrisation lives in the mask-aware layers' ``weight_transform`` hook, a plain attribute
-that ``higher``'s functional copies keep: MAML's inner loop adapts ``phi`` and computes with
-``transform(phi') * mask``. The hook is not part of a ``state_dict``, so a model rebuilt from a
-checkpoint needs it again: a Trainer with this callback installs it for validate, test and predict;
-after ``load_from_checkpoint`` call :func:`lthmaml.nets.reparam.install_power` (``checkpoint_alpha``
-reads ``alpha`` from the file, where this callback writes it).
+The reparametrisation is a ``torch.nn.utils.parametrize`` parametrisation of each prunable layer's
+weight (:mod:`lthmaml.nets.reparam`): the layer keeps its class, ``phi`` is the parameter the
+optimizer and MAML's inner loops (``higher`` and ``torch.func`` alike) update, and the layer
+computes with ``w``. A checkpoint names the transform (``weight_transform``), so every learner
+loading it (validate, test, predict, export, a distillation teacher) installs it again first.
 """
 
 from __future__ import annotations
@@ -39,12 +38,11 @@ from torch import Tensor, nn
 from callbacks.base import PruningCallback
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.nets.layers import masked_layers
-from lthmaml.nets.reparam import CHECKPOINT_KEY, PowerTransform, install_power, installed_alpha
+from lthmaml.nets.reparam import CHECKPOINT_KEY, ORIGINAL, PowerTransform, install_power, installed_alpha
 
 
 class Powerprop(PruningCallback):
-    """Powerpropagation of every mask-aware layer, optionally with one-shot magnitude pruning.
+    """Powerpropagation of every conv and linear weight, optionally with one-shot magnitude pruning.
 
     Args:
         alpha: the power (>= 1; the paper uses 2 to 5). 1 is exactly training without the callback.
@@ -55,7 +53,7 @@ class Powerprop(PruningCallback):
             ``alpha * |phi| ** (alpha - 1)``, so adaptive optimizers keep the effect.
         scope, exclude, layer_rates, monitor, mode, test_each_round: of the one-shot pruning, as for
             :class:`~callbacks.base.PruningCallback`. ``exclude`` does not exempt a layer from the
-            reparametrisation: every mask-aware layer is powerpropagated.
+            reparametrisation: every conv and linear weight is powerpropagated.
     """
 
     def __init__(
@@ -74,27 +72,20 @@ class Powerprop(PruningCallback):
         self.final_sparsity = final_sparsity
         self.adam_correction = adam_correction
         self.transform = PowerTransform(alpha)
-        self.converted = False
-        """Whether this callback has made its model hold ``phi`` (saved in the checkpoint)."""
-        self._restored_phi = False
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self._post_step_hook: Optional[Any] = None
 
     # ------------------------------------------------------------------ the reparametrisation
-    @torch.no_grad()
-    def convert(self, model: nn.Module, already_phi: bool = False) -> None:
-        """``theta -> phi = sign(theta) |theta| ** (1/alpha)`` and install the transform, exactly once:
-        a model that carries the transform, or whose parameters are ``already_phi``, is not converted."""
+    def install(self, model: nn.Module) -> None:
+        """``theta -> phi = sign(theta) |theta| ** (1/alpha)`` on every prunable layer, once: a
+        model that carries the transform keeps its ``phi``."""
         alpha = installed_alpha(model)
         if alpha is not None and alpha != self.alpha:
             raise ConfigError(
                 f"the model is powerpropagated with alpha={alpha}, the callback has {self.alpha}"
             )
-        if alpha is None and not already_phi:
-            for layer in masked_layers(model).values():
-                layer.weight.copy_(self.transform.inverse(layer.weight))
-        install_power(model, self.alpha)
-        self.converted = True
+        layers = [name.removesuffix(".weight") for name in sparsity.prunable(model)]
+        install_power(model, self.alpha, layers)
 
     # ------------------------------------------------------------------ one-shot pruning
     def prune_to_final_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,8 +112,8 @@ class Powerprop(PruningCallback):
             return
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._pending.clear()
-        for layer in masked_layers(pl_module).values():
-            phi = layer.weight
+        for name in sparsity.prunable(pl_module):
+            phi = sparsity.stored(pl_module, name)
             if phi.grad is None or id(phi) not in in_optimizer:
                 continue
             factor = self.transform.gradient_factor(phi.detach())
@@ -145,16 +136,8 @@ class Powerprop(PruningCallback):
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            # validate / test / predict: the parameters are a Powerprop run's phi already.
-            install_power(pl_module, self.alpha)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Runs after the checkpoint's model and callback states are restored (Trainer._run): the
-        # phi of a resumed fit are not converted twice. A checkpoint of a run without Powerprop
-        # (no state of this callback) holds theta, which is converted.
-        self.convert(pl_module, already_phi=self._restored_phi)
-        self._restored_phi = False
+        # Before a checkpoint is restored: a resumed fit's phi then load over the converted theta.
+        self.install(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before ModelCheckpoint's hook, so last.ckpt of the final epoch holds the pruned masks.
@@ -176,8 +159,35 @@ class Powerprop(PruningCallback):
         # Read by whatever rebuilds the net from the file (export, the edge): see lthmaml.nets.reparam.
         checkpoint[CHECKPOINT_KEY] = {"kind": "power", "alpha": self.alpha}
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint of a run without Powerprop, resumed with it: its optimizer state follows
+        the stock layers' parameter order, which the parametrisation changes (``phi`` lies under
+        the layer's ``parametrizations``, after its bias). Reorder it by parameter name (Lightning
+        restores it after this hook), so each weight keeps its own moments."""
+        states = checkpoint.get("optimizer_states")
+        if checkpoint.get(CHECKPOINT_KEY) is not None or not states:
+            return
+        current = [name.replace(ORIGINAL, ".weight") for name, _ in pl_module.named_parameters()]
+        saved = [key for key in checkpoint.get("state_dict", {}) if key in set(current)]
+        if saved == current or sorted(saved) != sorted(current):
+            return
+        position = {name: index for index, name in enumerate(saved)}
+        order = [position[name] for name in current]  # new index -> the saved index of that weight
+        for state in states:
+            groups = state.get("param_groups", [])
+            if len(groups) != 1 or groups[0].get("params") != list(range(len(current))):
+                raise ConfigError(
+                    "Powerprop: resuming a checkpoint of a run without it reorders the parameters, and "
+                    "its optimizer state has parameter groups this callback cannot map by name; "
+                    "start from the weights only (load them into the model, no ckpt_path)"
+                )
+            saved_state = state["state"]
+            state["state"] = {new: saved_state[old] for new, old in enumerate(order) if old in saved_state}
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "alpha": self.alpha, "converted": self.converted}
+        return {**super().state_dict(), "alpha": self.alpha}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -187,4 +197,3 @@ class Powerprop(PruningCallback):
                 f"the checkpoint was trained with Powerprop alpha={saved}; resume with the same alpha "
                 f"(the callback has {self.alpha})"
             )
-        self._restored_phi = bool(state_dict.get("converted", False))

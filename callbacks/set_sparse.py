@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.sparse_training import SparseTraining
+from lthmaml import sparsity
 
 
 class SET(SparseTraining):
@@ -37,7 +38,7 @@ class SET(SparseTraining):
     ) -> None:
         generator = self.generator(self.mask_updates + 1)
         growth = {
-            name: torch.rand(layer.mask.shape, generator=generator).to(layer.mask.device)
-            for name, layer in self.prunable(pl_module).items()
+            name: torch.rand(mask.shape, generator=generator).to(mask.device)
+            for name, mask in sparsity.masks_of(pl_module, self.prunable(pl_module)).items()
         }
         self.rewire(trainer, pl_module, fraction, growth)

@@ -44,9 +44,8 @@ class SNIP(SparseTraining):
 
     def sensitivities(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         """``|dL/dc| = |sum_tasks dL/dw| * |w|`` for every prunable weight."""
-        layers = self.prunable(pl_module)
         grads: dict[str, torch.Tensor] = {}
-        with torch.enable_grad(), sparsity.effective_weights_as_leaves(layers) as leaves:
+        with torch.enable_grad(), sparsity.weights_as_leaves(pl_module, self.prunable(pl_module)) as leaves:
             names = list(leaves)
             for loss in pl_module.task_losses(batch, adapted=False):
                 for name, grad in zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])):
@@ -58,5 +57,9 @@ class SNIP(SparseTraining):
         if self.distribution is not None:
             return rewiring.keep_highest(scores, self.densities(pl_module))
         return sparsity.prune_lowest(
-            sparsity.masks_of(pl_module), scores, self.sparsity, self.scope, self.layer_rates
+            sparsity.masks_of(pl_module, list(scores)),
+            scores,
+            self.sparsity,
+            self.scope,
+            self.rates(pl_module),
         )

@@ -6,8 +6,8 @@ initial masks (``initial_masks``: random, by sensitivity, by magnitude) at each 
 until ``stop_updates_at`` of the fit a dynamic strategy rewires them (``update_masks``: drop and
 grow, the density unchanged; a grown weight starts at zero with a fresh optimizer state), and the
 last ``1 - stop_updates_at`` of the fit trains the final mask. An update comes before a step, so no
-validation scores (or records) a net whose grown weights have not trained yet. The forward mask holds inside
-MAML's inner loop (the layers multiply by it), so adapted weights are as sparse.
+validation scores (or records) a net whose grown weights have not trained yet. The mask holds inside
+MAML's inner loop (its steps are masked), so adapted weights are as sparse.
 
 Training FLOPs are counted as the sparse-training papers do (Evci et al. 2020, appendix H): a
 training step costs ``3 f`` (forward, and a backward pass of twice its cost) where ``f`` is the
@@ -33,6 +33,7 @@ from torch import Tensor
 from callbacks.base import PruningCallback
 from lthmaml import rewiring, sparsity
 from lthmaml.errors import ConfigError
+from lthmaml.nets.flops import weight_uses
 from lthmaml.rewiring import Distribution
 from lthmaml.sparsity import Masks
 from lthmaml.tracking import BestWeights
@@ -120,9 +121,9 @@ class SparseTraining(PruningCallback):
     # ------------------------------------------------------------------ the strategy's method
     def initial_masks(self, pl_module: pl.LightningModule, batch: Any) -> Masks:
         """The masks the first meta-update trains (default: random at :meth:`densities`)."""
-        layers = self.prunable(pl_module)
         generator = self.generator(0)
-        scores = {name: torch.rand(layer.mask.shape, generator=generator) for name, layer in layers.items()}
+        masks = sparsity.masks_of(pl_module, self.prunable(pl_module))
+        scores = {name: torch.rand(mask.shape, generator=generator) for name, mask in masks.items()}
         return rewiring.keep_highest(scores, self.densities(pl_module))
 
     def update_masks(
@@ -139,13 +140,14 @@ class SparseTraining(PruningCallback):
     ) -> None:
         """Each layer drops ``fraction`` of its kept weights by smallest magnitude and grows as many
         of highest ``growth`` (SET: random, RigL: the dense gradient), starting them at zero."""
-        for name, layer in self.prunable(pl_module).items():
-            count = round(fraction * float(layer.mask.sum()))
-            mask, grown = rewiring.drop_and_grow(
-                layer.mask, layer.effective_weight().abs(), growth[name], count
+        masks = sparsity.masks_of(pl_module, self.prunable(pl_module))
+        for name, mask in masks.items():
+            count = round(fraction * float(mask.sum()))
+            masks[name], grown = rewiring.drop_and_grow(
+                mask, sparsity.weight(pl_module, name).detach().abs(), growth[name], count
             )
-            layer.mask.copy_(mask)
-            rewiring.start_at_zero(layer, grown, trainer.optimizers)
+            rewiring.start_at_zero(pl_module, name, grown, trainer.optimizers)
+        sparsity.load_masks(pl_module, masks)
 
     def step_cost(self, pl_module: pl.LightningModule, forward: float, dense: float) -> float:
         """Multiply-adds of one training step, given one sparse and one dense forward pass."""
@@ -155,10 +157,6 @@ class SparseTraining(PruningCallback):
         """What a mask update adds (RigL: a dense gradient)."""
         return 0.0
 
-    def keep_raw_weights(self, pl_module: pl.LightningModule) -> None:
-        """After each update: the raw weights under a mask are zeroed (TopKAST keeps them)."""
-        sparsity.apply_masks(pl_module)
-
     def details(self) -> dict[str, Any]:
         """What this strategy's record adds to the shared schema."""
         return {}
@@ -167,9 +165,8 @@ class SparseTraining(PruningCallback):
     def densities(self, pl_module: pl.LightningModule, sparsity_: Optional[float] = None) -> dict[str, float]:
         """Each prunable layer's kept fraction for the net at ``sparsity_`` (default: the target)."""
         target = self.sparsity if sparsity_ is None else sparsity_
-        return rewiring.layer_densities(
-            self.prunable(pl_module), 1.0 - target, self.distribution or "uniform"
-        )
+        shapes = {name: sparsity.stored(pl_module, name).shape for name in self.prunable(pl_module)}
+        return rewiring.layer_densities(shapes, 1.0 - target, self.distribution or "uniform")
 
     def generator(self, draw: int) -> torch.Generator:
         """The random source of draw ``draw`` (0: the initial masks, ``k``: the k-th update)."""
@@ -193,15 +190,19 @@ class SparseTraining(PruningCallback):
             )
         return max(1, int(self.stop_updates_at * total))
 
-    @staticmethod
-    def forward_cost(pl_module: pl.LightningModule, masks: Optional[Masks] = None) -> tuple[float, float]:
+    def forward_cost(
+        self, pl_module: pl.LightningModule, masks: Optional[Masks] = None
+    ) -> tuple[float, float]:
         """One example's forward multiply-adds through the kept weights, and dense."""
-        costs = rewiring.forward_multiply_adds(pl_module, masks)
-        if costs is None:
-            raise ConfigError(
-                f"{type(pl_module).__name__}: training FLOPs are counted for Conv4 and MLP nets"
-            )
+        costs = rewiring.forward_multiply_adds(pl_module, masks, self.uses)
+        assert costs is not None, "uses are measured at the first batch"
         return costs
+
+    def measure_uses(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """How often a forward pass applies each weight (a conv's output positions), measured
+        once on the learner's own loss of the batch's first task, for any net."""
+        with torch.no_grad():
+            self.uses = weight_uses(pl_module, run=lambda: next(iter(pl_module.task_losses(batch))))
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_batch_start(
@@ -210,6 +211,8 @@ class SparseTraining(PruningCallback):
         """The initial masks before the first step; a drop-and-grow update before a step, never
         after one: a validation between the two would score (and might record) a net whose grown
         weights are still zero. So, as in SET's code, evaluate, then evolve."""
+        if self.uses is None:
+            self.measure_uses(pl_module, batch)
         if not self.started:
             sparsity.load_masks(pl_module, self.initial_masks(pl_module, batch))  # no optimizer state yet
             self.started = True
@@ -224,7 +227,6 @@ class SparseTraining(PruningCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.keep_raw_weights(pl_module)
         if self._step_flops is None:  # the masks' cost, counted again only when they change
             forward, dense = self.forward_cost(pl_module)
             self._step_flops = (self.step_cost(pl_module, forward, dense), 3 * dense)
@@ -242,7 +244,6 @@ class SparseTraining(PruningCallback):
         self.mask_updates += 1
         self._step_flops = None
         self.flops += self.update_cost(*self.forward_cost(pl_module))
-        self.keep_raw_weights(pl_module)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -305,12 +306,11 @@ class SparseTraining(PruningCallback):
         }
 
 
-def dense_gradients(pl_module: pl.LightningModule, layers: dict[str, Any], batch: Any) -> dict[str, Tensor]:
+def dense_gradients(pl_module: pl.LightningModule, names: list[str], batch: Any) -> dict[str, Tensor]:
     """|dL/dw| at every entry, pruned ones too, summed over the batch's tasks: the support loss
     at the meta-parameters (``task_losses``, the first-order task gradient every learner gives)."""
     total: dict[str, Tensor] = {}
-    with torch.enable_grad(), sparsity.effective_weights_as_leaves(layers, dense=True) as leaves:
-        names = list(leaves)
+    with torch.enable_grad(), sparsity.weights_as_leaves(pl_module, names) as leaves:
         for loss in pl_module.task_losses(batch, adapted=False):
             grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
             for name, grad in zip(names, grads):

@@ -28,7 +28,7 @@ filters removed from the trained Omniglot net, weight 0.05 gives 0.42 to 0.45x t
 at 89.9% accuracy (FLOPs at 0.05: 0.49x, 88.1%; none: 0.55x, 89.2%; ``bench/structured_speed.py``).
 
 Schedule (section 3). Every ``steps_between`` training steps the ``filters_per_step`` lowest
-filters go (their conv filters and BatchNorm channel, via the engine's ``prune_channels``) while
+filters go (their conv filters and bias and BatchNorm channel, via the engine's ``prune_channels``) while
 training goes on, until ``target_fraction`` of the filters is removed. A layer always keeps one.
 The window, the rank reduction and the records are :class:`~callbacks.iterative.IterativePruning`'s.
 
@@ -57,46 +57,46 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from callbacks.iterative import IterativePruning
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.nets.flops import COSTS, Cost, filter_cost
-from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d
 
 
 def taylor_scores(
-    batchnorms: Mapping[str, MaskedBatchNorm2d], losses: Iterable[Tensor]
+    batchnorms: Mapping[str, _BatchNorm], losses: Iterable[Tensor]
 ) -> tuple[dict[str, Tensor], int]:
     """Per channel of each BatchNorm's output ``a``: the sum over ``losses`` of
     ``|mean over examples and positions of a * dL/da|``, and the number of losses.
 
-    A gate of ones multiplies each output (``output_hook``); ``dL/dgate_c = sum a_c * dL/da_c``, so
+    A forward hook multiplies each output by a gate of ones; ``dL/dgate_c = sum a_c * dL/da_c``, so
     one backward pass to the gates yields the criterion without keeping activations. ``losses``
-    must be lazy (a generator) so that its forward passes run with the gates in place. Inside
-    MAML's untracked inner loop the adapted weights are fresh leaves, so only the query's forward
-    pass (the last one, whose size ``M`` is recorded) reaches the gates.
+    must be lazy (a generator) so that its forward passes run with the hooks in place. MAML's
+    ``task_losses(adapted=True)`` adapts to fresh leaves, so only the query's forward pass (the
+    last one, whose size ``M`` is recorded) reaches the gates.
     """
     gates: dict[str, Tensor] = {}
     positions: dict[str, int] = {}
     totals: dict[str, Tensor] = {}
 
     def gate(name: str):
-        def apply(out: Tensor) -> Tensor:
+        def apply(module: nn.Module, inputs: Any, out: Tensor) -> Tensor:
             positions[name] = out.numel() // out.shape[1]
             return out * gates[name].view(1, -1, *([1] * (out.dim() - 2)))
 
         return apply
 
     for name, batchnorm in batchnorms.items():
-        mask = batchnorm.channel_mask
-        gates[name] = torch.ones(mask.shape, device=mask.device, dtype=mask.dtype, requires_grad=True)
-        totals[name] = torch.zeros(mask.shape, device=mask.device, dtype=mask.dtype)
+        like = batchnorm.weight if batchnorm.weight is not None else batchnorm.running_mean
+        kind = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+        gates[name] = torch.ones(batchnorm.num_features, requires_grad=True, **kind)
+        totals[name] = torch.zeros(batchnorm.num_features, **kind)
     count = 0
+    handles = [bn.register_forward_hook(gate(name)) for name, bn in batchnorms.items()]
     try:
-        for batchnorm_name, batchnorm in batchnorms.items():
-            batchnorm.output_hook = gate(batchnorm_name)
         with torch.enable_grad():
             for loss in losses:
                 grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
@@ -105,8 +105,8 @@ def taylor_scores(
                         totals[name] += (grad / positions[name]).abs()
                 count += 1
     finally:
-        for batchnorm in batchnorms.values():
-            batchnorm.output_hook = None
+        for handle in handles:
+            handle.remove()
     return totals, count
 
 
@@ -178,28 +178,28 @@ class TaylorFilterPruning(IterativePruning):
         self.cost = cost
 
     # ------------------------------------------------------------------ the layers and the target
-    def layers(self, pl_module: pl.LightningModule) -> dict[str, tuple[MaskedConv2d, MaskedBatchNorm2d]]:
+    def layers(self, pl_module: pl.LightningModule) -> dict[str, tuple[nn.Conv2d, _BatchNorm]]:
         """Each scored conv with the BatchNorm whose output is its feature map."""
         pairs = {n: p for n, p in sparsity.conv_batchnorm_pairs(pl_module).items() if n not in self.exclude}
         if not pairs:
             raise ConfigError(
                 f"{type(self).__name__} prunes conv filters, but {type(pl_module).__name__} has no "
-                "MaskedConv2d layer to prune (outside exclude): use it on a conv net such as "
+                "nn.Conv2d layer to prune (outside exclude): use it on a conv net such as "
                 "lthmaml.nets.Conv4, or pick an unstructured pruning callback"
             )
         lonely = [name for name, (_, batchnorm) in pairs.items() if batchnorm is None]
         if lonely:
             raise ConfigError(
-                f"{type(self).__name__} scores a filter's map after its MaskedBatchNorm2d, but conv "
-                f"{lonely} has none: add it to exclude"
+                f"{type(self).__name__} scores a filter's map after the BatchNorm that follows its conv "
+                f"(nn.Conv2d then nn.BatchNorm2d), but conv {lonely} has none: add it to exclude"
             )
         return pairs  # type: ignore[return-value]
 
     def target(self, pl_module: pl.LightningModule) -> tuple[int, int, int]:
         """(filters scored in all, filters left, filters to remove in all)."""
-        convs = [conv for conv, _ in self.layers(pl_module).values()]
-        total = sum(conv.out_channels for conv in convs)
-        left = sum(int(sparsity.alive_channels(conv).sum()) for conv in convs)
+        layers = self.layers(pl_module)
+        total = sum(conv.out_channels for conv, _ in layers.values())
+        left = sum(int(sparsity.alive_channels(pl_module, name).sum()) for name in layers)
         return total, left, round(self.target_fraction * total)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -241,10 +241,10 @@ class TaylorFilterPruning(IterativePruning):
         """Remove the step's filters of lowest criterion (a layer keeps one)."""
         pairs = self.layers(pl_module)
         total, left, goal = self.target(pl_module)
-        alive = {name: sparsity.alive_channels(conv) for name, (conv, _) in pairs.items()}
+        alive = {name: sparsity.alive_channels(pl_module, name) for name in pairs}
         sums = {
-            name: scores.get(name, torch.zeros_like(bn.channel_mask)).to(bn.channel_mask)
-            for name, (_, bn) in pairs.items()
+            name: scores.get(name, torch.zeros(conv.out_channels)).to(conv.weight)
+            for name, (conv, _) in pairs.items()
         }
         chosen = sparsity.lowest_channels(
             self.criterion(pl_module, sums), alive, min(self.filters_per_step, goal - (total - left))
@@ -258,7 +258,6 @@ class TaylorFilterPruning(IterativePruning):
     def details(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         total, left, _ = self.target(pl_module)
         channels = {
-            name: int(sparsity.alive_channels(conv).sum())
-            for name, (conv, _) in self.layers(pl_module).items()
+            name: int(sparsity.alive_channels(pl_module, name).sum()) for name in self.layers(pl_module)
         }
         return {"filters_remaining": left, "filters_pruned": total - left, "channels": channels}

@@ -3,8 +3,8 @@
 What the strategies that train sparse from the first update share (``callbacks.sparse_training``):
 how a density is allocated among layers (uniform, Erdos-Renyi-Kernel), masks that keep the
 highest scores, SET's and RigL's drop-and-grow with a grown weight starting at zero and a fresh
-optimizer state, TopKAST's backward sets, and the forward multiply-adds of a masked net (which
-every round record holds). Masks are keyed by layer name, as in :mod:`lthmaml.sparsity`.
+optimizer state, TopKAST's forward and backward sets, and the forward multiply-adds of a masked net
+(which every round record holds). Masks are keyed by parameter name, as in :mod:`lthmaml.sparsity`.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
+from lthmaml import sparsity
 from lthmaml.errors import ConfigError
-from lthmaml.nets.layers import MaskedMixin, masked_layers
-from lthmaml.sparsity import Masks, Scores
+from lthmaml.sparsity import ForwardMask, Masks, Scores
 
 Distribution = Literal["uniform", "erk"]
 
 
 def layer_densities(
-    layers: Mapping[str, MaskedMixin], density: float, distribution: Distribution = "erk"
+    shapes: Mapping[str, torch.Size], density: float, distribution: Distribution = "erk"
 ) -> dict[str, float]:
     """Each layer's fraction of weights kept, so that the net as a whole keeps ``density``.
 
@@ -36,19 +37,21 @@ def layer_densities(
     if not 0.0 < density <= 1.0:
         raise ConfigError(f"density must be in (0, 1], got {density}")
     if distribution == "uniform":
-        return {name: density for name in layers}
+        return {name: density for name in shapes}
     if distribution != "erk":
         raise ConfigError(f"distribution must be 'uniform' or 'erk', got {distribution!r}")
-    sizes = {name: layer.weight.numel() for name, layer in layers.items()}
-    raw = {name: sum(layer.weight.shape) / sizes[name] for name, layer in layers.items()}
+    sizes = {name: shape.numel() for name, shape in shapes.items()}
+    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
     budget = density * sum(sizes.values())
     dense: set[str] = set()
     while True:
-        rest = [name for name in layers if name not in dense]
+        rest = [name for name in shapes if name not in dense]
+        if not rest:  # density 1: every layer dense
+            return dict.fromkeys(shapes, 1.0)
         scale = (budget - sum(sizes[name] for name in dense)) / sum(raw[n] * sizes[n] for n in rest)
         full = {name for name in rest if scale * raw[name] >= 1.0}
         if not full:
-            return {name: 1.0 if name in dense else scale * raw[name] for name in layers}
+            return {name: 1.0 if name in dense else scale * raw[name] for name in shapes}
         dense |= full
 
 
@@ -85,37 +88,59 @@ def drop_and_grow(
 
 
 @torch.no_grad()
-def start_at_zero(layer: MaskedMixin, grown: Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+def start_at_zero(
+    model: nn.Module, name: str, grown: Tensor, optimizers: Sequence[torch.optim.Optimizer]
+) -> None:
     """A grown connection starts from zero (Evci et al.: the function is unchanged by growing) with
     a fresh optimizer state: its entries of every per-weight state tensor (Adam's moments, SGD's
     momentum) are zeroed, so it does not inherit the history of the weight it replaces."""
-    layer.weight[grown] = 0.0
+    weight = sparsity.stored(model, name)
+    weight[grown] = 0.0
     for optimizer in optimizers:
-        for value in optimizer.state.get(layer.weight, {}).values():
-            if isinstance(value, Tensor) and value.shape == layer.weight.shape:
+        for value in optimizer.state.get(weight, {}).values():
+            if isinstance(value, Tensor) and value.shape == weight.shape:
                 value[grown] = 0.0
 
 
 def forward_multiply_adds(
-    model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None
+    model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, uses: Optional[Mapping[str, int]] = None
 ) -> Optional[tuple[float, float]]:
-    """One example's forward multiply-adds in ``model``'s mask-aware layers through the kept weights
-    of ``masks`` (default: the layers' own; a layer they leave out counts its own mask), and dense
-    (:func:`lthmaml.nets.flops.weight_uses`); None for a net whose layers are not counted."""
+    """One example's forward multiply-adds in ``model``'s prunable weights through the kept entries
+    of ``masks`` (default: the model's own; a weight they leave out counts its own mask), and dense.
+    ``uses``: :func:`lthmaml.nets.flops.weight_uses` measured on the model (default: counted on a
+    Conv4 or linear layers; None for a net it cannot count)."""
     from lthmaml.nets.flops import weight_uses
 
     try:
-        uses = weight_uses(model)
+        uses = dict(uses or weight_uses(model))
+        own = sparsity.masks_of(model, list(uses))
     except ConfigError:
         return None
-    layers, chosen = masked_layers(model), masks or {}
-    kept = sum(float(chosen.get(name, layer.mask).sum()) * uses[name] for name, layer in layers.items())
-    return kept, sum(float(layer.mask.numel()) * uses[name] for name, layer in layers.items())
+    chosen = masks or {}
+    kept = sum(float(chosen.get(name, own[name]).sum()) * uses[name] for name in uses)
+    return kept, sum(float(own[name].numel()) * uses[name] for name in uses)
 
 
-def set_backward_masks(model: nn.Module, masks: Optional[Mapping[str, Tensor]]) -> None:
-    """Install (``None``: remove) the layers' backward sets: TopKAST's gradient reaches the
-    weights of the backward mask although only those of the forward mask compute (see
-    :meth:`~lthmaml.nets.layers.MaskedMixin.effective_weight`)."""
-    for name, layer in masked_layers(model).items():
-        layer.backward_mask = None if masks is None or name not in masks else masks[name].to(layer.mask)
+def set_forward_masks(
+    model: nn.Module, masks: Optional[Mapping[str, Tensor]], backward: Optional[Mapping[str, Tensor]] = None
+) -> None:
+    """Make each named weight compute with ``w * mask`` through a :class:`~lthmaml.sparsity.ForwardMask`,
+    its gradient reaching the entries of ``backward`` too (TopKAST's two sets), keeping the dense
+    weights behind the mask; ``None``: remove every forward mask (the weights stay as stored)."""
+    for name in sparsity.prunable(model):
+        module, attribute = sparsity.owner(model, name)
+        current = sparsity.forward_masked(model, name)
+        if masks is None or name not in masks:
+            if current is not None:
+                chain = module.parametrizations[attribute]
+                if len(chain) == 1:
+                    parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
+                else:
+                    del chain[[i for i, p in enumerate(chain) if p is current][0]]
+            continue
+        mask = masks[name].to(sparsity.stored(model, name))
+        back = None if backward is None else backward[name].to(mask)
+        if current is None:
+            parametrize.register_parametrization(module, attribute, ForwardMask(mask, back))
+        else:
+            current.mask, current.backward = mask, back

@@ -8,7 +8,7 @@ no torch: reading a hundred records takes no time.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -125,3 +125,54 @@ def _legacy(old: Mapping[str, Any]) -> dict[str, Any]:
         details["weights_pruned"] = old["pruned"]
     new["details"] = details
     return new
+
+
+TABLE_COLUMNS = (
+    "round",
+    "sparsity",
+    "val",
+    "val_epoch",
+    "val_step",
+    "round_start_step",
+    "stopped_early",
+    "test",
+    "pruning_step",
+    "tasks_scored",
+)
+
+
+def round_table(history: Sequence[Mapping[str, Any]]) -> str:
+    """The per-round table printed at fit end: the shared columns any record has (numbers, and
+    ``stopped_early``), then the numbers among the strategy's ``details``."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def shown(value: Any) -> bool:
+        return isinstance(value, (int, float))  # a flag too
+
+    rows = [
+        {**record, **{k: v for k, v in (record.get("details") or {}).items() if number(v)}}
+        for record in history
+    ]
+    keys = [key for key in TABLE_COLUMNS if any(shown(row.get(key)) for row in rows)]
+    keys += sorted(
+        {key for row in rows for key in row.get("details") or {} if number(row.get(key))} - set(keys)
+    )
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        return (
+            f"{value:.4f}"
+            if isinstance(value, float) and abs(value) < 1e6
+            else f"{value:.4g}"
+            if isinstance(value, float)
+            else str(value)
+        )
+
+    cells = [[cell(row.get(key)) for key in keys] for row in rows]
+    widths = [max(12, len(key) + 2, *(len(line[i]) + 2 for line in cells)) for i, key in enumerate(keys)]
+    lines = ["".join(f"{key:>{width}}" for key, width in zip(keys, widths))]
+    lines += ["".join(f"{text:>{width}}" for text, width in zip(line, widths)) for line in cells]
+    return "\n".join(lines)

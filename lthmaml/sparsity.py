@@ -1,15 +1,15 @@
-"""The sparsity engine: the mask bookkeeping every pruning strategy shares, written once.
+"""The sparsity engine: what every pruning strategy shares, written once.
 
 A strategy only decides *what* to score and *when*; this module turns scores into masks (a
-fraction of the remaining weights, globally or per layer, ties broken by position), keeps raw
-weights under a mask at zero, rewinds, re-initialises, reports sparsity and saves masks.
-
-Masks are the ``mask`` buffers of the mask-aware layers (``lthmaml.nets.layers``), keyed here by the
-layer's qualified name in the model handed in (a LightningModule or a bare net alike).
+fraction of the remaining weights, globally or per layer, ties broken by position), removes conv
+channels, rewinds, re-initialises, takes gradients at the weights, reports sparsity and saves
+masks. The masks themselves live beside the model (:mod:`lthmaml.masks`, whose names this
+module re-exports so a strategy reads one module).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -20,69 +20,43 @@ from typing import Literal, Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from lthmaml.errors import ConfigError
-from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedMixin, masked_layers
+from lthmaml.masks import (  # noqa: F401  (the engine's names, for strategies)
+    ATTRIBUTE,
+    PRUNABLE,
+    ForwardMask,
+    Masks,
+    MaskSet,
+    apply_masks,
+    enforced,
+    folded,
+    forward_masked,
+    gradient_masks,
+    is_named,
+    left_dense,
+    load_masks,
+    mask_gradients,
+    mask_set,
+    masks_of,
+    masks_within,
+    owner,
+    prunable,
+    stored,
+    unparametrize,
+    weight,
+)
 
-Masks = dict[str, Tensor]
 Scores = Mapping[str, Tensor]
 Scope = Literal["global", "layerwise"]
 
 
-def prunable_layers(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, MaskedMixin]:
-    """Mask-aware layers of ``model`` by name, without those whose name is in ``exclude``."""
-    layers = masked_layers(model)
-    unknown = set(exclude) - set(layers)
-    if unknown:
-        raise ConfigError(
-            f"exclude names {sorted(unknown)} that are not prunable layers; choose from {sorted(layers)}"
-        )
-    if not layers:
-        raise ConfigError(
-            f"{type(model).__name__} has no mask-aware layers to prune: build the net from "
-            "lthmaml.nets.layers.MaskedConv2d / MaskedLinear"
-        )
-    return {name: layer for name, layer in layers.items() if name not in exclude}
-
-
-def masks_of(model: nn.Module) -> Masks:
-    """A copy of every prunable layer's mask."""
-    return {name: layer.mask.detach().clone() for name, layer in masked_layers(model).items()}
-
-
-@torch.no_grad()
-def load_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
-    """Install ``masks`` (by layer name) and zero the raw weights they prune."""
-    layers = masked_layers(model)
-    for name, mask in masks.items():
-        if name not in layers or layers[name].mask.shape != mask.shape:
-            raise ConfigError(f"mask '{name}' of shape {tuple(mask.shape)} does not fit this model")
-        layers[name].mask.copy_(mask)
-    apply_masks(model)
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module) -> None:
-    """Zero raw weights under a mask, and BatchNorm parameters of switched-off channels.
-
-    The forward pass already multiplies by the mask; zeroing the stored values too keeps
-    optimizer steps (weight decay, stale momentum) from growing anything behind a mask and makes
-    checkpoints and exports exactly sparse.
-    """
-    for module in model.modules():
-        if isinstance(module, MaskedMixin):
-            module.weight.mul_(module.mask)
-        elif isinstance(module, MaskedBatchNorm2d) and module.affine:
-            module.weight.mul_(module.channel_mask)
-            module.bias.mul_(module.channel_mask)
-
-
+# ---------------------------------------------------------------------- scores to masks
 def magnitude_scores(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, Tensor]:
-    """|effective weight| per layer: the magnitude criterion, reparametrisations included."""
-    return {
-        name: layer.effective_weight().detach().abs()
-        for name, layer in prunable_layers(model, exclude).items()
-    }
+    """|weight| per prunable weight: the magnitude criterion, reparametrisations included."""
+    return {name: weight(model, name).detach().abs() for name in prunable(model, exclude)}
 
 
 def prune_lowest(
@@ -95,20 +69,20 @@ def prune_lowest(
 ) -> Masks:
     """New masks with ``fraction`` of each group's *remaining* weights removed, lowest score first.
 
-    ``scope="layerwise"`` prunes each layer on its own; ``"global"`` ranks all layers' scores
-    together. A layer in ``layer_rates`` is pruned on its own at ``fraction * rate`` (the LTH
-    papers prune the output layer at half rate). Layers without a score keep their mask. Ties go
-    to the lower flat index, so equal scores give the same mask on every run and rank.
+    ``scope="layerwise"`` prunes each weight on its own; ``"global"`` ranks all scores together.
+    A weight in ``layer_rates`` is pruned on its own at ``fraction * rate`` (the LTH papers prune
+    the output layer at half rate). Weights without a score keep their mask. Ties go to the lower
+    flat index, so equal scores give the same mask on every run and rank.
 
-    With ``rounds=r`` the group is instead pruned up to ``1 - (1 - fraction) ** r`` of *all* its weights
-    (round r of an iterative schedule), so rounding never accumulates across rounds.
+    With ``rounds=r`` the group is instead pruned up to ``1 - (1 - fraction) ** r`` of *all* its
+    weights (round r of an iterative schedule), so rounding never accumulates across rounds.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"prune fraction must be in [0, 1], got {fraction}")
     layer_rates = dict(layer_rates or {})
     unknown = set(layer_rates) - set(scores)
     if unknown:
-        raise ConfigError(f"layer_rates names {sorted(unknown)}, which are not scored layers")
+        raise ConfigError(f"layer_rates names {sorted(unknown)}, which are not scored weights")
     new_masks = {name: mask.clone() for name, mask in masks.items()}
     groups: list[tuple[list[str], float]] = [([name], fraction * rate) for name, rate in layer_rates.items()]
     shared = [name for name in scores if name not in layer_rates]
@@ -138,7 +112,16 @@ def prune_by_magnitude(
     """Install global magnitude pruning of ``fraction`` of ``model``'s remaining prunable weights
     (:func:`prune_lowest`'s ``layer_rates`` and ``rounds``): one-shot pruning outside a callback."""
     scores = magnitude_scores(model)
-    load_masks(model, prune_lowest(masks_of(model), scores, fraction, layer_rates=layer_rates, rounds=rounds))
+    rates = {
+        name: rate for key, rate in (layer_rates or {}).items() for name in scores if is_named(key, name)
+    }
+    unknown = [key for key in layer_rates or {} if not any(is_named(key, name) for name in scores)]
+    if unknown:
+        raise ConfigError(
+            f"layer_rates names {unknown}, which are not prunable weights; choose from {list(scores)}"
+        )
+    masks = prune_lowest(masks_of(model, list(scores)), scores, fraction, layer_rates=rates, rounds=rounds)
+    load_masks(model, masks)
 
 
 def _prune_group(masks: Masks, scores: Scores, names: list[str], count: int) -> None:
@@ -158,15 +141,16 @@ def _prune_group(masks: Masks, scores: Scores, names: list[str], count: int) -> 
 
 
 # ---------------------------------------------------------------------- channels (structured)
-def conv_batchnorm_pairs(model: nn.Module) -> dict[str, tuple[MaskedConv2d, Optional[MaskedBatchNorm2d]]]:
-    """Each masked conv with the channel-masked BatchNorm that follows it (None if there is none)."""
-    pairs: dict[str, tuple[MaskedConv2d, Optional[MaskedBatchNorm2d]]] = {}
+def conv_batchnorm_pairs(model: nn.Module) -> dict[str, tuple[nn.Conv2d, Optional[_BatchNorm]]]:
+    """Each conv (by module name) with the BatchNorm that normalises its output next (None if the
+    next BatchNorm is another width, or none comes before the next conv)."""
+    pairs: dict[str, tuple[nn.Conv2d, Optional[_BatchNorm]]] = {}
     pending: Optional[str] = None
     for name, module in model.named_modules():
-        if isinstance(module, MaskedConv2d):
+        if isinstance(module, nn.Conv2d):
             pairs[name] = (module, None)
             pending = name
-        elif isinstance(module, MaskedBatchNorm2d) and pending is not None:
+        elif isinstance(module, _BatchNorm) and pending is not None:
             conv = pairs[pending][0]
             if module.num_features == conv.out_channels:
                 pairs[pending] = (conv, module)
@@ -174,23 +158,35 @@ def conv_batchnorm_pairs(model: nn.Module) -> dict[str, tuple[MaskedConv2d, Opti
     return pairs
 
 
-@torch.no_grad()
-def prune_channels(model: nn.Module, conv_name: str, channels: Sequence[int]) -> None:
-    """Remove output ``channels`` of a conv: its filters and its BatchNorm channels."""
+def channel_parameters(model: nn.Module, conv_name: str) -> list[str]:
+    """What removing one of the conv's output channels zeroes: its filters and bias, and the
+    BatchNorm scale and shift of that channel (a zero scale and shift make the map exactly 0,
+    whatever the inner loop does to the rest)."""
     pairs = conv_batchnorm_pairs(model)
     if conv_name not in pairs:
-        raise ConfigError(f"'{conv_name}' is not a masked conv layer; choose from {sorted(pairs)}")
+        raise ConfigError(f"'{conv_name}' is not a conv layer; choose from {sorted(pairs)}")
     conv, batchnorm = pairs[conv_name]
+    names = [f"{conv_name}.weight"] + ([f"{conv_name}.bias"] if conv.bias is not None else [])
+    if batchnorm is not None and batchnorm.affine:
+        bn_name = next(n for n, m in model.named_modules() if m is batchnorm)
+        names += [f"{bn_name}.weight", f"{bn_name}.bias"]
+    return names
+
+
+@torch.no_grad()
+def prune_channels(model: nn.Module, conv_name: str, channels: Sequence[int]) -> None:
+    """Remove output ``channels`` of a conv: its filters, bias and BatchNorm channels."""
+    names = channel_parameters(model, conv_name)
+    masks = masks_of(model, names)
     index = torch.as_tensor(list(channels), dtype=torch.long)
-    conv.mask[index] = 0
-    if batchnorm is not None:
-        batchnorm.channel_mask[index] = 0
-    apply_masks(model)
+    for mask in masks.values():
+        mask[index] = 0
+    load_masks(model, masks)
 
 
-def alive_channels(conv: MaskedConv2d) -> Tensor:
-    """Boolean ``[out_channels]``: the filters with any unpruned weight."""
-    return conv.mask.flatten(1).any(dim=1)
+def alive_channels(model: nn.Module, conv_name: str) -> Tensor:
+    """Boolean ``[out_channels]``: the conv's filters with any unpruned weight."""
+    return masks_of(model, [f"{conv_name}.weight"])[f"{conv_name}.weight"].flatten(1).any(dim=1)
 
 
 def lowest_channels(
@@ -239,16 +235,46 @@ def rewind(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 
 @torch.no_grad()
 def reinitialize(model: nn.Module, generator_seed: Optional[int] = None) -> None:
-    """Fresh random weights under the current masks: the random-reinit control of the LTH paper."""
+    """Fresh random weights under the current masks: the random-reinit control of the LTH paper.
+
+    A parametrised layer (Powerprop) is re-initialised as its stock twin would be and its new
+    weight stored through the parametrisation's inverse.
+    """
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     for module in model.modules():
-        if hasattr(module, "reset_parameters"):
+        if not hasattr(module, "reset_parameters") or isinstance(module, parametrize.ParametrizationList):
+            continue
+        if not parametrize.is_parametrized(module):
             module.reset_parameters()
-        transform = getattr(module, "weight_transform", None)
-        if hasattr(transform, "inverse"):  # a reparametrised layer stores what maps to the weight
-            module.weight.copy_(transform.inverse(module.weight))
+            continue
+        twin = copy.deepcopy(module)
+        unparametrize(twin)
+        twin.reset_parameters()
+        for attribute, value in twin.named_parameters(recurse=False):
+            if parametrize.is_parametrized(module, attribute):
+                setattr(module, attribute, value.detach())  # stored through right_inverse
+            else:
+                getattr(module, attribute).copy_(value)
     apply_masks(model)
+
+
+# ---------------------------------------------------------------------- gradients at the weights
+@contextmanager
+def weights_as_leaves(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Let ``model`` compute with a detached leaf copy of each named weight (its value through
+    any parametrisation), and yield the leaves.
+
+    Their gradient is ``dL/dw`` at the weight the layer computes with, at every entry, pruned ones
+    too (the signal by which RigL grows connections); reparametrisations are left out of it
+    (what a gradient criterion such as meta-gradient pruning's eq. 6 differentiates), and autograd
+    never writes the ``.grad`` an optimizer accumulates into.
+    """
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    leaves = {name: weight(model, name).detach().clone().requires_grad_() for name in names}
+    with _reparametrize_module(model, leaves):
+        yield leaves
 
 
 # ---------------------------------------------------------------------- reporting and files
@@ -265,7 +291,7 @@ class LayerSparsity:
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """Sparsity counted on effective weights (what the layer computes with), per layer and overall."""
+    """Sparsity counted on the weights the layers compute with, per layer and overall."""
 
     layers: tuple[LayerSparsity, ...]
 
@@ -290,20 +316,20 @@ class SparsityReport:
         }
 
     def table(self) -> str:
-        rows = [f"{'layer':<24}{'weights':>10}{'pruned':>10}{'sparsity':>10}"]
+        width = max(24, *(len(layer.name) + 2 for layer in self.layers))
+        rows = [f"{'layer':<{width}}{'weights':>10}{'pruned':>10}{'sparsity':>10}"]
         for layer in (*self.layers, LayerSparsity("all", self.total, self.zeros)):
-            rows.append(f"{layer.name:<24}{layer.total:>10}{layer.zeros:>10}{layer.sparsity:>10.2%}")
+            rows.append(f"{layer.name:<{width}}{layer.total:>10}{layer.zeros:>10}{layer.sparsity:>10.2%}")
         return "\n".join(rows)
 
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module) -> SparsityReport:
-    return SparsityReport(
-        tuple(
-            LayerSparsity(name, layer.weight.numel(), int((layer.effective_weight() == 0).sum()))
-            for name, layer in masked_layers(model).items()
-        )
-    )
+    layers = []
+    for name in prunable(model):  # rows named by layer: every prunable weight is its layer's weight
+        w = weight(model, name)
+        layers.append(LayerSparsity(name.removesuffix(".weight"), w.numel(), int((w == 0).sum())))
+    return SparsityReport(tuple(layers))
 
 
 def save_masks(path: Path, masks: Mapping[str, Tensor], metadata: Optional[dict] = None) -> None:
@@ -315,41 +341,3 @@ def save_masks(path: Path, masks: Mapping[str, Tensor], metadata: Optional[dict]
 
 def read_masks(path: Path, dtype: torch.dtype = torch.float32) -> Masks:
     return {name: mask.to(dtype) for name, mask in load_file(str(path)).items()}
-
-
-# ---------------------------------------------------------------------- gradients at the weights
-@contextmanager
-def effective_weights_as_leaves(
-    layers: Mapping[str, MaskedMixin], dense: bool = False
-) -> Iterator[dict[str, Tensor]]:
-    """Let each layer compute with a detached leaf copy of its (transformed) weight.
-
-    The layer still multiplies by its mask, so the leaf's gradient is dL/dw at the effective
-    weight ``w`` on every unpruned entry (reparametrisations included: what a gradient criterion
-    such as meta-gradient pruning's eq. 6 differentiates), and autograd never writes the
-    parameters' ``.grad`` an optimizer accumulates into.
-
-    ``dense=True``: the leaf is the effective weight itself (pruned entries zero) and the layer
-    multiplies by ones instead of its mask, so the forward pass is unchanged and the gradient is
-    dense: dL/dw at pruned entries too, the signal by which RigL grows connections.
-    """
-    saved = {name: (layer.weight_transform, layer.mask) for name, layer in layers.items()}
-    leaves = {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            source = layer.effective_weight() if dense else transformed_weight(layer)
-            leaves[name] = source.detach().clone().requires_grad_()
-    try:
-        for name, layer in layers.items():
-            layer.weight_transform = lambda _, leaf=leaves[name]: leaf
-            if dense:
-                layer.mask = torch.ones_like(saved[name][1])
-        yield leaves
-    finally:
-        for name, layer in layers.items():
-            layer.weight_transform, layer.mask = saved[name]
-
-
-def transformed_weight(layer: MaskedMixin) -> Tensor:
-    """The weight a layer computes with before its mask: ``transform(weight)``, or ``weight``."""
-    return layer.weight if layer.weight_transform is None else layer.weight_transform(layer.weight)

@@ -27,9 +27,16 @@ from lthmaml.edge.export import export_checkpoint, export_net
 from lthmaml.edge.finetune import FineTuneModule
 from lthmaml.errors import ConfigError, DataError
 from lthmaml.meta import CNP, MatchingNet, ProtoNet
-from lthmaml.nets.layers import masked_layers
 from lthmaml.nets.models import CNPNet, Conv4
-from lthmaml.sparsity import load_masks, magnitude_scores, masks_of, prune_lowest
+from lthmaml.sparsity import (
+    load_masks,
+    magnitude_scores,
+    masks_of,
+    masks_within,
+    prunable,
+    prune_lowest,
+    weight,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PI = str(REPO / "configs" / "edge" / "pi.yaml")
@@ -46,8 +53,14 @@ def embedding(seed: int = 0, fraction: float = 0.5) -> Conv4:
     return net
 
 
+def learner_state(net) -> dict:
+    """``net`` as a learner's ``state_dict`` holds it: ``net.<param>``, its masks ``masks.net.<param>``."""
+    weights = {f"net.{k}": v for k, v in net.state_dict().items() if not k.startswith("masks.")}
+    return {**weights, **{f"masks.net.{k}": v for k, v in masks_within(net).items()}}
+
+
 def protonet() -> ProtoNet:
-    return ProtoNet(embedding(), optimizer=partial(torch.optim.Adam, lr=0.01))
+    return ProtoNet(embedding(), optimizer=partial(torch.optim.Adam, lr=0.01))  # takes over the masks
 
 
 def matching(scale: float = 7.3) -> MatchingNet:
@@ -102,15 +115,18 @@ def test_export_net_records_the_learner_and_matchings_scale(tmp_path):
 )
 def test_export_checkpoint_reads_the_learner_from_its_class_path(tmp_path, class_path, learner):
     init_args = {"out_features": None, "hidden_channels": 4, "image_size": SIZE, "blocks": 2}
-    state = {f"net.{k}": v for k, v in embedding().state_dict().items()}
+    net = embedding()
+    state = learner_state(net)
     state["log_scale"] = torch.tensor(math.log(4.0))
     hparams = {
         "_class_path": class_path,
         "net": {"class_path": "lthmaml.nets.models.Conv4", "init_args": init_args},
     }
     torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "m.ckpt")
-    metadata = load_artifact(export_checkpoint(tmp_path / "m.ckpt", tmp_path / "m.safetensors")).metadata
+    artifact = load_artifact(export_checkpoint(tmp_path / "m.ckpt", tmp_path / "m.safetensors"))
+    metadata = artifact.metadata
     assert metadata.learner == learner and metadata.source_module == class_path
+    assert masks_within(artifact.net).keys() == masks_within(net).keys() and masks_within(net)
     assert metadata.metric_scale == (pytest.approx(4.0) if learner == "matching" else None)
 
 
@@ -220,8 +236,9 @@ def test_fit_only_computes_the_prototypes(in_tmp, caplog):
 
 @pytest.mark.parametrize(("learner", "val_shots"), [(protonet, 0), (protonet, 2), (matching, 0)])
 def test_fine_tune_embedding_keeps_pruned_weights_at_zero(in_tmp, learner, val_shots):
-    source = learner().net
-    masks = masks_of(source)
+    source = learner()
+    masks = masks_within(source, "net.")
+    assert sorted(masks) == sorted(prunable(source.net))  # every layer of the embedding pruned
     artifact = export_net(learner(), in_tmp / "p.safetensors")
     task = image_task(in_tmp / "task", val_shots=val_shots)
     extra = ["--model.fine_tune_embedding", "true", "--model.lr", "0.1", "--trainer.max_epochs", "3"]
@@ -229,10 +246,11 @@ def test_fine_tune_embedding_keeps_pruned_weights_at_zero(in_tmp, learner, val_s
     assert cli.model.epochs_run >= 1 and cli.model.fixed_steps == (None if val_shots else 10)
     tuned = load_artifact(in_tmp / "runs" / "edge" / "version_0" / FINETUNED)
     changed = False
-    for name, layer in masked_layers(tuned.net).items():
-        assert torch.equal(layer.mask, masks[name])
-        assert torch.count_nonzero(layer.weight[masks[name] == 0]) == 0
-        changed |= not torch.equal(layer.weight, masked_layers(source)[name].effective_weight())
+    assert masks_within(tuned.net).keys() == masks.keys()
+    for name, mask in masks.items():
+        assert torch.equal(masks_within(tuned.net)[name], mask)
+        assert torch.count_nonzero(weight(tuned.net, name)[mask == 0]) == 0
+        changed |= not torch.equal(weight(tuned.net, name), weight(source.net, name))
     assert changed  # it did fine-tune
 
 

@@ -10,22 +10,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
+import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from callbacks.powerprop import Powerprop
 from lthmaml import export, sparsity
 from lthmaml.edge.artifact import CLASSIFIER_DEFAULTS, FORMAT_VERSION, METADATA_KEY, dense_size, load_artifact
 from lthmaml.edge.export import export_checkpoint, export_net
+from lthmaml.edge.export import main as export_main
 from lthmaml.errors import ConfigError, DataError
 from lthmaml.meta.classifier import Classifier
 from lthmaml.meta.maml import MAML
-from lthmaml.nets.layers import masked_layers
 from lthmaml.nets.models import MLP, Conv4
-from lthmaml.nets.reparam import PowerTransform, checkpoint_alpha, install_power
+from lthmaml.nets.reparam import CHECKPOINT_KEY, PowerTransform, checkpoint_alpha, installed_alpha
 from lthmaml.nets.shrink import shrink
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +48,12 @@ def prune(model: nn.Module, fraction: float) -> None:
     sparsity.load_masks(model, masks)
 
 
-def write_checkpoint(path: Path, module: nn.Module, callbacks: Optional[dict] = None) -> Path:
+def write_checkpoint(
+    path: Path, module: nn.Module, callbacks: Optional[dict] = None, extra: Optional[dict] = None
+) -> Path:
     """What LightningCLI's checkpoint holds for an export: hyperparameters with the net's
-    class_path/init_args (and MAML's inner loop), the state_dict, the callbacks' states."""
+    class_path/init_args (and MAML's inner loop), the state_dict, the callbacks' states, and
+    top-level entries callbacks add (``extra``: Powerprop's ``weight_transform``)."""
     cls = type(module)
     hparams = {
         "_class_path": f"{cls.__module__}.{cls.__qualname__}",
@@ -64,7 +70,13 @@ def write_checkpoint(path: Path, module: nn.Module, callbacks: Optional[dict] = 
             learn_inner_lr=module.inner_lrs is not None,
         )
     torch.save(
-        {"state_dict": module.state_dict(), "hyper_parameters": hparams, "callbacks": callbacks or {}}, path
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": hparams,
+            "callbacks": callbacks or {},
+            **(extra or {}),
+        },
+        path,
     )
     return path
 
@@ -84,14 +96,23 @@ def header_metadata(path: Path) -> dict:
         return json.loads(handle.metadata()[METADATA_KEY])
 
 
-def assert_pruned_exactly(source: nn.Module, loaded: nn.Module) -> None:
-    """Same masks; every weight under a zero mask is exactly 0; no transform left on the device."""
-    masks, got = sparsity.masks_of(source), sparsity.masks_of(loaded)
-    assert got.keys() == masks.keys()
-    for name, layer in masked_layers(loaded).items():
-        assert torch.equal(got[name], masks[name]), name
-        assert torch.all(layer.weight[layer.mask == 0] == 0), name
-        assert layer.weight_transform is None and layer.weight.dtype == torch.float32
+def masks_beside(model: nn.Module) -> dict[str, Tensor]:
+    """The masks kept for a net, by its own parameter names: a learner's (``net.``) or a bare net's."""
+    if isinstance(model, pl.LightningModule):
+        return sparsity.masks_within(model, "net.")
+    return sparsity.masks_within(model)
+
+
+def assert_pruned_exactly(masks: dict[str, Tensor], loaded: nn.Module) -> None:
+    """The loaded net keeps exactly the source's ``masks`` (by parameter name) beside it; every
+    entry under a zero mask is exactly 0; no parametrisation left on the device, float32 only."""
+    got = sparsity.masks_within(loaded)
+    assert got.keys() == masks.keys(), sorted(got)
+    for name, mask in masks.items():
+        assert torch.equal(got[name], mask), name
+        assert torch.all(sparsity.weight(loaded, name)[mask == 0] == 0), name
+    assert not any(parametrize.is_parametrized(m) for m in loaded.modules())
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
 
 
 # ---------------------------------------------------------------------------------- round trips
@@ -105,7 +126,7 @@ def test_maml_conv4_with_unstructured_sparsity_round_trips_with_its_metadata(tmp
 
     assert (outputs(artifact.net, IMAGES) - outputs(model.net, IMAGES)).abs().max() <= TOLERANCE[dtype]
     assert not artifact.net.training
-    assert_pruned_exactly(model.net, artifact.net)
+    assert_pruned_exactly(masks_beside(model), artifact.net)
     meta = artifact.metadata
     report = sparsity.sparsity_report(model.net)
     assert meta.architecture == {
@@ -126,16 +147,22 @@ def test_pruned_layers_store_only_kept_values_and_packed_mask_bits(tmp_path):
     net = conv_net()
     prune(net, 0.7)
     tensors = stored(export_net(net, tmp_path / "a.safetensors", {}))
-    for name, layer in masked_layers(net).items():
-        keep = layer.mask.flatten() != 0
-        values, bits = tensors[f"{name}.weight@values"], tensors[f"{name}.weight@mask"]
-        assert torch.equal(values, layer.weight.flatten()[keep])
+    masks = sparsity.masks_within(net)
+    assert sorted(masks) == sorted(sparsity.prunable(net))  # every layer has pruned weights
+    for name, mask in masks.items():
+        keep = mask.flatten() != 0
+        values, bits = tensors[f"{name}@values"], tensors[f"{name}@mask"]
+        assert torch.equal(values, sparsity.weight(net, name).flatten()[keep])
         assert bits.dtype == torch.uint8 and bits.numel() == math.ceil(keep.numel() / 8)
         unpacked = [(int(byte) >> (7 - i)) & 1 for byte in bits for i in range(8)][: keep.numel()]
         assert unpacked == keep.int().tolist()  # most significant bit first, like np.packbits
-        assert f"{name}.weight" not in tensors and f"{name}.mask" not in tensors
+        assert name not in tensors
     assert torch.equal(tensors["features.0.1.weight"], net.features[0][1].weight)  # BatchNorm: dense
-    assert not any(key.endswith("channel_mask") for key in tensors)  # all ones: implied
+    assert torch.equal(tensors["features.0.0.bias"], net.features[0][0].bias)  # biases too
+    assert not any(key.endswith((".mask", "channel_mask", "@maskz")) for key in tensors)
+    assert not any(key.startswith("masks.") for key in tensors)  # masks only as bits
+    masked = {key.rpartition("@")[0] for key in tensors if "@" in key}
+    assert masked == set(masks)  # nothing unpruned carries a mask: all ones are implied
 
 
 def test_channel_pruned_conv4_is_shrunk_and_computes_the_same(tmp_path):
@@ -155,7 +182,10 @@ def test_channel_pruned_conv4_is_shrunk_and_computes_the_same(tmp_path):
     assert count < sum(p.numel() for p in model.net.parameters())
     assert sum(t.numel() for t in stored(path).values() if t.is_floating_point()) < count
     torch.testing.assert_close(outputs(artifact.net, IMAGES), outputs(model.net, IMAGES), rtol=0, atol=1e-6)
-    assert_pruned_exactly(shrink(model.net), artifact.net)
+    shrunk, shrunk_masks = shrink(model.net, masks_beside(model))
+    assert_pruned_exactly(shrunk_masks, artifact.net)
+    torch.testing.assert_close(outputs(artifact.net, IMAGES), outputs(shrunk, IMAGES), rtol=0, atol=1e-6)
+    assert set(shrunk_masks) <= set(sparsity.prunable(shrunk))  # removed channels' bias and BN: gone
     assert artifact.metadata.sparsity == sparsity.sparsity_report(model.net).sparsity  # of the source
     unshrunk = export_net(conv_net(hidden=8), tmp_path / "dense.safetensors", {})
     assert path.stat().st_size < unshrunk.stat().st_size
@@ -164,16 +194,22 @@ def test_channel_pruned_conv4_is_shrunk_and_computes_the_same(tmp_path):
 def test_powerprop_checkpoint_exports_the_effective_weights(tmp_path):
     model = MAML(conv_net(), inner_lr=0.4)
     callback = Powerprop(alpha=2.0)
-    callback.convert(model)  # parameters are phi, layers compute phi * |phi|
+    callback.install(model)  # parameters are phi, layers compute phi * |phi|
     prune(model, 0.5)
-    ckpt = write_checkpoint(tmp_path / "pp.ckpt", model, {"Powerprop": callback.state_dict()})
+    assert any(key.endswith("parametrizations.weight.original") for key in model.state_dict())
+    ckpt = write_checkpoint(
+        tmp_path / "pp.ckpt",
+        model,
+        {"Powerprop": callback.state_dict()},
+        {CHECKPOINT_KEY: {"kind": "power", "alpha": 2.0}},  # what the callback's checkpoint hook writes
+    )
     artifact = load_artifact(export_checkpoint(ckpt, tmp_path / "pp.safetensors"))
 
-    assert_pruned_exactly(model.net, artifact.net)
-    for name, layer in masked_layers(model.net).items():
-        loaded = masked_layers(artifact.net)[name].weight
-        assert torch.equal(loaded, layer.effective_weight().detach())
-        assert not torch.allclose(loaded, layer.weight.detach())  # not the raw phi
+    assert_pruned_exactly(masks_beside(model), artifact.net)
+    for name in sparsity.prunable(model.net):
+        loaded = sparsity.weight(artifact.net, name)
+        assert torch.equal(loaded, sparsity.weight(model.net, name).detach())  # phi * |phi| folded in
+        assert not torch.allclose(loaded, sparsity.stored(model.net, name).detach())  # not the raw phi
     torch.testing.assert_close(outputs(artifact.net, IMAGES), outputs(model.net, IMAGES), rtol=0, atol=1e-6)
     assert artifact.metadata.weight_transform == repr(PowerTransform(2.0))
 
@@ -190,7 +226,7 @@ def test_sinusoid_mlp_round_trips_as_a_regression_artifact(tmp_path):
         assert isinstance(artifact.net, MLP) and artifact.net.architecture == model.net.architecture
         error = (outputs(artifact.net, POINTS) - outputs(model.net, POINTS)).abs().max()
         assert error <= TOLERANCE[dtype]
-        assert_pruned_exactly(model.net, artifact.net)
+        assert_pruned_exactly(masks_beside(model), artifact.net)
         assert (artifact.metadata.task, artifact.metadata.ways) == ("regression", None)
         assert (artifact.metadata.inner_lr, artifact.metadata.eval_inner_steps) == (0.01, 10)
 
@@ -283,15 +319,15 @@ def test_cli_exports_a_real_powerprop_run_and_prints_size_and_sparsity(tmp_path,
     path = tmp_path / "model.safetensors"
     assert f"{path.stat().st_size:,} bytes" in printed and "sparsity 80.0%" in printed
 
-    source = MAML.load_from_checkpoint(last)
-    install_power(source, checkpoint_alpha(last))
+    source = MAML.load_from_checkpoint(last)  # installs the transform the checkpoint names
+    assert installed_alpha(source) == checkpoint_alpha(last) is not None
     artifact = load_artifact(path)
     meta = artifact.metadata
     assert (meta.inner_lr, meta.inner_steps, meta.eval_inner_steps) == (0.01, 1, 10)
     assert meta.sparsity == pytest.approx(0.8, abs=1e-3) and meta.dtype == "float16"
     assert meta.source_sha256 == hashlib.sha256(last.read_bytes()).hexdigest()
     assert (outputs(artifact.net, POINTS) - outputs(source.net, POINTS)).abs().max() <= 1e-3
-    assert_pruned_exactly(source.net, artifact.net)
+    assert_pruned_exactly(masks_beside(source), artifact.net)
 
 
 def test_cli_errors_are_one_line_and_name_the_file(tmp_path, capsys):
@@ -315,6 +351,85 @@ def test_export_net_rejects_foreign_nets_and_unknown_metadata(tmp_path):
         export_net(nn.Linear(2, 2), tmp_path / "a.safetensors", {})
     with pytest.raises(ConfigError, match="inner_learning_rate"):
         export_net(conv_net(), tmp_path / "a.safetensors", {"inner_learning_rate": 0.1})
+    model = MAML(conv_net())
+    prune(model.net, 0.5)  # masks the engine keeps on the inner net, which the learner knows nothing of
+    with pytest.raises(ConfigError, match="masks of its own"):
+        export_net(model, tmp_path / "a.safetensors", {})
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_learner_takes_over_the_masks_of_a_net_pruned_before_it_was_wrapped(tmp_path):
+    net = conv_net()
+    prune(net, 0.5)
+    masks = sparsity.masks_within(net)
+    model = MAML(net)
+    assert not hasattr(model.net, "masks")
+    assert {name: mask for name, mask in sparsity.masks_within(model, "net.").items()}.keys() == masks.keys()
+    artifact = load_artifact(export_net(model, tmp_path / "a.safetensors", {}))
+    assert_pruned_exactly(masks, artifact.net)
+
+
+# ---------------------------------------------------------------------------------- older files
+def test_a_version_2_artifact_still_loads(tmp_path):
+    """Written by hand as format 2 was: a pruned layer as ``<layer>.weight@values`` plus
+    ``<layer>.weight@mask`` (np.packbits), every other tensor dense (no mask for a bias or
+    BatchNorm, none deflated), metadata without the fields added since."""
+    net = conv_net()
+    prune(net, 0.6)
+    masks = sparsity.masks_within(net)
+    tensors = {}
+    for key, value in sparsity.folded(net).state_dict().items():
+        if key in masks:
+            keep = masks[key].flatten() != 0
+            tensors[f"{key}@values"] = value.flatten()[keep].contiguous()
+            tensors[f"{key}@mask"] = torch.from_numpy(np.packbits(keep.numpy()))
+        else:
+            tensors[key] = value.contiguous()
+    assert {key.rpartition("@")[0] for key in tensors if "@" in key} == set(sparsity.prunable(net))
+    report = sparsity.sparsity_report(net)
+    meta = {
+        "architecture": {"class_path": "lthmaml.nets.models.Conv4", "init_args": net.architecture},
+        "task": "classification",
+        "ways": 3,
+        "inner_lr": 0.4,
+        "inner_steps": 1,
+        "eval_inner_steps": 10,
+        "sparsity": report.sparsity,
+        "source_sha256": "",
+        "dtype": "float32",
+        "format_version": 2,
+        "prunable_weights": report.total,
+        "stored_weights": report.total - report.zeros,
+    }
+    path = tmp_path / "v2.safetensors"
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+
+    artifact = load_artifact(path)
+    assert artifact.metadata.format_version == 2 < FORMAT_VERSION
+    assert (artifact.metadata.learner, artifact.metadata.inner_lr) == ("maml", 0.4)
+    assert_pruned_exactly(masks, artifact.net)
+    assert torch.equal(outputs(artifact.net, IMAGES), outputs(net, IMAGES))
+
+
+def test_a_checkpoint_with_masks_inside_its_layers_is_refused_naming_the_converter(tmp_path, capsys):
+    """A checkpoint from before masks lay beside the net (``net.<layer>.mask`` buffers, BatchNorm
+    ``channel_mask``): lthmaml-export refuses it in one line that names the converter."""
+    model = MAML(conv_net(), inner_lr=0.4)
+    prune(model, 0.5)
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith("masks.")}
+    for name, mask in sparsity.masks_of(model).items():  # every prunable layer had a mask buffer
+        state[name.removesuffix("weight") + "mask"] = mask
+    for index in range(2):
+        state[f"net.features.{index}.1.channel_mask"] = torch.ones(4)
+    ckpt = write_checkpoint(tmp_path / "old.ckpt", model)
+    torch.save({**torch.load(ckpt, weights_only=False), "state_dict": state}, ckpt)
+    output = tmp_path / "old.safetensors"
+
+    assert export_main([str(ckpt), "-o", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lthmaml-export: error:"), err
+    assert str(ckpt) in err and "python -m lthmaml.convert" in err
+    assert not output.exists() and not output.with_name(output.name + ".partial").exists()
 
 
 # ---------------------------------------------------------------------------------- wrong files

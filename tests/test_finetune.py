@@ -22,9 +22,16 @@ from lthmaml.edge.cli import main as edge_main
 from lthmaml.edge.export import export_net
 from lthmaml.edge.finetune import FineTuneModule
 from lthmaml.errors import ConfigError
-from lthmaml.nets.layers import masked_layers
 from lthmaml.nets.models import MLP, Conv4
-from lthmaml.sparsity import load_masks, magnitude_scores, masks_of, prune_lowest, sparsity_report
+from lthmaml.sparsity import (
+    load_masks,
+    magnitude_scores,
+    masks_of,
+    masks_within,
+    prune_lowest,
+    sparsity_report,
+    weight,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PI = str(REPO / "configs" / "edge" / "pi.yaml")
@@ -125,11 +132,12 @@ def test_pruned_weights_stay_exactly_zero(tmp_path, optimizer):
     module = FineTuneModule(artifact=str(path), optimizer=choice)
     start = {k: v.clone() for k, v in module.net.state_dict().items()}
     trainer(max_epochs=3).fit(module, datamodule=datamodule(image_task(tmp_path / "task")))
-    for name, layer in masked_layers(module.net).items():
-        assert torch.equal(layer.mask, masks[name])
-        assert torch.count_nonzero(layer.weight[masks[name] == 0]) == 0
-        kept = masks[name] == 1
-        assert not torch.equal(layer.weight[kept], start[f"{name}.weight"][kept])  # it did fine-tune
+    assert states_equal(masks_of(module.net), masks)  # the masks beside the net are the artifact's
+    for name, mask in masks.items():
+        tuned = weight(module.net, name)
+        assert torch.count_nonzero(tuned[mask == 0]) == 0
+        kept = mask == 1
+        assert not torch.equal(tuned[kept], start[name][kept])  # it did fine-tune
     assert sparsity_report(module.net).zeros == zeros
 
 
@@ -308,7 +316,10 @@ def test_starts_from_a_maml_checkpoint_through_the_export_path(tmp_path):
         "eval_inner_steps": 5,
         "_class_path": "lthmaml.meta.maml.MAML",
     }
-    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    weights = {f"net.{k}": v for k, v in net.state_dict().items() if not k.startswith("masks.")}
+    masks = {f"masks.net.{k}": v for k, v in masks_within(net).items()}  # a learner's masks, beside its net
+    assert masks and all(key.endswith(".weight") for key in masks)
+    state = {**weights, **masks}
     torch.save({"state_dict": state, "hyper_parameters": hparams}, checkpoint)
     module = FineTuneModule(checkpoint=str(checkpoint))
     assert module.lr == 0.02 and module.metadata.eval_inner_steps == 5

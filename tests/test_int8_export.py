@@ -19,12 +19,12 @@ from lthmaml.edge.artifact import dense_size, load_artifact
 from lthmaml.edge.export import export_checkpoint, export_net, main
 from lthmaml.errors import ConfigError, DataError
 from lthmaml.meta.maml import MAML
-from lthmaml.nets.layers import masked_layers
 from lthmaml.nets.models import Conv4
 from tests.test_export import (
     IMAGES,
     assert_pruned_exactly,
     conv_net,
+    masks_beside,
     outputs,
     prune,
     rewrite,
@@ -42,7 +42,7 @@ def int8_artifact(tmp_path: Path, fraction: float, name: str = "int8.safetensors
     prune(net, fraction)
     if fraction:
         masks = sparsity.masks_of(net)
-        masks["features.1.0"][0] = 0
+        masks["features.1.0.weight"][0] = 0
         sparsity.load_masks(net, masks)
     return net, export_net(net, tmp_path / name, {}, "int8")
 
@@ -53,25 +53,25 @@ def test_int8_round_trip_is_within_half_a_step_of_each_output_channel(tmp_path, 
     net, path = int8_artifact(tmp_path, fraction)
     raw = stored(path)
     artifact = load_artifact(path)
-    loaded = masked_layers(artifact.net)
+    prunable = sparsity.prunable(net)
     assert artifact.metadata.dtype == "int8"
-    for name, layer in masked_layers(net).items():
-        source, keep = layer.effective_weight().detach(), layer.mask != 0
-        got = loaded[name].weight.detach()
-        scale = raw[f"{name}.weight@scale"]
+    for name, mask in sparsity.masks_of(net).items():
+        source, keep = sparsity.weight(net, name).detach(), mask != 0
+        got = sparsity.weight(artifact.net, name).detach()
+        scale = raw[f"{name}@scale"]
         assert scale.dtype == torch.float32 and scale.shape == (source.shape[0],)
         torch.testing.assert_close(scale, source.flatten(1).abs().amax(1) / 127, rtol=0, atol=0)
         assert got.shape == source.shape and got.dtype == torch.float32
         assert torch.all((got - source).abs().flatten(1).amax(1) <= scale / 2 * (1 + 1e-6)), name
         assert torch.all(got[~keep] == 0), name
-        codes = raw[f"{name}.weight" if fraction == 0 else f"{name}.weight@values"]
+        codes = raw[name if fraction == 0 else f"{name}@values"]
         assert codes.dtype == torch.int8 and codes.numel() == int(keep.sum())
         assert int(codes.abs().max()) == 127  # the channel maximum maps to the full code range
     if fraction:  # the filter with nothing kept: scale 0, loaded as zeros
         assert float(raw["features.1.0.weight@scale"][0]) == 0.0
-        assert torch.all(loaded["features.1.0"].weight[0] == 0)
-    assert_pruned_exactly(net, artifact.net)
-    others = {k: v for k, v in raw.items() if "@" not in k and k.removesuffix(".weight") not in loaded}
+        assert torch.all(artifact.net.features[1][0].weight[0] == 0)
+    assert_pruned_exactly(masks_beside(net), artifact.net)
+    others = {k: v for k, v in raw.items() if "@" not in k and k not in prunable}
     assert others and all(v.dtype == torch.float16 for v in others.values())
     assert (outputs(artifact.net, IMAGES) - outputs(net, IMAGES)).abs().max() <= OUTPUT_TOLERANCE
 
@@ -98,15 +98,15 @@ def test_int8_at_80_percent_costs_a_byte_a_kept_weight_plus_deflated_mask_scales
     half = export_net(net, tmp_path / "f16.safetensors", {}, "float16").stat().st_size
     size = path.stat().st_size
 
-    layers = masked_layers(net)
-    keeps = [layer.mask.flatten() != 0 for layer in layers.values()]
+    layers = sparsity.prunable(net)
+    keeps = [mask.flatten() != 0 for mask in sparsity.masks_of(net, layers).values()]
     packed = [np.packbits(keep.numpy()) for keep in keeps]
     kept = sum(int(keep.sum()) for keep in keeps)
     bits = sum(p.size for p in packed)
     masks = sum(min(p.size, len(zlib.compress(p.tobytes(), 9))) for p in packed)  # per layer, the smaller
     entropy = sum(keep.numel() * _entropy(keep.float().mean().item()) / 8 for keep in keeps)
-    rows = sum(layer.weight.shape[0] for layer in layers.values())
-    small = sum(p.numel() for n, p in net.named_parameters() if n.removesuffix(".weight") not in layers)
+    rows = sum(sparsity.weight(net, name).shape[0] for name in layers)
+    small = sum(p.numel() for n, p in net.named_parameters() if n not in layers)
     header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
     assert (kept, bits, rows, small) == (22298, 13936, 261, 773)
     assert masks == sum(t.numel() for k, t in stored(path).items() if "@mask" in k)
@@ -132,9 +132,9 @@ def test_float32_and_float16_artifacts_are_unchanged(tmp_path):
         raw = stored(path)
         assert not [key for key in raw if key.endswith("@scale")]
         assert all(v.dtype == dtype for k, v in raw.items() if "@mask" not in k)
-        for layer_name, layer in masked_layers(net).items():
-            kept = layer.effective_weight().detach()[layer.mask != 0].to(dtype)
-            assert torch.equal(raw[f"{layer_name}.weight@values"], kept)
+        for weight_name, mask in sparsity.masks_within(net).items():
+            kept = sparsity.weight(net, weight_name).detach()[mask != 0].to(dtype)
+            assert torch.equal(raw[f"{weight_name}@values"], kept)
         assert load_artifact(path).metadata.dtype == name
 
 
@@ -145,7 +145,7 @@ def test_an_unknown_dtype_or_a_non_finite_weight_is_a_config_error(tmp_path):
             export_net(net, tmp_path / "bad.safetensors", {}, dtype)
     with torch.no_grad():
         net.head.weight[0, 0] = float("inf")
-    with pytest.raises(ConfigError, match="'head' has non-finite weights"):
+    with pytest.raises(ConfigError, match="'head.weight' has non-finite weights"):
         export_net(net, tmp_path / "inf.safetensors", {}, "int8")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
@@ -204,4 +204,4 @@ def test_cli_dtype_int8_writes_a_smaller_artifact_that_loads(tmp_path, capsys):
     assert artifact.metadata.dtype == "int8" and artifact.metadata.sparsity == pytest.approx(0.8, abs=0.01)
     error: Tensor = (outputs(artifact.net, IMAGES) - outputs(model.net, IMAGES)).abs().max()
     assert error <= OUTPUT_TOLERANCE
-    assert_pruned_exactly(model.net, artifact.net)
+    assert_pruned_exactly(masks_beside(model), artifact.net)

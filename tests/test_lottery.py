@@ -101,18 +101,18 @@ class ZeroWatch(Callback):
         self.revived = 0
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        for layer in sparsity.prunable_layers(pl_module).values():
-            pruned = layer.mask == 0
+        for name, mask in sparsity.masks_of(pl_module, sparsity.prunable(pl_module)).items():
+            pruned = mask == 0
             if pruned.any():
                 self.sparse_steps += 1
-                self.revived += int((layer.weight.detach()[pruned] != 0).sum())
+                self.revived += int((sparsity.stored(pl_module, name).detach()[pruned] != 0).sum())
 
 
 def masked(params: dict, masks: dict) -> dict:
-    """``params`` with each masked layer's weight multiplied by its mask (what a rewind must give)."""
+    """``params`` with each masked weight multiplied by its mask (what a rewind must give)."""
     out = dict(params)
     for name, mask in masks.items():
-        out[f"{name}.weight"] = params[f"{name}.weight"] * mask
+        out[name] = params[name] * mask
     return out
 
 
@@ -273,8 +273,8 @@ def test_pruned_weights_stay_zero_through_adam_steps_and_checkpoints(tmp_path):
     for path in (tmp_path / "final.ckpt", round_folder(tmp_path, 2) / "model.ckpt"):
         restored = MAML.load_from_checkpoint(path, net=MLP(hidden=(8, 8)))
         assert_same(sparsity.masks_of(restored), sparsity.masks_of(model))
-        for layer in sparsity.prunable_layers(restored).values():
-            assert torch.all(layer.weight[layer.mask == 0] == 0)
+        for name, mask in sparsity.masks_of(restored).items():
+            assert torch.all(sparsity.stored(restored, name)[mask == 0] == 0), name
         assert sparsity.sparsity_report(restored).sparsity == pytest.approx(1 - 0.8**2, abs=1 / 80)
 
 
@@ -292,13 +292,13 @@ def test_round_folders_hold_masks_metrics_and_a_loadable_checkpoint_on_conv4_mam
         rounds=2, epochs_per_round=2, layer_rates={"net.head": 0.5}, monitor="val/loss_post", mode="min"
     )
     fit(model, data, [lottery, probe], tmp_path)
-    features = [name for name in sparsity.masks_of(model) if name != "net.head"]
+    features = [name for name in sparsity.masks_of(model) if name != "net.head.weight"]
     for r in range(3):
         folder = round_folder(tmp_path, r)
         masks = sparsity.read_masks(folder / "mask.safetensors")
         assert_same(masks, probe.epoch_start[2 * r]["masks"])  # the masks round r trained with
-        head_zeros = int((masks["net.head"] == 0).sum())
-        assert abs(head_zeros - masks["net.head"].numel() * (1 - 0.9**r)) <= 1  # half rate
+        head_zeros = int((masks["net.head.weight"] == 0).sum())
+        assert abs(head_zeros - masks["net.head.weight"].numel() * (1 - 0.9**r)) <= 1  # half rate
         feature_zeros = sum(int((masks[name] == 0).sum()) for name in features)
         assert abs(feature_zeros - sum(masks[name].numel() for name in features) * (1 - 0.8**r)) <= 1
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -337,7 +337,7 @@ def test_the_round_best_validation_weights_are_the_ones_pruned_on_a_classifier(t
     best, last = probe.epoch_end[1], probe.step_end[9]  # 3 steps per epoch: step 9 ends round 0
 
     def pruned(params):  # round 0's pruning, from dense masks, of these weights
-        scores = {name: params[f"{name}.weight"].abs() for name in ("net.net.0", "net.net.2")}
+        scores = {name: params[name].abs() for name in ("net.net.0.weight", "net.net.2.weight")}
         dense = {name: torch.ones_like(score) for name, score in scores.items()}
         return sparsity.prune_lowest(dense, scores, 0.2, "global", rounds=1)
 
@@ -507,8 +507,9 @@ def test_a_killed_cli_fit_resumes_to_the_same_tickets(tmp_path, options, round_e
     assert_same(ends[0]["state_dict"], ends[1]["state_dict"])  # masks and weights, bit-equal
     masks = [sparsity.read_masks(round_folder(run, 3) / "mask.safetensors") for run in runs]
     assert_same(masks[0], masks[1])
-    assert_same(
-        masks[0], {k[: -len(".mask")]: v for k, v in ends[0]["state_dict"].items() if k.endswith(".mask")}
+    assert_same(  # the checkpoint keeps the masks beside the net, by parameter name
+        masks[0],
+        {k[len("masks.") :]: v for k, v in ends[0]["state_dict"].items() if k.startswith("masks.")},
     )
     assert histories[0][3]["sparsity"] == pytest.approx(1 - 0.8**3, abs=0.01)
 

@@ -8,6 +8,7 @@ from helpers import TinyImageTasks, sgd_lr1
 from helpers import quiet_trainer as trainer
 from torch.func import functional_call, grad
 
+from lthmaml import sparsity
 from lthmaml.data import EpisodeDataset, EpisodicDataModule, SinusoidDataModule, SinusoidTasks
 from lthmaml.errors import ConfigError
 from lthmaml.meta.maml import MAML
@@ -30,11 +31,14 @@ def meta_step_delta(model: MAML, datamodule) -> dict[str, torch.Tensor]:
 
 
 def reference_meta_gradient(net, tasks, inner_lr, steps, first_order, masks=None):
-    """MAML's meta-gradient written directly with torch.func, independent of higher."""
+    """MAML's meta-gradient written directly with torch.func, independent of higher; ``masks`` (by
+    the net's parameter names) multiply the weights in every forward pass (the textbook pruned net)."""
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
     buffers = dict(net.named_buffers())
+    masks = masks or {}
 
     def loss_at(p, x, y):
+        p = {k: v * masks[k] if k in masks else v for k, v in p.items()}
         return task_loss(functional_call(net, (p, buffers), (x,)), y)
 
     def adapt(p, task):
@@ -113,20 +117,30 @@ def test_conv4_classification_meta_gradient_matches_torch_func():
 def test_pruned_weight_gets_zero_meta_gradient_and_stays_zero_when_adapted(first_order):
     net, dm, model = sinusoid_setup(first_order=first_order)
     hidden = net.net[2]
-    hidden.mask[3, :] = 0
-    hidden.mask[:, 5] = 0
-    with torch.no_grad():
-        hidden.weight.mul_(hidden.mask)
+    mask = torch.ones(8, 8)
+    mask[3, :] = 0
+    mask[:, 5] = 0
+    sparsity.load_masks(model, {"net.net.2.weight": mask})  # beside the net, keyed by parameter name
+    pruned = mask == 0
+    assert torch.all(hidden.weight[pruned] == 0)  # stored as zero, no mask in the forward pass
+    # On the kept entries the meta-gradient is the one a mask in the forward pass gives.
+    expected = reference_meta_gradient(
+        net, first_training_tasks(dm), 0.05, 2, first_order, masks={"net.2.weight": mask}
+    )
     delta = meta_step_delta(model, dm)
-    pruned = hidden.mask == 0
     assert torch.all(delta["net.2.weight"][pruned] == 0)
     assert torch.all(hidden.weight[pruned] == 0)
     assert delta["net.2.weight"][~pruned].abs().sum() > 0
+    for name in expected:
+        kept = ~pruned if name == "net.2.weight" else torch.ones_like(expected[name], dtype=torch.bool)
+        torch.testing.assert_close(delta[name][kept], expected[name][kept], atol=1e-5, rtol=1e-4)
     task = first_training_tasks(dm)[0]
     with torch.enable_grad(), model.adapt(task.support_x, task.support_y, 3, not first_order) as adapted:
-        effective = adapted.net[2].effective_weight()
-        assert torch.all(effective[pruned] == 0)
+        assert torch.all(adapted.net[2].weight[pruned] == 0)
         assert not torch.equal(adapted.net[2].weight[~pruned], hidden.weight[~pruned])
+    params = model.functional_loop().adapted_params(task.support_x, task.support_y, 3)  # torch.func too
+    assert torch.all(params["net.2.weight"][pruned] == 0)
+    assert not torch.equal(params["net.2.weight"][~pruned], hidden.weight[~pruned])
 
 
 def test_learned_inner_learning_rates_receive_meta_gradient():
@@ -200,3 +214,20 @@ def test_sinusoid_tasks_follow_the_paper_distribution():
     assert ys.max() <= 5.0
     assert torch.equal(dataset[7].query_y, dataset[7].query_y)
     assert not torch.equal(dataset[7].query_y, dataset[8].query_y)
+
+
+def test_gradient_clipping_measures_the_meta_gradient_of_the_kept_weights_only():
+    """A pruned entry's meta-gradient is masked before the step, and before the clip measures the
+    norm: the step is the masked meta-gradient scaled to ``gradient_clip_val``."""
+    net, dm, model = sinusoid_setup(gradient_clip_val=1e-3)
+    mask = torch.ones(8, 8)
+    mask[:, :6] = 0  # most of the hidden layer pruned: its dense gradient would dominate the norm
+    sparsity.load_masks(model, {"net.net.2.weight": mask})
+    expected = reference_meta_gradient(
+        net, first_training_tasks(dm), 0.05, 2, False, masks={"net.2.weight": mask}
+    )
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in expected.values()]))
+    assert norm > 1e-2  # the clip acts
+    delta = meta_step_delta(model, dm)
+    for name in expected:
+        torch.testing.assert_close(delta[name], expected[name] * 1e-3 / (norm + 1e-6), atol=1e-8, rtol=1e-4)

@@ -1,25 +1,29 @@
-"""Deflated masks (``@maskz``, format version 2): lossless for every dtype, written only where they
-pay, a corrupt stream a one-line error; version-1 files (``@mask``) still load, newer ones do not."""
+"""Deflated masks (``@maskz``, since format version 2): lossless for every dtype, written only where
+they pay, a corrupt stream a one-line error; version-1 files (``@mask``) and version-2 files still
+load, newer ones do not."""
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
-from torch import Tensor
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lthmaml import sparsity
-from lthmaml.edge.artifact import FORMAT_VERSION, load_artifact
+from lthmaml.edge.artifact import FORMAT_VERSION, METADATA_KEY, load_artifact
 from lthmaml.edge.export import export_net
 from lthmaml.edge.maskbits import MASK, MASKZ, pack_mask
 from lthmaml.errors import DataError
-from lthmaml.nets.layers import masked_layers
 from lthmaml.nets.models import Conv4
-from tests.test_export import assert_pruned_exactly, conv_net, header_metadata, prune, rewrite, stored
 
 DTYPES = ("float32", "float16", "int8")
 LAYER = "features.1.0.weight"
@@ -27,9 +31,47 @@ LAYER = "features.1.0.weight"
 
 
 def pruned_net(fraction: float = 0.85) -> Conv4:
-    net = conv_net(hidden=30)
-    prune(net, fraction)
+    """A 2-block Conv4 of 30 filters a block, ``fraction`` of its weights pruned by magnitude."""
+    torch.manual_seed(0)
+    net = Conv4(out_features=3, hidden_channels=30, image_size=8, blocks=2)
+    sparsity.prune_by_magnitude(net, fraction)
     return net
+
+
+def stored(path: Path) -> dict[str, Tensor]:
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def header_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()[METADATA_KEY])
+
+
+def rewrite(
+    source: Path,
+    target: Path,
+    tensors: Callable[[dict], dict] = lambda t: t,
+    metadata: Callable[[dict], Optional[dict]] = lambda m: m,
+) -> Path:
+    """A copy of an artifact with its tensors and/or metadata changed."""
+    meta = metadata(header_metadata(source))
+    header = None if meta is None else {METADATA_KEY: json.dumps(meta)}
+    save_file(tensors(stored(source)), str(target), metadata=header)
+    return target
+
+
+def assert_pruned_exactly(source: nn.Module, loaded: nn.Module) -> None:
+    """Same masks, attached to the loaded net; every entry under a zero mask is exactly 0; plain
+    float32 weights (no parametrisation) on the device."""
+    masks, got = sparsity.masks_of(source), sparsity.masks_of(loaded)
+    assert got.keys() == masks.keys() and len(sparsity.mask_set(loaded)) > 0
+    for name, mask in got.items():
+        assert torch.equal(mask, masks[name]), name
+        weight = sparsity.weight(loaded, name)
+        assert torch.all(weight[mask == 0] == 0), name
+        assert weight.dtype == torch.float32, name
+    assert not any(parametrize.is_parametrized(m) for m in loaded.modules())
 
 
 def masks_in(path: Path) -> dict[str, str]:
@@ -61,10 +103,10 @@ def test_deflated_masks_round_trip_exactly_for_every_dtype(tmp_path, monkeypatch
     path = export_net(net, tmp_path / "z.safetensors", {}, dtype)
     raw, suffixes = stored(path), masks_in(path)
     assert suffixes[LAYER] == MASKZ and MASK in suffixes.values()  # chosen per layer: small ones stay
-    bits = np.packbits((net.features[1][0].mask.flatten() != 0).numpy())
+    bits = np.packbits((sparsity.masks_of(net)[LAYER].flatten() != 0).numpy())
     assert raw[LAYER + MASKZ].dtype == torch.uint8
     assert raw[LAYER + MASKZ].numpy().tobytes() == zlib.compress(bits.tobytes(), 9)
-    monkeypatch.setattr("lthmaml.edge.export.pack_mask", plain)
+    monkeypatch.setattr("lthmaml.edge.packing.pack_mask", plain)
     packed = export_net(net, tmp_path / "plain.safetensors", {}, dtype)
     assert set(masks_in(packed).values()) == {MASK}
     assert path.stat().st_size < packed.stat().st_size
@@ -74,8 +116,8 @@ def test_deflated_masks_round_trip_exactly_for_every_dtype(tmp_path, monkeypatch
     for key, value in reference.net.state_dict().items():
         assert torch.equal(artifact.net.state_dict()[key], value), key
     if dtype == "float32":
-        for name, layer in masked_layers(net).items():
-            assert torch.equal(masked_layers(artifact.net)[name].weight, layer.effective_weight().detach())
+        for name in sparsity.prunable(net):
+            assert torch.equal(sparsity.weight(artifact.net, name), sparsity.weight(net, name).detach())
 
 
 def test_masks_that_deflate_does_not_shrink_stay_bit_packed(tmp_path):
@@ -88,7 +130,7 @@ def test_masks_that_deflate_does_not_shrink_stay_bit_packed(tmp_path):
     sparsity.load_masks(net, {name: mask.float() for name, mask in masks.items()})
     for dtype in DTYPES:
         path = export_net(net, tmp_path / f"{dtype}.safetensors", {}, dtype)
-        assert set(masks_in(path)) == {f"{name}.weight" for name in masks}
+        assert set(masks_in(path)) == set(masks) == set(sparsity.prunable(net))
         assert set(masks_in(path).values()) == {MASK}  # a random half: nothing to gain
         assert_pruned_exactly(net, load_artifact(path).net)
     assert pack_mask(torch.ones(8, dtype=torch.bool))[0] == MASK  # 1 byte: deflate's overhead loses
@@ -136,7 +178,7 @@ def test_a_corrupt_deflated_mask_is_a_one_line_data_error_naming_file_and_tensor
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_version_1_artifact_with_bit_packed_masks_still_loads(tmp_path, dtype):
     net = pruned_net()
-    current = export_net(net, tmp_path / "v2.safetensors", {}, dtype)
+    current = export_net(net, tmp_path / "v3.safetensors", {}, dtype)
     old = rewrite(
         current,
         tmp_path / "v1.safetensors",
@@ -151,18 +193,31 @@ def test_a_version_1_artifact_with_bit_packed_masks_still_loads(tmp_path, dtype)
         assert torch.equal(artifact.net.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_version_2_artifact_with_deflated_weight_masks_still_loads(tmp_path, dtype):
+    net = pruned_net()
+    current = export_net(net, tmp_path / "v3.safetensors", {}, dtype)
+    old = rewrite(current, tmp_path / "v2.safetensors", metadata=lambda meta: {**meta, "format_version": 2})
+    assert masks_in(old)[LAYER] == MASKZ and header_metadata(old)["format_version"] == 2
+    artifact = load_artifact(old)
+    assert artifact.metadata.format_version == 2
+    assert_pruned_exactly(net, artifact.net)
+    for key, value in load_artifact(current).net.state_dict().items():
+        assert torch.equal(artifact.net.state_dict()[key], value), key
+
+
 def test_a_newer_format_version_is_refused_in_one_line_saying_to_update(tmp_path):
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
     good = export_net(pruned_net(), tmp_path / "good.safetensors", {})
-    newer = rewrite(good, tmp_path / "v3.safetensors", metadata=lambda m: {**m, "format_version": 3})
+    newer = rewrite(good, tmp_path / "v4.safetensors", metadata=lambda m: {**m, "format_version": 4})
     with pytest.raises(DataError) as info:
         load_artifact(newer)
     message = str(info.value)
-    assert str(newer) in message and "version 3 is newer" in message and "update lthmaml" in message
+    assert str(newer) in message and "version 4 is newer" in message and "update lthmaml" in message
     assert len(message.splitlines()) == 1
-    for version in (0, "2", True, 2.0, None):
+    for version in (0, "3", True, 3.0, None):
         bad = rewrite(
             good, tmp_path / "bad.safetensors", metadata=lambda m, v=version: {**m, "format_version": v}
         )
-        with pytest.raises(DataError, match=r"reads versions 1 to 2; export it again"):
+        with pytest.raises(DataError, match=r"reads versions 1 to 3; export it again"):
             load_artifact(bad)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import yaml
 from helpers import TINY_FIT, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.metagrad import MetaGradientPruning
@@ -22,7 +23,6 @@ from lthmaml.errors import ConfigError
 from lthmaml.meta.classifier import Classifier
 from lthmaml.meta.maml import MAML
 from lthmaml.meta.metrics import task_loss
-from lthmaml.nets.layers import MaskedLinear
 from lthmaml.nets.models import MLP, Conv4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,16 +74,17 @@ def zeros(masks) -> int:
 
 
 def hand_importance(model: pl.LightningModule, losses_of) -> dict[str, torch.Tensor]:
-    """Eq. 6-7 written out: |w| * sum over tasks of (dL/dw)^2, divided by the layer's sum."""
-    layers = sparsity.prunable_layers(model)
-    squares = {name: torch.zeros_like(layer.weight) for name, layer in layers.items()}
+    """Eq. 6-7 written out: |w| * sum over tasks of (dL/dw)^2, divided by the layer's sum (a pruned
+    weight is stored as zero: its importance is 0)."""
+    weights = {name: sparsity.weight(model, name) for name in sparsity.prunable(model)}
+    squares = {name: torch.zeros_like(weight) for name, weight in weights.items()}
     for loss in losses_of(model):
-        grads = torch.autograd.grad(loss, [layer.weight for layer in layers.values()])
-        for name, grad in zip(layers, grads):
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        for name, grad in zip(weights, grads):
             squares[name] += grad**2
     out = {}
-    for name, layer in layers.items():
-        imp = (layer.weight * layer.mask).detach().abs() * squares[name]
+    for name, weight in weights.items():
+        imp = weight.detach().abs() * squares[name]
         out[name] = imp / imp.abs().sum()
     return out
 
@@ -117,11 +118,13 @@ def test_importance_equals_eq_6_7_by_hand_over_the_tasks_seen(tmp_path, kind):
     assert callback.tasks_scored == expected_tasks and callback.pruning_steps == 0
     expected = hand_importance(model, losses_of)
     got = callback.importance(model, callback.score_sums)
-    assert set(got) == set(expected)
+    assert set(got) == set(expected) == set(sparsity.prunable(model))
     for name in expected:
+        pruned = sparsity.masks_of(model)[name] == 0
+        assert pruned.any() and torch.all(sparsity.weight(model, name)[pruned] == 0), name
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
         assert got[name].sum().item() == pytest.approx(1.0, abs=1e-5)  # normalised per layer
-        assert torch.all(got[name][sparsity.masks_of(model)[name] == 0] == 0)
+        assert torch.all(got[name][pruned] == 0)
 
 
 # ---------------------------------------------------------------------- the three criteria
@@ -130,7 +133,7 @@ class Crafted(pl.LightningModule):
 
     def __init__(self, weights: list[float], grad_squares: list[float]) -> None:
         super().__init__()
-        self.layer = MaskedLinear(8, 1, bias=False)
+        self.layer = nn.Linear(8, 1, bias=False)
         with torch.no_grad():
             self.layer.weight.copy_(torch.tensor([weights]))
         self.g = torch.tensor(grad_squares).sqrt().view(1, 8)
@@ -157,9 +160,10 @@ def test_each_criterion_prunes_its_own_known_set(criterion, pruned):
         weights_per_step=2, steps=1, steps_between=1, criterion=criterion, candidate_factor=2.0
     )
     callback.accumulate(model, batch=None)
-    torch.testing.assert_close(callback.score_sums["layer"].flatten(), torch.tensor(GRAD_SQUARES))
+    torch.testing.assert_close(callback.score_sums["layer.weight"].flatten(), torch.tensor(GRAD_SQUARES))
     assert callback.prune_step(None, model, callback.score_sums) == {"weights_pruned": 2}
-    assert set((model.layer.mask.flatten() == 0).nonzero().flatten().tolist()) == pruned
+    mask = sparsity.masks_of(model)["layer.weight"]
+    assert set((mask.flatten() == 0).nonzero().flatten().tolist()) == pruned
     assert model.layer.weight.flatten()[sorted(pruned)].eq(0).all()
 
 
@@ -167,7 +171,7 @@ def test_two_stage_scores_are_inf_outside_the_candidate_pool():
     model = Crafted(WEIGHTS, GRAD_SQUARES)
     callback = MetaGradientPruning(weights_per_step=2, criterion="gradient_first", candidate_factor=2.0)
     callback.accumulate(model, batch=None)
-    scores = callback.scores(model, callback.score_sums, fraction=2 / 8)["layer"].flatten()
+    scores = callback.scores(model, callback.score_sums, fraction=2 / 8)["layer.weight"].flatten()
     assert torch.isinf(scores).nonzero().flatten().tolist() == [0, 1, 2, 4]
     assert scores[[3, 5, 6, 7]].tolist() == [4.0, 6.0, 7.0, 8.0]
 
@@ -179,10 +183,12 @@ def test_layerwise_scope_and_exclude(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     callback = MetaGradientPruning(weights_per_step=9, scope="layerwise", exclude=["net.net.4"])
     callback.accumulate(model, batch)
-    assert set(callback.score_sums) == {"net.net.0", "net.net.2"} and callback.tasks_scored == META_BATCH
+    assert set(callback.score_sums) == {"net.net.0.weight", "net.net.2.weight"}
+    assert callback.tasks_scored == META_BATCH
     callback.prune_step(None, model, callback.score_sums)  # 9 / 72 of each of the 8- and 64-weight layers
     masks = sparsity.masks_of(model)
-    assert [int((masks[n] == 0).sum()) for n in ("net.net.0", "net.net.2", "net.net.4")] == [1, 8, 0]
+    names = ("net.net.0.weight", "net.net.2.weight", "net.net.4.weight")
+    assert [int((masks[n] == 0).sum()) for n in names] == [1, 8, 0]
 
 
 def test_bad_options_are_config_errors():
@@ -214,10 +220,10 @@ class Probe(Callback):
         self.start = sparsity.snapshot(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        layers = sparsity.prunable_layers(pl_module)
-        self.zeros.append(sum(int((layer.mask == 0).sum()) for layer in layers.values()))
+        masks = sparsity.masks_of(pl_module, sparsity.prunable(pl_module))
+        self.zeros.append(sum(int((mask == 0).sum()) for mask in masks.values()))
         self.raw_nonzero_under_mask.append(
-            sum(int((layer.weight[layer.mask == 0] != 0).sum()) for layer in layers.values())
+            sum(int((sparsity.weight(pl_module, name)[mask == 0] != 0).sum()) for name, mask in masks.items())
         )
         if isinstance(pl_module, MAML):
             names = [n for n, _ in pl_module.net.named_parameters()]
@@ -225,10 +231,7 @@ class Probe(Callback):
             with pl_module.adapt(task.support_x, task.support_y, 3, False) as fnet:
                 fast = dict(zip(names, fnet.parameters()))
                 self.adapted_nonzero_under_mask.append(
-                    sum(
-                        int((fast[f"{name[4:]}.weight"][layer.mask == 0] != 0).sum())
-                        for name, layer in layers.items()
-                    )
+                    sum(int((fast[name[4:]][mask == 0] != 0).sum()) for name, mask in masks.items())
                 )
 
 
@@ -244,7 +247,8 @@ def test_maml_schedule_prunes_exactly_weights_per_step_then_stops_and_zeros_stay
     assert probe.raw_nonzero_under_mask == [0] * 10
     assert probe.adapted_nonzero_under_mask == [0] * 10
     moved = model.net.net[2].weight.detach() != probe.start["net.net.2.weight"]
-    assert moved[model.net.net[2].mask.bool()].float().mean() > 0.5  # survivors trained (bar dead ReLUs)
+    kept = sparsity.masks_of(model)["net.net.2.weight"].bool()
+    assert moved[kept].float().mean() > 0.5  # survivors trained (bar dead ReLUs)
 
     # Round k: the net trained at the sparsity of step k, recorded just before step k + 1 (batches
     # 2, 4, 6), the last when the fit ends (batch 10); each names the step that made its sparsity.
@@ -351,7 +355,7 @@ def test_resumed_fit_continues_schedule_and_accumulators_exactly(tmp_path):
     mid = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"  # after batch 4: one batch since step 1
     state = torch.load(mid, weights_only=True)["callbacks"]["MetaGradientPruning"]
     assert (state["pruning_steps"], state["batches_since_prune"], state["tasks_scored"]) == (1, 1, META_BATCH)
-    assert set(state["score_sums"]) == {"net.net.0", "net.net.2", "net.net.4"}
+    assert set(state["score_sums"]) == {"net.net.0.weight", "net.net.2.weight", "net.net.4.weight"}
     resumed_model, resumed, resumed_trace = run(tmp_path / "resumed", ckpt=str(mid))
 
     assert resumed.pruning_steps == full.pruning_steps == 3

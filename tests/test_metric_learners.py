@@ -27,7 +27,7 @@ from lthmaml.edge.export import export_net
 from lthmaml.errors import ConfigError, DataError
 from lthmaml.meta import CNP, MAML, MatchingNet, ProtoNet
 from lthmaml.nets.models import CNPNet, Conv4
-from lthmaml.nets.shrink import shrink
+from lthmaml.nets.shrink import removed_channels, shrink
 
 REPO = Path(__file__).resolve().parents[1]
 PROTONET = str(REPO / "configs" / "protonet_5way1shot.yaml")
@@ -201,15 +201,17 @@ def test_maml_logs_and_summarises_as_before_through_the_shared_base(caplog):
 
 # ---------------------------------------------------------------------- pruning callbacks
 def zeros_stay_zero(model) -> None:
-    for name, layer in sparsity.prunable_layers(model).items():
-        assert torch.all(layer.weight[layer.mask == 0] == 0), name
+    masks = sparsity.masks_of(model)
+    assert masks and all(name.startswith("net.") for name in masks)
+    for name, mask in masks.items():  # every masked parameter: weights, a removed filter's bias and BN
+        assert torch.all(sparsity.weight(model, name)[mask == 0] == 0), name
 
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_a_lottery_ticket_round_prunes_each_learner_and_pruned_weights_stay_zero(name, tmp_path):
     make, data = LEARNERS[name]
     model = make()
-    layers = sparsity.prunable_layers(model)
+    layers = sparsity.prunable(model)
     if name == "cnp":  # encoder and decoder are both under net, both pruned
         assert any(n.startswith("net.encoder.") for n in layers) and any(
             n.startswith("net.decoder.") for n in layers
@@ -247,9 +249,15 @@ def test_taylor_filter_pruning_scores_the_embedding_through_task_losses(name, tm
     )
     fit(model, data(), [callback], tmp_path, max_steps=3, limit_val_batches=0)
     assert callback.history[-1]["details"]["filters_remaining"] == 4  # of 8
-    for block in model.net.features:
-        dead = block[1].channel_mask == 0
+    x = images().images[0]
+    for index, block in enumerate(model.net.features):
+        dead = ~sparsity.alive_channels(model, f"net.features.{index}.0")
+        assert torch.equal(dead, removed_channels(block[1]))  # BatchNorm scale and shift 0
         assert torch.all(block[0].weight[dead] == 0) and torch.all(block[1].bias[dead] == 0)
+        with torch.no_grad():
+            out = block[1](block[0](x))
+            x = block[3](block[2](out))
+        assert torch.all(out[:, dead] == 0) and out[:, ~dead].abs().sum() > 0  # the map is exactly 0
     zeros_stay_zero(model)
     with pytest.raises(ConfigError, match="TaylorFilterPruning"):  # a CNP has no conv filters
         fit(cnp(), sinusoid(), [TaylorFilterPruning()], tmp_path / "cnp", max_steps=1)
@@ -259,8 +267,9 @@ def test_a_shrunk_embedding_keeps_every_distance_and_exports(tmp_path):
     model = protonet()
     sparsity.prune_channels(model, "net.features.0.0", [1, 3])
     sparsity.prune_channels(model, "net.features.1.0", [0])
-    small = shrink(model.net)
+    small, small_masks = shrink(model.net, sparsity.masks_within(model, "net."))
     assert small.head is None and small.embedding_features == 3 * 2 * 2
+    assert small_masks == {}  # whole channels removed: nothing left to mask
     batch = next(iter(images().val_dataloader()))
     one = batch.task(0)
     with torch.no_grad():
@@ -394,8 +403,10 @@ def test_a_five_round_lottery_ticket_on_protonet_from_the_configs(
             assert all(torch.all(masks[n][previous[n] == 0] == 0) for n in masks)
         previous = masks
         state = torch.load(round_folder(run, r) / "model.ckpt", weights_only=False)["state_dict"]
-        for name in masks:
-            assert torch.all(state[f"{name}.weight"][state[f"{name}.mask"] == 0] == 0), (r, name)
+        for name in masks:  # the masks beside the weights in the checkpoint, the weights zero under them
+            if r > 0:
+                assert torch.equal(state[f"masks.{name}"], masks[name]), (r, name)
+            assert torch.all(state[name][masks[name] == 0] == 0), (r, name)
     assert not round_folder(run, 6).exists()
 
 

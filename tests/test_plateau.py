@@ -13,12 +13,11 @@ from helpers import TinyClassification, assert_same, fit, round_folder
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import LotteryTicket, MetaGradientPruning, Powerprop
-from callbacks.base import round_table
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.meta.classifier import Classifier
 from lthmaml.nets.models import MLP
-from lthmaml.rounds import RoundRecord
+from lthmaml.rounds import RoundRecord, round_table
 
 # TinyClassification trains 3 optimizer steps per epoch.
 PLATEAUS = (0.5, 0.7, 0.6, 0.65) + (0.3, 0.4, 0.5, 0.6, 0.7) + (0.2, 0.2, 0.1) + (0.0,) * 3

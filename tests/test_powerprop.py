@@ -19,6 +19,7 @@ from helpers import quiet_trainer as trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.func import functional_call, grad
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.powerprop import Powerprop
@@ -29,9 +30,16 @@ from lthmaml.errors import ConfigError
 from lthmaml.meta.classifier import Classifier
 from lthmaml.meta.maml import MAML
 from lthmaml.meta.metrics import task_loss
-from lthmaml.nets.layers import MaskedLinear, masked_layers
 from lthmaml.nets.models import MLP, Conv4
-from lthmaml.nets.reparam import PowerTransform, checkpoint_alpha, install_power, installed_alpha
+from lthmaml.nets.reparam import (
+    ORIGINAL,
+    PowerTransform,
+    checkpoint_alpha,
+    install_power,
+    installed_alpha,
+    power_of,
+    reparametrized_layers,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SINUSOID = str(REPO / "configs" / "sinusoid.yaml")
@@ -74,19 +82,33 @@ def build(kind: str, seed: int = 0, optimizer=adam):
 
 
 def effective(model: nn.Module) -> dict[str, Tensor]:
-    return {name: layer.effective_weight().detach().clone() for name, layer in masked_layers(model).items()}
+    """The weights the prunable layers compute with (``w``), by weight name."""
+    return {name: sparsity.weight(model, name).detach().clone() for name in sparsity.prunable(model)}
 
 
 def raw(model: nn.Module) -> dict[str, Tensor]:
-    return {name: layer.weight.detach().clone() for name, layer in masked_layers(model).items()}
+    """The stored parameters of the prunable layers (``phi`` once converted), by weight name."""
+    return {name: sparsity.stored(model, name).detach().clone() for name in sparsity.prunable(model)}
+
+
+def layers_of(model: nn.Module) -> list[str]:
+    return [name.removesuffix(".weight") for name in sparsity.prunable(model)]
 
 
 def without_transform(net: nn.Module) -> nn.Module:
-    """A copy computing with its stored weights as they are: the hand-written reference."""
-    plain = copy.deepcopy(net)
-    for layer in masked_layers(plain).values():
-        layer.weight_transform = None
+    """A copy of stock layers computing with ``net``'s stored weights as they are: the
+    hand-written reference."""
+    plain = sparsity.folded(net)
+    with torch.no_grad():
+        for name in sparsity.prunable(plain):
+            sparsity.stored(plain, name).copy_(sparsity.stored(net, name))
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
     return plain
+
+
+def plain_names(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``a.parametrizations.weight.original`` -> ``a.weight``: the names in :func:`without_transform`."""
+    return {name.replace(ORIGINAL, ".weight"): value for name, value in params.items()}
 
 
 class Probe(Callback):
@@ -111,8 +133,8 @@ class GradProbe(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.records.append(
             {
-                name: (layer.weight.detach().clone(), layer.weight.grad.detach().clone())
-                for name, layer in masked_layers(pl_module).items()
+                name: (phi.detach().clone(), phi.grad.detach().clone())
+                for name, phi in ((n, sparsity.stored(pl_module, n)) for n in sparsity.prunable(pl_module))
             }
         )
 
@@ -143,9 +165,10 @@ def test_alpha_one_trains_bit_identically_to_no_callback(kind):
         model, datamodule = build(kind)
         initial = copy.deepcopy(model.state_dict())
         trainer(max_steps=3, callbacks=callbacks).fit(model, datamodule=datamodule)
-        runs.append(model.state_dict())
+        runs.append(plain_names(model.state_dict()))  # phi under the plain weight names
     baseline, alpha_one, alpha_two = runs
     assert any(not torch.equal(baseline[k], initial[k]) for k in baseline)  # it trained
+    assert baseline.keys() == alpha_one.keys() == alpha_two.keys()
     assert all(torch.equal(baseline[k], alpha_one[k]) for k in baseline)
     assert not torch.equal(baseline["net.head.weight"], alpha_two["net.head.weight"])
 
@@ -155,12 +178,24 @@ def test_transform_matches_the_formula_pickles_and_deep_copies():
     for alpha in (1.0, 1.5, 2.0, 4.0):
         transform = PowerTransform(alpha)
         torch.testing.assert_close(transform(phi), phi * phi.abs() ** (alpha - 1))
-        torch.testing.assert_close(transform(transform.inverse(phi)), phi)
+        torch.testing.assert_close(transform(transform.right_inverse(phi)), phi)
+        assert pickle.loads(pickle.dumps(transform)).alpha == alpha
     net = MLP(hidden=(4,))
-    install_power(net, 2.5)
-    for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
-        assert all(layer.weight_transform == PowerTransform(2.5) for layer in masked_layers(clone).values())
+    x = torch.randn(3, 1)
+    before = net(x)
+    install_power(net, 2.5, layers_of(net))
+    torch.testing.assert_close(net(x), before)  # registering converts theta -> phi
+    install_power(net, 2.5, layers_of(net))  # installed already: left as it is, not converted twice
+    torch.testing.assert_close(net(x), before)
+    # torch serialises a parametrised module through its state_dict only (pickling it raises):
+    # a net rebuilt with install_power and loaded from it computes the same.
+    rebuilt = MLP(hidden=(4,))
+    install_power(rebuilt, 2.5, reparametrized_layers(net.state_dict()))
+    rebuilt.load_state_dict(net.state_dict())
+    for clone in (copy.deepcopy(net), rebuilt):
+        assert all(power_of(clone.get_submodule(name)).alpha == 2.5 for name in layers_of(clone))
         assert installed_alpha(clone) == 2.5
+        assert torch.equal(clone(x), net(x))
     with pytest.raises(ConfigError, match="alpha"):
         Powerprop(alpha=0.5)
 
@@ -173,25 +208,26 @@ def test_gradient_wrt_phi_is_dl_dw_times_alpha_abs_phi_to_the_alpha_minus_one():
         net, sparsity.prune_lowest(sparsity.masks_of(net), sparsity.magnitude_scores(net), 0.5)
     )
     alpha = 2.5
-    Powerprop(alpha=alpha).convert(net)
+    Powerprop(alpha=alpha).install(net)
     x, y = torch.randn(7, 1), torch.randn(7, 1)
     F.mse_loss(net(x), y).backward()
 
     # dL/dw by hand: the same function of w, with w = phi * |phi|^(alpha-1) * mask as the leaf.
     plain = without_transform(net)
-    layers = masked_layers(net)
-    at_w = {name: p.detach() for name, p in net.named_parameters()}
-    for name, layer in layers.items():
-        at_w[f"{name}.weight"] = layer.effective_weight().detach()
+    masks = sparsity.masks_of(net)
+    at_w = {name: p.detach() for name, p in plain.named_parameters()}
+    for name, mask in masks.items():
+        at_w[name] = PowerTransform(alpha)(sparsity.stored(net, name).detach()) * mask
+        torch.testing.assert_close(at_w[name], sparsity.weight(net, name).detach(), atol=0, rtol=0)
     dl_dw = grad(lambda p: F.mse_loss(functional_call(plain, p, (x,)), y))(at_w)
     factors = []
-    for name, layer in layers.items():
-        phi = layer.weight.detach()
-        factor = alpha * phi.abs() ** (alpha - 1)
-        expected = dl_dw[f"{name}.weight"] * layer.mask * factor
-        torch.testing.assert_close(layer.weight.grad, expected, atol=1e-7, rtol=1e-5)
-        assert torch.all(layer.weight.grad[layer.mask == 0] == 0)
-        factors.append(factor[layer.mask.bool()])
+    for name, mask in masks.items():
+        phi = sparsity.stored(net, name)
+        factor = alpha * phi.detach().abs() ** (alpha - 1)
+        expected = dl_dw[name] * mask * factor
+        torch.testing.assert_close(phi.grad, expected, atol=1e-7, rtol=1e-5)
+        assert torch.all(phi.grad[mask == 0] == 0)
+        factors.append(factor[mask.bool()])
     factors = torch.cat(factors)
     assert factors.max() > 2 * factors.min()  # a real, magnitude-dependent factor
 
@@ -200,12 +236,12 @@ def test_second_order_meta_gradient_through_the_transform_matches_torch_func_and
     """alpha in (1, 2) with pruned (zero) parameters: a naive |phi|^(alpha-1) gives 0 * inf = NaN."""
     torch.manual_seed(0)
     net = MLP(hidden=(8, 8))
-    sparsity.load_masks(
-        net, sparsity.prune_lowest(sparsity.masks_of(net), sparsity.magnitude_scores(net), 0.5)
-    )
-    Powerprop(alpha=1.5).convert(net)
     datamodule = SinusoidDataModule(shots=4, query_shots=5, meta_batch_size=2, tasks_per_epoch=2)
     model = MAML(net, inner_lr=0.05, inner_steps=2, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    sparsity.load_masks(
+        model, sparsity.prune_lowest(sparsity.masks_of(model), sparsity.magnitude_scores(model), 0.5)
+    )
+    Powerprop(alpha=1.5).install(model)
     tasks = EpisodeDataset(datamodule.task_source("train"), 2, datamodule.seed, "train")
     tasks = [tasks[0], tasks[1]]
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
@@ -230,26 +266,30 @@ def test_second_order_meta_gradient_through_the_transform_matches_torch_func_and
         delta = params[name] - param.detach()
         assert torch.isfinite(delta).all(), name
         torch.testing.assert_close(delta, expected[name], atol=1e-6, rtol=1e-4)
-    assert torch.all(net.net[2].weight[net.net[2].mask == 0] == 0)
+    masks = sparsity.masks_of(model)
+    assert any(bool((mask == 0).any()) for mask in masks.values())
+    for name, mask in masks.items():
+        assert torch.all(sparsity.stored(model, name)[mask == 0] == 0), name
 
 
 def test_maml_inner_loop_computes_with_the_transform_of_the_adapted_phi_times_the_mask():
     torch.manual_seed(0)
     net = MLP(hidden=(8, 8))
-    sparsity.load_masks(
-        net, sparsity.prune_lowest(sparsity.masks_of(net), sparsity.magnitude_scores(net), 0.5)
-    )
     model = MAML(net, inner_lr=0.1, inner_steps=1)
+    sparsity.load_masks(
+        model, sparsity.prune_lowest(sparsity.masks_of(model), sparsity.magnitude_scores(model), 0.5)
+    )
     alpha, transform = 2.0, PowerTransform(2.0)
-    Powerprop(alpha=alpha).convert(model)
+    Powerprop(alpha=alpha).install(model)
     datamodule = SinusoidDataModule(shots=4, query_shots=5, meta_batch_size=1, tasks_per_epoch=1)
     task = EpisodeDataset(datamodule.task_source("train"), 1, 0, "train")[0]
 
-    layers = {f"{name}.weight": layer for name, layer in masked_layers(net).items()}
+    masks = model.net_masks()  # by the net's parameter names: the stored phi
+    assert len(masks) == 3 and all(name.endswith(ORIGINAL) for name in masks)
     plain = without_transform(net)
 
     def computed_with(p):  # phi -> the weights the layers compute with, written out by hand
-        return {k: transform(v) * layers[k].mask if k in layers else v for k, v in p.items()}
+        return plain_names({k: transform(v) * masks[k] if k.endswith(ORIGINAL) else v for k, v in p.items()})
 
     phi = {k: v.detach() for k, v in net.named_parameters()}
     g = grad(
@@ -259,14 +299,15 @@ def test_maml_inner_loop_computes_with_the_transform_of_the_adapted_phi_times_th
     expected_output = functional_call(plain, computed_with(adapted_phi), (task.query_x,))
 
     with model.adapt(task.support_x, task.support_y, 1, False) as fnet:
-        assert all(m.weight_transform == transform for m in masked_layers(fnet).values())
+        assert installed_alpha(fnet) == alpha
+        assert all(power_of(fnet.get_submodule(name)) is not None for name in layers_of(net))
         fast = dict(zip(phi, fnet.parameters()))
         output = fnet(task.query_x)
     for name in phi:
         torch.testing.assert_close(fast[name], adapted_phi[name], atol=1e-7, rtol=1e-6)
     torch.testing.assert_close(output, expected_output, atol=1e-6, rtol=1e-5)
-    for name, layer in layers.items():
-        assert torch.all(fast[name][layer.mask == 0] == 0)
+    for name, mask in masks.items():
+        assert torch.all(fast[name][mask == 0] == 0)
         assert not torch.equal(fast[name], phi[name])
 
 
@@ -277,7 +318,7 @@ def test_one_shot_pruning_survives_adam_steps_checkpoint_load_and_resume(kind, t
     trainer(
         max_epochs=1, default_root_dir=tmp_path, callbacks=[Powerprop(alpha=2.0, final_sparsity=0.8)]
     ).fit(model, datamodule=datamodule)
-    total = sum(layer.weight.numel() for layer in masked_layers(model).values())
+    total = sum(weight.numel() for weight in effective(model).values())
     report = sparsity.sparsity_report(model)
     assert report.zeros == round(0.8 * total)
     masks, pruned = sparsity.masks_of(model), effective(model)
@@ -288,12 +329,16 @@ def test_one_shot_pruning_survives_adam_steps_checkpoint_load_and_resume(kind, t
     assert record["sparsity"] == pytest.approx(0.8, abs=1 / total) and record["details"]["alpha"] == 2.0
     checkpoint = folder / "model.ckpt"
 
-    # load_from_checkpoint: the parameters are phi; install() restores the function, once.
+    # load_from_checkpoint: the checkpoint names the transform, which the learner installs before
+    # loading its phi; installing it again changes nothing (no second conversion).
     loaded = type(model).load_from_checkpoint(checkpoint, net=tiny_conv())
-    assert checkpoint_alpha(checkpoint) == 2.0
-    assert not torch.equal(effective(loaded)["net.head"], pruned["net.head"])
-    install_power(loaded, checkpoint_alpha(checkpoint))
+    assert checkpoint_alpha(checkpoint) == 2.0 and installed_alpha(loaded) == 2.0
+    assert all(torch.equal(raw(loaded)[name], raw(model)[name]) for name in pruned)  # phi, as saved
     assert all(torch.equal(effective(loaded)[name], pruned[name]) for name in pruned)
+    install_power(loaded, checkpoint_alpha(checkpoint), layers_of(loaded))
+    assert all(torch.equal(effective(loaded)[name], pruned[name]) for name in pruned)
+    for name, mask in masks.items():
+        assert torch.equal(sparsity.masks_of(loaded)[name], mask)
 
     # Resume into a fresh model: restored phi are not converted again, Adam steps keep the zeros.
     resumed, datamodule = build(kind, seed=1)
@@ -311,7 +356,8 @@ def test_one_shot_pruning_survives_adam_steps_checkpoint_load_and_resume(kind, t
     assert any(not torch.equal(after[name], pruned[name]) for name in pruned)  # it trained on
     assert len(callback.history) == 1 and not (tmp_path / "rounds" / "round_01").exists()
 
-    # validate / test runs with the callback install the transform on a checkpoint's model.
+    # validate / test runs install the transform on a checkpoint's model, with the callback or
+    # without it (the learner reads the checkpoint's weight_transform).
     def validate(module, callbacks, ckpt_path=None):
         evaluator = trainer(callbacks=callbacks, limit_val_batches=None)
         evaluator.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
@@ -319,7 +365,8 @@ def test_one_shot_pruning_survives_adam_steps_checkpoint_load_and_resume(kind, t
 
     reference = validate(loaded, [])
     assert validate(build(kind, seed=2)[0], [Powerprop(alpha=2.0)], checkpoint) == reference
-    assert validate(build(kind, seed=2)[0], [], checkpoint) != reference
+    assert validate(build(kind, seed=2)[0], [], checkpoint) == reference
+    assert validate(build(kind, seed=2)[0], []) != reference  # a fresh net's, as a control
 
 
 def test_a_checkpoint_of_a_run_without_powerprop_is_converted_once(tmp_path):
@@ -328,14 +375,29 @@ def test_a_checkpoint_of_a_run_without_powerprop_is_converted_once(tmp_path):
     dense.fit(model, datamodule=datamodule)
     dense.save_checkpoint(tmp_path / "dense.ckpt")
     theta = raw(model)
-    callback, probe = Powerprop(alpha=2.0), Probe()
+    moments = {name: dense.optimizers[0].state[p]["exp_avg"].clone() for name, p in model.named_parameters()}
+
+    class Moments(Callback):
+        """Adam's first moments by (plain) parameter name, once the checkpoint is restored."""
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            state = trainer.optimizers[0].state
+            self.moments = plain_names(
+                {name: state[p]["exp_avg"].clone() for name, p in pl_module.named_parameters()}
+            )
+
+    callback, probe, restored = Powerprop(alpha=2.0), Probe(), Moments()
     fresh = build("classifier", seed=1)[0]
-    trainer(max_steps=2, callbacks=[callback, probe]).fit(
+    trainer(max_steps=2, callbacks=[callback, probe, restored]).fit(
         fresh, datamodule=datamodule, ckpt_path=tmp_path / "dense.ckpt"
     )
     for name, weight in theta.items():
         torch.testing.assert_close(probe.effective[name], weight, atol=1e-7, rtol=1e-5)
         torch.testing.assert_close(probe.raw[name], weight.sign() * weight.abs().sqrt(), atol=0, rtol=1e-6)
+    # The parametrisation reorders the parameters (phi after its layer's bias): each one still gets
+    # its own optimizer state from the dense checkpoint.
+    assert restored.moments.keys() == moments.keys()
+    assert all(torch.equal(restored.moments[name], value) for name, value in moments.items())
     # The same callback object on another fresh model converts that one too.
     other, probe = build("classifier", seed=2)[0], Probe()
     theta = raw(other)
@@ -348,9 +410,9 @@ def test_resuming_with_another_alpha_is_a_config_error():
     with pytest.raises(ConfigError, match="alpha=2.0"):
         Powerprop(alpha=3.0).load_state_dict(state)
     net = MLP(hidden=(4,))
-    install_power(net, 2.0)
+    install_power(net, 2.0, layers_of(net))
     with pytest.raises(ConfigError, match="alpha=2.0"):
-        Powerprop(alpha=3.0).convert(net)
+        Powerprop(alpha=3.0).install(net)
 
 
 class EpochStartProbe(Callback):
@@ -374,7 +436,7 @@ def test_with_lottery_ticket_the_rewind_point_is_the_converted_phi(kind, tmp_pat
     callbacks = [Powerprop(alpha=2.0), lottery, probe]
     trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=callbacks).fit(model, datamodule=datamodule)
     assert len(lottery.history) == 2
-    total = sum(layer.weight.numel() for layer in masked_layers(model).values())
+    total = sum(weight.numel() for weight in theta.values())
     assert sparsity.sparsity_report(model).zeros == round(0.5 * total)
     masks = sparsity.masks_of(model)
     for name, weight in theta.items():  # round 1 starts from phi_init = sign|theta|^(1/2), masked
@@ -389,7 +451,7 @@ class OneWeight(pl.LightningModule):
 
     def __init__(self, w0: float) -> None:
         super().__init__()
-        self.net = MaskedLinear(1, 1, bias=False)
+        self.net = nn.Linear(1, 1, bias=False)
         with torch.no_grad():
             self.net.weight.fill_(w0)
 
@@ -430,7 +492,7 @@ class Record(Callback):
         self.trajectory: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        self.trajectory.append(pl_module.net.weight.item())
+        self.trajectory.append(sparsity.stored(pl_module, "net.weight").item())  # phi
 
 
 def test_adam_correction_hands_adam_dl_dw_and_scales_its_update_by_the_factor():
@@ -450,18 +512,19 @@ def test_adam_correction_hands_adam_dl_dw_and_scales_its_update_by_the_factor():
 
 def test_adam_correction_fires_under_maml_manual_optimization():
     torch.manual_seed(0)
-    net = MLP(hidden=(8, 8))
+    model = MAML(MLP(hidden=(8, 8)), inner_lr=0.05, inner_steps=1, optimizer=adam)
     sparsity.load_masks(
-        net, sparsity.prune_lowest(sparsity.masks_of(net), sparsity.magnitude_scores(net), 0.3)
+        model, sparsity.prune_lowest(sparsity.masks_of(model), sparsity.magnitude_scores(model), 0.3)
     )
-    model = MAML(net, inner_lr=0.05, inner_steps=1, optimizer=adam)
     datamodule = SinusoidDataModule(shots=4, query_shots=5, meta_batch_size=2, tasks_per_epoch=2)
     seen, handed = GradProbe(), GradProbe()
     trainer(max_steps=1, callbacks=[seen, Powerprop(alpha=2.0, adam_correction=True), handed]).fit(
         model, datamodule=datamodule
     )
     (record,), (swapped,) = seen.records, handed.records
-    for name, layer in masked_layers(model).items():
+    masks = sparsity.masks_of(model)
+    assert record.keys() == masks.keys() and any(bool((mask == 0).any()) for mask in masks.values())
+    for name, mask in masks.items():
         phi, dl_dphi = record[name]
         factor = 2.0 * phi.abs()
         dl_dw = torch.where(factor > 0, dl_dphi / torch.where(factor > 0, factor, 1.0), 0.0)
@@ -470,8 +533,8 @@ def test_adam_correction_fires_under_maml_manual_optimization():
         shadow.grad = dl_dw
         torch.optim.Adam([shadow], lr=0.01).step()
         expected = phi + (shadow.detach() - phi) * factor
-        torch.testing.assert_close(layer.weight.detach(), expected, atol=1e-7, rtol=1e-6)
-        assert torch.all(layer.weight[layer.mask == 0] == 0)
+        torch.testing.assert_close(sparsity.stored(model, name).detach(), expected, atol=1e-7, rtol=1e-6)
+        assert torch.all(sparsity.stored(model, name)[mask == 0] == 0)
         assert torch.isfinite(swapped[name][1]).all()
 
 
@@ -517,6 +580,11 @@ def test_cli_run_prunes_to_final_sparsity_and_writes_the_round(tmp_path, monkeyp
     assert record["sparsity"] == pytest.approx(0.8, abs=1e-3)
     (last,) = run.glob("checkpoints/last*.ckpt")
     checkpoint = torch.load(last, weights_only=False)
-    masks = [v for k, v in checkpoint["state_dict"].items() if k.endswith(".mask")]
-    assert sum(int((m == 0).sum()) for m in masks) == round(0.8 * sum(m.numel() for m in masks))
+    state = checkpoint["state_dict"]
+    phi = {k[: -len(ORIGINAL)] + ".weight": v for k, v in state.items() if k.endswith(ORIGINAL)}
+    masks = {k.removeprefix("masks."): v for k, v in state.items() if k.startswith("masks.")}
+    assert phi and set(masks) <= set(phi)  # masks beside the net, by parameter name
+    total = sum(w.numel() for w in phi.values())
+    assert sum(int((m == 0).sum()) for m in masks.values()) == round(0.8 * total)
+    assert all(torch.all(phi[name][mask == 0] == 0) for name, mask in masks.items())
     assert checkpoint_alpha(checkpoint) == 2.0

@@ -228,7 +228,7 @@ def test_two_identical_fits_give_bit_identical_masks_weights_and_metrics(lottery
             json.loads((run / "rounds" / f"round_{r:02d}" / "metrics.json").read_text()) for run in runs
         ]
         assert metrics[0] == metrics[1]
-    assert float(masks[0]["net.net.2"].float().mean()) < 1.0  # the rounds did prune
+    assert float(masks[0]["net.net.2.weight"].float().mean()) < 1.0  # the rounds did prune
     ends = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=True) for run in runs]
     assert all(torch.equal(v, ends[1]["state_dict"][k]) for k, v in ends[0]["state_dict"].items())
     assert (

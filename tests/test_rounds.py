@@ -10,6 +10,7 @@ from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import LotteryTicket, MetaGradientPruning
+from lthmaml import sparsity
 from lthmaml.data import SinusoidDataModule
 from lthmaml.meta import MAML
 from lthmaml.nets import MLP
@@ -55,7 +56,13 @@ def test_levels_tested_after_the_fit_give_the_numbers_the_in_fit_loop_gave(tmp_p
     assert [r["test"] for r in callback.history] == got  # the monitor's test counterpart
     for index, record in enumerate(callback.history):  # written into each level's metrics.json
         saved = json.loads((tmp_path / "rounds" / f"round_{index:02d}" / "metrics.json").read_text())
-        assert saved["test"] == record["test"] and saved["layers"]
+        assert saved["test"] == record["test"]
+        # Report rows are named by layer, the mask file's masks by parameter name.
+        assert list(saved["layers"]) == ["net.net.0", "net.net.2", "net.net.4"]
+        masks = sparsity.read_masks(tmp_path / "rounds" / f"round_{index:02d}" / "mask.safetensors")
+        assert sorted(masks) == ["net.net.0.weight", "net.net.2.weight", "net.net.4.weight"]
+        for layer, row in saved["layers"].items():
+            assert row["zeros"] == int((masks[f"{layer}.weight"] == 0).sum())
         assert {k: v for k, v in record.items() if not k.startswith("test")} == {
             k: v for k, v in history[index].items() if not k.startswith("test")
         }

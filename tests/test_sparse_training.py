@@ -21,8 +21,8 @@ from lthmaml.data import SinusoidDataModule
 from lthmaml.errors import ConfigError
 from lthmaml.meta.maml import MAML
 from lthmaml.meta.metrics import task_loss
-from lthmaml.nets.layers import MaskedConv2d, MaskedLinear
 from lthmaml.nets.models import MLP, Conv4
+from lthmaml.nets.reparam import ORIGINAL
 
 REPO = Path(__file__).resolve().parents[1]
 META_BATCH = 3
@@ -44,16 +44,24 @@ def sinusoid_maml(inner_loop: str = "higher") -> tuple[MAML, SinusoidDataModule]
     return model, datamodule
 
 
+def masks(module) -> dict[str, torch.Tensor]:
+    """The mask of every prunable weight (ones where nothing is pruned), by parameter name."""
+    return sparsity.masks_of(module, sparsity.prunable(module))
+
+
+def plain_names(params: dict) -> dict:
+    """``a.parametrizations.weight.original`` (a forward-masked weight) -> ``a.weight``."""
+    return {name.replace(ORIGINAL, ".weight"): value for name, value in params.items()}
+
+
 class Densities(Callback):
-    """The kept count of every prunable layer after every training batch (after the callbacks)."""
+    """The kept count of every prunable weight after every training batch (after the callbacks)."""
 
     def __init__(self) -> None:
         self.kept: list[dict[str, int]] = []
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        self.kept.append(
-            {name: int(layer.mask.sum()) for name, layer in sparsity.masked_layers(pl_module).items()}
-        )
+        self.kept.append({name: int(mask.sum()) for name, mask in masks(pl_module).items()})
 
 
 def fit(model, datamodule, callbacks, root: Path, ckpt_path=None, **kwargs) -> pl.Trainer:
@@ -65,8 +73,9 @@ def fit(model, datamodule, callbacks, root: Path, ckpt_path=None, **kwargs) -> p
 
 # ---------------------------------------------------------------------- the engine
 def test_erk_keeps_the_target_density_and_small_layers_denser():
-    layers = {"a": MaskedConv2d(1, 8, 3), "b": MaskedConv2d(8, 32, 3), "c": MaskedLinear(32, 5)}
-    sizes = {name: layer.weight.numel() for name, layer in layers.items()}
+    modules = {"a": torch.nn.Conv2d(1, 8, 3), "b": torch.nn.Conv2d(8, 32, 3), "c": torch.nn.Linear(32, 5)}
+    layers = {name: module.weight.shape for name, module in modules.items()}
+    sizes = {name: shape.numel() for name, shape in layers.items()}
     for density in (0.05, 0.1, 0.2, 0.5):
         erk = rewiring.layer_densities(layers, density, "erk")
         kept = sum(erk[name] * sizes[name] for name in layers)
@@ -74,7 +83,7 @@ def test_erk_keeps_the_target_density_and_small_layers_denser():
         assert erk["b"] < erk["c"] and erk["b"] < erk["a"] and max(erk.values()) <= 1.0
         # Raw ERK ratio (sum of the shape over its product) among the layers not capped at 1.
         free = [name for name in layers if erk[name] < 1.0]
-        ratios = {name: sum(layers[name].weight.shape) / sizes[name] for name in free}
+        ratios = {name: sum(layers[name]) / sizes[name] for name in free}
         scale = {erk[name] / ratios[name] for name in free}
         assert max(scale) == pytest.approx(min(scale))
     assert rewiring.layer_densities(layers, 0.5, "erk")["a"] == 1.0  # 72 weights: capped, dense
@@ -101,15 +110,16 @@ def test_drop_and_grow_keeps_the_count_drops_the_lowest_grows_the_highest_inacti
 
 
 def test_a_grown_weight_starts_at_zero_with_a_fresh_optimizer_state():
-    layer = MaskedLinear(3, 2)
+    layer = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
     layer(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    grown = torch.zeros_like(layer.mask, dtype=torch.bool)
+    grown = torch.zeros_like(layer.weight, dtype=torch.bool)
     grown[0, 1] = True
     before = {key: value.clone() for key, value in optimizer.state[layer.weight].items()}
-    rewiring.start_at_zero(layer, grown, [optimizer])
-    assert layer.weight[0, 1] == 0
+    weight = layer.weight.detach().clone()
+    rewiring.start_at_zero(layer, "weight", grown, [optimizer])
+    assert layer.weight[0, 1] == 0 and torch.equal(layer.weight[~grown], weight[~grown])
     for key in ("exp_avg", "exp_avg_sq"):
         state = optimizer.state[layer.weight][key]
         assert state[0, 1] == 0 and torch.equal(state[~grown], before[key][~grown])
@@ -117,23 +127,33 @@ def test_a_grown_weight_starts_at_zero_with_a_fresh_optimizer_state():
 
 def test_the_backward_mask_changes_no_output_and_sends_the_gradient_to_its_weights():
     torch.manual_seed(0)
-    layer = MaskedLinear(4, 3)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
     x = torch.randn(5, 4)
-    layer.mask.copy_((torch.rand(3, 4) > 0.6).float())
-    backward = torch.maximum(layer.mask, (torch.rand(3, 4) > 0.5).float())
-    plain = layer(x)
+    theta = net[0].weight.detach().clone()
+    mask = (torch.rand(3, 4) > 0.6).float()
+    backward = torch.maximum(mask, (torch.rand(3, 4) > 0.5).float())
+    rewiring.set_forward_masks(net, {"0.weight": mask})  # A only
+    stored = sparsity.stored(net, "0.weight")
+    assert torch.equal(stored, theta)  # the dense theta is kept behind the mask
+    plain = net(x)
+    torch.testing.assert_close(
+        plain, torch.nn.functional.linear(x, theta * mask, net[0].bias), rtol=0, atol=0
+    )
     plain.square().sum().backward()
-    masked_grad = layer.weight.grad.clone()
-    layer.weight.grad = None
-    layer.backward_mask = backward
-    explored = layer(x)
+    masked_grad = stored.grad.clone()
+    stored.grad = None
+    rewiring.set_forward_masks(net, {"0.weight": mask}, {"0.weight": backward})  # A and B
+    assert sparsity.stored(net, "0.weight") is stored
+    explored = net(x)
     assert torch.equal(explored, plain)
     explored.square().sum().backward()
     # The dense gradient of the output w.r.t. the computing weight, restricted to B.
-    weight = (layer.weight * layer.mask).detach().requires_grad_()
-    torch.nn.functional.linear(x, weight, layer.bias).square().sum().backward()
-    torch.testing.assert_close(layer.weight.grad, weight.grad * backward)
-    torch.testing.assert_close(layer.weight.grad * layer.mask, masked_grad)
+    weight = (theta * mask).requires_grad_()
+    torch.nn.functional.linear(x, weight, net[0].bias).square().sum().backward()
+    torch.testing.assert_close(stored.grad, weight.grad * backward)
+    torch.testing.assert_close(stored.grad * mask, masked_grad)
+    rewiring.set_forward_masks(net, None)  # removed: the layer computes with theta again
+    assert sparsity.forward_masked(net, "0.weight") is None and torch.equal(net[0].weight, theta)
 
 
 # ---------------------------------------------------------------------- the strategies in a fit
@@ -152,17 +172,17 @@ def test_every_layer_keeps_its_exact_count_after_every_update_and_records_flops(
     model, datamodule = sinusoid_maml()
     strategy, counts = make(), Densities()
     fit(model, datamodule, [strategy, counts], tmp_path)
-    layers = sparsity.prunable_layers(model)
+    layers = {name: sparsity.weight(model, name).shape for name in sparsity.prunable(model)}
     assert len(counts.kept) == 12 and all(kept == counts.kept[0] for kept in counts.kept)
     if strategy.distribution is not None:
         densities = rewiring.layer_densities(layers, 0.2, strategy.distribution)
-        assert counts.kept[0] == {
-            name: round(densities[name] * layers[name].weight.numel()) for name in layers
-        }
-    kept, total = sum(counts.kept[-1].values()), sum(layer.mask.numel() for layer in layers.values())
+        assert counts.kept[0] == {name: round(densities[name] * layers[name].numel()) for name in layers}
+    kept, total = sum(counts.kept[-1].values()), sum(shape.numel() for shape in layers.values())
     assert 1 - kept / total == pytest.approx(0.8, abs=0.01)
-    for layer in layers.values():  # exactly zero under the mask, the raw weights too, after the fit
-        assert torch.all(layer.weight[layer.mask == 0] == 0)
+    for name, mask in masks(model).items():  # exactly zero under the mask, stored too, after the fit
+        assert sparsity.forward_masked(model, name) is None  # TopKAST's forward set is removed
+        assert torch.all(sparsity.stored(model, name)[mask == 0] == 0)
+        assert torch.all(sparsity.weight(model, name)[mask == 0] == 0)
     (record,) = strategy.history
     flops = record["details"]["train_flops_vs_dense"]
     # The record counts zero effective weights: a kept weight SET grew behind a dead unit stays 0.
@@ -185,10 +205,10 @@ def test_dynamic_masks_change_and_grown_weights_start_at_zero(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, *args) -> None:  # after the strategy's
             if self.before is None:
                 return
-            for name, layer in sparsity.prunable_layers(pl_module).items():
-                grown = (layer.mask == 1) & (self.before[name] == 0)
+            for name, mask in masks(pl_module).items():
+                grown = (mask == 1) & (self.before[name] == 0)
                 self.changes += int(grown.sum())
-                self.grown_values.append(layer.weight[grown])
+                self.grown_values.append(sparsity.stored(pl_module, name)[grown])
 
     for strategy in (
         SET(sparsity=0.8, update_every=3, stop_updates_at=1.0),
@@ -206,21 +226,21 @@ def test_rigl_grows_the_largest_dense_gradients_and_its_fraction_decays_by_cosin
     rigl = RigL(sparsity=0.8, update_every=100, distribution="uniform", drop_fraction=0.5)
     fit(model, datamodule, [rigl], tmp_path, max_epochs=1)
     batch = next(iter(datamodule.train_dataloader()))
-    layers = sparsity.prunable_layers(model)
-    layer = layers["net.net.2"]
-    before = layer.mask.clone()
+    before = masks(model)["net.net.2.weight"]
     with torch.enable_grad():  # the dense gradient by hand: the computing weight as one leaf
-        weight = layer.effective_weight().detach().requires_grad_()
-        saved = layer.weight_transform, layer.mask
-        layer.weight_transform, layer.mask = (lambda _: weight), torch.ones_like(before)
+        weight = sparsity.weight(model, "net.net.2.weight").detach().requires_grad_()
         total = sum(
-            task_loss(model.net(t.support_x), t.support_y) for t in (batch.task(i) for i in range(META_BATCH))
+            task_loss(
+                torch.func.functional_call(model.net, {"net.2.weight": weight}, (t.support_x,)), t.support_y
+            )
+            for t in (batch.task(i) for i in range(META_BATCH))
         )
         (grad,) = torch.autograd.grad(total, [weight])
-        layer.weight_transform, layer.mask = saved
+    assert (grad.abs()[before == 0] > 0).any()  # pruned entries get their dL/dw too
     trainer = quiet_trainer(max_steps=4)
     rigl.update_masks(trainer, model, batch, 0.5)
-    grown = (layer.mask == 1) & (before == 0)
+    after = masks(model)["net.net.2.weight"]
+    grown = (after == 1) & (before == 0)
     count = int(grown.sum())
     assert count == round(0.5 * float(before.sum()))
     inactive = grad.abs()[before == 0]
@@ -234,8 +254,8 @@ def test_snip_keeps_the_largest_gradient_times_weight_by_hand(tmp_path):
     total = sum(
         task_loss(model.net(t.support_x), t.support_y) for t in (batch.task(i) for i in range(META_BATCH))
     )
-    names = list(sparsity.prunable_layers(model))
-    weights = [sparsity.prunable_layers(model)[n].weight for n in names]
+    names = sparsity.prunable(model)
+    weights = [sparsity.weight(model, n) for n in names]
     grads = torch.autograd.grad(total, weights)
     by_hand = {name: (g * w).abs().detach() for name, g, w in zip(names, grads, weights)}
     snip = SNIP(sparsity=0.7)
@@ -256,11 +276,12 @@ def test_topkast_backward_set_contains_the_forward_set_and_only_a_computes(tmp_p
             self.topkast, self.checked = topkast, 0
 
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-            for name, layer in sparsity.prunable_layers(pl_module).items():
+            for name, mask in masks(pl_module).items():
                 backward = self.topkast.backward_masks[name]
-                assert torch.all(backward >= layer.mask) and backward.sum() > layer.mask.sum()
-                assert torch.equal(layer.backward_mask, backward)
-                assert torch.all(layer.effective_weight()[layer.mask == 0] == 0)
+                assert torch.all(backward >= mask) and backward.sum() > mask.sum()
+                forward = sparsity.forward_masked(pl_module, name)  # A computes, B gets the gradient
+                assert torch.equal(forward.mask, mask) and torch.equal(forward.backward, backward)
+                assert torch.all(sparsity.weight(pl_module, name)[mask == 0] == 0)
                 self.checked += 1
 
     model, datamodule = sinusoid_maml()
@@ -268,14 +289,16 @@ def test_topkast_backward_set_contains_the_forward_set_and_only_a_computes(tmp_p
     sets = Sets(topkast)
     fit(model, datamodule, [topkast, sets], tmp_path)
     assert sets.checked == 12 * 3
-    assert all(layer.backward_mask is None for layer in sparsity.masked_layers(model).values())  # after fit
+    for name, mask in masks(model).items():  # after the fit: only A, stored as zeros elsewhere
+        assert sparsity.forward_masked(model, name) is None
+        assert torch.all(sparsity.stored(model, name)[mask == 0] == 0)
     details = topkast.history[0]["details"]
     # 2 f_A + f_B over 3 f: with uniform densities 0.2 and 0.5 exactly (2 * 0.2 + 0.5) / 3.
     assert details["train_flops_vs_dense"] == pytest.approx((2 * 0.2 + 0.5) / 3, abs=0.01)
 
 
 def test_topkast_exploration_regulariser_penalises_outside_a_by_one_over_d():
-    layer = MaskedLinear(2, 2)
+    layer = torch.nn.Linear(2, 2)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[4.0, 3.0], [2.0, 1.0]]))
 
@@ -287,14 +310,15 @@ def test_topkast_exploration_regulariser_penalises_outside_a_by_one_over_d():
     module = Module()
     topkast = TopKAST(sparsity=0.5, backward_sparsity=0.25, regularization=0.1, distribution="uniform")
     topkast.select(module)
-    assert layer.mask.tolist() == [[1.0, 1.0], [0.0, 0.0]] and topkast.backward_masks["net.0"].tolist() == [
-        [1.0, 1.0],
-        [1.0, 0.0],
-    ]
-    layer.weight.grad = torch.zeros(2, 2)
+    assert masks(module)["net.0.weight"].tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    assert topkast.backward_masks["net.0.weight"].tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    theta = sparsity.stored(module, "net.0.weight")
+    assert theta.tolist() == [[4.0, 3.0], [2.0, 1.0]]  # dense behind A: what may re-enter it
+    assert layer.weight.tolist() == [[4.0, 3.0], [0.0, 0.0]]  # the layer computes with A
+    theta.grad = torch.zeros(2, 2)
     topkast.on_before_optimizer_step(None, module, None)
     # 2 lambda w on A, 2 lambda w / D on B \ A (D = 0.5), nothing outside B.
-    assert layer.weight.grad.flatten().tolist() == pytest.approx([0.8, 0.6, 0.8, 0.0])
+    assert theta.grad.flatten().tolist() == pytest.approx([0.8, 0.6, 0.8, 0.0])
 
 
 @pytest.mark.parametrize("inner_loop", ["higher", "func"])
@@ -307,10 +331,10 @@ def test_adapted_weights_are_sparse_inside_the_inner_loop(tmp_path, inner_loop):
         if inner_loop == "func":
             loop = model.functional_loop()
             params = loop.adapt(loop.params(), task.support_x, task.support_y, 3)
-            return params, loop.forward(params, task.query_x)
+            return plain_names(params), loop.forward(params, task.query_x)
         with model.adapt(task.support_x, task.support_y, 3, False) as adapted:
             names = [name for name, _ in model.net.named_parameters()]
-            return dict(zip(names, adapted.parameters())), adapted(task.query_x)
+            return plain_names(dict(zip(names, adapted.parameters()))), adapted(task.query_x)
 
     for strategy in (
         RigL(sparsity=0.8, update_every=2, stop_updates_at=1.0),
@@ -320,18 +344,17 @@ def test_adapted_weights_are_sparse_inside_the_inner_loop(tmp_path, inner_loop):
         fit(model, datamodule, [strategy], tmp_path / f"{inner_loop}-{type(strategy).__name__}", max_epochs=1)
         task = next(iter(datamodule.train_dataloader())).task(0)
         weights, outputs = adapted_weights(model, task)
-        masks = {name.removeprefix("net."): mask for name, mask in sparsity.masks_of(model).items()}
+        kept = {name.removeprefix("net."): mask for name, mask in masks(model).items()}
+        assert any(bool((mask == 0).any()) for mask in kept.values())
+        for name, mask in kept.items():
+            assert torch.all(weights[name][mask == 0] == 0), name
         if isinstance(strategy, RigL):
-            for name, mask in masks.items():
-                assert torch.all(weights[f"{name}.weight"][mask == 0] == 0), name
             continue
-        rewiring.set_backward_masks(model, strategy.backward_masks)  # as during TopKAST's training
+        # As during TopKAST's training: A computes (the dense theta behind it), B gets the gradient.
+        rewiring.set_forward_masks(model, masks(model), strategy.backward_masks)
         explored, explored_outputs = adapted_weights(model, task)
         torch.testing.assert_close(explored_outputs, outputs, rtol=1e-6, atol=1e-7)
-        moved = sum(
-            int(((explored[f"{n}.weight"] - weights[f"{n}.weight"]).abs() > 0)[m == 0].sum())
-            for n, m in masks.items()
-        )
+        moved = sum(int(((explored[n] - weights[n]).abs() > 0)[m == 0].sum()) for n, m in kept.items())
         assert moved > 0  # the inner gradient reached B \\ A, and no output changed
 
 
@@ -342,22 +365,60 @@ def test_powerprop_stacks_with_topkast(tmp_path):
     report = sparsity.sparsity_report(model)
     assert report.sparsity == pytest.approx(0.8, abs=0.01)
     # Ranked by the effective magnitude |phi|^alpha: the kept entries are the largest |phi|.
-    for layer in sparsity.prunable_layers(model).values():
-        kept = layer.weight.detach().abs()[layer.mask == 1]
-        assert torch.all(kept > 0)
+    for name, mask in masks(model).items():
+        phi = sparsity.stored(model, name).detach().abs()
+        assert sparsity.forward_masked(model, name) is None  # only Powerprop's transform is left
+        assert torch.all(phi[mask == 1] > 0) and torch.all(phi[mask == 0] == 0)
 
 
-def test_a_resumed_fit_rewires_exactly_as_an_uninterrupted_one(tmp_path):
+class FirstBatch(Callback):
+    """The stored prunable weights at the first training batch, after the strategy's hook."""
+
+    def __init__(self) -> None:
+        self.stored = None
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if self.stored is None:
+            self.stored = {
+                n: sparsity.stored(pl_module, n).detach().clone() for n in sparsity.prunable(pl_module)
+            }
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SET(sparsity=0.8, update_every=2, seed=3),
+        lambda: TopKAST(sparsity=0.8, backward_sparsity=0.6, update_every=2),
+    ],
+    ids=["set", "topkast"],
+)
+def test_a_resumed_fit_rewires_exactly_as_an_uninterrupted_one(tmp_path, make):
     def run(root: Path, ckpt=None):
         model, datamodule = sinusoid_maml()
-        strategy = SET(sparsity=0.8, update_every=2, seed=3)
+        strategy, first = make(), FirstBatch()
         every_epoch = ModelCheckpoint(dirpath=root / "ckpt", filename="{epoch}", save_top_k=-1)
-        fit(model, datamodule, [strategy, every_epoch], root, ckpt_path=ckpt, enable_checkpointing=True)
-        return model, strategy
+        callbacks = [strategy, first, every_epoch]
+        fit(model, datamodule, callbacks, root, ckpt_path=ckpt, enable_checkpointing=True)
+        return model, strategy, first
 
-    full_model, full = run(tmp_path / "full")
-    resumed_model, resumed = run(tmp_path / "resumed", ckpt=str(tmp_path / "full" / "ckpt" / "epoch=1.ckpt"))
+    full_model, full, _ = run(tmp_path / "full")
+    resume_point = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"
+    resumed_model, resumed, first = run(tmp_path / "resumed", ckpt=str(resume_point))
     assert resumed.mask_updates == full.mask_updates == 4  # steps 2, 4, 6, 8: to 0.75 of 12
+    if isinstance(full, TopKAST):
+        # The checkpoint is exactly sparse under the plain names (what any loader expects) ...
+        checkpoint = torch.load(resume_point, weights_only=False)
+        state = checkpoint["state_dict"]
+        assert not any(".parametrizations." in key for key in state)
+        theta = checkpoint["callbacks"][full.state_key]["theta"]
+        assert sorted(theta) == sorted(sparsity.prunable(full_model))
+        for name, value in theta.items():
+            mask = state[f"masks.{name}"]
+            assert torch.equal(state[name], value * mask)
+            assert (value[mask == 0] != 0).any()  # ... the dense theta behind A is in TopKAST's state
+            assert torch.equal(first.stored[name], value)  # and back in the weights on resume
+        loaded = MAML.load_from_checkpoint(resume_point, net=MLP(hidden=(16, 16)))
+        assert sparsity.sparsity_report(loaded).sparsity == pytest.approx(0.8, abs=0.01)
     assert resumed.flops == pytest.approx(full.flops)
     for name, mask in sparsity.masks_of(full_model).items():
         assert torch.equal(sparsity.masks_of(resumed_model)[name], mask), name
@@ -411,9 +472,17 @@ def test_each_config_stacks_and_a_tiny_cli_fit_records_the_sparse_net(tmp_path, 
     assert 0 < metrics["details"]["train_flops_vs_dense"] < 1
 
 
-def test_the_record_holds_the_best_validations_masks_and_weights(tmp_path):
-    """SET rewires after every step, so the masks of the best validation (the first: no later one
-    beats it by min_delta 100) differ from the last; the record restores and writes those."""
+@pytest.mark.parametrize(
+    ("make", "updates"),
+    [
+        (SET, 8),  # before every step but the first
+        (lambda **kwargs: TopKAST(backward_sparsity=0.6, **kwargs), 9),  # after every step
+    ],
+    ids=["set", "topkast"],
+)
+def test_the_record_holds_the_best_validations_masks_and_weights(tmp_path, make, updates):
+    """SET and TopKAST rewire at every step, so the masks of the best validation (the first: no
+    later one beats it by min_delta 100) differ from the last; the record restores and writes those."""
 
     class FirstValidation(Callback):
         def on_validation_end(self, trainer, pl_module) -> None:
@@ -424,7 +493,7 @@ def test_the_record_holds_the_best_validations_masks_and_weights(tmp_path):
     torch.manual_seed(0)
     datamodule = SinusoidDataModule(shots=4, query_shots=5, meta_batch_size=3, tasks_per_epoch=9, val_tasks=6)
     model, _ = sinusoid_maml()
-    strategy = SET(
+    strategy = make(
         sparsity=0.8, update_every=1, stop_updates_at=1.0, monitor="val/loss_post", mode="min", min_delta=100
     )
     first = FirstValidation()
@@ -436,7 +505,12 @@ def test_the_record_holds_the_best_validations_masks_and_weights(tmp_path):
     for name, mask in first.masks.items():
         assert torch.equal(written[name], mask), name
         assert torch.equal(sparsity.masks_of(model)[name], mask), name  # restored in the module too
-    assert strategy.mask_updates == 8  # before every step but the first
+        assert torch.all(sparsity.weight(model, name)[mask == 0] == 0), name  # and computed with
+    assert strategy.mask_updates == updates
+    checkpoint = torch.load(tmp_path / "rounds" / "round_00" / "model.ckpt", weights_only=False)
+    for name, mask in first.masks.items():  # the recorded weights: exactly sparse by those masks
+        assert torch.all(checkpoint["state_dict"][name][mask == 0] == 0), name
+        assert torch.equal(checkpoint["state_dict"][name], sparsity.weight(model, name)), name
 
 
 def test_a_validation_never_scores_connections_just_grown_at_zero(tmp_path):
@@ -449,9 +523,10 @@ def test_a_validation_never_scores_connections_just_grown_at_zero(tmp_path):
             self.fractions: list[float] = []
 
         def on_validation_start(self, trainer, pl_module) -> None:
-            layers = sparsity.prunable_layers(pl_module).values()
-            kept = sum(int(layer.mask.sum()) for layer in layers)
-            zeros = sum(int(((layer.effective_weight() == 0) & (layer.mask == 1)).sum()) for layer in layers)
+            kept, zeros = 0, 0
+            for name, mask in masks(pl_module).items():
+                kept += int(mask.sum())
+                zeros += int(((sparsity.weight(pl_module, name) == 0) & (mask == 1)).sum())
             self.fractions.append(zeros / kept)
 
     from helpers import TinyClassification
@@ -492,12 +567,12 @@ def test_the_supervised_classifier_trains_sparse_too(tmp_path, make):
     strategy, counts = make(), Densities()
     fit(model, TinyClassification(), [strategy, counts], tmp_path, max_epochs=3, limit_val_batches=None)
     assert len(counts.kept) == 9 and all(kept == counts.kept[0] for kept in counts.kept)
-    total = sum(layer.mask.numel() for layer in sparsity.prunable_layers(model).values())
+    total = sum(mask.numel() for mask in masks(model).values())
     assert 1 - sum(counts.kept[0].values()) / total == pytest.approx(0.7, abs=0.02)
     (record,) = strategy.history
     assert record["recorded"] == "best" and record["monitor"] == "val/acc"
-    for layer in sparsity.prunable_layers(model).values():
-        assert torch.all(layer.weight[layer.mask == 0] == 0)
+    for name, mask in masks(model).items():
+        assert torch.all(sparsity.stored(model, name)[mask == 0] == 0)
 
 
 @pytest.mark.parametrize("stopping_first", [True, False], ids=["stopping-first", "stopping-after"])

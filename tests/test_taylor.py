@@ -7,7 +7,6 @@ import copy
 import json
 from pathlib import Path
 
-import higher
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -27,9 +26,8 @@ from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError
 from lthmaml.meta.classifier import Classifier
 from lthmaml.meta.maml import MAML
-from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
 from lthmaml.nets.models import MLP, Conv4
-from lthmaml.nets.shrink import shrink
+from lthmaml.nets.shrink import removed_channels, shrink
 from lthmaml.sparsity import lowest_channels as lowest_filters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +49,7 @@ class TinyImages(pl.LightningDataModule):
         return DataLoader(TensorDataset(x, y), batch_size=6)
 
 
-def batchnorms_of(model: nn.Module) -> dict[str, MaskedBatchNorm2d]:
+def batchnorms_of(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
     return {name: bn for name, (_, bn) in sparsity.conv_batchnorm_pairs(model).items()}
 
 
@@ -77,10 +75,7 @@ def normalized(values: Tensor) -> Tensor:
 
 
 def alive_of(model: nn.Module) -> dict[str, Tensor]:
-    return {
-        name: sparsity.alive_channels(conv)
-        for name, (conv, _) in sparsity.conv_batchnorm_pairs(model).items()
-    }
+    return {name: sparsity.alive_channels(model, name) for name in sparsity.conv_batchnorm_pairs(model)}
 
 
 # ---------------------------------------------------------------------------------- the criterion
@@ -96,7 +91,9 @@ def test_taylor_score_of_the_classifier_batch_loss_matches_a_hand_computation():
         torch.testing.assert_close(scores[name], want, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(layer_normalized(scores)[name], normalized(want), rtol=0, atol=1e-6)
     assert scores[CONVS[0]][2] == 0 and torch.all(scores[CONVS[0]][[0, 1, 3]] > 0)
-    assert all(bn.output_hook is None for bn in batchnorms_of(model).values())  # gates removed
+    assert all(not bn._forward_hooks for bn in batchnorms_of(model).values())  # gates removed
+    # The removed channel's map is exactly 0 (BatchNorm scale and shift 0), so it scores 0.
+    assert removed_channels(net.features[0][1]).tolist() == [False, False, True, False]
 
 
 def test_taylor_score_of_maml_is_the_adapted_query_loss_summed_over_tasks_of_abs():
@@ -133,7 +130,7 @@ def test_taylor_score_of_maml_is_the_adapted_query_loss_summed_over_tasks_of_abs
         want = per_task[0][layer] + per_task[1][layer]
         torch.testing.assert_close(scores[name], want, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(layer_normalized(scores)[name], normalized(want), rtol=0, atol=1e-6)
-    # The gates survived higher's functional copy: the inner loop changed the scores.
+    # The query pass ran through the gated modules with the adapted weights: adapting changed the scores.
     assert (per_task[0][0] - unadapted[0]).abs().max() > 1e-3 * per_task[0][0].max()
 
 
@@ -216,7 +213,10 @@ def test_maml_schedule_prunes_lowest_filters_stops_at_target_and_keeps_them_at_z
     metrics = json.loads((rounds[2] / "metrics.json").read_text())
     assert metrics["details"]["filters_remaining"] == 4 and sum(metrics["details"]["channels"].values()) == 4
     saved = sparsity.read_masks(rounds[2] / "mask.safetensors")
-    assert all(torch.equal(saved[name], mask) for name, mask in sparsity.masks_of(model).items())
+    current = sparsity.masks_of(model)
+    assert set(saved) == set(current) and all(torch.equal(saved[name], current[name]) for name in current)
+    for name in CONVS:  # a removed filter masks its conv weights and bias and its BatchNorm channel
+        assert set(sparsity.channel_parameters(model, name)) <= set(saved)
     assert (rounds[2] / "model.ckpt").is_file()
 
     # Pruned channels: zero raw weights after three Adam steps, zero maps after BN and after adaptation.
@@ -289,7 +289,7 @@ def test_a_net_without_conv_layers_is_a_config_error_naming_the_callback():
     model = MAML(MLP(hidden=(8, 8)))
     data = SinusoidDataModule(shots=2, query_shots=2, meta_batch_size=2, tasks_per_epoch=2)
     with pytest.raises(
-        ConfigError, match="TaylorFilterPruning prunes conv filters, but MAML has no MaskedConv2d"
+        ConfigError, match="TaylorFilterPruning prunes conv filters, but MAML has no nn.Conv2d layer"
     ):
         trainer(max_steps=1, callbacks=[TaylorFilterPruning()]).fit(model, datamodule=data)
 
@@ -331,7 +331,8 @@ def pruned_conv_net() -> Conv4:
 
 def test_shrink_preserves_outputs_and_adaptation_with_fewer_parameters():
     net = pruned_conv_net()
-    shrunk = shrink(net)
+    masks = sparsity.masks_of(net)
+    shrunk, shrunk_masks = shrink(net, masks)
     x = torch.rand(7, 1, 8, 8)
     torch.testing.assert_close(shrunk(x), net(x), rtol=0, atol=1e-5)
     # Exactly the removed channels' weights are gone: conv0 3x1x9+3, bn0 2x3, conv1 3x3x9+3, bn1 2x3,
@@ -345,23 +346,29 @@ def test_shrink_preserves_outputs_and_adaptation_with_fewer_parameters():
         "image_size": 8,
         "blocks": 2,
     }
-    # Still mask-aware, with the kept weights' masks: the unstructured zeros survive.
-    conv0, conv1 = shrunk.features[0][0], shrunk.features[1][0]
-    assert isinstance(conv1, MaskedConv2d) and isinstance(shrunk.head, MaskedLinear)
-    assert isinstance(shrunk.features[1][1], MaskedBatchNorm2d)
+    # Stock layers again, with the kept weights' masks beside: the unstructured zeros survive.
+    conv1 = shrunk.features[1][0]
+    assert type(conv1) is nn.Conv2d and type(shrunk.head) is nn.Linear
+    assert type(shrunk.features[1][1]) is nn.BatchNorm2d
     keep0, keep1 = torch.tensor([0, 2, 4]), torch.tensor([1, 2, 3])
-    assert torch.equal(conv0.mask, net.features[0][0].mask[keep0])
-    assert torch.equal(conv1.mask, net.features[1][0].mask[keep1][:, keep0])
-    assert int((conv1.mask == 0).sum()) > 0 and int((shrunk.head.mask == 0).sum()) > 0
-    # The MAML inner loop adapts both to the same outputs (removed weights get zero gradient).
+    assert torch.equal(shrunk_masks["features.0.0.weight"], masks["features.0.0.weight"][keep0])
+    assert torch.equal(shrunk_masks["features.1.0.weight"], masks["features.1.0.weight"][keep1][:, keep0])
+    assert int((shrunk_masks["features.1.0.weight"] == 0).sum()) > 0
+    assert int((shrunk_masks["head.weight"] == 0).sum()) > 0
+    for name, mask in shrunk_masks.items():  # stored as zero where the cut masks say
+        assert torch.all(sparsity.weight(shrunk, name)[mask == 0] == 0), name
+    assert not removed_channels(shrunk.features[0][1]).any()  # nothing left to remove
+    # The MAML inner loop (steps masked) adapts both to the same outputs.
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
     outs = []
-    for model in (net, shrunk):
-        opt = torch.optim.SGD(model.parameters(), lr=0.3)
-        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=False) as (f, d):
-            for _ in range(2):
-                d.step(F.cross_entropy(f(x), y))
-            outs.append(f(x).detach())
+    for model, model_masks in ((net, masks), (shrunk, shrunk_masks)):
+        learner = MAML(model, inner_lr=0.3)
+        sparsity.load_masks(learner, {f"net.{name}": mask for name, mask in model_masks.items()})
+        with learner.adapt(x, y, 2, False) as adapted:
+            outs.append(adapted(x).detach())
+            fast = dict(zip(dict(model.named_parameters()), adapted.parameters()))
+            for name, mask in learner.net_masks().items():  # pruned entries stay zero when adapted
+                assert torch.all(fast[name][mask == 0] == 0), name
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
     # The architecture record rebuilds the shape: the state dict loads and gives the same outputs.
     rebuilt = Conv4(**shrunk.architecture)
@@ -373,7 +380,7 @@ def test_shrink_keeps_the_original_and_the_random_state_untouched():
     net = pruned_conv_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.get_rng_state()
-    shrink(net)
+    shrink(net, sparsity.masks_of(net))
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
@@ -492,8 +499,13 @@ def test_tiny_omniglot_fit_from_yaml_writes_rounds_and_a_pruned_checkpoint(
         (2, 4),
     ]
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    masks = checkpoint["state_dict"]
-    assert sum(int(masks[f"{conv}.mask"].flatten(1).any(1).sum()) for conv in CONVS) == 4
-    assert sum(int(masks[f"{conv[:-2]}.1.channel_mask"].sum()) for conv in CONVS) == 4
+    state = checkpoint["state_dict"]
+    assert sum(int(state[f"masks.{conv}.weight"].flatten(1).any(1).sum()) for conv in CONVS) == 4
+    assert sum(int(state[f"masks.{conv[:-2]}.1.weight"].sum()) for conv in CONVS) == 4  # BN scales
+    assert sum(int(state[f"masks.{conv[:-2]}.1.bias"].sum()) for conv in CONVS) == 4  # and shifts
+    for conv in CONVS:  # stored as zero
+        dead = state[f"masks.{conv}.weight"].flatten(1).any(1) == 0
+        assert torch.all(state[f"{conv}.weight"][dead] == 0)
+        assert torch.all(state[f"{conv[:-2]}.1.bias"][dead] == 0)
     (state,) = [v for k, v in checkpoint["callbacks"].items() if "TaylorFilterPruning" in k]
     assert len(state["history"]) == 3 and state["pruning_steps"] == 2

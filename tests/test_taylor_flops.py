@@ -18,7 +18,6 @@ from lthmaml.errors import ConfigError
 from lthmaml.meta.classifier import Classifier
 from lthmaml.meta.maml import MAML
 from lthmaml.nets.flops import filter_activations, filter_cost, filter_flops, forward_flops, layer_flops
-from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d
 from lthmaml.nets.models import Conv4
 from lthmaml.nets.shrink import shrink
 
@@ -32,9 +31,9 @@ def small_net(widths=(4, 8)) -> Conv4:
 
 
 def alive_of(model: nn.Module) -> dict[str, list[int]]:
-    pairs = sparsity.conv_batchnorm_pairs(model)
     return {
-        name: sparsity.alive_channels(conv).nonzero().flatten().tolist() for name, (conv, _) in pairs.items()
+        name: sparsity.alive_channels(model, name).nonzero().flatten().tolist()
+        for name in sparsity.conv_batchnorm_pairs(model)
     }
 
 
@@ -52,7 +51,7 @@ def test_flops_of_a_small_conv4_match_a_hand_count_on_alive_channels():
     sparsity.prune_channels(net, "features.1.0", [0, 2, 7])  # 3 and 5 filters left
     assert layer_flops(net) == {"features.0.0": 9 * 3 * 64, "features.1.0": 9 * 3 * 5 * 16, "head": 5 * 4 * 3}
     assert filter_flops(net) == {"features.0.0": 576 + 9 * 5 * 16, "features.1.0": 9 * 3 * 16 + 12}
-    assert forward_flops(shrink(net)) == forward_flops(net) == 1728 + 2160 + 60
+    assert forward_flops(shrink(net)[0]) == forward_flops(net) == 1728 + 2160 + 60
     # Named as in the module that holds the net; a headless Conv4 has no head to feed.
     assert filter_flops(MAML(net)) == {f"net.{name}": n for name, n in filter_flops(net).items()}
     headless = Conv4(out_features=None, hidden_channels=[4, 8], image_size=8, blocks=2)
@@ -83,7 +82,9 @@ def test_activations_of_a_small_conv4_are_its_maps_positions_whatever_the_widths
     sparsity.prune_channels(net, "features.0.0", [1])
     sparsity.prune_channels(net, "features.1.0", [0, 2, 7])
     assert (
-        filter_activations(net) == filter_activations(shrink(net)) == {"features.0.0": 64, "features.1.0": 16}
+        filter_activations(net)
+        == filter_activations(shrink(net)[0])
+        == {"features.0.0": 64, "features.1.0": 16}
     )
     assert filter_activations(MAML(net)) == {"net.features.0.0": 64, "net.features.1.0": 16}
     assert filter_cost(net, "activations") == filter_activations(net)
@@ -180,7 +181,7 @@ class SpyTaylor(TaylorFilterPruning):
         before = alive_of(pl_module)
         total, left, goal = self.target(pl_module)
         plain = layer_normalized(scores)
-        alive = {name: sparsity.alive_channels(conv) for name, (conv, _) in self.layers(pl_module).items()}
+        alive = {name: sparsity.alive_channels(pl_module, name) for name in self.layers(pl_module)}
         expected = sparsity.lowest_channels(plain, alive, min(self.filters_per_step, goal - (total - left)))
         criterion = self.criterion(pl_module, scores)
         result = super().prune_step(trainer, pl_module, scores)
@@ -235,7 +236,7 @@ def test_an_unknown_cost_is_a_config_error_naming_the_option(cost):
 
 @pytest.mark.parametrize("cost", ["flops", "activations"])
 def test_flops_weight_on_a_net_other_than_conv4_is_a_config_error_at_setup(cost):
-    net = nn.Sequential(MaskedConv2d(1, 4, 3), MaskedBatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
     callback = TaylorFilterPruning(filters_per_step=1, target_fraction=0.25, flops_weight=0.1, cost=cost)
     with pytest.raises(ConfigError, match="FLOPs are counted on a lthmaml.nets.models.Conv4"):
         callback.setup(None, Classifier(net), "fit")

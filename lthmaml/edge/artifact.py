@@ -23,14 +23,14 @@ from lthmaml import sparsity
 from lthmaml.data.images import model_look
 from lthmaml.edge.maskbits import MASK, MASKZ, unpack_mask
 from lthmaml.errors import ConfigError, DataError, LthmamlError
-from lthmaml.nets.layers import masked_layers
 from lthmaml.nets.models import MLP, CNPNet, Conv4
 
 PROG = "lthmaml-export"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped whenever an older reader would misread the file or refuse it for a wrong reason; this one
 loads every version up to it and refuses a newer one (update lthmaml). 2: a mask may be deflated
 (``@maskz``, :mod:`lthmaml.edge.maskbits`); version-1 files (``@mask`` only) load as they did.
+3: any parameter may carry a mask (a removed channel's bias and BatchNorm, not only weights).
 Adding ``learner``, ``metric_scale``, ``look`` and ``normalization`` did not bump it: an older
 reader rejects fields it does not know (a one-line error naming them) rather than misreading them."""
 METADATA_KEY = "lthmaml_artifact"
@@ -148,8 +148,9 @@ COMPUTED_FIELDS = (
 
 @dataclass
 class Artifact:
-    """A loaded artifact: ``net`` holds the effective weights as plain float32 parameters (no
-    weight transform), its masks installed and pruned weights exactly zero, in eval mode."""
+    """A loaded artifact: ``net`` holds the weights it computes with as plain float32 parameters
+    (no reparametrisation), its masks beside it (``net.masks``) and pruned weights exactly zero,
+    in eval mode."""
 
     net: nn.Module
     metadata: ArtifactMetadata
@@ -170,18 +171,12 @@ def build_net(architecture: Mapping[str, Any]) -> nn.Module:
 
 
 def dense_tensors(net: nn.Module) -> dict[str, Tensor]:
-    """The net as a dense float32 ``state_dict`` without masks (effective weights): the baseline
-    a compact artifact is compared with."""
-    layers = masked_layers(net)
-    skip = {f"{name}.mask" for name in layers}
-    tensors = {
+    """The net as a dense float32 ``state_dict`` without masks (the weights it computes with): the
+    baseline a compact artifact is compared with."""
+    return {
         key: value.detach().float().cpu().contiguous()
-        for key, value in net.state_dict().items()
-        if key not in skip and not key.endswith("channel_mask")
+        for key, value in sparsity.folded(net).state_dict().items()
     }
-    for name, layer in layers.items():
-        tensors[f"{name}.weight"] = layer.effective_weight().detach().float().cpu().contiguous()
-    return tensors
 
 
 def dense_size(net: nn.Module) -> int:
@@ -265,36 +260,33 @@ def _unpack(net: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
             raise DataError(f"{path}: int8 weight '{key}' needs '{key + SCALE}', {rows} finite scales >= 0")
         return scale
 
-    layers = masked_layers(net)
-    for name, layer in layers.items():
-        key, shape, count = f"{name}.weight", layer.weight.shape, layer.weight.numel()
-        masks = [key + suffix for suffix in (MASKZ, MASK) if key + suffix in remaining]  # both: one left over
+    masks: dict[str, Tensor] = {}
+    for key, current in net.state_dict().items():
+        shape, count = current.shape, current.numel()
+        packed = [
+            key + suffix for suffix in (MASKZ, MASK) if key + suffix in remaining
+        ]  # both: one left over
         if key in remaining:
             stored, keep = key, torch.ones(count, dtype=torch.bool)
-        elif key + VALUES in remaining and masks:
-            stored, keep = key + VALUES, unpack_mask(masks[0], remaining.pop(masks[0]), count, str(path))
+        elif key + VALUES in remaining and packed:
+            stored, keep = key + VALUES, unpack_mask(packed[0], remaining.pop(packed[0]), count, str(path))
         else:
             raise DataError(f"{path}: no tensor for '{key}' of the {arch}; the artifact does not match it")
+        if not current.is_floating_point():
+            current.copy_(take(stored, shape, floating=False))
+            continue
         quantised = remaining[stored].dtype == torch.int8
         values = take(stored, shape if stored == key else torch.Size([int(keep.sum())]), int8=True)
         flat = torch.zeros(count)
         flat[keep] = values.flatten()
         if quantised:  # code * its row's scale: a pruned weight stays exactly 0
             flat = (flat.view(shape[0], -1) * scale_of(key, shape[0])[:, None]).flatten()
-        layer.weight.copy_(flat.view(shape))
-        layer.mask.copy_(keep.view(shape).to(layer.mask.dtype))
-    skip = {f"{name}.mask" for name in layers} | {f"{name}.weight" for name in layers}
-    for key, current in net.state_dict().items():
-        if key in skip:
-            continue
-        if key not in remaining:
-            if key.endswith("channel_mask"):
-                continue  # a mask of ones, as built
-            raise DataError(f"{path}: no tensor for '{key}' of the {arch}; the artifact does not match it")
-        current.copy_(take(key, current.shape, current.is_floating_point()))
+        current.copy_(flat.view(shape))
+        if not bool(keep.all()):
+            masks[key] = keep.view(shape).float()
     if remaining:
         raise DataError(f"{path}: tensors {sorted(remaining)[:3]} are not part of the {arch}")
-    sparsity.apply_masks(net)
+    sparsity.load_masks(net, masks)
     if any(not bool(torch.isfinite(p).all()) for p in net.parameters()):
         raise DataError(f"{path}: the stored weights are not all finite")
 

@@ -2,19 +2,19 @@
 
 Why not ``torch.save`` of sparse tensors: COO stores two (or four) int64 indices per kept weight,
 so a Conv4 at 80% sparsity saved with ``to_sparse()`` is *larger* than the dense file. Here a
-pruned weight costs one bit (its mask) and a kept one its value:
+pruned weight costs one bit (its mask) and a kept one its value (:mod:`lthmaml.edge.packing`):
 
-* a prunable weight (``MaskedConv2d`` / ``MaskedLinear``) with pruned entries is stored as
-  ``<name>.weight@values`` (the kept values, 1-D, row-major order) and its mask: bit-packed by
-  ``np.packbits`` (uint8, most significant bit first, zero padding) as ``<name>.weight@mask``,
-  or those bytes deflated (``zlib``, level 9) as ``<name>.weight@maskz`` where that is smaller,
-  chosen per layer for every dtype (:mod:`lthmaml.edge.maskbits`; at 80% sparsity deflate takes
-  the Omniglot Conv4's mask bytes from 13,936 to about 10,700);
-* a prunable weight without pruned entries, and every other tensor (biases, BatchNorm
-  parameters), is stored dense under its ``state_dict`` name; masks of ones are implied;
-* the *effective* weights are stored (``layer.effective_weight()``: Powerprop's
-  ``phi * |phi| ** (alpha - 1)`` baked in), so the device computes and fine-tunes plain weights;
-* a Conv4 whose BatchNorm ``channel_mask`` switched channels off is physically shrunk first
+* a parameter with a mask (a pruned conv or linear weight, or the bias and BatchNorm of a removed
+  channel that is not shrunk away) is stored as ``<name>@values`` (the kept values, 1-D,
+  row-major order) and its mask: bit-packed by ``np.packbits`` (uint8, most significant bit
+  first, zero padding) as ``<name>@mask``, or those bytes deflated (``zlib``, level 9) as
+  ``<name>@maskz`` where that is smaller, chosen per tensor for every dtype
+  (:mod:`lthmaml.edge.maskbits`; at 80% sparsity deflate takes the Omniglot Conv4's mask bytes
+  from 13,936 to about 10,700);
+* every other tensor is stored dense under its ``state_dict`` name; masks of ones are implied;
+* the weights the layers compute with are stored (Powerprop's ``phi * |phi| ** (alpha - 1)``
+  folded in, :func:`lthmaml.sparsity.folded`), so the device computes and fine-tunes plain weights;
+* a Conv4 with removed channels (BatchNorm scale and shift zero) is physically shrunk first
   (:func:`lthmaml.nets.shrink.shrink`): removed filters cost nothing, not even mask bits;
 * ``--dtype float16`` stores every float tensor in half precision (masks stay bits); they are
   loaded back as float32;
@@ -76,8 +76,6 @@ from lthmaml.edge.artifact import (
     METADATA_KEY,
     NETS,
     PROG,
-    SCALE,
-    VALUES,
     Artifact,
     ArtifactMetadata,
     PathLike,
@@ -89,12 +87,11 @@ from lthmaml.edge.artifact import (
     load_artifact,
     sha256_of,
 )
-from lthmaml.edge.maskbits import pack_mask
+from lthmaml.edge.packing import pack_tensors
 from lthmaml.errors import ConfigError, DataError, LthmamlError
-from lthmaml.nets.layers import MaskedBatchNorm2d, masked_layers
 from lthmaml.nets.models import Conv4
-from lthmaml.nets.reparam import checkpoint_alpha, install_power
-from lthmaml.nets.shrink import shrink
+from lthmaml.nets.reparam import PowerTransform, checkpoint_alpha, install_power, reparametrized_layers
+from lthmaml.nets.shrink import removed_channels, shrink
 
 
 # ---------------------------------------------------------------------------- export
@@ -104,8 +101,8 @@ def export_net(
     metadata: Optional[Mapping[str, Any]] = None,
     dtype: Union[torch.dtype, str] = torch.float32,
 ) -> Path:
-    """Write ``net`` (a Conv4, MLP or CNPNet of mask-aware layers, or a LightningModule holding one
-    as ``.net``) as a compact artifact at ``output``.
+    """Write ``net`` (a Conv4, MLP or CNPNet with the masks it keeps, or a LightningModule holding
+    one as ``.net`` beside its masks) as a compact artifact at ``output``.
 
     ``metadata`` gives the :class:`ArtifactMetadata` fields the net cannot tell (``inner_lr``,
     ``source_sha256``, ...); missing fine-tuning settings come from a MAML module's attributes,
@@ -118,10 +115,17 @@ def export_net(
     if unknown:
         raise ConfigError(f"export metadata has unknown fields {sorted(unknown)}")
     module_fields: dict[str, Any] = {}
+    masks = sparsity.masks_within(net)
     if not isinstance(net, tuple(NETS.values())) and isinstance(getattr(net, "net", None), nn.Module):
         module_fields = _module_fields(net)
+        masks, own = sparsity.masks_within(net, "net."), sparsity.masks_within(net.net)
+        if own and (masks.keys() != own.keys() or any(not torch.equal(m, masks[n]) for n, m in own.items())):
+            raise ConfigError(
+                f"the net keeps masks of its own besides {type(net).__name__}'s (pruned before it was "
+                "wrapped?): install them on the learner, sparsity.load_masks(model, {'net.' + name: mask})"
+            )
         net = net.net
-    return _write(net, Path(output), {**module_fields, **given}, dtype)
+    return _write(net, masks, Path(output), {**module_fields, **given}, dtype)
 
 
 def export_checkpoint(
@@ -132,8 +136,9 @@ def export_checkpoint(
     (ProtoNet, MatchingNet, CNP) as a compact artifact at ``output``.
 
     The net is rebuilt from the checkpoint's ``hyper_parameters['net']`` (class_path/init_args),
-    its weights, masks and channel masks loaded from ``state_dict``; a Powerprop run's transform
-    (alpha from the callback's state) is re-installed so the effective weights are exported.
+    its weights and masks loaded from ``state_dict``; a Powerprop run's transform (alpha from the
+    checkpoint's ``weight_transform``) is installed first, so the weights it computes with are
+    exported.
     The checkpoint is read with ``torch.load(weights_only=True)``; one that needs full unpickling
     (objects in its hyperparameters) is read as Lightning's own ``load_from_checkpoint`` reads it.
     """
@@ -154,15 +159,23 @@ def export_checkpoint(
     except (DataError, TypeError, ValueError) as error:
         raise DataError(f"{path}: cannot rebuild the net {dict(net_config)}: {error}") from None
     net_state = {key[len("net.") :]: value for key, value in state.items() if key.startswith("net.")}
-    try:
-        net.load_state_dict(net_state)
-    except RuntimeError as error:
+    masks = {key[len("masks.net.") :]: value for key, value in state.items() if key.startswith("masks.net.")}
+    if any(key.endswith((".mask", ".channel_mask")) for key in net_state):
         raise DataError(
-            f"{path}: state_dict does not fit {net_config['class_path']}: {first_line(error)}"
-        ) from None
+            f"{path}: keeps its masks inside the layers (written by an lthmaml before masks lay beside "
+            f"the net): convert it once with `python -m lthmaml.convert {path}`, then export it"
+        )
     alpha = checkpoint_alpha(data)
     if alpha is not None:
-        install_power(net, alpha)
+        install_power(net, alpha, reparametrized_layers(net_state))
+    try:
+        net.load_state_dict(net_state)
+        sparsity.load_masks(net, masks)
+    except (RuntimeError, ConfigError) as error:
+        raise DataError(
+            f"{path}: state_dict does not fit {net_config['class_path']}: {_first_problem(error)}"
+        ) from None
+    masks = sparsity.masks_within(net)
     module = hparams.get("_class_path")
     fields: dict[str, Any] = {"source_sha256": sha256_of(path), "source_module": module}
     fields.update(_image_look(data.values()))
@@ -184,7 +197,7 @@ def export_checkpoint(
             fields["inner_lrs"] = {name: float(rate.detach()) for name, rate in zip(names, rates)}
     else:
         fields["task"] = "classification"  # a supervised Classifier
-    return _write(net, Path(output), fields, dtype)
+    return _write(net, masks, Path(output), fields, dtype)
 
 
 def artifact_from_checkpoint(checkpoint: PathLike) -> Artifact:
@@ -205,6 +218,15 @@ def _image_look(states: Any) -> dict[str, Any]:
     if not isinstance(saved, Mapping):
         return {}
     return {key: saved[key] for key in ("look", "normalization") if saved.get(key) is not None}
+
+
+def _first_problem(error: BaseException) -> str:
+    """The first line of ``error`` that says what is wrong: ``load_state_dict``'s first line is
+    only a heading ("Error(s) in loading state_dict for Conv4:"), the missing keys follow it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return first_line(error)
 
 
 def _module_fields(module: nn.Module) -> dict[str, Any]:
@@ -233,24 +255,32 @@ def _module_fields(module: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _write(net: nn.Module, output: Path, fields: dict[str, Any], dtype: Union[torch.dtype, str]) -> Path:
+def _write(
+    net: nn.Module,
+    masks: Mapping[str, Tensor],
+    output: Path,
+    fields: dict[str, Any],
+    dtype: Union[torch.dtype, str],
+) -> Path:
     dtype_name = dtype if dtype in DTYPES else next((k for k, v in DTYPES.items() if v == dtype), None)
     if dtype_name is None:
         raise ConfigError(f"export dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dtype = DTYPES[dtype_name]
     class_path = _class_path(net)
     source_architecture = {"class_path": class_path, "init_args": dict(net.architecture)}
+    transforms = {repr(m) for m in net.modules() if isinstance(m, PowerTransform)}
+    net = sparsity.folded(net)
     report = sparsity.sparsity_report(net)
-    transforms = {
-        repr(layer.weight_transform) for layer in masked_layers(net).values() if layer.weight_transform
-    }
-    shrunk = any(
-        isinstance(m, MaskedBatchNorm2d) and bool((m.channel_mask == 0).any()) for m in net.modules()
+    shrunk = isinstance(net, Conv4) and any(
+        bool(removed_channels(block[1]).any()) for block in net.features if len(block) > 1
     )
     if shrunk:
-        net = shrink(net)  # removed channels cost nothing, not even mask bits
-    tensors = _pack(net, dtype)
-    stored = sum(int(layer.mask.count_nonzero()) for layer in masked_layers(net).values())
+        net, masks = shrink(net, masks)  # removed channels cost nothing, not even mask bits
+    tensors = pack_tensors(net, masks, dtype)
+    stored = sum(
+        int(masks[name].count_nonzero()) if name in masks else sparsity.weight(net, name).numel()
+        for name in sparsity.prunable(net)
+    )
     names = {name for name, _ in net.named_parameters()}
     if fields.get("inner_lrs") is not None and set(fields["inner_lrs"]) != names:
         raise ConfigError(f"inner_lrs names {sorted(fields['inner_lrs'])} but the net has {sorted(names)}")
@@ -284,54 +314,6 @@ def _write(net: nn.Module, output: Path, fields: dict[str, Any], dtype: Union[to
     )
     os.replace(partial, output)  # never a half-written artifact under the final name
     return output
-
-
-def _pack(net: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The artifact's tensors: kept values and packed masks for pruned weights, the rest dense
-    (at float16 when the weights are int8)."""
-    layers = masked_layers(net)
-    skip = {f"{name}.mask" for name in layers} | {f"{name}.weight" for name in layers}
-    tensors: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        weight = layer.effective_weight().detach().float().cpu()
-        keep = layer.mask.detach().cpu() != 0
-        if dtype == torch.int8:
-            weight, tensors[f"{name}.weight{SCALE}"] = _quantise(weight, keep, name)
-        else:
-            weight = _cast(weight, dtype, name)
-        if bool(keep.all()):
-            tensors[f"{name}.weight"] = weight
-        else:
-            tensors[f"{name}.weight{VALUES}"] = weight[keep]  # row-major, as the mask bits
-            suffix, bits = pack_mask(keep)  # @mask, or @maskz where deflating pays
-            tensors[f"{name}.weight{suffix}"] = bits
-    others = torch.float16 if dtype == torch.int8 else dtype
-    for key, value in net.state_dict().items():
-        if key in skip:
-            continue
-        if key.endswith("channel_mask") and bool((value != 0).all()):
-            continue  # a mask of ones is implied (always so after shrink)
-        value = value.detach().cpu()
-        tensors[key] = _cast(value.float(), others, key) if value.is_floating_point() else value
-    return {key: value.contiguous() for key, value in tensors.items()}
-
-
-def _quantise(weight: Tensor, keep: Tensor, name: str) -> tuple[Tensor, Tensor]:
-    """Symmetric per-output-channel int8 codes of ``weight`` (0 where not kept) and the float32
-    scale of each row (``max |kept w| / 127``; 0 for a row with nothing kept or all zeros)."""
-    kept = torch.where(keep, weight, torch.zeros(())).flatten(1)
-    if not bool(torch.isfinite(kept).all()):
-        raise ConfigError(f"'{name}' has non-finite weights, which int8 cannot store: fix the net first")
-    scale = kept.abs().amax(dim=1) / 127
-    codes = (kept / torch.where(scale > 0, scale, 1)[:, None]).round().clamp(-127, 127)
-    return codes.to(torch.int8).view(weight.shape), scale
-
-
-def _cast(value: Tensor, dtype: torch.dtype, name: str) -> Tensor:
-    cast = value.to(dtype)
-    if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(value).all()):
-        raise ConfigError(f"'{name}' has values beyond {dtype}'s range: export as float32")
-    return cast
 
 
 def _class_path(net: nn.Module) -> str:

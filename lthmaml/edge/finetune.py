@@ -17,8 +17,8 @@ A ProtoNet, MatchingNet or CNP artifact adapts in one forward pass over the supp
 optimizer state) unless ``fine_tune_embedding`` asks to fine-tune a metric learner's embedding on
 the support loss, under the regimes above.
 
-Pruned weights stay exactly zero: the forward multiplies by the masks, and the raw weights are
-re-zeroed after every optimizer step (weight decay or momentum would grow them behind the mask).
+Pruned weights stay exactly zero: their gradient is masked before every optimizer step, they and
+their optimizer state are zeroed after it (weight decay or momentum would grow them back).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from lthmaml.edge.artifact import AMORTIZED_LEARNERS, METRIC_LEARNERS, load_arti
 from lthmaml.edge.export import artifact_from_checkpoint
 from lthmaml.edge.predictions import HEADER, prediction_rows, write_csv
 from lthmaml.errors import ConfigError, DataError, TrainingError
-from lthmaml.sparsity import apply_masks
+from lthmaml.masks import apply_masks, mask_gradients
 from lthmaml.tracking import BestWeights
 
 MONITORABLE = {"val/loss": "min", "val/acc": "max"}
@@ -244,9 +244,12 @@ class FineTuneModule(pl.LightningModule):
                 group["lr"] = self.lr
         return optimizer
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        mask_gradients(self.net)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        apply_masks(self.net)  # pruned weights stay exactly zero, whatever the optimizer does
+        apply_masks(self.net, self.trainer.optimizers)  # exactly zero, whatever the optimizer does
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         if self.regression:

@@ -12,19 +12,24 @@ What the meta-gradient sees is the same as with ``higher`` (tests compare the tw
   ``theta + (theta' - theta).detach()``, so the meta-gradient is the query gradient at ``theta'``
   and no graph of the support passes is kept;
 * learned per-tensor inner rates are closed over, so their meta-gradient flows in second order;
-* masks (and BatchNorm channel masks) are the module's buffers, untouched by ``functional_call``,
-  and a weight transform (Powerprop) reads the substituted weight: pruned weights get a zero inner
-  gradient and stay exactly zero in every adapted weight.
+* ``masks`` (by parameter name) multiply each inner gradient: a pruned entry is stored as zero
+  and stays zero in every adapted weight; a parametrisation (Powerprop, Top-KAST's forward set)
+  is applied to the substituted parameter by ``functional_call``;
+* BatchNorm on batch statistics is written out (mean, variance, normalise) inside ``vmap``: the
+  fused kernel's double backward is wrong there (``tests/test_inner_loops.py`` pins it); outside
+  ``vmap`` every module runs its own kernels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Union
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
 Params = dict[str, Tensor]
 Rates = Mapping[str, Union[float, Tensor]]
@@ -38,10 +43,13 @@ class FunctionalInnerLoop:
         net: the network; its parameters are the meta-parameters.
         rates: the inner learning rate of each parameter, by name (a float or a learned scalar).
         loss: the task loss, ``loss(outputs, targets)``.
+        masks: by parameter name, what each inner gradient is multiplied by (pruned entries).
     """
 
-    def __init__(self, net: nn.Module, rates: Rates, loss: Loss) -> None:
-        self.net, self.rates, self.loss = net, rates, loss
+    def __init__(
+        self, net: nn.Module, rates: Rates, loss: Loss, masks: Optional[Mapping[str, Tensor]] = None
+    ) -> None:
+        self.net, self.rates, self.loss, self.masks = net, rates, loss, dict(masks or {})
 
     def params(self) -> Params:
         return dict(self.net.named_parameters())
@@ -57,6 +65,8 @@ class FunctionalInnerLoop:
         step_grad = grad(self.support_loss)
         for _ in range(steps):
             grads = step_grad(params, x, y)
+            for name, mask in self.masks.items():
+                grads[name] = grads[name] * mask
             params = {name: p - self.rates[name] * grads[name] for name, p in params.items()}
         return params
 
@@ -75,18 +85,101 @@ class FunctionalInnerLoop:
         """
         params = self.params()
         if not first_order:
-            run = vmap(self.query_outputs, in_dims=(None, 0, 0, 0, None))
-            return run(params, support_x, support_y, query_x, steps)
+            return self.each_task(
+                self.query_outputs, (None, 0, 0, 0, None), params, support_x, support_y, query_x, steps
+            )
         detached = {name: p.detach() for name, p in params.items()}
         with torch.no_grad():
-            adapted = vmap(self.adapt, in_dims=(None, 0, 0, None))(detached, support_x, support_y, steps)
+            adapted = self.each_task(self.adapt, (None, 0, 0, None), detached, support_x, support_y, steps)
         # theta' as theta plus a constant: d(query)/d(theta) is d(query)/d(theta') (FOMAML)
         shifted = {name: params[name] + (adapted[name] - detached[name]) for name in params}
-        return vmap(self.forward, in_dims=(0, 0))(shifted, query_x)
+        return self.each_task(self.forward, (0, 0), shifted, query_x)
 
     @torch.no_grad()
     def evaluate_outputs(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, steps: int) -> Tensor:
         """Query outputs after adaptation, no meta-gradient (validation, test, predict)."""
         detached = {name: p.detach() for name, p in self.params().items()}
-        run = vmap(self.query_outputs, in_dims=(None, 0, 0, 0, None))
-        return run(detached, support_x, support_y, query_x, steps)
+        return self.each_task(
+            self.query_outputs, (None, 0, 0, 0, None), detached, support_x, support_y, query_x, steps
+        )
+
+    def each_task(self, fn: Callable, in_dims: tuple, *args):
+        """``vmap(fn, in_dims)(*args)`` over the tasks (dimension 0 of the ``0`` arguments); a chunk
+        of one task runs ``fn`` on it directly, with every module's own kernels and no ``vmap``
+        overhead, and comes back with its task dimension."""
+        tasks = next(_first(a).shape[0] for a, d in zip(args, in_dims) if d == 0)
+        if tasks > 1:
+            with batch_norm_written_out(self.net):
+                return vmap(fn, in_dims=in_dims)(*args)
+        one = [_index(a, 0) if d == 0 else a for a, d in zip(args, in_dims)]
+        return _unsqueeze(fn(*one))
+
+    def adapted_params(self, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
+        """One task's adapted weights as fresh leaves (no meta-gradient, no graph of the support
+        passes): a later forward pass through :meth:`forward` is the only one they feed."""
+        detached = {name: p.detach() for name, p in self.params().items()}
+        with torch.enable_grad():
+            adapted = self.adapt(detached, support_x, support_y, steps)
+        return {name: p.detach() for name, p in adapted.items()}
+
+
+def _first(value):
+    return next(iter(value.values())) if isinstance(value, dict) else value
+
+
+def _index(value, i: int):
+    return {k: v[i] for k, v in value.items()} if isinstance(value, dict) else value[i]
+
+
+def _unsqueeze(value):
+    return {k: v.unsqueeze(0) for k, v in value.items()} if isinstance(value, dict) else value.unsqueeze(0)
+
+
+def _batch_statistics_forward(module: _BatchNorm, x: Tensor) -> Tensor:
+    """BatchNorm normalising by the batch's own statistics, as plain differentiable operations."""
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, keepdim=True, unbiased=False)
+    out = (x - mean) * torch.rsqrt(var + module.eps)
+    if module.affine:
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        out = out * module.weight.view(shape) + module.bias.view(shape)
+    return out
+
+
+@contextmanager
+def batch_norm_written_out(net: nn.Module) -> Iterator[None]:
+    """Inside the block, each BatchNorm of ``net`` that normalises by batch statistics (training
+    mode, or no running statistics) computes them with plain operations instead of the fused
+    kernel, whose double backward is wrong under ``vmap``; running statistics are not updated
+    (a ``vmap`` over tasks has no single batch to update them from)."""
+    patched = [
+        m for m in net.modules() if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+    ]
+    for module in patched:
+        module.forward = _batch_statistics_forward.__get__(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+@torch.no_grad()
+def activation_bytes(net: nn.Module, example: Tensor) -> float:
+    """Bytes of every module's output in one forward pass of ``example`` (one example): what a
+    pass keeps for its backward, roughly, per example."""
+    total = 0.0
+
+    def count(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, Tensor):
+            total += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
+    try:
+        net(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total / max(1, example.shape[0])

@@ -1,4 +1,5 @@
-"""What the LightningModules here share: a net, a configurable optimizer, portable hyperparameters."""
+"""What the LightningModules here share: a net, its masks beside it, a configurable optimizer,
+portable hyperparameters."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lthmaml.errors import ConfigError
+from lthmaml.masks import MaskSet, apply_masks, gradient_masks, load_masks, mask_gradients, masks_within
+from lthmaml.nets.reparam import ORIGINAL, checkpoint_alpha, install_power, reparametrized_layers
 
 
 class NetModule(pl.LightningModule):
     """A LightningModule around ``net`` with the optimizer and scheduler given the LightningCLI way.
+
+    ``net`` is any ``nn.Module``; it keeps the layers it was built with. Its masks are kept beside
+    it in ``masks`` (:class:`~lthmaml.masks.MaskSet`, empty until a strategy prunes), which
+    ride in every checkpoint; the module enforces them whatever strategy set them: the gradient
+    of a pruned entry is zeroed before each optimizer step, and the entry and its optimizer state
+    after it.
 
     Under LightningCLI the given config (``net`` as class_path/init_args) is saved as
     hyperparameters, so ``load_from_checkpoint`` rebuilds the net; outside it the module objects
@@ -31,6 +40,11 @@ class NetModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.net = net
+        self.masks = MaskSet()
+        adopted = masks_within(net)  # a net pruned before it was handed over
+        if adopted:
+            del net.masks
+            load_masks(self, {f"net.{name}": mask for name, mask in adopted.items()})
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
 
@@ -65,6 +79,48 @@ class NetModule(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A Powerprop checkpoint's transform, installed before its ``phi`` are loaded."""
+        alpha = checkpoint_alpha(checkpoint)
+        if alpha is not None:
+            install_power(self, alpha, reparametrized_layers(checkpoint.get("state_dict") or {}))
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
+        """As ``nn.Module``'s, and a plain weight given for a reparametrised layer (a fit with
+        Powerprop started from a checkpoint without it) is stored through the transform."""
+        state = dict(state_dict)
+        own = self.state_dict(keep_vars=True)
+        if any(key.endswith((".mask", ".channel_mask")) and key not in own for key in state):
+            raise ConfigError(
+                "this checkpoint keeps its masks inside the layers (an lthmaml before masks lay beside the "
+                "model): convert it once with `python -m lthmaml.convert CHECKPOINT`"
+            )
+        plain = {
+            key: state.pop(key)
+            for key in list(state)
+            if key not in own and key.endswith(".weight") and key[: -len("weight")] + ORIGINAL[1:] in own
+        }
+        for key in plain:
+            state[key[: -len("weight")] + ORIGINAL[1:]] = own[key[: -len("weight")] + ORIGINAL[1:]]
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        with torch.no_grad():
+            for key, value in plain.items():
+                path, _, attribute = key.rpartition(".")
+                setattr(self.get_submodule(path), attribute, value)
+        apply_masks(self)  # the masks loaded hold wherever the weights came from
+        return result
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        mask_gradients(self)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        apply_masks(self, self.trainer.optimizers)
+
+    def net_masks(self) -> dict[str, Tensor]:
+        """The masks that keep ``net``'s pruned entries zero, by ``net``'s own parameter names: what
+        an inner loop multiplies its steps by."""
+        return gradient_masks(self, self.net)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())

@@ -3,7 +3,7 @@
 Counted, for one example: each conv's ``k_h k_w C_in C_out H_out W_out`` and the head's
 ``in_features x out_features`` multiply-adds. Left out: biases, BatchNorm, ReLU and pooling (a few
 operations a channel and position, against ``k_h k_w C_in`` for a conv's output). Channels are the
-alive ones (a filter with any unpruned weight, :func:`lthmaml.sparsity.alive_channels`), so a
+alive ones (a filter with any non-zero weight: pruned weights are stored as zero), so a
 filter-pruned net and its :func:`~lthmaml.nets.shrink.shrink` copy count the same; unstructured
 zeros inside a kept filter count, since dense kernels compute them.
 
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
+import torch
 from torch import nn
 
 from lthmaml.errors import ConfigError
-from lthmaml.nets.layers import MaskedConv2d
 from lthmaml.nets.models import Conv4
 
 
@@ -62,14 +62,14 @@ def conv_shapes(model: nn.Module) -> list[ConvShape]:
     shapes, height, width = [], net.image_size, net.image_size
     alive_in = net.in_channels
     for index, block in enumerate(net.features):
-        conv: MaskedConv2d = block[0]
+        conv: nn.Conv2d = block[0]
         height, width = (
             _side(side, k, s, p, d)
             for side, k, s, p, d in zip(
                 (height, width), conv.kernel_size, conv.stride, conv.padding, conv.dilation
             )
         )
-        alive_out = int(conv.mask.flatten(1).any(dim=1).sum())  # lthmaml.sparsity.alive_channels
+        alive_out = int(conv.weight.detach().flatten(1).any(dim=1).sum())
         kernel = conv.kernel_size[0] * conv.kernel_size[1]
         shapes.append(ConvShape(f"{dot}features.{index}.0", kernel, height * width, alive_in, alive_out))
         for pool in (m for m in block if isinstance(m, nn.MaxPool2d)):
@@ -142,22 +142,54 @@ def filter_cost(model: nn.Module, cost: Cost) -> dict[str, int]:
     return COSTS[cost](model)
 
 
-def weight_uses(model: nn.Module) -> dict[str, int]:
-    """How often one example's forward pass applies each entry of each mask-aware layer's weight:
-    a conv's output positions, 1 for a linear layer. A kept entry costs that many multiply-adds, so
-    ``sum(mask.sum() * uses)`` is a sparse net's forward cost as sparse-training papers count it
-    (Evci et al. 2020, appendix H: zeros inside a filter are skipped, unlike :func:`layer_flops`)."""
-    from lthmaml.nets.layers import MaskedLinear, masked_layers
+def weight_uses(model: nn.Module, run: Optional[Callable[[], object]] = None) -> dict[str, int]:
+    """How often one example's forward pass applies each entry of each conv and linear weight (by
+    parameter name): a conv's output positions, 1 for a linear layer. A kept entry costs that many
+    multiply-adds, so ``sum(mask.sum() * uses)`` is a sparse net's forward cost as sparse-training
+    papers count it (Evci et al. 2020, appendix H: zeros inside a filter are skipped, unlike
+    :func:`layer_flops`).
 
-    layers = masked_layers(model)
-    convs = [name for name, layer in layers.items() if isinstance(layer, MaskedConv2d)]
-    positions = {shape.name: shape.positions for shape in conv_shapes(model)} if convs else {}
+    A conv's positions are read from the Conv4 they belong to, or, for any other net, measured:
+    ``run`` makes a forward pass (the learner's loss on a batch) while hooks record each conv's
+    output size.
+    """
+    layers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    }
+    convs = {name: layer for name, layer in layers.items() if not isinstance(layer, nn.Linear)}
+    if not convs:
+        positions: dict[str, int] = {}
+    elif run is not None:
+        positions = _measured_positions(convs, run)
+    else:
+        positions = {shape.name: shape.positions for shape in conv_shapes(model)}
     uses = {}
     for name, layer in layers.items():
-        if isinstance(layer, MaskedLinear):
-            uses[name] = 1
+        if isinstance(layer, nn.Linear):
+            uses[f"{name}.weight"] = 1
         elif name in positions:
-            uses[name] = positions[name]
+            uses[f"{name}.weight"] = positions[name]
         else:
-            raise ConfigError(f"{name}: FLOPs are counted for the convs of a Conv4 and linear layers only")
+            raise ConfigError(f"{name}: a conv that no forward pass reached; its FLOPs cannot be counted")
     return uses
+
+
+@torch.no_grad()
+def _measured_positions(convs: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, int]:
+    positions: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+            positions[name] = output.shape[2:].numel()
+
+        return hook
+
+    handles = [conv.register_forward_hook(record(name)) for name, conv in convs.items()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return positions

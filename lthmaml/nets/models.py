@@ -1,4 +1,4 @@
-"""The meta-learned networks, built only from mask-aware layers so every weight is prunable."""
+"""The networks that ship: stock layers only, so anything that takes a user's net takes these."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lthmaml.errors import ConfigError
-from lthmaml.nets.layers import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     """3x3 conv, BatchNorm on the batch's own statistics (as MAML does), ReLU, 2x2 max-pool."""
     return nn.Sequential(
-        MaskedConv2d(in_channels, out_channels, 3, padding=1),
-        MaskedBatchNorm2d(out_channels, track_running_stats=False),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.BatchNorm2d(out_channels, track_running_stats=False),
         nn.ReLU(),
         nn.MaxPool2d(2),
     )
@@ -78,7 +77,7 @@ class Conv4(nn.Module):
                 f"got {out_features!r}"
             )
         self.embedding_features = widths[-1] * side * side
-        self.head = None if out_features is None else MaskedLinear(self.embedding_features, out_features)
+        self.head = None if out_features is None else nn.Linear(self.embedding_features, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.features(x).flatten(1)
@@ -95,8 +94,8 @@ class MLP(nn.Module):
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(widths, widths[1:]):
-            layers += [MaskedLinear(a, b), nn.ReLU()]
-        layers.append(MaskedLinear(widths[-1], out_features))
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], out_features))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -104,8 +103,8 @@ class MLP(nn.Module):
 
 
 class CNPNet(nn.Module):
-    """The encoder and decoder of a Conditional Neural Process (Garnelo et al. 2018), as MLPs of
-    mask-aware layers under one module, so the pruning callbacks find both.
+    """The encoder and decoder of a Conditional Neural Process (Garnelo et al. 2018), as MLPs under
+    one module, so the pruning callbacks find both.
 
     The encoder maps each context pair ``(x, y)`` to a representation; their mean over the context
     is the task's representation ``r``. The decoder maps ``(r, x)`` to a predictive mean and a
