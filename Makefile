@@ -52,7 +52,7 @@ pi-finetune: $(STAMP)
 
 # Plots and a Markdown table of pruning runs: metric vs weights remaining, per-round best epoch and
 # wall time, validation metric vs time, per-layer sparsity (see lthmaml/reporting/report.py). Without RUNS:
-# the experiments' report and README "Results" (the `results` target below).
+# the experiments' report and docs/results.md (the `results` target below).
 RUNS ?=
 OUT ?= report
 .PHONY: report
@@ -63,7 +63,7 @@ else
 	$(BIN)/python -m lthmaml.reporting.report $(RUNS) -o $(OUT)
 endif
 
-# The evidence behind README "Results" (configs/experiments/, each stacked on base.yaml): the
+# The evidence behind docs/results.md (configs/experiments/, each stacked on base.yaml): the
 # lottery-ticket family, Powerprop, meta-gradient and Taylor pruning and the dense reference, on the
 # shared Omniglot subset, each level trained to its validation plateau, plus the sinusoid table
 # (bench/sinusoid.py, 20000 iterations). About 8 CPU-core hours in all (a lottery experiment 1.3,
@@ -132,13 +132,13 @@ sparse_level = $(lastword $(subst _, ,$(1)))
 $(EXP_DIR)/sparse_%.done: configs/experiments/base.yaml | $(STAMP)
 	$(call fit_experiment,sparse_$*,configs/experiments/sparse/$(patsubst %_$(call sparse_level,$*),%,$*).yaml,--trainer.callbacks.init_args.sparsity 0.$(call sparse_level,$*))
 
-# README "Results": the report of the finished experiments (plots and tables under $(RESULTS)) and
-# the sinusoid table of bench/sinusoid.py, written into README.md between its results markers. It
-# reads the records archived under $(EVIDENCE) (lthmaml/reporting/archive.py: config, events and
-# round metrics, no weights), which every finished experiment writes, so experiments finished in
-# different sittings or on different machines make one table; those not finished yet are named.
+# docs/results.md: the report of the finished experiments (plots and tables under $(RESULTS)) and
+# the sinusoid table of bench/sinusoid.py, written into $(RESULTS_DOC) between its results markers.
+# It reads the records archived under $(EVIDENCE) (lthmaml/reporting/archive.py: config, events and
+# round metrics, no weights), which every finished experiment writes, so experiments finished at
+# different times or on different machines make one table; those not finished yet are named.
 RESULTS ?= docs/results
-README ?= README.md
+RESULTS_DOC ?= docs/results.md
 ALL_EXPERIMENTS = $(EXPERIMENTS) $(REPEATS) $(SPARSE_RUNS) lth_distill
 FINISHED = $(strip $(foreach e,$(ALL_EXPERIMENTS),$(wildcard $(EVIDENCE)/$(e)/version_0)))
 PENDING = $(strip $(foreach e,$(ALL_EXPERIMENTS),$(if $(wildcard $(EVIDENCE)/$(e)/version_0),,$(e))))
@@ -148,4 +148,11 @@ archive: | $(STAMP)  # refresh the archive of every experiment finished in $(EXP
 results: archive | $(STAMP)
 	$(if $(FINISHED),,@echo "results: no finished experiment under $(EVIDENCE): run make experiments first" >&2; exit 1)
 	$(BIN)/python -m lthmaml.reporting.report $(FINISHED) -o $(RESULTS) \
-	  $(if $(wildcard $(SINUSOID)),--sinusoid $(SINUSOID)) $(if $(PENDING),--pending $(PENDING)) --readme $(README)
+	  $(if $(wildcard $(SINUSOID)),--sinusoid $(SINUSOID)) $(if $(PENDING),--pending $(PENDING)) --readme $(RESULTS_DOC)
+
+# A separate venv (.venv-peers) with the peer libraries bench/peers.py compares against: learn2learn
+# 0.2.0 (built from its sdist, Cython files regenerated), torchopt 0.7.3 and easyfsl 1.5.0 (with
+# torchvision 0.28.0 without its dependencies). None of them is a project or test dependency.
+.PHONY: bench-peers-setup
+bench-peers-setup:
+	PYTHON=$(PYTHON) bash bench/peers_setup.sh

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             )
             runs["fit"].append(launch(["fit", *common, "--model.artifact", str(artifact)], out))
-            tuned = out / "runs/edge/version_1/finetuned.safetensors"
+            tuned = out / "runs" / "edge" / Path(task).resolve().name / "finetuned.safetensors"  # per task
             runs["predict"].append(launch(["predict", *common, "--model.artifact", str(tuned)], out))
     median = {
         name: {key: statistics.median(r[key] for r in rows if r[key] is not None) for key in ("wall_s",)}

@@ -3,25 +3,37 @@ test, predict), with the defaults a MAML run needs and one-line errors for bad i
 
 from __future__ import annotations
 
-import json
+import argparse
 import logging
 import re
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse import Namespace
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
 
 from lthmaml.checkpointing import LastCheckpoint
 from lthmaml.environment import FailedRunMarker, MachineRecord, release_process_group
-from lthmaml.errors import ConfigError, DataError, one_line_errors
+from lthmaml.errors import ConfigError, argument_error_line, one_line_errors
+from lthmaml.predicting import PredictionsCSV, folder_task
 from lthmaml.progress import EpochProgress
+from lthmaml.runfolders import (
+    PREDICTIONS,
+    check_ckpt_path,
+    check_log_folder,
+    check_writable,
+    checkpoint_run_folder,
+    log_into,
+    resume_command,
+)
 
 TRAINER_DEFAULTS = {
     # MAML adapts with gradients inside validation and test: inference mode would forbid it.
@@ -33,6 +45,12 @@ TRAINER_DEFAULTS = {
 }
 PARSER_KWARGS = {"exit_on_error": False}
 """jsonargparse raises its errors instead of printing the usage: :func:`one_line_errors` prints them."""
+DESCRIPTION = (
+    "Meta-train and prune (fit), evaluate (validate, test) and predict with a checkpoint. A fit writes "
+    "<save_dir>/<name>/version_N; resumed with --ckpt_path <run>/checkpoints/last.ckpt (or last) it "
+    "continues in that folder, and validate, test and predict of a checkpoint write into its run "
+    "folder (predict: predictions.csv)."
+)
 
 
 class MetaCLI(LightningCLI):
@@ -41,19 +59,46 @@ class MetaCLI(LightningCLI):
     ``--test_after_fit`` to test the best checkpoint when ``fit`` ends, and the machine recorded
     beside the logs (``machine.json``).
 
-    Before anything trains it refuses what would fail late or silently: a ``--ckpt_path`` that is
-    missing, unreadable or of another net (``last``: the newest run's ``last.ckpt``), ``predict``
-    without one, and a checkpoint monitor the module never logs. Without a progress bar it prints
-    a line per epoch (:class:`~lthmaml.progress.EpochProgress`).
+    Run folders: a fit makes ``<save_dir>/<name>/version_N``; a fit resumed from a checkpoint
+    of a run folder, and ``validate`` and ``test`` of one, log into that folder (unless the
+    logger's version is given), so one run's curves and tests stay together. ``predict`` logs
+    nothing and writes ``predictions.csv`` there (``--output`` elsewhere): one row per query of
+    the config's predict tasks, or of a task folder's query (``--task_folder``), after the learner
+    adapted to the task's support set.
+
+    Before anything trains it refuses what would fail late or silently: a config file that is
+    not YAML, a non-finite float, a ``--ckpt_path`` that is missing, unreadable or of another net
+    (``last``: the newest run's ``last.ckpt``), ``predict`` without one, a log or output folder
+    that cannot be made, and a checkpoint monitor the module never logs. Without a progress bar
+    it prints a line per epoch (:class:`~lthmaml.progress.EpochProgress`); Ctrl-C prints the
+    command that resumes the fit.
     """
 
+    prog = "lthmaml"
     needs_checkpoint: tuple[str, ...] = ("predict",)
     """Subcommands that would run a randomly initialised net without ``--ckpt_path``."""
+    predict_options: tuple[str, ...] = ("task_folder", "output")
+    """Options only ``predict`` reads: refused elsewhere rather than ignored."""
+    argv: list[str] = []
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint."
+        )
+        parser.add_argument(
+            "--task_folder",
+            type=Optional[str],
+            default=None,
+            help="predict: adapt to this task folder's support set and predict its query (layout: "
+            "lthmaml.data.taskfolder) instead of the config's predict tasks.",
+        )
+        parser.add_argument(
+            "--output",
+            type=Optional[str],
+            default=None,
+            help="predict: the predictions CSV, a .csv path or a folder for predictions.csv (default: "
+            "the checkpoint's run folder).",
         )
         self.add_threads_argument(parser)
 
@@ -70,7 +115,19 @@ class MetaCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then check ``--ckpt_path`` before LightningCLI reads its hyperparameters."""
-        super().parse_arguments(parser, args)
+        self.argv = (
+            list(sys.argv[1:] if args is None else args)
+            if isinstance(args, (list, tuple, type(None)))
+            else []
+        )
+        check_yaml_files(self.argv)
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:
+            replaced = non_finite_error(error)
+            if replaced is None:
+                raise
+            raise replaced from None
         subcommand = self.config.get("subcommand")
         if subcommand is not None:
             check_ckpt_path(self.config[subcommand], subcommand, self.needs_checkpoint)
@@ -82,6 +139,31 @@ class MetaCLI(LightningCLI):
             if threads < 1:
                 raise ConfigError(f"--threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
+        if self.subcommand is None:
+            return
+        given = [f"--{name}" for name in self.predict_options if config.get(name)]
+        if self.subcommand != "predict" and given:
+            raise ConfigError(f"{' and '.join(given)}: for predict, not {self.subcommand}")
+        if self.subcommand != "fit":
+            quiet_evaluation()
+        ckpt = config.get("ckpt_path")
+        run = checkpoint_run_folder(Path(ckpt)) if ckpt and Path(ckpt).is_file() else None
+        if self.subcommand == "predict":
+            config["trainer"]["logger"] = False  # it would log nothing: predictions.csv is the record
+            check_writable(self.predictions_file(), "--output", "predictions file", file=True)
+        elif run is not None:
+            log_into(config, run)
+            if self.subcommand == "fit":  # resuming in place: its checkpoints are expected there
+                warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
+        check_log_folder(config)
+
+    def predictions_file(self) -> Path:
+        """Where ``predict`` writes: ``--output`` (a ``.csv`` or a folder), else the run folder of
+        the checkpoint, else the checkpoint's folder."""
+        config = self.config[self.subcommand]
+        output, ckpt = config.get("output"), Path(config.get("ckpt_path") or ".")
+        folder = Path(output) if output else checkpoint_run_folder(ckpt) or ckpt.parent
+        return folder if folder.suffix.lower() == ".csv" else folder / PREDICTIONS
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -92,6 +174,27 @@ class MetaCLI(LightningCLI):
             monitor = getattr(trainer.checkpoint_callback, "monitor", None)
             trainer.callbacks.append(EpochProgress(monitor))
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's Ctrl-C handling exits with status 1 after its own message (filtered out by
+        :func:`quiet_third_party`): here one line says how to go on instead."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:
+            if not self.trainer.interrupted:
+                raise
+            print(f"{self.prog}: {self.interrupted_line(subcommand)}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+
+    def interrupted_line(self, subcommand: str) -> str:
+        if subcommand != "fit":
+            return f"interrupted; {subcommand} did not finish"
+        last = next((c for c in self.trainer.callbacks if isinstance(c, LastCheckpoint) and c.dirpath), None)
+        if last is None:
+            return "interrupted; this fit keeps no checkpoint: run the command again"
+        if not last.path.is_file():
+            return "interrupted before the first epoch ended: nothing to resume, run the command again"
+        return f"interrupted; resume with: {resume_command(self.prog, self.argv, last.path)}"
 
     def before_fit(self) -> None:
         check_monitors(self.trainer, self.model, self.datamodule)
@@ -104,21 +207,59 @@ class MetaCLI(LightningCLI):
             if callable(test_rounds):
                 test_rounds(self.trainer, self.model, self.datamodule)
         if self.config[self.subcommand].get("test_after_fit"):
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            # The ModelCheckpoint's best by name: "best" makes Lightning warn that LastCheckpoint,
+            # a checkpoint callback too, is not the one it reads.
+            best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "best"
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+
+    def predict(self, model: LightningModule, datamodule: Any = None, **kwargs: Any) -> None:
+        """``trainer.predict`` whose rows go to ``predictions.csv`` (:class:`PredictionsCSV`)."""
+        from lthmaml.meta.episodic import EpisodicLearner  # not on lthmaml-edge's import path
+
+        if not isinstance(model, EpisodicLearner):
+            raise ConfigError(
+                f"predict adapts a meta-learner to tasks; {type(model).__name__} adapts to none: use "
+                "`lthmaml test`, or export it (lthmaml-export) and `lthmaml-edge predict` on a task folder"
+            )
+        config = self.config[self.subcommand]
+        ckpt, path = config.get("ckpt_path"), self.predictions_file()
+        folder = config.get("task_folder")
+        if folder:
+            source, loader = folder_task(Path(folder), ckpt)
+            writer = PredictionsCSV(path, labels=source.labels or None, files=source.query_files)
+            datamodule, kwargs["dataloaders"] = None, loader
+        else:
+            ways = getattr(datamodule, "ways", None)
+            writer = PredictionsCSV(path, labels=None if ways is None else [str(i) for i in range(ways)])
+        self.trainer.callbacks.append(writer)
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False  # the rows are written as they come
+        self.trainer.predict(model, datamodule=datamodule, **kwargs)
 
 
-class RunConfig(SaveConfigCallback):
-    """Writes the run's ``config.yaml``, but a fit that resumes from a checkpoint of the same run
-    folder (a fixed logger version, as ``make experiments`` uses) keeps the one written when the run
-    began; any other fit into a folder that holds a run is refused in one line, not overwritten."""
+class LoggedConfig(SaveConfigCallback):
+    """``config.yaml`` in the log folder, and none without a logger (``predict`` logs nothing: its
+    ``predictions.csv`` is the record), where Lightning would write it into the working folder."""
 
     def setup(self, trainer: pl.Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
+
+
+class RunConfig(LoggedConfig):
+    """Writes the run's ``config.yaml``, but a fit that resumes from a checkpoint of the same run
+    folder, and a test of one, keep the one written when the run began; any other fit into a
+    folder that holds a run is refused in one line, not overwritten."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            return None
         log_dir = Path(trainer.log_dir or ".")
         if self.already_saved or not (log_dir / self.config_filename).is_file():
             return super().setup(trainer, pl_module, stage)
         ckpt = self.config.get("ckpt_path")
         if ckpt and log_dir.resolve() in Path(ckpt).resolve().parents:
-            self.already_saved = True  # resuming this run: its config.yaml stays the record
+            self.already_saved = True  # resuming or testing this run: its config.yaml stays the record
             return None
         raise ConfigError(
             f"{log_dir} already holds a run ({self.config_filename}): resume it with --ckpt_path "
@@ -128,94 +269,6 @@ class RunConfig(SaveConfigCallback):
 
 
 # ---------------------------------------------------------------------------------- checks
-def _plain(value: Any) -> Any:
-    """A config value as plain JSON types, so a parsed config compares with a checkpoint's hparams."""
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    return json.loads(json.dumps(value, default=str))
-
-
-def _describe_net(net: dict) -> str:
-    name = str(net.get("class_path", "?")).rsplit(".", 1)[-1]
-    return f"{name}({json.dumps(net.get('init_args') or {}, sort_keys=True)})"
-
-
-def check_ckpt_path(config: Namespace, subcommand: str, needs_checkpoint: tuple[str, ...]) -> None:
-    """``--ckpt_path`` names a readable checkpoint of the configured net (``last`` is resolved).
-
-    Lightning would raise a raw ``FileNotFoundError`` or unpickling error, start afresh on a
-    ``last`` it cannot find, or silently swap the checkpoint's net in for the configured one.
-    """
-    ckpt = config.get("ckpt_path")
-    if ckpt is None:
-        if subcommand in needs_checkpoint:
-            raise ConfigError(
-                f"{subcommand} needs --ckpt_path <run>/checkpoints/<file>.ckpt: without it the net is "
-                "randomly initialised"
-            )
-        return
-    if ckpt == "last":
-        config["ckpt_path"] = ckpt = str(last_checkpoint(config))
-        rank_zero_info(f"--ckpt_path last: {ckpt}")
-    elif ckpt in ("best", "hpc", "registry") or "://" in ckpt:
-        return  # Lightning's own lookups
-    path = Path(ckpt)
-    if not path.is_file():
-        raise DataError(f"--ckpt_path {path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DataError(
-            f"--ckpt_path {path}: not a readable checkpoint ({reason}); it may be truncated: give an "
-            "earlier one, e.g. <run>/checkpoints/last.ckpt"
-        ) from None
-    saved = (checkpoint.get("hyper_parameters") or {}).get("net") if isinstance(checkpoint, dict) else None
-    model = config.get("model")
-    configured = model.get("init_args", Namespace()).get("net") if isinstance(model, Namespace) else None
-    if not isinstance(saved, dict) or configured is None:
-        return
-    saved, configured = _plain(saved), _plain(configured)
-    same_class = (
-        str(saved.get("class_path")).rsplit(".", 1)[-1]
-        == str(configured.get("class_path")).rsplit(".", 1)[-1]
-    )
-    if not same_class or (saved.get("init_args") or {}) != (configured.get("init_args") or {}):
-        raise ConfigError(
-            f"--ckpt_path {path} holds a {_describe_net(saved)} but the config builds "
-            f"{_describe_net(configured)}: pass the config the checkpoint was trained with "
-            "(config.yaml in its run folder)"
-        )
-
-
-def _version(path: Path) -> int:
-    match = re.fullmatch(r"version_(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def last_checkpoint(config: Namespace) -> Path:
-    """What ``--ckpt_path last`` means here: ``last.ckpt`` of the newest run of the same logger
-    name (``<save_dir>/<name>/version_N/checkpoints``), or of ``--checkpoint.dirpath``."""
-    dirpath = (config.get("checkpoint") or Namespace()).get("dirpath")
-    trainer = config.get("trainer") or Namespace()
-    logger = trainer.get("logger")
-    init = logger.get("init_args") if isinstance(logger, Namespace) else None
-    if dirpath:
-        candidates, where = [Path(dirpath) / "last.ckpt"], Path(dirpath) / "last.ckpt"
-    elif isinstance(init, Namespace) and init.get("save_dir") is not None:
-        root = Path(init.get("save_dir")) / (init.get("name") or "")
-        runs = sorted((p.parent.parent for p in root.glob("version_*/checkpoints/last.ckpt")), key=_version)
-        candidates = [run / "checkpoints" / "last.ckpt" for run in reversed(runs)]
-        where = root / "version_*" / "checkpoints" / "last.ckpt"
-    else:
-        root = Path(trainer.get("default_root_dir") or ".")
-        candidates, where = [root / "checkpoints" / "last.ckpt"], root / "checkpoints" / "last.ckpt"
-    found = next((path for path in candidates if path.is_file()), None)
-    if found is None:
-        raise ConfigError(f"--ckpt_path last: there is no {where}: give the path of the run's last.ckpt")
-    return found
-
-
 def check_monitors(trainer: pl.Trainer, model: LightningModule, datamodule: Any) -> None:
     """Every checkpoint and early-stopping monitor is a metric the module logs during fit.
 
@@ -239,20 +292,82 @@ def check_monitors(trainer: pl.Trainer, model: LightningModule, datamodule: Any)
             )
 
 
-def _no_tips(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("💡 Tip")
+# ---------------------------------------------------------------------------------- input
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def check_yaml_files(argv: list[str]) -> None:
+    """Every YAML file named on the command line parses: jsonargparse's error names neither the
+    file nor the line (``while parsing a flow mapping``)."""
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        path = Path(value)
+        if path.suffix.lower() not in YAML_SUFFIXES or not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except (yaml.scanner.ScannerError, yaml.parser.ParserError) as error:
+            mark, start = error.problem_mark, error.context_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            context = f" ({error.context} from line {start.line + 1})" if error.context and start else ""
+            raise ConfigError(
+                f"{path}: not valid YAML{where}: {error.problem}{context}; fix the file"
+            ) from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot read it as a YAML config ({error})") from None
+
+
+_NON_FINITE = re.compile(r"Expected a <class 'float'>\. Got value: ([-+]?(?:nan|inf(?:inity)?))\b", re.I)
+
+
+def non_finite_error(error: argparse.ArgumentError) -> Optional[ConfigError]:
+    """jsonargparse refuses NaN and infinities for a float as ``Expected a <class 'float'>. Got
+    value: nan``: the option and what it needs instead, or None for any other error."""
+    line = argument_error_line(error)
+    match = _NON_FINITE.search(line)
+    if match is None:
+        return None
+    option = line.split(": ", 1)[0] if ": " in line else "a float option"
+    return ConfigError(f"--{option} {match.group(1)}: must be a finite number (e.g. 0.001)")
+
+
+@contextmanager
+def interrupted_quietly(prog: str) -> Iterator[None]:
+    """Ctrl-C outside a trainer run (reading data, building the net): one line, exit status 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+LIGHTNING_NOISE = ("💡 Tip", "\nDetected KeyboardInterrupt")
+"""Lightning log lines dropped: its advertising tips, and its Ctrl-C notice (the CLI says what to do)."""
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(LIGHTNING_NOISE)
 
 
 def quiet_third_party() -> None:
-    """Drop Lightning's advertising tips and torch's LeafSpec deprecation (raised inside Lightning,
-    nothing a user can act on); our own warnings and Lightning's other messages stay."""
+    """Drop Lightning's advertising tips and Ctrl-C notice, and torch's LeafSpec deprecation (raised
+    inside Lightning, nothing a user can act on); our own warnings and Lightning's other messages
+    stay."""
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)  # once: same object
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_noise)  # once: same object
+
+
+def quiet_evaluation() -> None:
+    """What Lightning says when validate, test or predict restore a fit's checkpoint, which is
+    expected there: the pruning callbacks the fit had are not needed to evaluate its weights, and
+    a checkpoint read from another folder than the fit's keeps its own best path."""
+    warnings.filterwarnings("ignore", r".*callbacks used to create the checkpoint need to be provided")
+    warnings.filterwarnings("ignore", r"The dirpath has changed from")
 
 
 def main(args: Optional[list[str]] = None) -> None:
     quiet_third_party()
-    with one_line_errors("lthmaml"):
+    with interrupted_quietly(MetaCLI.prog), one_line_errors(MetaCLI.prog):
         MetaCLI(
             LightningModule,
             LightningDataModule,
@@ -262,7 +377,7 @@ def main(args: Optional[list[str]] = None) -> None:
             args=args,
             auto_configure_optimizers=False,
             save_config_callback=RunConfig,
-            parser_kwargs=PARSER_KWARGS,
+            parser_kwargs={**PARSER_KWARGS, "description": DESCRIPTION},
         )
     release_process_group()
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lthmaml.errors import DataError, LthmamlError
+from lthmaml.files import give_default_mode
 from lthmaml.nets.reparam import CHECKPOINT_KEY, ORIGINAL
 
 PROG = "python -m lthmaml.convert"
@@ -132,6 +133,7 @@ def _replace(path: Path, write) -> None:
     backup = path.with_name(path.name + ".orig")
     partial = path.with_name(path.name + ".partial")
     write(partial)
+    give_default_mode(partial)  # safetensors writes through a 0600 temporary file
     if not backup.exists():
         os.replace(path, backup)
     os.replace(partial, path)

@@ -17,6 +17,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 MACHINE_FILE = "machine.json"
 
@@ -63,6 +64,7 @@ START_UP_FILES = ("events.out.tfevents.*", "config.yaml", "hparams.yaml", "machi
 def mark_failed(trainer: Optional[pl.Trainer], error: BaseException) -> None:
     """A failed run's log folder: removed if it holds only what start-up writes (event file,
     config), else given a ``FAILED`` file with the error, so no folder passes for a finished run.
+    Ctrl-C (``KeyboardInterrupt``) is noted as an interruption; a resumed fit removes the note.
 
     Rank zero only, and no collective (``trainer.log_dir`` is one): the other ranks may be gone.
     """
@@ -75,21 +77,36 @@ def mark_failed(trainer: Optional[pl.Trainer], error: BaseException) -> None:
     start_up = {path for pattern in START_UP_FILES for path in folder.glob(pattern) if path.is_file()}
     if all(path in start_up for path in folder.iterdir()):
         shutil.rmtree(folder, ignore_errors=True)
+    elif isinstance(error, KeyboardInterrupt):
+        (folder / FAILED).write_text(
+            "KeyboardInterrupt: interrupted (Ctrl-C); resume from checkpoints/last.ckpt\n"
+        )
     else:
         message = " ".join(str(error).split()) or type(error).__name__
         (folder / FAILED).write_text(f"{type(error).__name__}: {message}\n")
 
 
 class FailedRunMarker(Callback):
-    """A run that stops on an error leaves no folder passing for a finished one (:func:`mark_failed`).
+    """A fit that stops on an error leaves no folder passing for a finished one (:func:`mark_failed`);
+    a fit resumed into that folder removes its ``FAILED`` note as it starts.
 
-    Lightning calls ``on_exception`` for an error anywhere inside fit, validate, test or predict.
+    Lightning calls ``on_exception`` for an error anywhere inside fit, validate, test or predict;
+    only a fit's folder is marked: the others may log into the run folder of the checkpoint they
+    read, which did not fail.
     """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
+        if trainer.is_global_zero and log_dir is not None:
+            (Path(log_dir) / FAILED).unlink(missing_ok=True)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        mark_failed(trainer, exception)
+        if trainer.state.fn == TrainerFn.FITTING:
+            mark_failed(trainer, exception)
 
 
 def release_process_group() -> None:

@@ -52,6 +52,37 @@ def ours(error: BaseException) -> Optional[LthmamlError]:
     return next((e for e in _chain(error) if isinstance(e, LthmamlError)), None)
 
 
+_VALUE_NAMES = (
+    ("learning rate", "lr", "a learning rate > 0"),
+    ("epsilon", "eps", "an eps > 0"),
+    ("beta parameter", "betas", "betas in [0, 1)"),
+    ("weight_decay", "weight_decay", "a weight_decay >= 0"),
+    ("momentum", "momentum", "a momentum >= 0"),
+)
+"""Words of torch's optimizer checks (``Invalid learning rate: -1.0``) -> the init_args key they
+check and the values it takes."""
+
+
+@contextmanager
+def checked_values(option: str) -> Iterator[None]:
+    """A ValueError raised while building what ``option`` configures (an optimizer or scheduler
+    the LightningCLI way, ``model.init_args.optimizer``) as a ConfigError naming the option.
+
+    torch checks an optimizer's values only when the optimizer is built, inside ``fit``, so the
+    CLI's parser never sees them; the key (``...init_args.lr``) is read from torch's message.
+    """
+    try:
+        yield
+    except ValueError as error:
+        if isinstance(error, LthmamlError):
+            raise
+        text = " ".join(str(error).split()) or type(error).__name__
+        found = next((item for item in _VALUE_NAMES if item[0] in text.lower()), None)
+        if found is None:
+            raise ConfigError(f"{option}: {text}; give values it accepts") from None
+        raise ConfigError(f"{option}.init_args.{found[1]}: {text}; give {found[2]}") from None
+
+
 _PARSER_KEY = re.compile(r'^\s*Parser key "([^"]+)":')
 _NOISE = re.compile(
     r"^\s*(Does not validate against any of the Union subtypes|Problem with given class_path)"

@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from lthmaml.errors import ConfigError
+from lthmaml.files import give_default_mode
 from lthmaml.masks import (  # noqa: F401  (the engine's names, for strategies)
     ATTRIBUTE,
     PRUNABLE,
@@ -337,6 +338,7 @@ def save_masks(path: Path, masks: Mapping[str, Tensor], metadata: Optional[dict]
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: mask.detach().to(torch.bool).contiguous() for name, mask in masks.items()}
     save_file(tensors, str(path), metadata={"lthmaml": json.dumps(metadata or {})})
+    give_default_mode(path)  # safetensors writes through a 0600 temporary file
 
 
 def read_masks(path: Path, dtype: torch.dtype = torch.float32) -> Masks:

@@ -5,7 +5,9 @@ the mini-ImageNet layout)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -174,3 +176,44 @@ def rewrite_metadata(path: Path, **changes) -> Path:
         values.pop(key, None) if value is None else values.__setitem__(key, value)
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(values)})
     return path
+
+
+# ---------------------------------------------------------------------------------- artifacts
+def stored(path: Path) -> dict[str, torch.Tensor]:
+    """An artifact's tensors as written (packed masks, kept values, int8 codes)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def header_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()[METADATA_KEY])
+
+
+def rewrite(
+    source: Path,
+    target: Path,
+    tensors: Callable[[dict], dict] = lambda t: t,
+    metadata: Callable[[dict], Optional[dict]] = lambda m: m,
+) -> Path:
+    """A copy of an artifact with its tensors and/or metadata changed."""
+    meta = metadata(header_metadata(source))
+    header = None if meta is None else {METADATA_KEY: json.dumps(meta)}
+    save_file(tensors(stored(source)), str(target), metadata=header)
+    return target
+
+
+def assert_pruned_exactly(masks: dict[str, torch.Tensor], loaded: torch.nn.Module) -> None:
+    """The loaded net keeps exactly the source's ``masks`` (by parameter name) beside it; every
+    entry under a zero mask is exactly 0; no parametrisation left on the device, float32 only."""
+    from torch.nn.utils import parametrize
+
+    from lthmaml import sparsity
+
+    got = sparsity.masks_within(loaded)
+    assert got.keys() == masks.keys(), sorted(got)
+    for name, mask in masks.items():
+        assert torch.equal(got[name], mask), name
+        assert torch.all(sparsity.weight(loaded, name)[mask == 0] == 0), name
+    assert not any(parametrize.is_parametrized(m) for m in loaded.modules())
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())

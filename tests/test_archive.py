@@ -1,5 +1,5 @@
 """The evidence archive (lthmaml/reporting/archive.py): a run's records without its weights, from
-which README "Results" is rebuilt after the run folder is gone."""
+which docs/results.md is rebuilt after the run folder is gone."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_results_section_names_the_pending_experiments_and_where_the_records_are
     readme = tmp_path / "README.md"
     section = results.results_section(runs, tmp_path / "docs", readme, None, ["taylor", "sparse_rigl_90"])
     assert "Not finished yet (2; " in section and ": taylor, sparse_rigl_90." in section
-    records = "records these figures are read from (config, TensorBoard events, round metrics): `runs/`"
+    records = "read from (config, TensorBoard events, round metrics): [`runs/`](runs/)"
     assert records in section
     assert "Not finished yet" not in results.results_section(runs, tmp_path / "docs", readme, None)
 

@@ -3,32 +3,47 @@ naming the option or file, exit status 2, and no run folder left that passes for
 
 from __future__ import annotations
 
+import csv
+import errno
 import math
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import COLOURS, write_photos
+from PIL import Image
 from test_export import _arch, _meta, conv_net, prune, rewrite
 
 from lthmaml.cli import main
 from lthmaml.data.taskfolder_build import make_sinusoid_task
+from lthmaml.edge import export
 from lthmaml.edge.artifact import load_artifact
 from lthmaml.edge.cli import FINETUNED
 from lthmaml.edge.cli import main as edge_main
 from lthmaml.edge.export import export_net
 from lthmaml.environment import FAILED
-from lthmaml.errors import DataError
-from lthmaml.nets.models import MLP
+from lthmaml.errors import ConfigError, DataError
+from lthmaml.meta.classifier import Classifier
+from lthmaml.meta.cnp import CNP
+from lthmaml.meta.maml import MAML
+from lthmaml.meta.matching import MatchingNet
+from lthmaml.meta.protonet import ProtoNet
+from lthmaml.nets.models import MLP, CNPNet, Conv4
 from lthmaml.reporting import report
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SINUSOID = str(CONFIGS / "sinusoid.yaml")
 OMNIGLOT = str(CONFIGS / "omniglot_5way1shot.yaml")
+CNP_SINUSOID = str(CONFIGS / "cnp_sinusoid.yaml")
+MINI = str(CONFIGS / "miniimagenet_5way1shot.yaml")
+PI = str(CONFIGS / "edge" / "pi.yaml")
 LOTTERY = str(CONFIGS / "prune" / "lottery.yaml")
 TINY = [
     *("--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"),
@@ -75,6 +90,16 @@ CONFIG_ERRORS = {
     "net image_size 1": ([OMNIGLOT, "--model.init_args.net.init_args.image_size", "1"], "image_size=1"),
     # that reached torch or Lightning unchecked
     "inner_lr -0.01": ([SINUSOID, "--model.init_args.inner_lr", "-0.01"], "model.init_args.inner_lr"),
+    # torch checks an optimizer's values only as configure_optimizers builds it, inside fit
+    "outer lr -1": (
+        [SINUSOID, "--model.init_args.optimizer.init_args.lr", "-1"],
+        "lthmaml: error: model.init_args.optimizer.init_args.lr: Invalid learning rate: -1.0; give a "
+        "learning rate > 0",
+    ),
+    "CNP outer lr -1": (
+        [CNP_SINUSOID, "--model.init_args.optimizer.init_args.lr", "-1"],
+        "model.init_args.optimizer.init_args.lr: Invalid learning rate: -1.0",
+    ),
     "meta_batch_size 0": ([SINUSOID, "--data.init_args.meta_batch_size", "0"], "meta_batch_size"),
     "ways -1": ([OMNIGLOT, "--data.init_args.ways", "-1"], "data.init_args.ways"),
     "ways 1": ([OMNIGLOT, "--data.init_args.ways", "1"], "data.init_args.ways"),
@@ -107,9 +132,11 @@ def test_a_bad_option_is_one_line_naming_it_and_leaves_no_run_folder(case, in_tm
 
 def test_data_image_size_differing_from_the_net_is_one_line_and_no_run_folder(in_tmp, fake_omniglot, capsys):
     """Caught in MAML.setup, after the log folder's event file exists: that folder is removed."""
-    characters = {f"Alphabet_{a}": [f"character{c:02d}" for c in range(1, 11)] for a in range(2)}
+    # 26 classes: the default 60/20/20 split gives val and test the 5 classes of a 5-way episode
+    characters = {f"Alphabet_{a}": [f"character{c:02d}" for c in range(1, 14)] for a in range(2)}
     root = fake_omniglot.folder(characters, drawers=4)
     args = ["--data.init_args.root", str(root), "--data.init_args.image_size", "14"]
+    args += ["--data.init_args.eval_query_shots", "3"]  # 1 + 3 of the 4 drawers
     args += [
         "--data.init_args.cache_dir",
         str(in_tmp / "cache"),
@@ -158,7 +185,8 @@ def test_ckpt_path_last_resumes_the_newest_run_of_the_same_name(sinusoid_run, in
     shutil.copytree(sinusoid_run.parent, runs / "sinusoid")
     (runs / "sinusoid" / "version_3").mkdir()  # newer, but it has no last.ckpt (killed at start)
     main(["fit", "-c", SINUSOID, *TINY, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
-    resumed = torch.load(runs / "sinusoid" / "version_4" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(runs / "sinusoid" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not (runs / "sinusoid" / "version_4").exists()  # the resumed fit continues in its own folder
     assert resumed["global_step"] == 4 and resumed["epoch"] == 1  # epoch 0's two steps, then two more
 
 
@@ -251,3 +279,218 @@ def test_make_run_prints_a_line_per_epoch_and_no_third_party_noise(tmp_path):
     output = done.stdout + done.stderr
     assert "epoch 1/2: val/loss_post " in output and "epoch 2/2: val/loss_post " in output
     assert "Tip" not in output and "LeafSpec" not in output and "Deprecat" not in output
+
+
+# ---------------------------------------------------------------------------------- optimizers
+def bad_lr(params):
+    return torch.optim.Adam(params, lr=-1.0)
+
+
+LEARNERS = {
+    "MAML": lambda: MAML(MLP(hidden=(4,)), optimizer=bad_lr),
+    "Classifier": lambda: Classifier(MLP(hidden=(4,)), optimizer=bad_lr),
+    "ProtoNet": lambda: ProtoNet(Conv4(out_features=None, hidden_channels=2, image_size=8, blocks=2), bad_lr),
+    "MatchingNet": lambda: MatchingNet(
+        Conv4(out_features=None, hidden_channels=2, image_size=8, blocks=2), optimizer=bad_lr
+    ),
+    "CNP": lambda: CNP(CNPNet(representation=4, encoder_hidden=(4,), decoder_hidden=(4,)), bad_lr),
+}
+
+
+@pytest.mark.parametrize("learner", LEARNERS)
+def test_every_learner_names_the_optimizer_option_torch_refuses(learner):
+    with pytest.raises(ConfigError) as info:
+        LEARNERS[learner]().configure_optimizers()
+    assert str(info.value) == (
+        "model.init_args.optimizer.init_args.lr: Invalid learning rate: -1.0; give a learning rate > 0"
+    )
+
+
+def test_a_scheduler_torch_refuses_names_its_option():
+    model = MAML(
+        MLP(hidden=(4,)), lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LinearLR(optimizer, 2.0)
+    )
+    with pytest.raises(ConfigError, match=r"^model.init_args.lr_scheduler: Starting multiplicative factor"):
+        model.configure_optimizers()
+
+
+def test_an_edge_optimizer_torch_refuses_is_one_line_naming_it(in_tmp, capsys):
+    artifact = export_net(MLP(hidden=(8,)), in_tmp / "net.safetensors", {"inner_lr": 0.01})
+    task = make_sinusoid_task(in_tmp / "task", shots=5, val_shots=5, query_shots=5)
+    args = ["fit", "-c", PI, "--model.artifact", str(artifact), "--data.root", str(task), "--threads", "1"]
+    args += ["--model.optimizer", "torch.optim.Adam", "--model.optimizer.init_args.lr", "-2"]
+    with pytest.raises(SystemExit) as exit_info:
+        edge_main(args)
+    line = one_error_line(capsys, exit_info, "lthmaml-edge")
+    assert line.endswith(
+        "model.optimizer.init_args.lr: Invalid learning rate: -2.0; give a learning rate > 0"
+    )
+
+
+# ---------------------------------------------------------------------------------- wrong files
+def export_error_line(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """The single stderr line of ``lthmaml-export`` refusing its input (status 2), no traceback."""
+    assert export.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lthmaml-export: error: "), lines
+    return lines[0]
+
+
+NOT_CHECKPOINTS = {
+    "photo.png": ("a PNG image", lambda path: Image.new("RGB", (4, 4), (200, 30, 30)).save(path)),
+    "model.safetensors": (
+        "a safetensors file (an artifact? lthmaml-edge reads it as --model.artifact)",
+        lambda path: export_net(MLP(hidden=(4,)), path, {}),
+    ),
+    "empty.ckpt": ("an empty file", lambda path: path.write_bytes(b"")),
+}
+
+
+@pytest.mark.parametrize("name", NOT_CHECKPOINTS)
+def test_export_of_a_file_that_is_no_checkpoint_says_what_it_is(name, tmp_path, capsys):
+    """Not torch's ``A load persistent id instruction was encountered``; and an artifact given
+    by mistake is not overwritten by its own export (the default output is the same path)."""
+    what, make = NOT_CHECKPOINTS[name]
+    path = tmp_path / name
+    make(path)
+    before = path.read_bytes()
+    line = export_error_line(capsys, [str(path)])
+    assert line == (
+        f"lthmaml-export: error: {path}: not a PyTorch checkpoint but {what}; give the .ckpt that "
+        "`lthmaml fit` wrote (runs/<name>/version_N/checkpoints/last.ckpt)"
+    )
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_a_checkpoint_given_as_the_edge_artifact_points_to_lthmaml_export(sinusoid_run, in_tmp, capsys):
+    last = sinusoid_run / "checkpoints" / "last.ckpt"
+    task = make_sinusoid_task(in_tmp / "task", shots=5, val_shots=5, query_shots=5)
+    with pytest.raises(SystemExit) as exit_info:
+        edge_main(["fit", "-c", PI, "--model.artifact", str(last), "--data.root", str(task)])
+    line = one_error_line(capsys, exit_info, "lthmaml-edge")
+    assert line == (
+        f"lthmaml-edge: error: {last}: a PyTorch checkpoint, not an artifact: export it first, "
+        f"`lthmaml-export {last} -o model.safetensors`, and give that (lthmaml-edge also reads a "
+        "checkpoint as --model.checkpoint)"
+    )
+
+
+# ---------------------------------------------------------------------------------- writing files
+def test_export_under_a_regular_file_is_one_line_and_leaves_nothing(sinusoid_run, tmp_path, capsys):
+    last = sinusoid_run / "checkpoints" / "last.ckpt"
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder should be")
+    target = blocker / "out" / "model.safetensors"
+    line = export_error_line(capsys, [str(last), "-o", str(target)])
+    assert line == (
+        f"lthmaml-export: error: cannot write the artifact to {target}: {blocker} is a file, not a folder; "
+        "choose a writable location"
+    )
+    assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_export_into_a_read_only_folder_is_one_line_and_leaves_nothing(
+    sinusoid_run, tmp_path, capsys, monkeypatch
+):
+    last = sinusoid_run / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root writes anyway: refuse as the kernel refuses anyone else
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    try:
+        line = export_error_line(capsys, [str(last), "-o", str(folder / "model.safetensors")])
+        assert line == (
+            f"lthmaml-export: error: cannot write the artifact to {folder / 'model.safetensors'}: {folder} "
+            "is not writable (Permission denied); choose a writable location"
+        )
+        assert not list(folder.iterdir())
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_predictions_of_a_query_file_named_in_no_utf8_are_written_escaped(in_tmp, capsys, umask_022):
+    """The file ``b<0xff>x.jpg`` (Python holds the byte as a lone surrogate, which UTF-8 refuses)
+    is the row ``b\\xffx.jpg``; the CSV is readable by all, as any new file (0644 under umask 022)."""
+    task = in_tmp / "task"
+    for c, colour in enumerate(("red", "blue")):
+        write_photos(task / "support" / colour, colour, 2, seed=c)
+    (task / "query").mkdir()
+    odd = task / "query" / os.fsdecode(b"b\xffx.jpg")
+    shutil.copy(write_photos(in_tmp / "extra", "blue", 1, seed=7)[0], odd)
+    shutil.copy(write_photos(in_tmp / "extra", "red", 1, seed=8)[0], task / "query" / "red.jpg")
+    torch.manual_seed(0)
+    net = Conv4(out_features=2, in_channels=3, hidden_channels=2, image_size=16, blocks=2)
+    artifact = export_net(net, in_tmp / "rgb.safetensors", {"inner_steps": 1, "eval_inner_steps": 1})
+    out = in_tmp / "out" / "predictions.csv"
+    args = ["predict", "-c", PI, "--model.artifact", str(artifact), "--data.root", str(task)]
+    edge_main([*args, "--output", str(out), "--threads", "1"])
+    with out.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["file"] for row in rows) == ["b\\xffx.jpg", "red.jpg"]
+    assert {row["label"] for row in rows} <= {"red", "blue"}
+    assert (out.stat().st_mode & 0o777) == 0o644 and (artifact.stat().st_mode & 0o777) == 0o644
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- own images
+def test_own_images_a_split_too_small_for_ways_fails_before_decoding_naming_the_fix(in_tmp, capsys):
+    """README's command on 12 colour classes with ways 3: the default 60/20/20 split leaves the test
+    split 2 classes. Said at setup, before any image is decoded (the cache stays empty), not after
+    the fit; the class_split it suggests then runs."""
+    photos = in_tmp / "photos"
+    for c, colour in enumerate(COLOURS):
+        write_photos(photos / colour, colour, 3, seed=c)
+    args = ["fit", "-c", MINI, "--data.init_args.root", str(photos), "--data.init_args.layout", "classes"]
+    args += ["--data.init_args.ways", "3", "--model.init_args.net.init_args.out_features", "3"]
+    args += ["--data.init_args.image_size", "16", "--model.init_args.net.init_args.image_size", "16"]
+    args += ["--model.init_args.net.init_args.hidden_channels", "2", "--model.init_args.inner_steps", "1"]
+    args += ["--model.init_args.eval_inner_steps", "1", "--data.init_args.query_shots", "1"]
+    args += ["--data.init_args.eval_query_shots", "1", "--data.init_args.meta_batch_size", "2"]
+    args += ["--data.init_args.tasks_per_epoch", "2", "--data.init_args.val_tasks", "2"]
+    args += ["--data.init_args.test_tasks", "2", "--trainer.max_epochs", "1"]
+    args += ["--trainer.enable_progress_bar", "false", "--data.init_args.cache_dir", str(in_tmp / "cache")]
+    line = one_error_line(capsys, run_main(args))
+    assert line == (
+        "lthmaml: error: data.init_args.ways=3 but the test split has only 2 classes: lower "
+        "data.init_args.ways, or give the test split more classes: data.init_args.class_split [6, 3, 3] "
+        "(class counts)"
+    )
+    assert not list(in_tmp.glob("runs/*/version_*")) and not (in_tmp / "cache").exists()
+    main([*args, "--data.init_args.class_split", "[6, 3, 3]"])
+    assert list(in_tmp.glob("runs/miniimagenet_5way1shot/*/checkpoints/last.ckpt"))
+
+
+# ---------------------------------------------------------------------------------- set-up noise
+def test_pyproject_metadata_builds_without_a_setuptools_deprecation(tmp_path):
+    """``project.license`` as an SPDX string (setuptools >= 77), not the deprecated table that
+    printed a warning three times at every install."""
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for package in ("lthmaml", "callbacks"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").touch()
+    (tmp_path / "meta").mkdir()
+    code = "import setuptools.build_meta as b; print(b.prepare_metadata_for_build_wheel('meta'))"
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "deprecat" not in (done.stdout + done.stderr).lower()
+    metadata = (tmp_path / "meta" / done.stdout.split()[-1] / "METADATA").read_text()
+    assert "License-Expression: MIT" in metadata

@@ -75,16 +75,21 @@ def test_fit_writes_run_folder_then_test_and_predict_from_the_checkpoint(in_tmp,
         main([sub, "-c", SINUSOID, *TINY, "--ckpt_path", str(last)])
     captured = capsys.readouterr()
     assert "test/loss_post" in captured.out and "val/loss_post" in captured.out
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]  # all beside the checkpoint
+    assert len((run / "predictions.csv").read_text().splitlines()) == 1 + 20 * 10
 
 
-def test_resume_from_last_checkpoint_continues_the_step_count(in_tmp):
+def test_resume_from_last_checkpoint_continues_the_step_count_in_its_own_folder(in_tmp):
     main(["fit", "-c", SINUSOID, *TINY])
-    last = in_tmp / "runs" / "sinusoid" / "version_0" / "checkpoints" / "last.ckpt"
-    main(["fit", "-c", SINUSOID, *TINY, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
-    resumed = torch.load(
-        in_tmp / "runs" / "sinusoid" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False
-    )
+    run = in_tmp / "runs" / "sinusoid" / "version_0"
+    config = (run / "config.yaml").read_text()
+    main(["fit", "-c", SINUSOID, *TINY, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 10 and resumed["epoch"] == 1
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"] and (
+        run / "config.yaml"
+    ).read_text() == config
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one run's curves in one folder
 
 
 def test_a_fixed_version_run_resumes_in_place_and_is_never_overwritten(in_tmp, capsys):

@@ -118,7 +118,7 @@ def test_an_rgb_run_exports_its_normalisation_and_fine_tunes_and_predicts_on_pho
         [*args, "--data.image_size", str(SIZE), "--trainer.max_epochs", "2", "--predict_after_fit", "true"]
     )
     assert "each decoded as rgb 16x16 (centre-cropped square)" in caplog.text
-    run = in_tmp / "runs" / "edge" / "version_0"
+    run = in_tmp / "runs" / "edge" / "task"  # one folder per task folder, named after it
     predicted = rows(run / "predictions.csv")
     assert sorted(row["file"] for row in predicted) == ["blue0.jpg", "blue1.jpg", "red0.jpg", "red1.jpg"]
     assert {row["label"] for row in predicted} <= {"blue", "red"}

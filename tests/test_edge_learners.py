@@ -228,7 +228,7 @@ def test_fit_only_computes_the_prototypes(in_tmp, caplog):
     assert cli.model.epochs_run == 0 and cli.trainer.global_step == 0
     assert cli.model.configure_optimizers() is None  # no optimizer state
     assert "class prototypes of the 6 support examples" in caplog.text and "0 epochs" in caplog.text
-    tuned = load_artifact(in_tmp / "runs" / "edge" / "version_0" / FINETUNED)
+    tuned = load_artifact(in_tmp / "runs" / "edge" / "task" / FINETUNED)
     assert tuned.metadata.learner == "protonet"
     source = load_artifact(artifact).net.state_dict()
     assert all(torch.equal(value, source[key]) for key, value in tuned.net.state_dict().items())
@@ -244,7 +244,7 @@ def test_fine_tune_embedding_keeps_pruned_weights_at_zero(in_tmp, learner, val_s
     extra = ["--model.fine_tune_embedding", "true", "--model.lr", "0.1", "--trainer.max_epochs", "3"]
     cli = run_cli(edge_args("fit", artifact, task, *extra))
     assert cli.model.epochs_run >= 1 and cli.model.fixed_steps == (None if val_shots else 10)
-    tuned = load_artifact(in_tmp / "runs" / "edge" / "version_0" / FINETUNED)
+    tuned = load_artifact(in_tmp / "runs" / "edge" / "task" / FINETUNED)
     changed = False
     assert masks_within(tuned.net).keys() == masks.keys()
     for name, mask in masks.items():

@@ -170,7 +170,7 @@ def test_one_launch_fits_and_writes_the_same_predictions_as_a_second_launch(in_t
     ]
     edge_main(["fit", "--model.artifact", str(artifact), *common, "--trainer.max_epochs", "3",
                "--predict_after_fit", "true"])  # fmt: skip
-    run = in_tmp / "runs" / "edge" / "version_0"
+    run = in_tmp / "runs" / "edge" / "task"
     one_launch = (run / "predictions.csv").read_text()
     assert one_launch.count("\n") == 1 + 12  # the header and the 12 query images
     assert re.search(r"Timings: start-up \d+\.\d\d s \(Python, imports, parsing\), fit \d+\.\d\d s, "

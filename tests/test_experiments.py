@@ -127,7 +127,7 @@ def test_make_experiments_then_results_fills_the_readme_with_the_logged_numbers(
         [*make, "experiments", *common, f"EXP_ARGS={' '.join(tiny)}"], cwd=REPO, env=env, check=True
     )
     subprocess.run(
-        [*make, "results", *common, f"RESULTS={tmp_path / 'docs'}", f"README={readme}"],
+        [*make, "results", *common, f"RESULTS={tmp_path / 'docs'}", f"RESULTS_DOC={readme}"],
         cwd=REPO,
         env=env,
         check=True,
@@ -158,7 +158,7 @@ def test_make_experiments_then_results_fills_the_readme_with_the_logged_numbers(
     shutil.rmtree(runs)
     readme.write_text("# Results\n\n<!-- results:begin -->\n<!-- results:end -->\n")
     subprocess.run(
-        [*make, "results", *common, f"RESULTS={tmp_path / 'docs'}", f"README={readme}"],
+        [*make, "results", *common, f"RESULTS={tmp_path / 'docs'}", f"RESULTS_DOC={readme}"],
         cwd=REPO,
         env=env,
         check=True,

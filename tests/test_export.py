@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -14,10 +15,9 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import assert_pruned_exactly, header_metadata, rewrite, stored
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from callbacks.powerprop import Powerprop
 from lthmaml import export, sparsity
@@ -86,33 +86,11 @@ def outputs(net: nn.Module, x: Tensor) -> Tensor:
         return net.eval()(x)
 
 
-def stored(path: Path) -> dict[str, Tensor]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
-
-
-def header_metadata(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads(handle.metadata()[METADATA_KEY])
-
-
 def masks_beside(model: nn.Module) -> dict[str, Tensor]:
     """The masks kept for a net, by its own parameter names: a learner's (``net.``) or a bare net's."""
     if isinstance(model, pl.LightningModule):
         return sparsity.masks_within(model, "net.")
     return sparsity.masks_within(model)
-
-
-def assert_pruned_exactly(masks: dict[str, Tensor], loaded: nn.Module) -> None:
-    """The loaded net keeps exactly the source's ``masks`` (by parameter name) beside it; every
-    entry under a zero mask is exactly 0; no parametrisation left on the device, float32 only."""
-    got = sparsity.masks_within(loaded)
-    assert got.keys() == masks.keys(), sorted(got)
-    for name, mask in masks.items():
-        assert torch.equal(got[name], mask), name
-        assert torch.all(sparsity.weight(loaded, name)[mask == 0] == 0), name
-    assert not any(parametrize.is_parametrized(m) for m in loaded.modules())
-    assert all(p.dtype == torch.float32 for p in loaded.parameters())
 
 
 # ---------------------------------------------------------------------------------- round trips
@@ -433,19 +411,6 @@ def test_a_checkpoint_with_masks_inside_its_layers_is_refused_naming_the_convert
 
 
 # ---------------------------------------------------------------------------------- wrong files
-def rewrite(
-    source: Path,
-    target: Path,
-    tensors: Callable[[dict], dict] = lambda t: t,
-    metadata: Callable[[dict], Optional[dict]] = lambda m: m,
-) -> Path:
-    """A copy of an artifact with its tensors and/or metadata changed."""
-    meta = metadata(header_metadata(source))
-    header = None if meta is None else {METADATA_KEY: json.dumps(meta)}
-    save_file(tensors(stored(source)), str(target), metadata=header)
-    return target
-
-
 def _without(key: str) -> Callable[[dict], dict]:
     return lambda tensors: {k: v for k, v in tensors.items() if k != key}
 
@@ -525,3 +490,26 @@ def test_a_wrong_or_corrupt_artifact_is_a_one_line_data_error_naming_the_file(tm
     assert str(bad) in message and len(message.splitlines()) == 1
     assert "version 99" in message if case == "unknown_format_version" else True
     load_artifact(good)  # the untouched file still loads
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_get_the_mode_of_any_new_file_not_a_temporary_files_0600(tmp_path, umask, mode):
+    """safetensors and Python's temporary files create 0600 files, which a rename keeps: the
+    artifact, the predictions, a round's masks and the decode cache get ``0666 & ~umask``."""
+    from lthmaml.data.imageset import _write_cache
+    from lthmaml.edge.predictions import write_csv
+
+    net = conv_net()
+    prune(net, 0.5)
+    old = os.umask(umask)
+    try:
+        export_net(net, tmp_path / "model.safetensors", {})
+        write_csv(tmp_path / "predictions.csv", ["file", "label", "probability"], [["a.png", "cat", "0.9"]])
+        sparsity.save_masks(tmp_path / "masks.safetensors", sparsity.masks_of(net))
+        _write_cache(tmp_path / "cache.pt", "image", {"images": torch.zeros(1, dtype=torch.uint8)})
+    finally:
+        os.umask(old)
+    written = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert written == dict.fromkeys(
+        ["model.safetensors", "predictions.csv", "masks.safetensors", "cache.pt"], mode
+    )

@@ -342,7 +342,7 @@ def test_edge_cli_fit_test_predict_end_to_end(in_tmp, capsys):
     task = image_task(in_tmp / "task")
     edge_main(edge_args("fit", artifact, task, "--trainer.max_epochs", "3", "--test_after_fit", "true"))
     assert torch.get_num_threads() == 1
-    run = in_tmp / "runs" / "edge" / "version_0"
+    run = in_tmp / "runs" / "edge" / "task"
     finetuned = run / FINETUNED
     assert finetuned.is_file() and not list((in_tmp / "runs").rglob("*.ckpt"))
     with (run / "metrics.csv").open() as handle:
@@ -364,8 +364,8 @@ def test_edge_cli_fit_test_predict_end_to_end(in_tmp, capsys):
         labels = [LABELS[i] for i in tuned.net(dm.splits["query"].x).argmax(-1)]
     assert [row["label"] for row in rows] == labels
 
-    edge_main(edge_args("predict", finetuned, task))  # default: the run folder
-    assert read_rows(in_tmp / "runs" / "edge" / "version_3" / "predictions.csv") == rows
+    edge_main(edge_args("predict", finetuned, task))  # default: the task folder's, as fit's
+    assert read_rows(in_tmp / "runs" / "edge" / "task" / "predictions.csv") == rows
 
 
 @pytest.mark.parametrize(("extra", "lr"), [([], 0.01), (["--model.lr", "0.05"], 0.05)])
@@ -412,7 +412,7 @@ def test_pi_finetune_prints_the_five_figures(in_tmp, capsys):
     assert 100 < float(found["peak resident memory"].split()[0]) < 100_000  # MiB, torch included
     dm = datamodule(task)
     before = query_accuracy(load_artifact(artifact).net, dm)
-    after = query_accuracy(load_artifact(in_tmp / "runs" / "edge" / "version_0" / FINETUNED).net, dm)
+    after = query_accuracy(load_artifact(in_tmp / "runs" / "edge" / "task" / FINETUNED).net, dm)
     assert found["accuracy before"] == f"{before:.4f}" and found["accuracy after"] == f"{after:.4f}"
 
 

@@ -3,19 +3,25 @@ and mini-ImageNet layouts, the cache, augmentation and bad input; on tiny genera
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import COLOURS, colour_photo, mini_imagenet, quiet_trainer, write_photos
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lthmaml.data import FewShotTasks, ImageFolderDataModule, Normalization, decode_image, imageset
 from lthmaml.data.folders import READER, detect_layout, find_classes
 from lthmaml.data.images import IMAGE_LOOK
 from lthmaml.data.imageset import load_pixels
+from lthmaml.data.omniglot import load_omniglot
+from lthmaml.data.taskfolder import TaskFolderDataModule
 from lthmaml.errors import ConfigError, DataError
 from lthmaml.meta.protonet import ProtoNet
 from lthmaml.nets.models import Conv4
@@ -296,7 +302,123 @@ def test_bad_inputs_are_one_line_errors_naming_the_file_and_the_fix(tmp_path, mo
 
 
 def test_the_nets_channels_must_fit_the_look(tmp_path):
-    root = classes_root(tmp_path / "photos", NAMES[:3], count=3)
+    root = classes_root(tmp_path / "photos", NAMES[:6], count=3)
     model = ProtoNet(Conv4(out_features=None, in_channels=1, hidden_channels=4, image_size=SIZE, blocks=2))
     with pytest.raises(ConfigError, match="in_channels=1 but data.init_args.look='rgb' gives 3"):
-        quiet_trainer(max_steps=1).fit(model, datamodule=module(root, class_split=[1, 1, 1]))
+        quiet_trainer(max_steps=1).fit(model, datamodule=module(root, class_split=[2, 2, 2]))
+
+
+def test_every_split_a_stage_draws_is_checked_at_setup_naming_the_option_and_the_fix(tmp_path):
+    """7 classes split 60/20/20 give train 4, val 2, test 1: a 2-way fit (which tests after it) and
+    a test are refused at setup; validate and tasks drawn outside a Trainer (no stage) are not."""
+    root = classes_root(tmp_path / "photos", NAMES[:7], count=3)
+    module(root).setup()
+    module(root).setup("validate")
+    for stage in ("fit", "test", "predict"):
+        with pytest.raises(ConfigError) as error:
+            module(root).setup(stage)
+        assert str(error.value) == (
+            "data.init_args.ways=2 but the test split has only 1 classes: lower data.init_args.ways, or "
+            "give the test split more classes: data.init_args.class_split [3, 2, 2] (class counts)"
+        )
+    module(root, class_split=[3, 2, 2]).setup("fit")
+    with pytest.raises(ConfigError) as error:
+        module(root, class_split=[3, 2, 2], train_ways=4).setup("fit")
+    assert str(error.value) == (
+        "data.init_args.train_ways=4 but the train split has only 3 classes: lower "
+        "data.init_args.train_ways, or add classes: 7 cannot give each split the classes of an episode"
+    )
+    module(root, class_split=[3, 2, 2], train_ways=4, augment="rotations").setup("fit")  # 12 with turns
+    mini = mini_imagenet(tmp_path / "mini", {"train": NAMES[:2], "val": NAMES[2:4], "test": NAMES[4:5]}, 3)
+    with pytest.raises(ConfigError) as error:
+        module(mini).setup("test")
+    assert str(error.value).endswith(f"or add classes to {mini / 'test.csv'}")
+
+
+def test_an_unreadable_image_names_the_file_or_zip_member_not_pillows_buffer(tmp_path, fake_omniglot):
+    root = classes_root(tmp_path / "photos", NAMES[:3], count=3)
+    (root / "red" / "zz.jpg").write_bytes(b"garbage, not a JPEG")
+    with pytest.raises(DataError) as error:
+        module(root, class_split=[1, 1, 1]).setup()
+    assert str(error.value) == (
+        f"cannot read image {root / 'red' / 'zz.jpg'} (not an image format Pillow can read): replace or "
+        "delete the file"
+    )
+    drawers = {"Alpha/character01": 2, "Alpha/character02": 3}  # the garbage makes them even
+    zips = fake_omniglot.zip({"Alpha": ["character01", "character02"]}, drawers=drawers)
+    member = "images_background_small1/Alpha/character01/03.png"
+    with zipfile.ZipFile(zips / "images_background_small1.zip", "a") as archive:
+        archive.writestr(member, b"garbage, not a PNG")
+    with pytest.raises(DataError) as error:
+        load_omniglot(zips, image_size=12)
+    message = str(error.value)
+    zip_path = zips / "images_background_small1.zip"
+    assert message.startswith(
+        f"cannot read Omniglot image {zip_path}:{member} (not an image format Pillow can"
+    )
+    task = tmp_path / "task"
+    write_photos(task / "support" / "red", "red", 1)
+    (task / "query").mkdir()
+    (task / "query" / "zz.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"query/zz.jpg \(not an image format Pillow can read\)"):
+        TaskFolderDataModule(str(task), image_size=SIZE).setup()
+    for error_text in (message, str(error.value)):
+        assert "BytesIO" not in error_text
+
+
+def test_an_empty_class_folder_is_named_in_plain_words(tmp_path):
+    root = classes_root(tmp_path / "photos", NAMES[:3], count=3)
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no photos yet")
+    with pytest.raises(DataError) as error:
+        module(root).setup()
+    assert str(error.value) == (
+        f"class folder {root / 'empty'} holds no images: restore its images or remove it"
+    )
+
+
+def _broken_exif() -> bytes:
+    """An EXIF block that turns the photo (orientation 6) and names a tag whose data lies past its
+    end: Pillow warns "Tag data larger than file" twice for each such file."""
+    entries = struct.pack("<HHI4s", 0x0112, 3, 1, b"\x06\x00\x00\x00") + struct.pack(
+        "<HHII", 0x010F, 2, 100, 38
+    )
+    return b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 2) + entries + struct.pack("<I", 0) + b"abc"
+
+
+def test_pillows_metadata_warnings_are_silenced_and_others_said_once(tmp_path, monkeypatch, caplog):
+    root = classes_root(tmp_path / "photos", NAMES[:3], count=3)
+    for path in (root / "red").iterdir():
+        colour_photo(COLOURS["red"], 1).save(path, quality=95, exif=_broken_exif())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not one raw UserWarning with its source line
+        dm = module(root, class_split=[1, 1, 1])
+        dm.setup()
+    assert dm.pixels.pixels.shape == (9, 3, SIZE, SIZE)
+    assert decode_image((root / "red" / "red_000.jpg").read_bytes(), SIZE).warning == ""
+
+    original = ImageOps.exif_transpose
+
+    def warns(image):
+        warnings.warn("a warning Pillow may add one day", UserWarning, stacklevel=1)
+        return original(image)
+
+    monkeypatch.setattr("lthmaml.data.images.ImageOps.exif_transpose", warns)
+    imageset.clear_memory_cache()
+    with pytest.warns(UserWarning) as caught:
+        module(root, class_split=[1, 1, 1], cache_dir=str(tmp_path / "other")).setup()
+    assert [str(w.message) for w in caught] == [
+        f"image root {root}: Pillow warned while decoding 9 of 9 images (first "
+        f"{root / 'blue' / 'blue_000.jpg'}: a warning Pillow may add one day): check that they show what "
+        "they should"
+    ]
+    task = tmp_path / "task"
+    write_photos(task / "support" / "red", "red", 1)
+    caplog.set_level(logging.INFO)
+    TaskFolderDataModule(str(task), image_size=SIZE).setup()
+    said = [r.getMessage() for r in caplog.records if "Pillow warned" in r.getMessage()]
+    assert said == [
+        f"task folder {task}: Pillow warned while decoding 1 of 1 images (first "
+        f"{task / 'support' / 'red' / 'red_000.jpg'}: a warning Pillow may add one day): check that they "
+        "show what they should"
+    ]

@@ -6,7 +6,6 @@ import ast
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 
 from lthmaml.nets.models import Conv4
@@ -74,16 +73,6 @@ def test_a_checkpoint_naming_the_old_net_path_still_exports(tmp_path):
     torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "old.ckpt")
     artifact = load_artifact(export_checkpoint(tmp_path / "old.ckpt", tmp_path / "a.safetensors"))
     assert isinstance(artifact.net, Conv4)
-
-
-@pytest.mark.parametrize("package", ["lthmaml", "callbacks"])
-def test_no_module_over_about_four_hundred_lines(package):
-    long = {
-        str(f.relative_to(REPO)): n
-        for f in (REPO / package).rglob("*.py")
-        if (n := len(f.read_text().splitlines())) > 420
-    }
-    assert long == {}
 
 
 def test_the_device_imports_no_meta_training_code():

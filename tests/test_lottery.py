@@ -491,14 +491,12 @@ def test_a_killed_cli_fit_resumes_to_the_same_tickets(tmp_path, options, round_e
     resume_point = torch.load(last, weights_only=False)["callbacks"]["LotteryTicket"]
     assert len(resume_point["history"]) in (1, 2)  # killed after round 0's or round 1's end
     assert full.wait(timeout=180) == 0, log("full")
+    round_0 = (round_folder(killed, 0) / "metrics.json").stat().st_mtime_ns
     resumed = start(tmp_path / "cut", "--ckpt_path", str(last))
     assert resumed.wait(timeout=180) == 0, log("cut")
 
-    runs = [
-        tmp_path / "full" / "runs" / "sinusoid" / "version_0",
-        tmp_path / "cut" / "runs" / "sinusoid" / "version_1",
-    ]
-    assert not round_folder(runs[1], 0).exists()  # the resumed fit did not start over
+    runs = [tmp_path / "full" / "runs" / "sinusoid" / "version_0", killed]  # resumed in its own folder
+    assert (round_folder(killed, 0) / "metrics.json").stat().st_mtime_ns == round_0  # not started over
     ends = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=False) for run in runs]
     histories = [end["callbacks"]["LotteryTicket"]["history"] for end in ends]
     assert len(histories[0]) == len(histories[1]) == 4 and histories[0] == histories[1]

@@ -4,22 +4,18 @@ load, newer ones do not."""
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from helpers import assert_pruned_exactly, header_metadata, rewrite, stored
+from torch import Tensor
 
 from lthmaml import sparsity
-from lthmaml.edge.artifact import FORMAT_VERSION, METADATA_KEY, load_artifact
+from lthmaml.edge.artifact import FORMAT_VERSION, load_artifact
 from lthmaml.edge.export import export_net
 from lthmaml.edge.maskbits import MASK, MASKZ, pack_mask
 from lthmaml.errors import DataError
@@ -36,42 +32,6 @@ def pruned_net(fraction: float = 0.85) -> Conv4:
     net = Conv4(out_features=3, hidden_channels=30, image_size=8, blocks=2)
     sparsity.prune_by_magnitude(net, fraction)
     return net
-
-
-def stored(path: Path) -> dict[str, Tensor]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
-
-
-def header_metadata(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads(handle.metadata()[METADATA_KEY])
-
-
-def rewrite(
-    source: Path,
-    target: Path,
-    tensors: Callable[[dict], dict] = lambda t: t,
-    metadata: Callable[[dict], Optional[dict]] = lambda m: m,
-) -> Path:
-    """A copy of an artifact with its tensors and/or metadata changed."""
-    meta = metadata(header_metadata(source))
-    header = None if meta is None else {METADATA_KEY: json.dumps(meta)}
-    save_file(tensors(stored(source)), str(target), metadata=header)
-    return target
-
-
-def assert_pruned_exactly(source: nn.Module, loaded: nn.Module) -> None:
-    """Same masks, attached to the loaded net; every entry under a zero mask is exactly 0; plain
-    float32 weights (no parametrisation) on the device."""
-    masks, got = sparsity.masks_of(source), sparsity.masks_of(loaded)
-    assert got.keys() == masks.keys() and len(sparsity.mask_set(loaded)) > 0
-    for name, mask in got.items():
-        assert torch.equal(mask, masks[name]), name
-        weight = sparsity.weight(loaded, name)
-        assert torch.all(weight[mask == 0] == 0), name
-        assert weight.dtype == torch.float32, name
-    assert not any(parametrize.is_parametrized(m) for m in loaded.modules())
 
 
 def masks_in(path: Path) -> dict[str, str]:
@@ -112,7 +72,7 @@ def test_deflated_masks_round_trip_exactly_for_every_dtype(tmp_path, monkeypatch
     assert path.stat().st_size < packed.stat().st_size
 
     artifact, reference = load_artifact(path), load_artifact(packed)
-    assert_pruned_exactly(net, artifact.net)
+    assert_pruned_exactly(sparsity.masks_within(net), artifact.net)
     for key, value in reference.net.state_dict().items():
         assert torch.equal(artifact.net.state_dict()[key], value), key
     if dtype == "float32":
@@ -132,7 +92,7 @@ def test_masks_that_deflate_does_not_shrink_stay_bit_packed(tmp_path):
         path = export_net(net, tmp_path / f"{dtype}.safetensors", {}, dtype)
         assert set(masks_in(path)) == set(masks) == set(sparsity.prunable(net))
         assert set(masks_in(path).values()) == {MASK}  # a random half: nothing to gain
-        assert_pruned_exactly(net, load_artifact(path).net)
+        assert_pruned_exactly(sparsity.masks_within(net), load_artifact(path).net)
     assert pack_mask(torch.ones(8, dtype=torch.bool))[0] == MASK  # 1 byte: deflate's overhead loses
     assert pack_mask(torch.zeros(4096, dtype=torch.bool))[0] == MASKZ
 
@@ -188,7 +148,7 @@ def test_a_version_1_artifact_with_bit_packed_masks_still_loads(tmp_path, dtype)
     assert set(masks_in(old).values()) == {MASK} and header_metadata(old)["format_version"] == 1
     artifact = load_artifact(old)
     assert artifact.metadata.format_version == 1
-    assert_pruned_exactly(net, artifact.net)
+    assert_pruned_exactly(sparsity.masks_within(net), artifact.net)
     for key, value in load_artifact(current).net.state_dict().items():
         assert torch.equal(artifact.net.state_dict()[key], value), key
 
@@ -201,7 +161,7 @@ def test_a_version_2_artifact_with_deflated_weight_masks_still_loads(tmp_path, d
     assert masks_in(old)[LAYER] == MASKZ and header_metadata(old)["format_version"] == 2
     artifact = load_artifact(old)
     assert artifact.metadata.format_version == 2
-    assert_pruned_exactly(net, artifact.net)
+    assert_pruned_exactly(sparsity.masks_within(net), artifact.net)
     for key, value in load_artifact(current).net.state_dict().items():
         assert torch.equal(artifact.net.state_dict()[key], value), key
 

@@ -371,7 +371,7 @@ def test_tiny_sinusoid_fit_from_the_cnp_config(tmp_path, monkeypatch, caplog):
             ["fit", "-c", str(REPO / "configs" / "cnp_sinusoid.yaml"), *TINY_FIT, "--test_after_fit", "true"]
         )
     assert "Post-adaptation on 20 test tasks (the mean representation of the support pairs)" in caplog.text
-    assert "loss (MSE for regression)" in caplog.text and "Gaussian NLL" in caplog.text
+    assert "95% CI: MSE " in caplog.text and "; Gaussian NLL" in caplog.text
     model = CNP.load_from_checkpoint(
         tmp_path / "runs" / "cnp_sinusoid" / "version_0" / "checkpoints" / "last.ckpt"
     )

@@ -212,7 +212,7 @@ def test_batches_have_labels_0_to_n_minus_1_shots_times_each(fake_omniglot):
     dm = module(
         fake_omniglot.folder(CLASSES, drawers=6), ways=3, shots=2, query_shots=3, class_split=[3, 1, 1]
     )
-    dm.setup("fit")
+    dm.setup()  # not "fit": its val and test splits hold one class, which a fit refuses at setup
     batch = next(iter(dm.train_dataloader()))
     assert batch.support_x.shape == (2, 6, 1, 12, 12) and batch.query_x.shape == (2, 9, 1, 12, 12)
     for support_y, query_y in zip(batch.support_y, batch.query_y):
@@ -302,9 +302,9 @@ def test_corrupt_zip(tmp_path):
 
 def test_too_many_ways_or_shots_name_the_option(fake_omniglot):
     root = fake_omniglot.folder(CLASSES)
-    with pytest.raises(ConfigError, match=r"data.ways=3 but the val split has only 1 classes"):
+    with pytest.raises(ConfigError, match=r"data.init_args.ways=3 but the val split has only 1 classes"):
         module(root, ways=3).val_dataloader()
-    with pytest.raises(ConfigError, match=r"data.shots \+ data.query_shots = 5 .* only 4 examples"):
+    with pytest.raises(ConfigError, match=r"shots \+ data.init_args.query_shots = 5 .* only 4 examples"):
         module(root, shots=2, query_shots=3).train_dataloader()
 
 
@@ -329,7 +329,7 @@ def test_cli_prints_data_errors_as_one_line(fake_omniglot, tmp_path, monkeypatch
                 "--data.init_args.class_split",
                 "[3, 1, 1]",
             ],
-            "data.ways=5",
+            "data.init_args.ways=5",
         ),
     ]:
         with pytest.raises(SystemExit) as exit_info:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_report_writes_four_pngs_and_the_logged_numbers(lottery_run: Path, dense
         assert row["sparsity"] == f"{100 * SPARSITY[r]:.2f}%"
         assert float(row["weights remaining"].rstrip("%")) == pytest.approx(100 * (1 - SPARSITY[r]), abs=5e-3)
         assert float(row["best val"]) == pytest.approx(BEST_VAL[r], abs=5e-5)
-        assert int(row["best epoch"]) == 2 * r + 1
+        assert int(row["best epoch (0-based)"]) == 2 * r + 1
         test, ci = (float(x) for x in row["test +- 95% CI"].split("±"))
         assert (test, ci) == (pytest.approx(TEST[r], abs=5e-5), pytest.approx(CI[r], abs=5e-5))
         assert float(row["round time (s)"]) == pytest.approx(ROUND_ENDS[r] - ([0.0] + ROUND_ENDS)[r])
@@ -272,3 +273,128 @@ def test_real_lottery_fit_then_report(tmp_path: Path, monkeypatch):
         assert row["test +- 95% CI"] == f"{record['test']:.4f} ± {ci:.4f}"
     text = (tmp_path / "report" / "report.md").read_text()
     assert "MSE" in text
+
+
+# ---------------------------------------------------------------------- what each folder is
+
+
+def folder_with(path: Path, config_: dict, scalars: list) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(config_))
+    write_events(path, scalars)
+    return path
+
+
+def drawn(monkeypatch, plot, runs, tmp_path):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, file: figures.append(fig))
+    assert plot(runs, tmp_path / "x.png") is None
+    return figures[0]
+
+
+def test_a_folder_that_only_tested_a_checkpoint_is_no_dense_run(lottery_run, tmp_path, monkeypatch):
+    ckpt = str(lottery_run / "rounds" / "round_02" / "model.ckpt")
+    tested = folder_with(
+        tmp_path / "runs" / "omniglot" / "version_1",
+        {**config([]), "ckpt_path": ckpt},
+        [("test/acc_post", 5.0, 30, 0.8), ("test/acc_post_ci95", 5.0, 30, 0.02)],
+    )
+    run = reading.load_run(tested)
+    assert run.kind == reading.TEST and not run.dense and run.strategy == "checkpoint test"
+    out = tmp_path / "report"
+    assert report.main([str(lottery_run), str(tested), "-o", str(out)]) == 0
+    section = (out / "report.md").read_text().split("## checkpoint test")[1]
+    assert (
+        f"- a test of the checkpoint `{ckpt}` (nothing trained in this folder): acc_post 0.8000 ± 0.0200"
+        in section
+    )
+    assert "dense" not in section
+    (ax,) = drawn(monkeypatch, plots.plot_remaining, [reading.load_run(lottery_run), run], tmp_path).axes
+    assert not [line for line in ax.get_lines() if "dense" in line.get_label()]
+
+
+def test_the_dense_reference_is_a_dense_run_of_the_same_learner_and_data(lottery_run, tmp_path, monkeypatch):
+    scalars = [("test/acc_post", 100.0, 20, 0.93), ("test/acc_post_ci95", 100.0, 20, 0.015)]
+    protonet = {**config([]), "model": {"class_path": "lthmaml.meta.protonet.ProtoNet"}}
+    other = folder_with(tmp_path / "runs" / "protonet" / "version_0", protonet, scalars)
+    same = folder_with(tmp_path / "runs" / "dense" / "version_0", config([]), scalars)
+    lottery, other, same = (reading.load_run(p) for p in (lottery_run, other, same))
+    assert other.setting != lottery.setting == same.setting
+
+    (ax,) = drawn(monkeypatch, plots.plot_remaining, [lottery, other], tmp_path).axes
+    assert not [line for line in ax.get_lines() if "dense" in line.get_label()]
+    (ax,) = drawn(monkeypatch, plots.plot_remaining, [lottery, other, same], tmp_path).axes
+    labels = [line.get_label() for line in ax.get_lines() if "dense" in line.get_label()]
+    assert labels == [f"dense reference: {same.label}"]
+    (ax,) = drawn(
+        monkeypatch, plots.plot_remaining, [other], tmp_path
+    ).axes  # alone: a dense run, no reference
+    assert [line.get_label() for line in ax.get_lines()] == [f"dense: {other.label}"]
+
+
+def test_report_md_gives_accuracy_as_the_fraction_it_is(lottery_run, dense_run, tmp_path):
+    out = tmp_path / "report"
+    assert report.main([str(lottery_run), str(dense_run), "-o", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "(%)" not in text and text.count("query accuracy after adaptation, a fraction: 1 = 100%") == 2
+
+
+def test_rounds_plot_draws_the_tables_epochs_on_a_whole_number_axis(lottery_run, tmp_path, monkeypatch):
+    run = reading.load_run(lottery_run)
+    left, _ = drawn(monkeypatch, plots.plot_rounds, [run], tmp_path).axes
+    (line,) = left.get_lines()
+    assert list(line.get_ydata()) == [record["val_epoch"] for record in run.rounds] == [1, 3, 5]
+    assert left.get_ylim() == (-0.5, 5.5) and "0-based" in left.get_ylabel()
+    for file in (lottery_run / "rounds").glob("*/metrics.json"):  # every best epoch the same
+        record = json.loads(file.read_text())
+        file.write_text(json.dumps({**record, "best_epoch": 1}))
+    left, _ = drawn(monkeypatch, plots.plot_rounds, [reading.load_run(lottery_run)], tmp_path).axes
+    ticks = [t for t in left.get_yticks() if -0.5 <= t <= 1.5]
+    assert left.get_ylim() == (-0.5, 1.5) and ticks == [0.0, 1.0]
+
+
+def test_the_legends_leave_the_other_panel_free(lottery_run, tmp_path, monkeypatch):
+    sinusoid = tmp_path / "runs" / "sinusoid" / "version_0"
+    shutil.copytree(lottery_run, sinusoid)
+    (sinusoid / "config.yaml").write_text(
+        yaml.safe_dump({**config([]), "data": {"class_path": "lthmaml.data.SinusoidDataModule"}})
+    )
+    for file in (sinusoid / "rounds").glob("*/metrics.json"):
+        record = json.loads(file.read_text())
+        record.update(monitor="val/loss_post", test_metric="test/loss_post", test=0.5)
+        record["test_metrics"] = {"test/loss_post": 0.5, "test/loss_post_ci95": 0.1}
+        file.write_text(json.dumps(record))
+    runs = [reading.load_run(lottery_run), reading.load_run(sinusoid)]
+    assert runs[1].regression and runs[0].y_label != runs[1].y_label
+    figure = drawn(monkeypatch, plots.plot_remaining, runs, tmp_path)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    axes = figure.axes
+    assert len(axes) == 2
+    for ax in axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        for other in axes:
+            if other is not ax:
+                assert not legend.overlaps(other.get_window_extent(renderer))
+
+
+def test_an_edge_run_is_skipped_as_what_it_is(lottery_run, tmp_path, capsys):
+    tuned = tmp_path / "runs" / "edge" / "wave"
+    tuned.mkdir(parents=True)
+    (tuned / "config.yaml").write_text(yaml.safe_dump({"model": {"artifact": "model.safetensors"}}))
+    (tuned / "metrics.csv").write_text("epoch,step,val/loss\n0,0,0.5\n")
+    assert reading.load_run(tuned).kind == reading.EDGE
+    assert report.main([str(lottery_run), str(tuned), "-o", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert f"lthmaml-report: skipped {tuned} (an lthmaml-edge fine-tuning on a task folder" in err
+    assert "failed at start-up" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tuned), "-o", str(tmp_path / "report")])
+    assert exit_info.value.code == 2 and "every one was skipped" in capsys.readouterr().err
+
+
+def test_a_later_validate_of_the_checkpoint_is_no_point_of_the_training_curve(lottery_run):
+    (lottery_run / "events.out.tfevents.1.test.0").rename(lottery_run / "events.out.tfevents.0.fit.0")
+    write_events(lottery_run, [("val/acc_post", 9000.0, 0, 0.81)])  # `lthmaml validate`, hours later
+    minutes, values = zip(*reading.metric_over_time(reading.load_run(lottery_run)))
+    assert minutes == pytest.approx((1.0, 2.0, 3.0)) and values == pytest.approx((0.5, 0.7, 0.8))

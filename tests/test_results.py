@@ -1,4 +1,4 @@
-"""README "Results": the cross-run table, computed findings, sinusoid table and README markers."""
+"""docs/results.md: the cross-run table, computed findings, sinusoid table and the results markers."""
 
 from __future__ import annotations
 
@@ -120,12 +120,14 @@ def test_distillation_is_compared_level_by_level_with_the_same_rounds_without_it
     assert "Their dense rounds differ (91.23 against 95.00" in line
 
 
-def test_readme_section_is_replaced_between_the_markers_only_and_regenerates_identically(
+def test_results_section_is_replaced_between_the_markers_only_and_regenerates_identically(
     lottery_run,  # noqa: F811
     dense_run,  # noqa: F811
     tmp_path,
 ):
-    readme = tmp_path / "README.md"
+    """docs/results.md is the section's home: its links are relative to docs/, not the repository."""
+    readme = tmp_path / "docs" / "results.md"
+    readme.parent.mkdir()
     readme.write_text(f"# Title\n\nBefore.\n\n{results.BEGIN}\nstale text\n{results.END}\n\nAfter.\n")
     sinusoid = tmp_path / "sinusoid.json"
     sinusoid.write_text(
@@ -146,6 +148,7 @@ def test_readme_section_is_replaced_between_the_markers_only_and_regenerates_ide
                     }
                 ],
                 "cnp": {"mse": 0.1234, "ci95": 0.0121},
+                "plot": str(tmp_path / "docs" / "results" / "sinusoid_predictions.png"),
             }
         )
     )
@@ -166,7 +169,9 @@ def test_readme_section_is_replaced_between_the_markers_only_and_regenerates_ide
         results.END + "\n\nAfter.\n"
     )
     assert "stale text" not in text
-    assert "![Accuracy vs. weights remaining](docs/results/accuracy_vs_remaining.png)" in text
+    assert "![Accuracy vs. weights remaining](results/accuracy_vs_remaining.png)" in text
+    assert "Per-round tables: [results/report.md](results/report.md)" in text
+    assert "![MAML and the CNP on four sinusoid test tasks](results/sinusoid_predictions.png)" in text
     assert (tmp_path / "docs" / "results" / "accuracy_vs_remaining.png").is_file()
     assert "| 1 | 0.663 ± 0.058 | 0.67 | -1.0% |" in text
     assert "| CNP (no steps) | 0.123 ± 0.012 | | |" in text  # on the same test tasks

@@ -11,7 +11,7 @@ import yaml
 from test_report import config, write_events
 
 from lthmaml.reporting import runs as reading
-from lthmaml.reporting.sparse import sparse_findings, sparse_table
+from lthmaml.reporting.sparse import dense_run, sparse_findings, sparse_table
 
 DENSE_FORWARD = 1000.0
 
@@ -85,6 +85,19 @@ def test_the_finding_compares_the_best_of_each_family_at_90(runs):
     (line,) = sparse_findings(runs)
     assert "rigl (90.50%)" in line and "0.70 points below" in line and "lth_rewind_init (~91.20%)" in line
     assert f"{150_000 / (3 * (1000 * 200 + 200 * 200 + 100 * 200)):.2f}x" in line and "met." in line
+
+
+def test_the_dense_row_is_a_dense_run_of_the_same_learner_and_data(tmp_path, runs):
+    other = tmp_path / "elsewhere" / "dense" / "version_0"
+    other.mkdir(parents=True)
+    protonet = {**config([]), "model": {"class_path": "lthmaml.meta.protonet.ProtoNet"}}
+    (other / "config.yaml").write_text(yaml.safe_dump(protonet))
+    write_events(other, [("val/acc_post", 10.0, 50, 0.9), ("test/acc_post", 20.0, 50, 0.97)])
+    other = reading.load_run(other)
+    assert dense_run([other, *runs]) is runs[0]  # the MAML one, though the ProtoNet one comes first
+    table = sparse_table([other, *runs[1:]]).splitlines()
+    assert not [row for row in table if row.startswith("| dense")]  # a ProtoNet is no MAML's reference
+    assert "x" not in next(row for row in table if row.startswith("| rigl |"))  # no FLOPs reference
 
 
 def test_no_sparse_run_no_table(runs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -12,13 +13,21 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from lthmaml.data.fewshot import FewShotTasks
+from lthmaml.data.fewshot import ROTATIONS, FewShotTasks, check_pool
 from lthmaml.data.images import IMAGE_LOOK, Look, Normalization, channels
 from lthmaml.data.imageset import SplitSpec, check_class_split, split_classes
 from lthmaml.data.omniglot import OmniglotImages, load_omniglot
 from lthmaml.data.sinusoid import SinusoidTasks
-from lthmaml.data.tasks import EpisodeDataset, EpochSampler, TaskSource
+from lthmaml.data.tasks import SPLITS, EpisodeDataset, EpochSampler, TaskSource
 from lthmaml.errors import ConfigError
+
+STAGE_SPLITS: dict[str, tuple[str, ...]] = {
+    "fit": SPLITS,  # test too: --test_after_fit and a pruning run's rounds test after the fit
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+}
+"""The splits whose episodes a Trainer stage draws (predict draws the test tasks)."""
 
 
 def check_episode(ways: Optional[int], shots: int, query_shots: int) -> None:
@@ -197,6 +206,46 @@ class ImageTasksDataModule(EpisodicDataModule):
         """Classes of a ``split``'s episodes: ``train_ways`` (if set) in training, else ``ways``."""
         return self.train_ways if split == "train" and self.train_ways is not None else self.ways
 
+    def split_rotations(self, split: str) -> bool:
+        """Whether ``split``'s classes also count at 90/180/270 degrees (rotation augmentation)."""
+        return False
+
+    def check_splits(self, stage: Optional[str], class_sizes: Sequence[int]) -> None:
+        """Each split the Trainer ``stage`` draws from has classes enough for its episodes, and
+        images enough in each (``class_sizes``: images per class, by index): checked in setup, as
+        the data is read. Drawn only when a split's loader is first made, a test split too small
+        would fail after the whole fit. Without a stage (tasks drawn outside a Trainer) each split
+        is checked as it is drawn (:class:`~lthmaml.data.fewshot.FewShotTasks`)."""
+        for split in STAGE_SPLITS.get(stage or "", ()):
+            indices = self.class_indices[split]
+            check_pool(
+                split,
+                self.split_ways(split),
+                self.shots,
+                self.split_query_shots(split),
+                len(indices),
+                min((class_sizes[i] for i in indices), default=0),
+                self.split_rotations(split),
+                "train_ways" if split == "train" and self.train_ways is not None else "ways",
+                self.more_classes(split),
+            )
+
+    def more_classes(self, split: str) -> str:
+        """How to give ``split`` more classes, for :meth:`check_splits`' message."""
+        return f"add classes to the {split} split"
+
+    def class_split_fix(self, split: str, classes: int) -> str:
+        """:meth:`more_classes` where ``data.init_args.class_split`` divides ``classes`` classes: a
+        split by counts that gives val and test ``ways`` classes each and the rest to training."""
+        sizes = {name: len(self.class_indices[name]) for name in SPLITS}
+        sizes.update({name: max(sizes[name], self.ways) for name in ("val", "test")})
+        sizes["train"] = classes - sizes["val"] - sizes["test"]
+        pool = sizes["train"] * (ROTATIONS if self.split_rotations("train") else 1)
+        if sizes["train"] < 1 or pool < self.split_ways("train"):
+            return f"add classes: {classes} cannot give each split the classes of an episode"
+        counts = ", ".join(str(sizes[name]) for name in SPLITS)
+        return f"give the {split} split more classes: data.init_args.class_split [{counts}] (class counts)"
+
     @abstractmethod
     def split_tasks(self, split: str) -> FewShotTasks:
         """The tasks of ``split``, after :meth:`setup`."""
@@ -298,7 +347,17 @@ class OmniglotDataModule(ImageTasksDataModule):
             self.class_indices = split_classes(
                 self.data.classes, self.class_split, self.split_seed, self.split_by_alphabet
             )
+        classes, drawers = self.data.images.shape[:2]
+        self.check_splits(stage, [drawers] * classes)
         self.check_net_channels()
+
+    def split_rotations(self, split: str) -> bool:
+        return self.augment_rotations and split == "train"
+
+    def more_classes(self, split: str) -> str:
+        if self.split_by_alphabet:
+            return f"give the {split} split a larger share of the alphabets in data.init_args.class_split"
+        return self.class_split_fix(split, len(self.data.classes))
 
     def split_tasks(self, split: str) -> FewShotTasks:
         return FewShotTasks(
@@ -306,6 +365,6 @@ class OmniglotDataModule(ImageTasksDataModule):
             self.split_ways(split),
             self.shots,
             self.split_query_shots(split),
-            rotations=self.augment_rotations and split == "train",
+            rotations=self.split_rotations(split),
             name=split,
         )

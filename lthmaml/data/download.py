@@ -20,7 +20,8 @@ does both anew. The URLs default to the official brendenlake/omniglot repository
 ``--base-url`` or the ``LTHMAML_OMNIGLOT_URL`` environment variable point them at a mirror (the
 file names stay the same). The SHA-256 digests are those TensorFlow Datasets pins for these URLs
 (``tensorflow_datasets/url_checksums/omniglot.txt``); torchvision's prototype Omniglot dataset
-pins the same values. Only the standard library is used.
+pins the same values. Only the standard library is used. The zip and the folders get the mode any
+new file or folder gets (0644, 0755 under the usual umask), not their temporary ones' 0600 and 0700.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from lthmaml.errors import ConfigError, DataError, LthmamlError
+from lthmaml.files import give_default_mode
 
 PROG = "lthmaml-data"
 BASE_URL_ENV = "LTHMAML_OMNIGLOT_URL"
@@ -179,6 +181,7 @@ def _extract(zip_path: Path, final: Path, log: Log) -> None:
         if final.exists():  # --force, or a folder left by something else: swap, never merge
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=root))
             os.replace(final, old / final.name)
+        give_default_mode(tree)  # a temporary folder is 0700, as only its maker could read it
         os.replace(tree, final)
     except OSError as error:
         if old is not None and not final.exists():
@@ -229,6 +232,7 @@ def fetch_file(
             part = Path(part_name)
             try:
                 _fetch(url, part, filename, sha256, log)
+                give_default_mode(part)  # 0600 as a temporary file, 0644 (umask) as the zip
                 os.replace(part, zip_path)
             finally:
                 _remove(part)

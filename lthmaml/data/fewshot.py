@@ -16,6 +16,40 @@ ROTATIONS = 4
 """Rotation class augmentation: each image class at 0/90/180/270 degrees is a class of its own."""
 
 
+def check_pool(
+    split: str,
+    ways: int,
+    shots: int,
+    query_shots: int,
+    classes: int,
+    examples: int,
+    rotations: bool = False,
+    ways_option: str = "ways",
+    more_classes: str = "add classes",
+) -> None:
+    """A ``split`` of ``classes`` classes (times four with ``rotations``) of at least ``examples``
+    images each can make ``ways``-way episodes of ``shots`` + ``query_shots`` images a class: else a
+    ConfigError naming the split, the option and the fix (``more_classes`` says how to add some)."""
+    query = "query_shots" if split == "train" else "eval_query_shots"
+    if ways < 1 or shots < 1 or query_shots < 1:
+        raise ConfigError(
+            f"data.init_args.{ways_option}, shots and {query} must be >= 1 "
+            f"(got {ways}, {shots}, {query_shots})"
+        )
+    pool = classes * (ROTATIONS if rotations else 1)
+    if ways > pool:
+        raise ConfigError(
+            f"data.init_args.{ways_option}={ways} but the {split} split has only {pool} classes"
+            f"{' (rotations included)' if rotations else ''}: lower data.init_args.{ways_option}, or "
+            f"{more_classes}"
+        )
+    if shots + query_shots > examples:
+        raise ConfigError(
+            f"data.init_args.shots + data.init_args.{query} = {shots + query_shots} but the {split} split "
+            f"has only {examples} examples per class: lower data.init_args.shots or data.init_args.{query}"
+        )
+
+
 class FewShotTasks:
     """Draws ``ways`` classes, then ``shots`` support and ``query_shots`` query images of each.
 
@@ -57,22 +91,7 @@ class FewShotTasks:
         )
         classes = len(self.counts) if counts is not None else images.shape[0]
         examples = min(self.counts, default=0) if counts is not None else images.shape[1]
-        pool = classes * self.rotations
-        if ways < 1 or shots < 1 or query_shots < 1:
-            raise ConfigError(
-                f"data.ways, data.shots, data.query_shots must be >= 1 (got {ways}, {shots}, {query_shots})"
-            )
-        if ways > pool:
-            raise ConfigError(
-                f"data.ways={ways} but the {name} split has only {pool} classes"
-                f"{' (rotations included)' if rotations else ''}: lower data.ways or add classes"
-            )
-        if shots + query_shots > examples:
-            query = "query_shots" if name == "train" else "eval_query_shots"
-            raise ConfigError(
-                f"data.shots + data.{query} = {shots + query_shots} but the {name} split has only "
-                f"{examples} examples per class: lower data.shots or data.{query}"
-            )
+        check_pool(name, ways, shots, query_shots, classes, examples, rotations)
 
     @property
     def num_classes(self) -> int:

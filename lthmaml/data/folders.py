@@ -79,7 +79,7 @@ def _class_folders(base: Path, root: Path) -> dict[str, list[ImageFile]]:
             f"{loose[0]} is not inside a class folder: move the images of {base} into {base}/<class>/ "
             "folders, one per class"
         )
-    classes = scan_folder(base, root, 1, IMAGE_SUFFIXES, "image")
+    classes = scan_folder(base, root, 1, IMAGE_SUFFIXES, "images")
     if not classes:
         raise DataError(f"{base} holds no <class>/ folders of images: {HINT}")
     return classes
@@ -225,36 +225,51 @@ class ImageFolderDataModule(ImageTasksDataModule):
         self.split_seed, self.augment, self.normalize = split_seed, augment, normalize
         self.cache_dir = cache_dir
         self.normalization = Normalization.identity(look)
+        self.files: Optional[dict[str, list[ImageFile]]] = None  # per class, once setup found them
+        self.found_layout = layout
         self.pixels: Optional[ClassPixels] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.pixels is None:
-            root = Path(self.root).expanduser()
-            layout, classes = find_classes(root, self.layout)
+        root = Path(self.root).expanduser()
+        if self.files is None:
+            self.found_layout, classes = find_classes(root, self.layout)
             names = list(classes)
-            if layout == "classes":
+            if self.found_layout == "classes":
                 self.class_indices = split_classes(names, self.class_split or DEFAULT_SPLIT, self.split_seed)
             elif self.class_split is not None:
                 raise ConfigError(
-                    f"the {layout} layout of {root} fixes the class split: drop data.init_args.class_split"
+                    f"the {self.found_layout} layout of {root} fixes the class split: drop "
+                    "data.init_args.class_split"
                 )
             else:
                 self.class_indices = {
                     s: [i for i, k in enumerate(names) if k.split("/")[0] == s] for s in SPLITS
                 }
-            self._check_counts(root, layout, classes)
-            digest = fingerprint(classes, None, self.image_size, self.look)
+            self._check_counts(root, self.found_layout, classes)
+            self.files = classes
+        self.check_splits(stage, [len(files) for files in self.files.values()])  # before decoding
+        if self.pixels is None:
+            digest = fingerprint(self.files, None, self.image_size, self.look)
             key = ("images", str(root.resolve()), self.image_size, self.look)
             self.pixels = remembered(
                 key,
                 digest,
                 lambda: load_pixels(
-                    root, classes, self.image_size, self.look, READER, self.cache_dir, digest
+                    root, self.files, self.image_size, self.look, READER, self.cache_dir, digest
                 ),
             )
             if self.normalize:
                 self.normalization = Normalization.of(self.pixels.subset(self.class_indices["train"]).pixels)
         self.check_net_channels()
+
+    def split_rotations(self, split: str) -> bool:
+        return split == "train" and self.augment == "rotations"
+
+    def more_classes(self, split: str) -> str:
+        if self.found_layout == "classes":
+            return self.class_split_fix(split, len(self.files))
+        where = f"{split}.csv" if self.found_layout == "miniimagenet" else f"{split}/"
+        return f"add classes to {Path(self.root).expanduser() / where}"
 
     def _check_counts(self, root: Path, layout: str, classes: dict[str, list[ImageFile]]) -> None:
         """Every class holds an episode's images: a DataError naming the smallest class that does not."""
@@ -286,7 +301,7 @@ class ImageFolderDataModule(ImageTasksDataModule):
             self.split_ways(split),
             self.shots,
             self.split_query_shots(split),
-            rotations=train and self.augment == "rotations",
+            rotations=self.split_rotations(split),
             name=split,
             counts=part.counts,
             flips=train and self.augment == "flips",

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any, Literal, NamedTuple, Optional, Union, get_args
 
 import numpy as np
 import torch
-from PIL import Image, ImageChops, ImageOps
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from lthmaml.errors import DataError
@@ -70,6 +72,29 @@ class Decoded(NamedTuple):
     mode: str  # the file's PIL mode ("RGB", "L", "P", ...)
     size: tuple[int, int]  # the file's width and height, EXIF rotation applied
     colour: bool  # its channels differ: a gray or ink look drops its colour
+    warning: str = ""  # the first of Pillow's warnings on this file that may matter (see HARMLESS)
+
+
+HARMLESS = re.compile(
+    r"EXIF|XMP|Tag |tag |Truncated File Read|Metadata Warning|MPO|Palette images with Transparency|"
+    r"palette entry for transparency|APNG"
+)
+"""Pillow's warnings about a file's metadata (a damaged EXIF block, a skipped TIFF tag, an MPO read
+as its base JPEG, a palette's transparency, which every look flattens onto white anyway): the
+pixels decode as they are, so they are not shown. Pillow's decompression-bomb warning for a large
+photo is dropped too: it is resized to ``image_size``. Others are said once per set of files."""
+
+
+_IN_MEMORY = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """Why a file could not be decoded, in one line without Pillow's ``<_io.BytesIO object at ...>``
+    (the file is named beside it)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format Pillow can read"
+    text = " ".join(_IN_MEMORY.sub("", str(error)).split())
+    return text or type(error).__name__
 
 
 def _on_white(image: Image.Image) -> Optional[Image.Image]:
@@ -116,16 +141,25 @@ def _square(image: Image.Image, look: str) -> Image.Image:
 
 
 def decode_image(data: bytes, image_size: int, look: Look = "ink") -> Decoded:
-    """Image bytes as the net sees them in ``look`` (uint8; ink 255 for ``ink``)."""
-    with Image.open(io.BytesIO(data)) as file:
-        image = ImageOps.exif_transpose(file)
-        mode, size = file.mode, image.size
-        colour_view = None if mode in _GRAY_MODES else _rgb(image)
-        colour = colour_view is not None and _in_colour(colour_view)
-        if look == "rgb":
-            picture = colour_view if colour_view is not None else _rgb(image)
-        else:
-            picture = _grayscale(image)
+    """Image bytes as the net sees them in ``look`` (uint8; ink 255 for ``ink``). Pillow's warnings
+    are not printed: see :data:`HARMLESS`; the first other one is kept in ``Decoded.warning``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(io.BytesIO(data)) as file:
+            image = ImageOps.exif_transpose(file)
+            mode, size = file.mode, image.size
+            colour_view = None if mode in _GRAY_MODES else _rgb(image)
+            colour = colour_view is not None and _in_colour(colour_view)
+            if look == "rgb":
+                picture = colour_view if colour_view is not None else _rgb(image)
+            else:
+                picture = _grayscale(image)
+    said = (
+        str(w.message)
+        for w in caught
+        if not issubclass(w.category, Image.DecompressionBombWarning) and not HARMLESS.search(str(w.message))
+    )
+    warning = " ".join(next(said, "").split())
     picture = _square(picture, look)
     if picture.size != (image_size, image_size):
         picture = picture.resize((image_size, image_size), Image.Resampling.LANCZOS)
@@ -133,7 +167,7 @@ def decode_image(data: bytes, image_size: int, look: Look = "ink") -> Decoded:
     if look == "ink":
         array = 255 - array
     pixels = array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
-    return Decoded(pixels, mode, size, colour)
+    return Decoded(pixels, mode, size, colour, warning)
 
 
 @dataclass
@@ -148,6 +182,8 @@ class DecodeTally:
     colour: int = 0
     first_colour: str = ""
     first_gray: str = ""
+    warned: int = 0
+    first_warning: str = ""
 
     def add(self, name: str, decoded: Decoded) -> None:
         self.sizes.add(decoded.size)
@@ -158,6 +194,9 @@ class DecodeTally:
             self.first_colour = name
         elif not decoded.colour and not self.first_gray:
             self.first_gray = name
+        if decoded.warning:
+            self.warned += 1
+            self.first_warning = self.first_warning or f"{name}: {decoded.warning}"
 
     def notes(self, where: str) -> list[str]:
         """One line per conversion: sizes or modes made uniform, colour dropped, gray repeated."""
@@ -182,6 +221,11 @@ class DecodeTally:
                 f"{where}: {gray} of {self.total} images are gray (first {self.first_gray}) and look 'rgb' "
                 "converts them to colour, the gray repeated in the three channels"
             )
+        if self.warned:
+            notes.append(
+                f"{where}: Pillow warned while decoding {self.warned} of {self.total} images (first "
+                f"{self.first_warning}): check that they show what they should"
+            )
         return notes
 
 
@@ -190,7 +234,7 @@ def decode_file(path: Path, image_size: int, look: Look = "ink") -> Decoded:
     try:
         return decode_image(path.read_bytes(), image_size, look)
     except Exception as error:  # any decoder failure (OSError, SyntaxError, zlib, bombs) = unreadable
-        reason = str(error) or type(error).__name__
+        reason = unreadable_reason(error)
         raise DataError(f"cannot read image {path} ({reason}): replace or delete the file") from None
 
 

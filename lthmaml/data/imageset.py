@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -29,9 +28,10 @@ import torch
 from PIL.Image import DecompressionBombError
 from torch import Tensor
 
-from lthmaml.data.images import DecodeTally, Look, channels, decode_image, visible
+from lthmaml.data.images import DecodeTally, Look, channels, decode_image, unreadable_reason, visible
 from lthmaml.data.tasks import SPLITS
 from lthmaml.errors import ConfigError, DataError
+from lthmaml.files import replacing
 
 CACHE_ENV = "LTHMAML_CACHE"
 CACHE_FORMAT = 1  # bump when the cached tensors change meaning (resampling, dtype, layout)
@@ -107,7 +107,7 @@ def scan_folder(
     base: Path, root: Path, depth: int, suffixes: Sequence[str], what: str
 ) -> dict[str, list[ImageFile]]:
     """``base/<d1>/.../<d_depth>/*<suffix>`` per class ``d1/.../d_depth``, sorted; an empty class
-    folder is an error once any holds images (``what`` names the images in the message)."""
+    folder is an error once any holds images (``what`` names them in the message: ``.png images``)."""
     classes: dict[str, list[ImageFile]] = {}
     empty: list[Path] = []
 
@@ -127,7 +127,7 @@ def scan_folder(
 
     walk(base, 0)
     if classes and empty:
-        raise DataError(f"class folder {empty[0]} holds no {what} images: restore its images or remove it")
+        raise DataError(f"class folder {empty[0]} holds no {what}: restore its images or remove it")
     return classes
 
 
@@ -171,7 +171,7 @@ def decode_all(
                     data = archives[file.zip_path].read(file.name)
                 decoded = decode_image(data, image_size, look)
             except UNREADABLE as error:
-                reason = str(error) or type(error).__name__
+                reason = unreadable_reason(error)
                 title = f"{reader.title} " if reader.title else ""
                 raise DataError(
                     f"cannot read {title}image {file.describe(root)} ({reason}): {reader.fix}"
@@ -251,18 +251,13 @@ def _read_cache(
 
 
 def _write_cache(path: Path, title: str, payload: dict[str, Any]) -> None:
-    """Atomic (temporary file + rename), so a concurrent run never loads half a file; best effort."""
-    tmp_name = None
+    """Atomic (:func:`lthmaml.files.replacing`), so a concurrent run never loads half a file;
+    best effort: a cache that cannot be written is a warning."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-            tmp_name = tmp.name
+        with replacing(path, f"the {title} cache") as tmp:
             torch.save(payload, tmp)
-        os.replace(tmp_name, path)
-    except OSError as error:
-        warnings.warn(f"could not write the {title} cache {path} ({error}); set {CACHE_ENV}", stacklevel=3)
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
+    except DataError as error:
+        warnings.warn(f"{error} (or set {CACHE_ENV})", stacklevel=3)
 
 
 def load_pixels(

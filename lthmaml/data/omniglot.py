@@ -54,7 +54,7 @@ class OmniglotImages:
 # ---------------------------------------------------------------------------------- finding files
 def _scan_folder(base: Path, root: Path) -> dict[str, list[ImageFile]]:
     """``base/<alphabet>/<character>/*.png``; an empty character folder is an error once any has images."""
-    return scan_folder(base, root, 2, (".png",), ".png")
+    return scan_folder(base, root, 2, (".png",), ".png images")
 
 
 def _scan_zip(path: Path) -> dict[str, list[ImageFile]]:

@@ -184,6 +184,34 @@ def dense_size(net: nn.Module) -> int:
     return len(save(dense_tensors(net)))
 
 
+CHECKPOINT = "a PyTorch checkpoint"
+
+
+def sniffed(path: Path) -> str:
+    """What ``path`` holds, told by its first bytes, for the files a user may give in place of an
+    artifact or a checkpoint: :data:`CHECKPOINT` (the zip ``torch.save`` writes, or its older
+    pickle), ``"a safetensors file"``, an image, ``"an empty file"``, else ``"a file of another kind"``;
+    a DataError if it cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(9)
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot read it ({error.strerror or error}); check its permissions"
+        ) from None
+    if not head:
+        return "an empty file"
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return CHECKPOINT
+    if len(head) == 9 and head[8:9] == b"{":
+        return "a safetensors file"  # an 8-byte header length, then the JSON header
+    images = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WebP"}
+    return next(
+        (f"a {kind} image" for magic, kind in images.items() if head.startswith(magic)),
+        "a file of another kind",
+    )
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
@@ -198,6 +226,11 @@ def load_artifact(path: PathLike) -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such artifact file")
+    if sniffed(path) == CHECKPOINT:
+        raise DataError(
+            f"{path}: a PyTorch checkpoint, not an artifact: export it first, `{PROG} {path} -o "
+            "model.safetensors`, and give that (lthmaml-edge also reads a checkpoint as --model.checkpoint)"
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}

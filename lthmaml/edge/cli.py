@@ -2,13 +2,18 @@
 then test or predict with the result, the LightningCLI way::
 
     lthmaml-edge fit -c configs/edge/pi.yaml --model.artifact model.safetensors --data.root task/
-    lthmaml-edge test -c configs/edge/pi.yaml --model.artifact runs/edge/version_0/finetuned.safetensors \\
+    lthmaml-edge test -c configs/edge/pi.yaml --model.artifact runs/edge/task/finetuned.safetensors \\
         --data.root task/
-    lthmaml-edge predict -c configs/edge/pi.yaml --model.artifact ... --data.root task/ --output out.csv
+    lthmaml-edge predict -c configs/edge/pi.yaml --model.artifact runs/edge/task/finetuned.safetensors \\
+        --data.root task/
 
-``fit`` keeps no checkpoints (a Pi's SD card is slow and small); it writes the fine-tuned net as a
-compact artifact, ``finetuned.safetensors`` in the run folder (or ``--output``), which ``test``
-and ``predict`` load like any artifact. Every launch pays Python's, torch's and Lightning's
+One folder per task folder: every command on ``--data.root task/`` works in ``runs/edge/task/``
+(the logger's ``save_dir``/``name``, and the task folder's name as its version unless one is
+given). ``fit`` keeps no checkpoints (a Pi's SD card is slow and small); it writes the fine-tuned
+net as a compact artifact, ``finetuned.safetensors`` there (or ``--output``), with its
+``metrics.csv`` and ``config.yaml``, replacing those of the task's previous fit; ``test`` and
+``predict`` load it like any artifact; ``test`` prints its result and logs nothing, ``predict``
+writes ``predictions.csv`` there (or ``--output``). Every launch pays Python's, torch's and Lightning's
 start-up (seconds on a Pi), so ``fit --predict_after_fit true`` adapts and writes
 ``predictions.csv`` in one launch, and the log gives start-up, fit and predict times apart.
 ``--model.checkpoint run.ckpt`` starts from a ``lthmaml`` checkpoint instead of an artifact.
@@ -34,12 +39,18 @@ from typing import Optional
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_info
 
-from lthmaml.cli import PARSER_KWARGS, MetaCLI, quiet_third_party
+from lthmaml.cli import PARSER_KWARGS, LoggedConfig, MetaCLI, interrupted_quietly, quiet_third_party
 from lthmaml.data.taskfolder import TaskFolderDataModule
 from lthmaml.edge.finetune import FineTuneModule
 from lthmaml.errors import ConfigError, one_line_errors
+from lthmaml.runfolders import PREDICTIONS, check_writable, configured_log_dir, logger_args
 
 PROG = "lthmaml-edge"
+DESCRIPTION = (
+    "Fine-tune an exported artifact on a task folder (fit), then test or predict with it. Every command "
+    "on --data.root task/ works in runs/edge/task/: fit writes finetuned.safetensors and metrics.csv "
+    "there (replacing the task's previous fit), predict writes predictions.csv there, test prints."
+)
 FINETUNED = "finetuned.safetensors"
 EDGE_TRAINER_DEFAULTS = {
     "enable_checkpointing": False,
@@ -55,9 +66,12 @@ EDGE_TRAINER_DEFAULTS = {
 class EdgeCLI(MetaCLI):
     """:class:`~lthmaml.cli.MetaCLI` for fine-tuning: its ``--threads``, no checkpoint callbacks,
     ``--output`` (fit: the fine-tuned artifact; predict: ``predictions.csv`` or its folder) and
-    ``--test_after_fit`` (tests the fine-tuned weights in memory)."""
+    ``--test_after_fit`` (tests the fine-tuned weights in memory); one folder per task folder
+    (:meth:`task_dir`)."""
 
+    prog = PROG
     needs_checkpoint = ()  # the net comes from model.artifact or model.checkpoint
+    predict_options = ()  # --output is fit's too: checked below
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         self.add_threads_argument(parser)
@@ -65,8 +79,9 @@ class EdgeCLI(MetaCLI):
             "--output",
             type=Optional[str],
             default=None,
-            help=f"fit: where the fine-tuned artifact goes (default <run dir>/{FINETUNED}); predict: the "
-            "predictions CSV, a .csv path or a folder for predictions.csv (default: the run dir)",
+            help=f"fit: where the fine-tuned artifact goes (default runs/edge/<task folder name>/"
+            f"{FINETUNED}); predict: the predictions CSV, a .csv path or a folder for predictions.csv "
+            "(default: runs/edge/<task folder name>/)",
         )
         parser.add_argument(
             "--test_after_fit",
@@ -78,7 +93,7 @@ class EdgeCLI(MetaCLI):
             "--predict_after_fit",
             type=bool,
             default=False,
-            help="After fit, write predictions.csv of the query (into the run dir) in the same launch.",
+            help="After fit, write predictions.csv of the query (beside the fine-tuned net) in one launch.",
         )
 
     def before_fit(self) -> None:
@@ -86,13 +101,40 @@ class EdgeCLI(MetaCLI):
         self.fit_started = time.perf_counter()
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        self.edge_dir = self.task_dir(config)
+        if self.subcommand != "fit":
+            config["trainer"]["logger"] = False  # test prints its result; predict writes its CSV
         super().before_instantiate_classes()
-        if self.config[self.subcommand].get("output") and self.subcommand not in ("fit", "predict"):
+        output = config.get("output")
+        if output and self.subcommand not in ("fit", "predict"):
             raise ConfigError(f"--output is for fit and predict, not {self.subcommand}")
+        if self.subcommand == "fit":
+            if output:
+                check_writable(Path(output), "--output", "fine-tuned artifact", file=True)
+            # The folder is the task's: a fit replaces the previous fit's log there, as it says.
+            warnings.filterwarnings("ignore", r"Experiment logs directory .* exists and is not empty")
+
+    @staticmethod
+    def task_dir(config) -> Path:
+        """``<save_dir>/<name>/<task folder name>``: the logger's version, unless one is given."""
+        init = logger_args(config)
+        if init is not None and init.get("version") is None:
+            root = Path(str((config.get("data") or {}).get("root") or "task")).expanduser()
+            init["version"] = root.resolve().name or "task"
+        return configured_log_dir(config) or Path(".")
+
+    def predictions_file(self) -> Path:
+        output = self.config[self.subcommand].get("output")
+        folder = Path(output) if output else self.edge_dir
+        return folder if folder.suffix.lower() == ".csv" else folder / PREDICTIONS
 
     def before_predict(self) -> None:
-        output = self.config[self.subcommand].get("output")
-        self.model.predictions_path = Path(output) if output else None
+        self.model.predictions_path = self.predictions_file()
+
+    def predict(self, **kwargs) -> None:
+        """Lightning's: :class:`~lthmaml.edge.finetune.FineTuneModule` writes its own CSV."""
+        self.trainer.predict(**kwargs)
 
     def after_fit(self) -> None:
         model, trainer = self.model, self.trainer
@@ -144,13 +186,15 @@ def run_cli(args: Optional[list[str]] = None, cli_class: type[EdgeCLI] = EdgeCLI
         trainer_defaults=EDGE_TRAINER_DEFAULTS,
         args=args,
         auto_configure_optimizers=False,
-        parser_kwargs=PARSER_KWARGS,
+        save_config_callback=LoggedConfig,
+        save_config_kwargs={"overwrite": True},  # the task folder's previous fit is replaced
+        parser_kwargs={**PARSER_KWARGS, "description": DESCRIPTION},
     )
 
 
 def main(args: Optional[list[str]] = None) -> None:
     quiet_third_party()
-    with one_line_errors(PROG):
+    with interrupted_quietly(PROG), one_line_errors(PROG):
         run_cli(args)
 
 

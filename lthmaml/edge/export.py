@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pickle
 import sys
 import tempfile
@@ -63,13 +62,14 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from lthmaml import sparsity
 from lthmaml.data.images import IMAGE_LOOK
 from lthmaml.edge.artifact import (
     AMORTIZED_LEARNERS,
+    CHECKPOINT,
     CLASSIFIER_DEFAULTS,
     DTYPES,
     FORMAT_VERSION,
@@ -86,9 +86,11 @@ from lthmaml.edge.artifact import (
     learner_of,
     load_artifact,
     sha256_of,
+    sniffed,
 )
 from lthmaml.edge.packing import pack_tensors
 from lthmaml.errors import ConfigError, DataError, LthmamlError
+from lthmaml.files import replacing
 from lthmaml.nets.models import Conv4
 from lthmaml.nets.reparam import PowerTransform, checkpoint_alpha, install_power, reparametrized_layers
 from lthmaml.nets.shrink import removed_channels, shrink
@@ -305,14 +307,11 @@ def _write(
         "stored_weights": stored,
     }
     metadata = checked_metadata(values, f"export to {output}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    save_file(
-        tensors,
-        str(partial),
-        metadata={METADATA_KEY: json.dumps(dataclasses.asdict(metadata), separators=(",", ":"))},
+    data = save(
+        tensors, metadata={METADATA_KEY: json.dumps(dataclasses.asdict(metadata), separators=(",", ":"))}
     )
-    os.replace(partial, output)  # never a half-written artifact under the final name
+    with replacing(output, "the artifact") as partial:  # never half an artifact under the final name
+        partial.write_bytes(data)
     return output
 
 
@@ -328,6 +327,15 @@ def _class_path(net: nn.Module) -> str:
 def _read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: no such checkpoint file")
+    kind = sniffed(path)
+    if kind != CHECKPOINT:
+        artifact = (
+            " (an artifact? lthmaml-edge reads it as --model.artifact)" if "safetensors" in kind else ""
+        )
+        raise DataError(
+            f"{path}: not a PyTorch checkpoint but {kind}{artifact}; give the .ckpt that `lthmaml fit` "
+            "wrote (runs/<name>/version_N/checkpoints/last.ckpt)"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -41,7 +41,7 @@ from lthmaml.edge.amortized import SupportAdapter
 from lthmaml.edge.artifact import AMORTIZED_LEARNERS, METRIC_LEARNERS, load_artifact
 from lthmaml.edge.export import artifact_from_checkpoint
 from lthmaml.edge.predictions import HEADER, prediction_rows, write_csv
-from lthmaml.errors import ConfigError, DataError, TrainingError
+from lthmaml.errors import ConfigError, DataError, TrainingError, checked_values
 from lthmaml.masks import apply_masks, mask_gradients
 from lthmaml.tracking import BestWeights
 
@@ -238,7 +238,8 @@ class FineTuneModule(pl.LightningModule):
             # Meta-SGD / learned inner rates: each tensor at the rate meta-learned for it
             groups = [{"params": [p], "lr": rates[name]} for name, p in self.net.named_parameters()]
             return torch.optim.SGD(groups, lr=self.lr)
-        optimizer = self.optimizer_choice(self.net.parameters())
+        with checked_values("model.optimizer"):
+            optimizer = self.optimizer_choice(self.net.parameters())
         if self.lr_given:
             for group in optimizer.param_groups:
                 group["lr"] = self.lr

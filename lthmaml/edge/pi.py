@@ -10,7 +10,9 @@ run's Omniglot *meta-test* split (its ``config.yaml`` class split, so classes it
 5 support, 5 val and 10 query images each. Exporting and building the task are the server's
 part: they run in a child process, so the fine-tuning process holds only what a device would,
 and its peak memory is the device's. Fine-tuning runs with ``configs/edge/pi.yaml`` through
-the ``lthmaml-edge fit`` machinery; further arguments go to it (e.g. ``--trainer.max_epochs 5``).
+the ``lthmaml-edge fit`` machinery, so its files go to ``runs/edge/<task folder name>/``
+(``runs/edge/edge_task/`` for the built task); further arguments go to it (e.g.
+``--trainer.max_epochs 5``).
 
 Printed: epochs run, best epoch, wall time of the fit, peak resident memory of the process
 (``resource.getrusage``: torch's import included, which dominates for small nets), and the query
@@ -33,6 +35,7 @@ from typing import Any, Optional
 
 import yaml
 
+from lthmaml.cli import interrupted_quietly, quiet_third_party
 from lthmaml.edge.cli import EdgeCLI, run_cli
 from lthmaml.errors import ConfigError, DataError, one_line_errors
 
@@ -207,7 +210,8 @@ def prepare(checkpoint: Path, task_given: bool) -> tuple[Path, Optional[Path]]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    with one_line_errors(PROG):
+    quiet_third_party()  # in the child that exports too: Lightning's tips, torch's LeafSpec notice
+    with interrupted_quietly(PROG), one_line_errors(PROG):
         if args.prepare_only:  # in the child: export, build the task, nothing else
             checkpoint = Path(args.prepare_only)
             artifact = artifact_of(checkpoint)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from torch import Tensor
+
+from lthmaml.files import replacing
 
 HEADER = {"classification": ["file", "label", "probability"], "regression": ["file", "x", "prediction"]}
 
@@ -32,16 +32,19 @@ def prediction_rows(
     return [[labels[i], f"{p:.6f}"] for i, p in zip(index.tolist(), best.tolist())], probabilities
 
 
+def printable(name: str) -> str:
+    r"""A file or label name as UTF-8 text. A name whose bytes are not valid UTF-8 (Python holds
+    such bytes as lone surrogates, which no UTF-8 file can take) gets each of those bytes written
+    as ``\xNN``: the file named by the bytes ``b``, ``0xff``, ``x.jpg`` is the row ``b\xffx.jpg``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    """Write the CSV beside ``path`` and rename it over: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
+    """Write the UTF-8 CSV beside ``path`` and rename it over: a reader never sees half a file, and
+    it gets the mode any new file does (:func:`lthmaml.files.replacing`). File names that are not
+    valid UTF-8 are escaped by :func:`printable`; a place that cannot be written is a DataError."""
+    with replacing(path, "the predictions") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            writer.writerows([[printable(str(cell)) for cell in row] for row in rows])

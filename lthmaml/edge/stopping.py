@@ -3,7 +3,7 @@
 A fine-tune on a device is judged by its accuracy on the task (classification) or its error
 (regression). Validation *loss* on a classification task keeps falling long after accuracy has
 peaked (the net grows confident on what it already gets right), so stopping on it saves almost
-no epochs (README "Benchmarks": 1.05x). :class:`TaskEarlyStopping` is Lightning's
+no epochs (docs/benchmarks.md). :class:`TaskEarlyStopping` is Lightning's
 ``EarlyStopping`` whose ``monitor`` defaults to the deciding metric of the task it meets:
 ``val/acc`` (max) for classification, ``val/loss`` (min) for regression. The same config thus
 serves an Omniglot artifact and a sinusoid one.

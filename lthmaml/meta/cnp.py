@@ -35,7 +35,7 @@ class CNP(AmortizedLearner):
     one MAML's query MSE is measured on.
 
     Args:
-        net: a :class:`~lthmaml.nets.models.CNPNet` (encoder and decoder of mask-aware layers).
+        net: a :class:`~lthmaml.nets.models.CNPNet` (an encoder and a decoder under one module).
         optimizer, lr_scheduler: configurable the LightningCLI way.
     """
 

@@ -23,8 +23,10 @@ from lthmaml.errors import TrainingError, non_finite_message
 from lthmaml.meta.metrics import TaskResult, mean_and_ci95
 from lthmaml.meta.module import NetModule
 
-SUMMARY_LABELS = {"acc_post": "accuracy", "loss_post": "loss (MSE for regression)", "nll": "Gaussian NLL"}
-"""How the test summary line names each metric, in its order."""
+SUMMARY_LABELS = {"acc_post": "accuracy", "loss_post": "loss", "nll": "Gaussian NLL"}
+"""How the test summary line names each metric, in its order (``loss_post``: :data:`LOSS_NAMES`)."""
+LOSS_NAMES = {"classification": "cross-entropy", "regression": "MSE"}
+"""What the query loss is: a cross-entropy where the task is scored by accuracy too, else the MSE."""
 
 
 class EpisodicLearner(NetModule):
@@ -106,9 +108,13 @@ class EpisodicLearner(NetModule):
             # The same on every rank (the CatMetric gathers all tasks); sync_dist keeps DDP quiet.
             self.log(f"test/{name}_ci95", ci95, sync_dist=True)
         tasks = int(self.test_per_task["loss_post"].compute().numel())
+        labels = {
+            **SUMMARY_LABELS,
+            "loss_post": LOSS_NAMES["classification" if "acc_post" in self.test_results else "regression"],
+        }
         summary = "; ".join(
             f"{label} {self.test_results[key]:.4f} +- {self.test_results[key + '_ci95']:.4f}"
-            for key, label in SUMMARY_LABELS.items()
+            for key, label in labels.items()
             if key in self.test_results
         )
         rank_zero_info(

@@ -39,8 +39,8 @@ class MetricLearner(Distillable, AmortizedLearner):
     adds its term between the query log-probabilities and the teacher's for the same task.
 
     Args:
-        net: the embedding net, built from mask-aware layers so that it can be pruned; a Conv4
-            without its classification head (``out_features: null``).
+        net: the embedding net, any ``nn.Module`` mapping images to vectors; the shipped one is a
+            Conv4 without its classification head (``out_features: null``).
         optimizer, lr_scheduler: configurable the LightningCLI way.
     """
 

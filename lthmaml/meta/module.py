@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lthmaml.errors import ConfigError
+from lthmaml.errors import ConfigError, checked_values
 from lthmaml.masks import MaskSet, apply_masks, gradient_masks, load_masks, mask_gradients, masks_within
 from lthmaml.nets.reparam import ORIGINAL, checkpoint_alpha, install_power, reparametrized_layers
 
@@ -123,7 +123,10 @@ class NetModule(pl.LightningModule):
         return gradient_masks(self, self.net)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        with checked_values("model.init_args.optimizer"):  # torch checks lr and the rest only here
+            optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        with checked_values("model.init_args.lr_scheduler"):
+            scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,2 +1,2 @@
-"""Reporting: reads run folders only (rounds, scalars, config) and writes plots, tables and README's
-results section. Imports no training code."""
+"""Reporting: reads run folders only (rounds, scalars, config) and writes plots, tables and the
+results section of docs/results.md. Imports no training code."""

@@ -1,13 +1,13 @@
-"""Keep a finished run's records, without its weights, where README "Results" is rebuilt from.
+"""Keep a finished run's records, without its weights, where docs/results.md is rebuilt from.
 
-The evidence of README "Results" takes more CPU hours than one sitting on a shared machine has, and
+The evidence of docs/results.md takes more CPU hours than one sitting on a shared machine has, and
 a run folder (``runs/experiments/<name>/version_0``) lives only where it was trained. So when an
 experiment finishes, ``make experiments`` copies what the report reads from it (``config.yaml``,
 ``machine.json``, ``rounds/round_XX/metrics.json``, and the TensorBoard scalars as text in
 ``scalars.json``: a few hundred KiB, no binary event file, no checkpoint, no mask) into
 ``docs/results/evidence/<name>/version_0``, and ``make results`` reports from there: experiments
 finished in different sittings, or on different machines, end up in one table, and the committed
-records are what anyone can check the README's figures against.
+records are what anyone can check its figures against.
 
     python -m lthmaml.reporting.archive runs/experiments/dense/version_0 \\
         docs/results/evidence/dense/version_0

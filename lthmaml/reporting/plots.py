@@ -94,10 +94,11 @@ def plot_remaining(runs: Sequence[Run], file: Path) -> Optional[str]:
     }
     if not groups:
         return "no run logged a round's metric or a dense test/validation value"
-    fig, axes = _panels(len(groups))
+    fig, axes = _panels(len(groups), columns=1)  # one above the other: each legend has the right side
     for ax, (label, group) in zip(axes, groups.items()):
         xs = [p["x"] for r in group for p in accuracy_points(r) if p["x"] > 0] or [1.0]
         smallest = min(xs)
+        pruned = {run.setting for run in group if accuracy_points(run)}
         curves = series(group)
         for (name, members), color in zip(curves, _colors(len(curves))):
             scale = percent_scale(members[0])
@@ -117,11 +118,13 @@ def plot_remaining(runs: Sequence[Run], file: Path) -> Optional[str]:
                     label=f"{name}, {'/'.join(sorted({SOURCES[p['source']] for p in points}))}",
                 )
             for run in members:
-                if run.dense and (ref := dense_reference(run)) is not None:
+                # the reference of the pruned runs of its learner and data; alone, just a dense run
+                if not run.dense or (pruned and run.setting not in pruned):
+                    continue
+                if (ref := dense_reference(run)) is not None:
                     y, ci = ref
-                    line = ax.axhline(
-                        y * scale, linestyle="--", color="black", label=f"dense reference: {run.label}"
-                    )
+                    name = "dense reference" if pruned else "dense"
+                    line = ax.axhline(y * scale, linestyle="--", color="black", label=f"{name}: {run.label}")
                     if ci:
                         ax.axhspan((y - ci) * scale, (y + ci) * scale, color=line.get_color(), alpha=0.12)
         ax.set_xscale("log")
@@ -140,20 +143,23 @@ def plot_remaining(runs: Sequence[Run], file: Path) -> Optional[str]:
 
 
 def plot_rounds(runs: Sequence[Run], file: Path) -> Optional[str]:
-    """Plot 2: best-validation epoch and wall time per round, or the reason it was skipped."""
+    """Plot 2: best-validation epoch and wall time per round, or the reason it was skipped. The
+    epoch is the table's ``best epoch``: the trainer's global epoch index, 0-based as in the
+    checkpoint file names."""
+    from matplotlib.ticker import MaxNLocator
+
     pruned = [r for r in runs if r.rounds]
     if not pruned:
         return "no run has pruning rounds (rounds/round_XX/metrics.json)"
     # A one-round run (always-sparse) is a single dot on both panels: drawn only when nothing else is.
     pruned = [r for r in pruned if len(r.rounds) > 1] or pruned
     fig, (left, right) = _panels(2, width=6.5)
-    any_epoch = any_time = in_round = False
+    epochs_seen: list[int] = []
+    any_time = False
     for run in pruned:
-        key = "val_epoch_in_round" if any(r.get("val_epoch_in_round") for r in run.rounds) else "val_epoch"
-        in_round = in_round or key == "val_epoch_in_round"
-        epochs = [(r["round"], r[key]) for r in run.rounds if r.get(key) is not None]
+        epochs = [(r["round"], r["val_epoch"]) for r in run.rounds if r.get("val_epoch") is not None]
         if epochs:
-            any_epoch = True
+            epochs_seen += [epoch for _, epoch in epochs]
             left.plot(*zip(*epochs), marker="o", label=run.label)
         seconds = round_seconds(run)
         if seconds:
@@ -161,21 +167,20 @@ def plot_rounds(runs: Sequence[Run], file: Path) -> Optional[str]:
             rounds = sorted(seconds)
             right.plot(rounds, [seconds[r] for r in rounds], marker="s", label=run.label)
     for ax, ok, what in (
-        (left, any_epoch, "no val_epoch in metrics.json"),
+        (left, bool(epochs_seen), "no val_epoch in metrics.json"),
         (right, any_time, "no prune/round TensorBoard events"),
     ):
         ax.set_xlabel("pruning round")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if ok and ax is right:
             _legend_outside(ax)
         elif not ok:
             ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
-    left.set_ylabel(
-        "epoch of best validation within the round (1 = first)"
-        if in_round
-        else "epoch of best validation (global epoch index)"
-    )
+    if epochs_seen:  # whole epochs, from epoch 0: never a 0.96-1.04 axis around one value
+        left.yaxis.set_major_locator(MaxNLocator(integer=True))
+        left.set_ylim(-0.5, max(epochs_seen) + 0.5)
+    left.set_ylabel("epoch of the best validation (0-based, as the table)")
     left.set_title("When each round's best validation came")
     right.set_ylabel("wall time of the round (s)")
     right.set_title("Wall time per round (between prune/round events)")

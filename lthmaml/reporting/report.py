@@ -4,10 +4,13 @@ A pruning paper is read from four plots, so this writes those four PNGs and a ``
 links them beside one table per run (its numbers are the logged ones, rounded for display):
 
 1. ``accuracy_vs_remaining.png``: the metric of each round against the fraction of weights left
-   (log x, as in the lottery-ticket papers), one line per run (per method for always-sparse runs);
-   a run without rounds (dense) is a horizontal reference line with its 95% CI band.
+   (log x, as in the lottery-ticket papers), one line per run (per method for always-sparse runs),
+   a panel per metric, one above the other; a fit without rounds (dense) is a horizontal reference
+   line with its 95% CI band for the pruned runs of its learner and data (model and data class,
+   ways, shots) only.
 2. ``rounds.png``: per pruning round, the epoch of the recorded weights' validation
-   (``val_epoch``) and the wall time of the round: the time between consecutive ``prune/round``
+   (``val_epoch``: the trainer's epoch, 0-based, as the table's "best epoch" and the checkpoint
+   names) and the wall time of the round: the time between consecutive ``prune/round``
    TensorBoard events (the first round counts from the event file's first event), validation
    included.
 3. ``accuracy_vs_time.png``: the ``val/`` metric against wall time since the event file's first
@@ -16,7 +19,10 @@ links them beside one table per run (its numbers are the logged ones, rounded fo
    (``metrics.json`` layers).
 
 A round's metric is its ``test`` when the round was tested, else the validation value of its
-recorded weights; the error bars are ``test_metrics[<test_metric>_ci95]``. Only matplotlib, PyYAML
+recorded weights; the error bars are ``test_metrics[<test_metric>_ci95]``. Tables give the logged
+values (an accuracy as a fraction), the plots accuracy in %. A folder that only tested a
+checkpoint (no training) gets its numbers in report.md, never a dense reference; an
+``lthmaml-edge`` folder is skipped with the reason. Only matplotlib, PyYAML
 and TensorBoard's reader are imported (no torch): a report of many runs takes a second.
 """
 
@@ -31,7 +37,7 @@ from typing import Any, Optional
 from lthmaml.errors import DataError, one_line_errors
 from lthmaml.reporting.plots import PLOTS, plot_layers, plot_remaining, plot_rounds, plot_time
 from lthmaml.reporting.readme import results_section, write_readme
-from lthmaml.reporting.runs import Run, dense_reference, expand, load_run, round_seconds
+from lthmaml.reporting.runs import EDGE, TEST, Run, dense_reference, expand, load_run, round_seconds
 
 PROG = "lthmaml-report"
 
@@ -47,8 +53,8 @@ def run_table(run: Run) -> str:
     """One row per round: the logged numbers with fixed decimals ('—' where not logged)."""
     seconds = round_seconds(run)
     header = (
-        "| round | sparsity | weights remaining | best val | best epoch | test +- 95% CI | round time (s) |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|"
+        "| round | sparsity | weights remaining | best val | best epoch (0-based) | test +- 95% CI "
+        "| round time (s) |\n|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = []
     for record in run.rounds:
@@ -69,23 +75,26 @@ def run_table(run: Run) -> str:
 
 def run_section(run: Run) -> str:
     lines = [f"## {run.label}", "", f"- folder: `{run.path}`", f"- strategy: {run.strategy}"]
-    lines.append(f"- metric: `{run.metric}` ({run.y_label})")
+    unit = ", a fraction: 1 = 100%" if "acc" in run.metric else ""
+    lines.append(f"- metric: `{run.metric}` ({run.quantity}{unit})")
     if run.start_time is None:
         lines.append("- no TensorBoard events: no time plots for this run")
     else:
         ends = [e[0] for events in run.scalars.values() for e in events]
         if ends:
             lines.append(f"- wall time logged: {(max(ends) - run.start_time) / 60:.2f} min")
-    if run.dense:
+    if not run.rounds:
         ref = dense_reference(run)
+        what = (
+            f"a test of the checkpoint `{run.config.get('ckpt_path')}` (nothing trained in this folder)"
+            if run.kind == TEST
+            else "no pruning rounds (dense)"
+        )
         if ref is None:
-            lines.append("- no pruning rounds and no test or validation metric logged")
+            lines.append(f"- {what}; no test or validation metric logged")
         else:
             y, ci = ref
-            lines.append(
-                f"- no pruning rounds (dense): {run.metric} {_num(y)}"
-                + ("" if ci is None else f" ± {_num(ci)}")
-            )
+            lines.append(f"- {what}: {run.metric} {_num(y)}" + ("" if ci is None else f" ± {_num(ci)}"))
         return "\n".join(lines)
     return "\n".join([*lines, "", run_table(run)])
 
@@ -95,7 +104,16 @@ def write_report(runs: Sequence[Run], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".report.partial"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise DataError(
+            f"-o {out}: cannot write the report there ({reason}): choose another folder"
+        ) from None
     titles = {
         "remaining": "Metric vs. weights remaining",
         "rounds": "Best-validation epoch and wall time per round",
@@ -153,17 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=(),
         metavar="NAME",
-        help="experiments not finished yet: the README section names them as still to run",
+        help="experiments not finished yet: the results section names them as still to run",
     )
     return parser
 
 
-def failed_at_start(run: Run) -> Optional[str]:
-    """Why ``run`` is no result (a fit that failed before its first epoch), or None.
+def not_reported(run: Run) -> Optional[str]:
+    """Why ``run`` is left out of the report, or None: an ``lthmaml-edge`` fine-tuning (no
+    meta-training to draw), or a fit that failed before its first epoch.
 
-    Such a folder has no rounds, no scalars and no checkpoint; reported, it would pass for a dense
-    run. ``FAILED`` is the note the ``lthmaml`` command leaves in a failed run's folder.
+    A failed fit's folder has no rounds, no scalars and no checkpoint; reported, it would pass for
+    a dense run. ``FAILED`` is the note the ``lthmaml`` command leaves in a failed run's folder.
     """
+    if run.kind == EDGE:
+        return (
+            "an lthmaml-edge fine-tuning on a task folder, not a meta-training run; "
+            "its metrics.csv has its numbers"
+        )
     if run.rounds or run.scalars or any(run.path.glob("checkpoints/*.ckpt")):
         return None
     note = run.path / "FAILED"
@@ -174,16 +198,18 @@ def failed_at_start(run: Run) -> Optional[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     with one_line_errors(PROG):
-        runs = []
+        runs, edge = [], False
         for run in (load_run(path) for path in expand(args.runs)):
-            reason = failed_at_start(run)
+            reason = not_reported(run)
             if reason is None:
                 runs.append(run)
             else:
+                edge = edge or run.kind == EDGE
                 print(f"{PROG}: skipped {run.path} ({reason})", file=sys.stderr)
         if not runs:
             named = " ".join(map(str, args.runs))
-            raise DataError(f"no run to report in {named}: every one failed at start-up")
+            why = "every one was skipped (above)" if edge else "every one failed at start-up"
+            raise DataError(f"no run to report in {named}: {why}")
         report = write_report(runs, args.out)
         if args.readme is not None:
             write_readme(

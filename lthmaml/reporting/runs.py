@@ -20,6 +20,12 @@ SCALARS_FILE = "scalars.json"
 """An archived run's TensorBoard scalars as text (lthmaml/reporting/archive.py), read like its events."""
 
 
+FIT, TEST, EDGE = "fit", "test", "edge"
+"""What made a run folder: a fit (``lthmaml fit``), an evaluation of a checkpoint made elsewhere
+(``lthmaml test`` or ``validate`` of a checkpoint outside its run folder, or by an lthmaml that
+gave each one a folder of its own), or an ``lthmaml-edge`` fine-tuning."""
+
+
 @dataclass
 class Run:
     """What the report reads from one run folder."""
@@ -33,6 +39,7 @@ class Run:
     start_time: Optional[float] = None  # wall time of the event file's first event: the fit's start
     metric: str = "acc_post"  # the metric name without its val/ or test/ prefix
     regression: bool = False
+    kind: str = FIT
 
     @property
     def label(self) -> str:
@@ -40,16 +47,36 @@ class Run:
 
     @property
     def dense(self) -> bool:
-        return not self.rounds
+        """A fit without pruning rounds: not a test of a (maybe pruned) checkpoint, nor an edge run."""
+        return not self.rounds and self.kind == FIT
 
     @property
-    def y_label(self) -> str:
-        """The metric with its unit; runs with the same label share a panel."""
+    def setting(self) -> tuple[str, ...]:
+        """The learner and the data (class, ways, shots): a dense run is the reference of pruned
+        runs of the same setting only."""
+        model, data = self.config.get("model") or {}, self.config.get("data") or {}
+        args = data.get("init_args") or {}
+        return (
+            str(model.get("class_path", "")).rsplit(".", 1)[-1],
+            str(data.get("class_path", "")).rsplit(".", 1)[-1],
+            str(args.get("ways", "")),
+            str(args.get("shots", "")),
+        )
+
+    @property
+    def quantity(self) -> str:
+        """What the metric measures, as logged (accuracy as a fraction)."""
         if "acc" in self.metric:
-            return "query accuracy after adaptation (%)"
+            return "query accuracy after adaptation"
         if self.regression:
             return "query MSE after adaptation (regression)"
         return f"query cross-entropy ({self.metric})"
+
+    @property
+    def y_label(self) -> str:
+        """The metric with its unit as the plots draw it (accuracy in %); runs with the same label
+        share a panel."""
+        return self.quantity + (" (%)" if "acc" in self.metric else "")
 
 
 # ---------------------------------------------------------------------- reading
@@ -189,16 +216,33 @@ def load_run(path: Path) -> Run:
     scalars, start = read_scalars(path)
     data_class = str((config.get("data") or {}).get("class_path", ""))
     metric = primary_metric(config, rounds, scalars)
+    kind = run_kind(path, config, rounds, scalars)
     return Run(
         path=path,
-        strategy=strategy_name(config),
+        strategy="checkpoint test" if kind == TEST else strategy_name(config),
         config=config,
         rounds=rounds,
         scalars=scalars,
         start_time=start,
         metric=metric,
         regression="sinusoid" in data_class.lower() or ("loss" in metric and not data_class),
+        kind=kind,
     )
+
+
+def run_kind(path: Path, config: dict[str, Any], rounds: list, scalars: dict) -> str:
+    """:data:`EDGE` for an ``lthmaml-edge`` folder (its model is an artifact or a checkpoint to
+    fine-tune, no LightningModule class), :data:`TEST` for a folder that evaluated a checkpoint
+    and trained nothing (no rounds, no checkpoints, no ``train/`` metric), else :data:`FIT`."""
+    model = config.get("model")
+    if (
+        isinstance(model, dict)
+        and "class_path" not in model
+        and ("artifact" in model or "checkpoint" in model)
+    ):
+        return EDGE
+    trained = rounds or (path / "checkpoints").is_dir() or any(tag.startswith("train/") for tag in scalars)
+    return TEST if config.get("ckpt_path") and not trained else FIT
 
 
 # ---------------------------------------------------------------------- data for the plots
@@ -296,10 +340,17 @@ def round_seconds(run: Run) -> dict[int, float]:
 
 
 def metric_over_time(run: Run) -> list[tuple[float, float]]:
-    """Plot 3's points: (minutes since the fit's start, ``val/<metric>``)."""
+    """Plot 3's points: (minutes since the fit's start, ``val/<metric>``). A validation logged at
+    no later step than the one before is left out: ``lthmaml validate`` of a checkpoint logs into
+    its run folder, after the fit, and is no point of the training curve."""
     if run.start_time is None:
         return []
-    return [((w - run.start_time) / 60.0, v) for w, _, v in run.scalars.get(f"val/{run.metric}", [])]
+    points, last = [], None
+    for wall, step, value in run.scalars.get(f"val/{run.metric}", []):
+        if last is None or step > last:
+            points.append(((wall - run.start_time) / 60.0, value))
+            last = step
+    return points
 
 
 def remaining_ticks(smallest: float) -> list[float]:

@@ -107,9 +107,10 @@ def cells_by_method(runs: Sequence[Run]) -> dict[str, dict[float, dict[str, Any]
 
 
 def dense_run(runs: Sequence[Run]) -> Optional[Run]:
-    return next((run for run in runs if run.dense and run_name(run) == "dense"), None) or next(
-        (run for run in runs if run.dense), None
-    )
+    """The dense fit of the always-sparse runs' learner and data (``dense`` by name first)."""
+    settings = {run.setting for run in runs if sparse_method(run) and run.rounds}
+    candidates = [run for run in runs if run.dense and run.setting in settings]
+    return next((run for run in candidates if run_name(run) == "dense"), None) or next(iter(candidates), None)
 
 
 def sparse_table(runs: Sequence[Run]) -> Optional[str]:
