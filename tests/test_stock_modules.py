@@ -8,11 +8,13 @@ loops (stored zeros, masked inner steps) must give the same meta-gradient in flo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
 from helpers import TinyImageTasks, quiet_trainer
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
@@ -252,3 +254,54 @@ def test_layers_the_engine_cannot_prune_are_left_dense_and_named():
 def test_a_module_without_conv_or_linear_layers_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="no conv or linear layer to prune"):
         sparsity.prunable(nn.Sequential(nn.ReLU()))
+
+
+class TinyRegressor(nn.Module):
+    """A user's own regressor, named in a config by its class path."""
+
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, hidden), nn.ReLU())
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x))
+
+
+def test_a_config_names_a_users_own_module_as_the_net_and_prunes_it(tmp_path, monkeypatch):
+    from helpers import TINY_FIT
+
+    from lthmaml.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    main(
+        [
+            "fit",
+            *(
+                "-c",
+                str(repo / "configs" / "sinusoid.yaml"),
+                "-c",
+                str(repo / "configs" / "prune" / "lottery.yaml"),
+            ),
+            *("--model.init_args.net.class_path", "test_stock_modules.TinyRegressor"),
+            *("--model.init_args.net.init_args.hidden", "6"),
+            *("--trainer.callbacks.init_args.layer_rates", "{net.out: 0.5}"),
+            *(
+                "--trainer.callbacks.init_args.rounds",
+                "2",
+                "--trainer.callbacks.init_args.epochs_per_round",
+                "1",
+            ),
+            *TINY_FIT[2:],
+        ]
+    )
+    run = next((tmp_path / "runs").glob("*/version_0"))
+    masks = load_file(str(run / "rounds" / "round_02" / "mask.safetensors"))
+    assert sorted(masks) == ["net.body.0.weight", "net.out.weight"]
+    kept = {name: float(mask.float().mean()) for name, mask in masks.items()}
+    assert kept["net.body.0.weight"] == pytest.approx(0.64, abs=0.1)  # two rounds of 20%
+    checkpoint = torch.load(run / "rounds" / "round_02" / "model.ckpt", weights_only=False)
+    state = checkpoint["state_dict"]
+    assert torch.equal(state["masks.net.body.0.weight"].bool(), masks["net.body.0.weight"])
+    assert bool((state["net.body.0.weight"][~masks["net.body.0.weight"]] == 0).all())
