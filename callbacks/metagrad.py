@@ -117,15 +117,10 @@ class MetaGradientPruning(IterativePruning):
         pruned entries)."""
         squares: dict[str, Tensor] = {}
         tasks = 0
-        names = self.prunable(pl_module)
-        with torch.enable_grad(), sparsity.weights_as_leaves(pl_module, names) as leaves:
-            names = list(leaves)
-            for loss in pl_module.task_losses(batch, adapted=False):
-                grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-                for name, grad in zip(names, grads):
-                    if grad is not None:
-                        squares[name] = grad**2 if name not in squares else squares[name] + grad**2
-                tasks += 1
+        for grads in sparsity.task_gradients(pl_module, self.prunable(pl_module), batch):
+            for name, grad in grads.items():
+                squares[name] = grad**2 if name not in squares else squares[name] + grad**2
+            tasks += 1
         masks = sparsity.masks_of(pl_module, list(squares))
         return {name: square * masks[name] for name, square in squares.items()}, tasks
 

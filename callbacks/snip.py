@@ -19,7 +19,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 
-from callbacks.sparse_training import SparseTraining
+from callbacks.sparse_training import SparseTraining, sum_gradients
 from lthmaml import rewiring, sparsity
 from lthmaml.rewiring import Distribution
 from lthmaml.sparsity import Masks
@@ -44,13 +44,9 @@ class SNIP(SparseTraining):
 
     def sensitivities(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         """``|dL/dc| = |sum_tasks dL/dw| * |w|`` for every prunable weight."""
-        grads: dict[str, torch.Tensor] = {}
-        with torch.enable_grad(), sparsity.weights_as_leaves(pl_module, self.prunable(pl_module)) as leaves:
-            names = list(leaves)
-            for loss in pl_module.task_losses(batch, adapted=False):
-                for name, grad in zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])):
-                    grads[name] = grad if name not in grads else grads[name] + grad
-            return {name: (grads[name] * leaves[name]).abs().detach() for name in names}
+        names = self.prunable(pl_module)
+        total = sum_gradients(sparsity.task_gradients(pl_module, names, batch))
+        return {name: (total[name] * sparsity.weight(pl_module, name)).abs().detach() for name in names}
 
     def initial_masks(self, pl_module: pl.LightningModule, batch: Any) -> Masks:
         scores = self.sensitivities(pl_module, batch)

@@ -22,7 +22,7 @@ monitor) and, besides the shared schema, ``train_flops`` (per example) and
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal, Optional
 
 import lightning.pytorch as pl
@@ -306,14 +306,18 @@ class SparseTraining(PruningCallback):
         }
 
 
-def dense_gradients(pl_module: pl.LightningModule, names: list[str], batch: Any) -> dict[str, Tensor]:
-    """|dL/dw| at every entry, pruned ones too, summed over the batch's tasks: the support loss
-    at the meta-parameters (``task_losses``, the first-order task gradient every learner gives)."""
+def sum_gradients(per_task: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The tasks' gradients summed, by weight name."""
     total: dict[str, Tensor] = {}
-    with torch.enable_grad(), sparsity.weights_as_leaves(pl_module, names) as leaves:
-        for loss in pl_module.task_losses(batch, adapted=False):
-            grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-            for name, grad in zip(names, grads):
-                if grad is not None:
-                    total[name] = grad if name not in total else total[name] + grad
-    return {name: grad.abs() for name, grad in total.items()}
+    for grads in per_task:
+        for name, grad in grads.items():
+            total[name] = grad if name not in total else total[name] + grad
+    return total
+
+
+def dense_gradients(pl_module: pl.LightningModule, names: list[str], batch: Any) -> dict[str, Tensor]:
+    """|dL/dw| at every entry, pruned ones too, summed over the batch's tasks (RigL's growth)."""
+    return {
+        name: grad.abs()
+        for name, grad in sum_gradients(sparsity.task_gradients(pl_module, names, batch)).items()
+    }

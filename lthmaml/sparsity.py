@@ -278,6 +278,17 @@ def weights_as_leaves(model: nn.Module, names: Sequence[str]) -> Iterator[dict[s
         yield leaves
 
 
+def task_gradients(model: nn.Module, names: Sequence[str], batch: object) -> Iterator[dict[str, Tensor]]:
+    """``dL_i/dw`` of each task ``i`` of ``batch`` at the weights ``names`` compute with: the
+    support loss at the meta-parameters (the learner's ``task_losses``, the first-order task
+    gradient every learner gives), dense (pruned entries too), one task at a time. What SNIP,
+    RigL and meta-gradient pruning score with, each reducing the tasks its own way."""
+    with torch.enable_grad(), weights_as_leaves(model, names) as leaves:
+        for loss in model.task_losses(batch, adapted=False):
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+            yield {name: torch.zeros_like(leaves[name]) if g is None else g for name, g in zip(names, grads)}
+
+
 # ---------------------------------------------------------------------- reporting and files
 @dataclass(frozen=True)
 class LayerSparsity:
