@@ -176,3 +176,16 @@ def test_batchnorm_is_written_out_under_vmap_because_the_fused_kernel_gets_secon
     expected_first, fused_first = meta_gradient(first[0], batch), meta_gradient(first[1], batch)
     for name in expected_first:
         torch.testing.assert_close(fused_first[name], expected_first[name], atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_auto_chunks_are_one_task_on_a_cpu_and_a_given_chunk_is_kept():
+    """On a CPU ``vmap`` over tasks costs more than it saves, so ``auto`` adapts task by task, with
+    the modules' own kernels; a chunk given in the config is used as given."""
+    tasks = TinyImageTasks(meta_batch_size=4)
+    tasks.setup("fit")
+    batch = next(iter(tasks.train_dataloader()))
+    assert (
+        MAML(Conv4(3, hidden_channels=4, image_size=8, blocks=2), inner_loop="func").chunk_size(batch, 1) == 1
+    )
+    given = MAML(Conv4(3, hidden_channels=4, image_size=8, blocks=2), inner_loop="func", task_chunk=3)
+    assert [chunk.num_tasks for chunk in given.chunks(batch, 1)] == [3, 1]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -50,6 +51,8 @@ class FunctionalInnerLoop:
         self, net: nn.Module, rates: Rates, loss: Loss, masks: Optional[Mapping[str, Tensor]] = None
     ) -> None:
         self.net, self.rates, self.loss, self.masks = net, rates, loss, dict(masks or {})
+        self.batched = False
+        """Whether :meth:`adapt` runs inside ``vmap`` (set by :meth:`each_task`)."""
 
     def params(self) -> Params:
         return dict(self.net.named_parameters())
@@ -61,14 +64,32 @@ class FunctionalInnerLoop:
         return self.loss(self.forward(params, x), y)
 
     def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
-        """``steps`` SGD steps on one task's support set (differentiable w.r.t. ``params``)."""
-        step_grad = grad(self.support_loss)
+        """``steps`` SGD steps on one task's support set (differentiable w.r.t. ``params`` where
+        they require a gradient and gradients are on)."""
+        if self.batched:
+            step_grad = grad(self.support_loss)
+        else:  # one task: plain autograd, without torch.func's transform around every step
+            create_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
+            step_grad = partial(self._autograd_step, create_graph=create_graph)
         for _ in range(steps):
             grads = step_grad(params, x, y)
             for name, mask in self.masks.items():
                 grads[name] = grads[name] * mask
             params = {name: p - self.rates[name] * grads[name] for name, p in params.items()}
         return params
+
+    def _autograd_step(self, params: Params, x: Tensor, y: Tensor, create_graph: bool) -> Params:
+        with torch.enable_grad():
+            if not create_graph:  # the step's gradient only: fresh leaves, no graph kept
+                params = {name: p.detach().requires_grad_() for name, p in params.items()}
+            loss = self.support_loss(params, x, y)
+            grads = torch.autograd.grad(
+                loss, list(params.values()), create_graph=create_graph, allow_unused=True
+            )
+        return {
+            name: torch.zeros_like(p) if g is None else g if create_graph else g.detach()
+            for (name, p), g in zip(params.items(), grads)
+        }
 
     def query_outputs(
         self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, steps: int
@@ -109,8 +130,12 @@ class FunctionalInnerLoop:
         overhead, and comes back with its task dimension."""
         tasks = next(_first(a).shape[0] for a, d in zip(args, in_dims) if d == 0)
         if tasks > 1:
-            with batch_norm_written_out(self.net):
-                return vmap(fn, in_dims=in_dims)(*args)
+            self.batched = True
+            try:
+                with batch_norm_written_out(self.net):
+                    return vmap(fn, in_dims=in_dims)(*args)
+            finally:
+                self.batched = False
         one = [_index(a, 0) if d == 0 else a for a, d in zip(args, in_dims)]
         return _unsqueeze(fn(*one))
 

@@ -43,9 +43,10 @@ class MAML(Distillable, EpisodicLearner):
             :mod:`lthmaml.meta.functional`). Both give the same meta-gradients and evaluations.
         task_chunk: tasks adapted together by the ``func`` loop; the meta-gradient is accumulated
             chunk by chunk, so peak memory grows with the chunk, not with the meta-batch. ``auto``:
-            as many tasks as keep the chunk's activations within ``chunk_memory_mb`` (measured on
-            the first batch of each shape); a chunk of one task runs without ``vmap``, on the
-            modules' own kernels, in about the memory of the ``higher`` loop.
+            one task on a CPU; on an accelerator as many tasks as keep the chunk's activations
+            within ``chunk_memory_mb`` (measured on the first batch of each shape). A chunk of one
+            task runs without ``vmap``, on the modules' own kernels and plain autograd, in about
+            the memory of the ``higher`` loop.
         chunk_memory_mb: the activation budget of an ``auto`` chunk.
         optimizer, lr_scheduler: the meta-optimizer, configurable the LightningCLI way.
         gradient_clip_val: clip the meta-gradient norm (manual optimization does not use the
@@ -183,14 +184,17 @@ class MAML(Distillable, EpisodicLearner):
             yield TaskBatch(*(field[start : start + size] for field in batch))
 
     def chunk_size(self, batch: TaskBatch, steps: int) -> int:
-        """``task_chunk``, or under ``auto`` the tasks whose activations fit ``chunk_memory_mb``.
+        """``task_chunk``, or under ``auto``: one task on a CPU, where batching tasks under ``vmap``
+        costs more than it saves (its batched kernels, BatchNorm written out; see bench/README.md);
+        elsewhere the tasks whose activations fit ``chunk_memory_mb``.
 
         A task keeps, for the meta-gradient, its ``steps`` support passes and its query pass; their
-        activations are counted from one example's forward pass (every module's output), times
-        three for what the second-order backward keeps besides them (measured: 2.2 to 2.9 on a
-        Conv4)."""
+        activations are counted from one forward pass of a support set (every module's output),
+        times three for what the second-order backward keeps besides them."""
         if self.task_chunk != "auto":
             return self.task_chunk
+        if batch.support_x.device.type == "cpu":
+            return 1
         key = (tuple(batch.support_x.shape[1:]), tuple(batch.query_x.shape[1:]), steps)
         if key not in self._task_bytes:
             per_example = activation_bytes(self.net, batch.support_x[0])
