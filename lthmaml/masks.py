@@ -163,7 +163,11 @@ def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
         module = model.get_submodule(path) if path else model
     except AttributeError:
         module = None
-    if module is None or not isinstance(getattr(module, attribute, None), Tensor):
+    # Looked up without computing it: a parametrised weight is recomputed on every access.
+    held = module is not None and (
+        module._parameters.get(attribute) is not None or parametrize.is_parametrized(module, attribute)
+    )
+    if not held:
         raise ConfigError(f"'{name}' is not a parameter of {type(model).__name__}")
     return module, attribute
 
