@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lthmaml import sparsity
 from lthmaml.errors import ConfigError
+from lthmaml.masks import folded, stored
 from lthmaml.nets.models import Conv4, conv_block
 
 
@@ -46,7 +46,7 @@ def _shrink_conv4(model: nn.Module, masks: dict[str, Tensor]) -> tuple[nn.Module
     if not isinstance(model, Conv4):
         hint = " (pass the LightningModule's .net)" if isinstance(getattr(model, "net", None), Conv4) else ""
         raise ConfigError(f"shrink supports lthmaml.nets.models.Conv4 nets, got {type(model).__name__}{hint}")
-    plain = sparsity.folded(model)  # the architecture checked without parametrisations (Powerprop)
+    plain = folded(model)  # the architecture checked without parametrisations (Powerprop)
     for index, block in enumerate(plain.features):
         conv = block[0] if isinstance(block, nn.Sequential) and len(block) else None
         if not isinstance(conv, nn.Conv2d) or repr(block) != repr(
@@ -72,7 +72,7 @@ def _shrink_conv4(model: nn.Module, masks: dict[str, Tensor]) -> tuple[nn.Module
     cut: dict[str, Tensor] = {}
 
     def copy(name: str, select) -> None:  # the stored tensors (Powerprop's phi: elementwise)
-        sparsity.stored(shrunk, name).copy_(select(sparsity.stored(model, name)))
+        stored(shrunk, name).copy_(select(stored(model, name)))
         if name in masks:
             cut[name] = select(masks[name])
 
@@ -106,7 +106,7 @@ def _copy_parametrizations(model: nn.Module, shrunk: nn.Module) -> None:
                 if any(True for _ in transform.parameters()) or any(True for _ in transform.buffers()):
                     raise ConfigError(
                         f"shrink: {name}.{attribute} carries {type(transform).__name__}, whose tensors "
-                        "cannot be cut to the kept channels; remove it first (sparsity.folded)"
+                        "cannot be cut to the kept channels; remove it first (lthmaml.masks.folded)"
                     )
                 parametrize.register_parametrization(
                     shrunk.get_submodule(name), attribute, deepcopy(transform), unsafe=True
