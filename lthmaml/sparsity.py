@@ -26,13 +26,9 @@ from torch.nn.utils import parametrize
 from lthmaml.errors import ConfigError
 from lthmaml.files import give_default_mode
 from lthmaml.masks import (  # noqa: F401  (the engine's names, for strategies)
-    ATTRIBUTE,
-    PRUNABLE,
     ForwardMask,
     Masks,
-    MaskSet,
     apply_masks,
-    enforced,
     folded,
     forward_masked,
     gradient_masks,
