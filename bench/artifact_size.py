@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for target in SPARSITIES:
-            sparsity.prune_by_magnitude(net, target, rounds=1)  # rounds=1: up to `target` of all weights
+            sparsity.prune_by_magnitude(net, target, level=1)  # level=1: up to `target` of all weights
             measured = measure(net, Path(tmp))
             sizes = measured["bytes"]
             dense = sizes["dense_safetensors"]

@@ -102,9 +102,9 @@ def taylor_prune(
     callback = TaylorFilterPruning(
         filters_per_step=per_step or total, target_fraction=fraction, flops_weight=flops_weight, cost=cost
     )
-    while not callback.finished(model):
+    while not callback.pruned_enough(model):
         scores, _ = callback.score_batch(model, tasks)
-        if not callback.prune_step(None, model, scores)["filters_removed"]:  # type: ignore[arg-type]
+        if not callback.prune_level(None, model, scores)["filters_removed"]:  # type: ignore[arg-type]
             break  # every layer is down to one filter
     return {name.removeprefix("net."): n for name, n in callback.details(model)["channels"].items()}
 

@@ -1,16 +1,20 @@
 """What every pruning callback does the same way, so a strategy file holds only its method.
 
 Written after Lightning's own ``ModelPruning`` and ``EarlyStopping``: the policy is in the
-constructor, masks are re-applied after every optimizer step, sparsity is logged, only the public
-Trainer API is used, and the state a resumed fit needs rides in the checkpoint (the attributes a
-class declares in ``state_attributes``). A level's record, ``rounds/round_XX/{mask.safetensors,
-metrics.json, model.ckpt}`` (one :class:`~lthmaml.rounds.RoundRecord` schema), is written here, and
-``test_rounds`` tests the recorded levels after the fit.
+constructor, sparsity is logged, only the public Trainer API is used, and the state a resumed fit
+needs rides in the checkpoint (the attributes a class declares in ``state_attributes``).
+
+A strategy trains the net at one or more *levels* of sparsity. This class keeps the one tracker of
+a level's best validation (:class:`~lthmaml.tracking.BestWeights`, whose count of validations
+without improvement is what ``patience`` reads) and the one record path: a level's record,
+``rounds/round_XX/{mask.safetensors, metrics.json, model.ckpt}`` (one
+:class:`~lthmaml.rounds.RoundRecord` schema), holds the level's best weights and masks
+(``keeps = "best"``, restored first) or its last ones, plus what the strategy's :meth:`details`
+add. When levels begin and end is the schedule's (:mod:`callbacks.schedule`), or the fit's.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
@@ -26,14 +30,17 @@ from lthmaml.errors import ConfigError
 from lthmaml.rounds import (
     CHECKPOINT_FILE,
     MASK_FILE,
-    METRICS_FILE,
-    ROUNDS_FOLDER,
     Recorded,
     RoundRecord,
-    round_folder_name,
+    round_dir,
     round_table,
+    write_metrics,
 )
 from lthmaml.sparsity import Scope
+from lthmaml.tracking import BestWeights
+
+MASK = "mask:"
+"""The prefix of the masks among a best-weights snapshot's entries."""
 
 
 class PruningCallback(Callback):
@@ -53,15 +60,16 @@ class PruningCallback(Callback):
             level on the same fixed meta-test tasks, for the accuracy-vs-sparsity curve.
         patience: end a level's training when this many validations in a row did not improve on
             its best ``monitor`` value (by more than ``min_delta``), as ``EarlyStopping`` does, so
-            each level trains to convergence; its maximum length stays the strategy's round
-            length. None: no plateau rule, every level trains its full length. Only for the
-            strategies with rounds or levels (``plateau_rounds``).
+            each level trains to convergence; its maximum length stays the strategy's. None: no
+            plateau rule. Only for the strategies with levels to end (``plateaus``).
         min_delta: the margin a validation must beat the level's best by to count as improving.
     """
 
-    plateau_rounds: ClassVar[bool] = False
+    keeps: ClassVar[Recorded] = "last"
+    """What a level's record holds: the weights (and masks) of its best validation by ``monitor``,
+    or the last ones it trained."""
+    plateaus: ClassVar[bool] = False
     """Whether this strategy's levels can end on a validation plateau (``patience``)."""
-
     state_attributes: ClassVar[tuple[str, ...]] = (
         "history",
         "pruning_steps",
@@ -69,6 +77,8 @@ class PruningCallback(Callback):
         "mode",
         "last_validation",
         "last_val_metrics",
+        "best",
+        "level_start_step",
     )
     """The attributes a resumed fit needs; ``state_dict`` saves them (tensors on the CPU)."""
 
@@ -88,7 +98,7 @@ class PruningCallback(Callback):
             raise ConfigError(f"{name}: set mode (max or min) for monitor '{monitor}'")
         if patience is not None and (isinstance(patience, bool) or patience < 1):
             raise ConfigError(f"{name}.patience must be >= 1 (validations) or null, got {patience!r}")
-        if patience is not None and not self.plateau_rounds:
+        if patience is not None and not self.plateaus:
             raise ConfigError(f"{name}.patience: this strategy has no rounds to end on a plateau")
         if not min_delta >= 0:
             raise ConfigError(f"{name}.min_delta must be >= 0, got {min_delta!r}")
@@ -100,15 +110,24 @@ class PruningCallback(Callback):
         self.patience, self.min_delta = patience, float(min_delta)
         self.history: list[dict[str, Any]] = []
         self.pruning_steps = 0
-        """Pruning events applied so far: the ``pruning_step`` of the next record."""
+        """Pruning events applied so far: the level the net is at, the ``pruning_step`` of its record."""
+        self.best = BestWeights(monitor or "", mode or "max", self.min_delta)
+        """The current level's best validation (with its weights and masks when ``keeps`` is best)."""
+        self.level_start_step: Optional[int] = 0
+        """The global step the current level started training at (None: not yet)."""
         self.last_validation: Optional[tuple[int, int]] = None
         """(global step, epoch) of the last validation: when ``val/*`` in callback_metrics was measured."""
-        self.uses: Optional[dict[str, int]] = None
-        """Per prunable weight, how often a forward pass applies it (the FLOPs of a record); None:
-        counted on a Conv4 or linear layers, if the net is one."""
         self.last_val_metrics: dict[str, float] = {}
         """Its ``val/*`` metrics: a record written right after a resume, before any validation, has
         them too (``callback_metrics`` are not in a checkpoint)."""
+        self.uses: Optional[dict[str, int]] = None
+        """Per prunable weight, how often a forward pass applies it (the FLOPs of a record); None:
+        counted from the net's layers where they are known."""
+
+    # ------------------------------------------------------------------ the strategy's hook
+    def details(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """What this strategy's records add to the shared schema (documented in its file)."""
+        return {}
 
     # ------------------------------------------------------------------ engine calls for strategies
     def prunable(self, pl_module: pl.LightningModule) -> list[str]:
@@ -130,20 +149,17 @@ class PruningCallback(Callback):
         pl_module: pl.LightningModule,
         scores: Mapping[str, Tensor],
         fraction: float,
-        rounds: Optional[int] = None,
+        level: Optional[int] = None,
     ) -> None:
-        """Remove ``fraction`` of the remaining weights with the lowest ``scores``.
-
-        With ``rounds=r``, prune up to ``1 - (1 - fraction) ** r`` of all weights instead (round r of
-        an iterative schedule; see :func:`lthmaml.sparsity.prune_lowest`).
-        """
+        """Remove ``fraction`` of the remaining weights with the lowest ``scores`` (with ``level=r``:
+        up to ``1 - (1 - fraction) ** r`` of all of them; :func:`lthmaml.sparsity.prune_lowest`)."""
         masks = sparsity.prune_lowest(
             sparsity.masks_of(pl_module, list(scores)),
             scores,
             fraction,
             self.scope,
             self.rates(pl_module),
-            rounds,
+            level,
         )
         sparsity.load_masks(pl_module, masks)
 
@@ -171,11 +187,6 @@ class PruningCallback(Callback):
         return int(total.item())
 
     @staticmethod
-    def reset_optimizers(trainer: pl.Trainer) -> None:
-        """Fresh optimizer and scheduler state, as a new training round starts from scratch."""
-        trainer.strategy.setup_optimizers(trainer)
-
-    @staticmethod
     def run_dir(trainer: pl.Trainer) -> Path:
         return Path(trainer.log_dir or trainer.default_root_dir)
 
@@ -189,6 +200,7 @@ class PruningCallback(Callback):
             or (max_steps not in (None, -1) and trainer.global_step >= max_steps)
         )
 
+    # ------------------------------------------------------------------ the level's best validation
     def monitored(self, trainer: pl.Trainer) -> float:
         """The value of ``monitor`` at the validation just run (a ConfigError if it is not logged)."""
         if self.monitor not in trainer.callback_metrics:
@@ -198,96 +210,103 @@ class PruningCallback(Callback):
             )
         return float(trainer.callback_metrics[self.monitor])
 
-    # ------------------------------------------------------------------ the round record
-    @staticmethod
-    def validation_metrics(trainer: pl.Trainer) -> dict[str, float]:
-        """The ``val/*`` scalars of the last validation."""
-        return {
-            key: float(value)
-            for key, value in trainer.callback_metrics.items()
-            if key.startswith("val/") and value.numel() == 1
-        }
+    def tracking(self, pl_module: pl.LightningModule) -> bool:
+        """Whether this validation counts for the level (something reads the tracker)."""
+        return self.monitor is not None and (self.keeps == "best" or self.patience is not None)
 
+    def track(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compare this validation with the level's best; keep the weights and masks if it is."""
+
+        def snapshot() -> dict[str, Tensor]:
+            if self.keeps != "best":
+                return {}
+            masks = {MASK + name: mask for name, mask in sparsity.masks_of(pl_module).items()}
+            return {**sparsity.snapshot(pl_module), **masks}
+
+        self.best.update(
+            self.monitored(trainer),
+            snapshot,
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            metrics=validation_metrics(trainer),
+        )
+
+    @property
+    def plateaued(self) -> bool:
+        """Whether ``patience`` validations in a row did not improve on the level's best."""
+        return self.patience is not None and self.best.validations_since_best >= self.patience
+
+    # ------------------------------------------------------------------ the record
     @property
     def level_recorded(self) -> bool:
         """Whether the current level (``pruning_steps``) has its record already."""
         return bool(self.history) and self.history[-1]["pruning_step"] == self.pruning_steps
 
-    def write_round(
+    def record(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        recorded: Recorded = "last",
-        val_metrics: Optional[Mapping[str, float]] = None,
-        tasks_scored: Optional[int] = None,
-        details: Optional[Mapping[str, Any]] = None,
-        round_start_step: Optional[int] = None,
         stopped_early: Optional[bool] = None,
-        **validation: Any,
-    ) -> Path:
-        """Record the net as it is now: masks, ``metrics.json`` and a checkpoint under ``rounds/round_XX``.
-
-        ``val_metrics`` default to the last validation's; ``validation`` may give ``val_step``,
-        ``val_epoch`` and ``val_epoch_in_round`` of the recorded weights' validation;
-        ``round_start_step`` and ``stopped_early`` say when the level started training and whether
-        a plateau ended it (see :class:`~lthmaml.rounds.RoundRecord`).
-        """
-        if val_metrics is None and self.last_validation is not None:
-            validation = {
-                "val_step": self.last_validation[0],
-                "val_epoch": self.last_validation[1],
-                **validation,
-            }
-        if val_metrics is None:
-            val_metrics = self.last_val_metrics or self.validation_metrics(trainer)
-        metrics = dict(val_metrics)
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Record the current level: with ``keeps = "best"`` its best validation's weights and masks
+        are restored first. ``fields`` are further :class:`~lthmaml.rounds.RoundRecord` fields;
+        a ``details`` among them joins the strategy's :meth:`details`."""
+        best = self.best if self.keeps == "best" and self.best.state is not None else None
+        validation: dict[str, Any] = {}
+        if best is not None:
+            state = best.state
+            sparsity.load_masks(
+                pl_module, {n[len(MASK) :]: v for n, v in state.items() if n.startswith(MASK)}
+            )
+            sparsity.rewind(pl_module, {n: v for n, v in state.items() if not n.startswith(MASK)})
+            val_metrics = best.metrics
+            validation = {"val_step": best.step, "val_epoch": best.epoch}
+        else:
+            val_metrics = self.last_val_metrics or validation_metrics(trainer)
+            if self.last_validation is not None:
+                validation = {"val_step": self.last_validation[0], "val_epoch": self.last_validation[1]}
         report = sparsity.sparsity_report(pl_module)
         flops = rewiring.forward_multiply_adds(pl_module, uses=self.uses) or (None, None)
+        details = {**self.details(pl_module), **fields.pop("details", {})}
         record = RoundRecord(
             round=len(self.history),
             sparsity=report.sparsity,
             pruning_step=self.pruning_steps,
             global_step=trainer.global_step,
             epoch=trainer.current_epoch,
-            recorded=recorded,
+            recorded="best" if best is not None else "last",
             monitor=self.monitor,
-            val=metrics.get(self.monitor) if self.monitor else None,
-            val_metrics=metrics,
-            tasks_scored=tasks_scored,
-            round_start_step=round_start_step,
+            val=val_metrics.get(self.monitor) if self.monitor else None,
+            val_metrics=dict(val_metrics),
+            round_start_step=self.level_start_step,
             stopped_early=stopped_early,
             forward_flops=flops[0],
             dense_forward_flops=flops[1],
-            details=dict(details or {}),
-            **validation,
+            details=details,
+            **{**validation, **fields},
         ).as_dict()
         self.history.append(record)
-        folder = self.round_dir(trainer, record["round"])
+        folder = round_dir(self.run_dir(trainer), record["round"])
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             sparsity.save_masks(folder / MASK_FILE, sparsity.masks_of(pl_module), record)
-            self.write_metrics(folder, record, report.as_dict()["layers"])
+            write_metrics(folder, record, report.as_dict()["layers"])
         trainer.save_checkpoint(folder / CHECKPOINT_FILE, weights_only=False)  # optimizer, callbacks too
-        self.log_record(trainer, record, trainer.global_step)
-        return folder
+        log_record(trainer, record, trainer.global_step)
+        return record
 
-    def round_dir(self, trainer: pl.Trainer, index: int) -> Path:
-        return self.run_dir(trainer) / ROUNDS_FOLDER / round_folder_name(index)
+    def records_at_fit_end(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the level the fit ends in is recorded when it ends (if it has no record yet)."""
+        return False
 
-    @staticmethod
-    def write_metrics(folder: Path, record: Mapping[str, Any], layers: Optional[Mapping] = None) -> None:
-        file = folder / METRICS_FILE
-        if layers is None and file.is_file():
-            layers = json.loads(file.read_text()).get("layers")
-        partial = folder / f".{METRICS_FILE}.partial"
-        partial.write_text(json.dumps({**record, "layers": layers or {}}, indent=2))
-        partial.replace(file)  # a reader never sees half a record
+    def final_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The record of the level the fit ended in."""
+        self.record(trainer, pl_module, stopped_early=False if self.plateaus else None)
 
-    @staticmethod
-    def log_record(trainer: pl.Trainer, record: Mapping[str, Any], step: int) -> None:
-        if trainer.logger is not None:
-            numbers = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
-            trainer.logger.log_metrics({f"prune/{k}": v for k, v in numbers.items()}, step=step)
+    def record_at_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.records_at_fit_end(pl_module) and not self.level_recorded:
+            self.final_record(trainer, pl_module)
 
     # ------------------------------------------------------------------ testing each level, after fit
     def test_rounds(
@@ -306,7 +325,7 @@ class PruningCallback(Callback):
             if record.get("test_metrics"):
                 continue
             states = [callback.state_dict() for callback in trainer.callbacks]
-            folder = self.round_dir(trainer, index)
+            folder = round_dir(self.run_dir(trainer), index)
             try:
                 outputs = trainer.test(
                     model, datamodule=datamodule, ckpt_path=str(folder / CHECKPOINT_FILE), verbose=False
@@ -319,8 +338,8 @@ class PruningCallback(Callback):
             record.update(test=metrics.get(name), test_metric=name, test_metrics=metrics)
             self.history[index] = record
             if trainer.is_global_zero:
-                self.write_metrics(folder, record)
-            self.log_record(trainer, {"round": index, "test": record["test"]}, record["global_step"])
+                write_metrics(folder, record)
+            log_record(trainer, {"round": index, "test": record["test"]}, record["global_step"])
         rank_zero_info(round_table(self.history))
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -338,6 +357,7 @@ class PruningCallback(Callback):
         if self.monitor is None and trainer.checkpoint_callback is not None:
             self.monitor = trainer.checkpoint_callback.monitor
             self.mode = trainer.checkpoint_callback.mode
+        self.best.monitor, self.best.mode = self.monitor or "", self.mode or "max"
         if self.patience is not None and self.monitor is None:
             raise ConfigError(
                 f"{type(self).__name__}.patience needs a monitored metric: set monitor and mode "
@@ -345,12 +365,23 @@ class PruningCallback(Callback):
             )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self.last_validation = (trainer.global_step, trainer.current_epoch)
-            self.last_val_metrics = self.validation_metrics(trainer)
+        if trainer.sanity_checking:
+            return
+        self.last_validation = (trainer.global_step, trainer.current_epoch)
+        self.last_val_metrics = validation_metrics(trainer)
+        if self.tracking(pl_module):
+            self.track(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.last_epoch(trainer):  # before ModelCheckpoint's hook: the fit's last.ckpt holds it
+            self.record_at_fit_end(trainer, pl_module)
         pl_module.log("sparsity", sparsity.sparsity_report(pl_module).sparsity, sync_dist=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A stop the epoch-end hook could not see yet: EarlyStopping decides after it. (last.ckpt was
+        # written before this record: a fit killed now and resumed trains one more epoch, then
+        # records again.)
+        self.record_at_fit_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_info(
@@ -364,13 +395,26 @@ class PruningCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name in self.state_attributes:
-            if name not in state_dict:  # a checkpoint of an older version may lack a newer attribute
-                continue
             current = getattr(self, name, None)
             if hasattr(current, "load_state_dict"):  # a stateful helper (the best-weights tracker)
                 current.load_state_dict(state_dict[name])
             else:
                 setattr(self, name, state_dict[name])
+
+
+def validation_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The ``val/*`` scalars of the last validation."""
+    return {
+        key: float(value)
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith("val/") and value.numel() == 1
+    }
+
+
+def log_record(trainer: pl.Trainer, record: Mapping[str, Any], step: int) -> None:
+    if trainer.logger is not None:
+        numbers = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+        trainer.logger.log_metrics({f"prune/{k}": v for k, v in numbers.items()}, step=step)
 
 
 def _on_cpu(value: Any) -> Any:

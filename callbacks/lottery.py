@@ -6,11 +6,11 @@ sparse subnetwork that still trains to full accuracy from its initial weights is
 Frankle et al. (2019), "Stabilizing the Lottery Ticket Hypothesis": for deeper nets, rewind to the
 weights of an early training step ``k`` instead of step 0 (late rewinding).
 
-The schedule (:class:`~callbacks.round_based.RoundBasedPruning`). Round 0 trains the dense net;
-round ``r`` trains at sparsity ``1 - (1 - p) ** r``. At the end of a round its best-validation
-weights are recorded under ``rounds/round_XX``; then they are pruned by magnitude to the next
-round's sparsity and rewound (or re-initialised, or kept). The last round trains the final ticket
-(the standard LTH evaluation) and ends the fit.
+The schedule (:class:`~callbacks.schedule.LevelSchedule`, a level being a round). Round 0 trains
+the dense net; round ``r`` trains at sparsity ``1 - (1 - p) ** r``. At the end of a round its
+best-validation weights are recorded under ``rounds/round_XX``; then they are pruned by magnitude
+to the next round's sparsity and rewound (or re-initialised, or kept), and the optimizer starts
+afresh. The last round trains the final ticket (the standard LTH evaluation) and ends the fit.
 
 Distillation (``distill_weight > 0``). From round 1 on, each task's training objective adds a
 temperature-scaled KL term towards the dense round-0 net's query outputs (Hinton et al. 2015; see
@@ -23,6 +23,7 @@ term).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -31,16 +32,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from callbacks.round_based import RoundBasedPruning
+from callbacks.schedule import LevelSchedule
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.meta.distill import Distillable, Distillation, check_options, load_teacher
-from lthmaml.rounds import CHECKPOINT_FILE, MASK_FILE, ROUNDS_FOLDER, round_folder_name
+from lthmaml.rounds import CHECKPOINT_FILE, MASK_FILE, round_dir
 
 RewindTo = Union[Literal["init", "none"], int]
 
 
-class LotteryTicket(RoundBasedPruning):
+class LotteryTicket(LevelSchedule):
     """Iterative magnitude pruning with rewinding (the lottery-ticket procedure).
 
     Args:
@@ -59,17 +60,27 @@ class LotteryTicket(RoundBasedPruning):
         distill_weight: weight of the distillation term towards the dense round-0 net in rounds
             1 and later (0: none; the learner must output class logits).
         distill_temperature: its softmax temperature ``T`` (the term is scaled by ``T^2``).
-        rounds, epochs_per_round, steps_per_round: the schedule of
-            :class:`~callbacks.round_based.RoundBasedPruning` (``patience``, ``min_delta``: a round
-            ends on a validation plateau); ``scope``, ``exclude``, ``layer_rates``, ``monitor``,
-            ``mode``, ``test_each_round``: as for :class:`~callbacks.base.PruningCallback`.
+        rounds: pruning events; the fit trains ``rounds + 1`` rounds.
+        epochs_per_round, steps_per_round: (maximum) length of a round; set exactly one. A longer
+            ``trainer.max_epochs`` / ``max_steps`` (or -1) ends with the last round; a shorter one
+            is an error naming the needed value.
+        **kwargs: ``patience``, ``min_delta`` (a round ends on a validation plateau), ``scope``,
+            ``exclude``, ``layer_rates``, ``monitor`` (whose best value in a round picks the weights
+            recorded and pruned; a round without validation uses its last weights), ``mode``,
+            ``test_each_round``: as for :class:`~callbacks.base.PruningCallback`.
     """
 
-    state_attributes = (*RoundBasedPruning.state_attributes, "rewind_state", "teacher_file")
+    keeps = "best"
+    last_level_ends_fit = True
+    length_options = "epochs_per_round and steps_per_round"
+    state_attributes = (*LevelSchedule.state_attributes, "rewind_state", "teacher_file")
 
     def __init__(
         self,
         prune_rate: float = 0.2,
+        rounds: int = 5,
+        epochs_per_round: Optional[int] = None,
+        steps_per_round: Optional[int] = None,
         rewind_to: RewindTo = "init",
         reinit_random: bool = False,
         masks_from: Optional[str] = None,
@@ -78,7 +89,11 @@ class LotteryTicket(RoundBasedPruning):
         distill_temperature: float = 4.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        if rounds < 1:
+            raise ConfigError(f"LotteryTicket.rounds must be >= 1 (pruning events), got {rounds}")
+        super().__init__(
+            rounds, epochs_per_round, steps_per_round, accumulate_batches=None, write_every=1, **kwargs
+        )
         check_options("LotteryTicket", distill_weight, distill_temperature)
         if not 0.0 < prune_rate < 1.0:
             raise ConfigError(f"LotteryTicket.prune_rate must be in (0, 1), got {prune_rate}")
@@ -101,20 +116,25 @@ class LotteryTicket(RoundBasedPruning):
         """Round 0's ``model.ckpt`` (absolute), the distillation teacher; None: not distilling."""
 
     # ------------------------------------------------------------------ the method
-    def next_round(self, pl_module: pl.LightningModule) -> None:
-        """Prune the smallest-magnitude weights to the round's sparsity, then rewind the survivors."""
+    def prune_level(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: dict[str, Tensor]
+    ) -> dict[str, Any]:
+        """Prune the smallest-magnitude weights to the next round's sparsity, rewind the survivors."""
+        level = self.pruning_steps + 1
         if self.masks_from is None:
-            scores = sparsity.magnitude_scores(pl_module, self.exclude)
-            self.prune(pl_module, scores, self.prune_rate, rounds=self.round)
+            magnitudes = sparsity.magnitude_scores(pl_module, self.exclude)
+            self.prune(pl_module, magnitudes, self.prune_rate, level=level)
         else:
-            sparsity.load_masks(pl_module, sparsity.read_masks(self.borrowed_mask_file(self.round)))
+            sparsity.load_masks(pl_module, sparsity.read_masks(self.borrowed_mask_file(level)))
         if self.reinit_random:
             devices = [pl_module.device.index] if pl_module.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):  # the global random stream stays put
-                sparsity.reinitialize(pl_module, generator_seed=self.seed + self.round)
+                sparsity.reinitialize(pl_module, generator_seed=self.seed + level)
         elif self.rewind_step is not None:
             assert self.rewind_state is not None, "the rewind point precedes every round end"
             sparsity.rewind(pl_module, self.rewind_state)
+        self.restart_optimizers()
+        return {}
 
     @property
     def rewind_step(self) -> Optional[int]:
@@ -125,17 +145,17 @@ class LotteryTicket(RoundBasedPruning):
 
     def borrowed_mask_file(self, round_index: int) -> Path:
         assert self.masks_from is not None
-        return self.masks_from / ROUNDS_FOLDER / round_folder_name(round_index) / MASK_FILE
+        return round_dir(self.masks_from, round_index) / MASK_FILE
 
     def check_borrowed_masks(self, pl_module: pl.LightningModule) -> None:
         """Fail before training if ``masks_from`` lacks a round's mask or its masks do not fit."""
         shapes = {name: tuple(mask.shape) for name, mask in sparsity.masks_of(pl_module).items()}
-        for r in range(1, self.rounds + 1):
+        for r in range(1, self.levels + 1):
             file = self.borrowed_mask_file(r)
             if not file.is_file():
                 raise ConfigError(
                     f"LotteryTicket.masks_from: {file} does not exist; masks_from needs a finished "
-                    f"LotteryTicket run with rounds 1..{self.rounds} (run that experiment first)"
+                    f"LotteryTicket run with rounds 1..{self.levels} (run that experiment first)"
                 )
             borrowed = {name: tuple(mask.shape) for name, mask in sparsity.read_masks(file).items()}
             if borrowed != shapes:
@@ -145,14 +165,14 @@ class LotteryTicket(RoundBasedPruning):
                 )
 
     # ------------------------------------------------------------------ distillation
-    def round_details(self) -> dict[str, Any]:
+    def details(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         if self.distill_weight == 0:
             return {}
         return {"distill_weight": self.distill_weight, "distill_temperature": self.distill_temperature}
 
     def teacher_checkpoint(self, trainer: pl.Trainer) -> Path:
         """Round 0's record (this run's own, for a checkpoint written before the path was kept)."""
-        return Path(self.teacher_file or self.round_dir(trainer, 0) / CHECKPOINT_FILE)
+        return Path(self.teacher_file or round_dir(self.run_dir(trainer), 0) / CHECKPOINT_FILE)
 
     def attach_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Distil from the round-0 net once round 0 is recorded (and from no net before)."""
@@ -181,10 +201,10 @@ class LotteryTicket(RoundBasedPruning):
                 "LotteryTicket.distill_weight: the model distils from its own distill_from; set one of them"
             )
 
-    def end_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def end_level(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.distill_weight > 0 and not self.history:  # round 0's record, the teacher, comes now
-            self.teacher_file = str((self.round_dir(trainer, 0) / CHECKPOINT_FILE).resolve())
-        super().end_round(trainer, pl_module)
+            self.teacher_file = str((round_dir(self.run_dir(trainer), 0) / CHECKPOINT_FILE).resolve())
+        super().end_level(trainer, pl_module)
         if len(self.history) == 1:
             self.attach_teacher(trainer, pl_module)
 
@@ -205,13 +225,14 @@ class LotteryTicket(RoundBasedPruning):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self.attach_teacher(trainer, pl_module)  # a resumed fit past round 0 distils from it again
-        round_steps = self.round_steps(trainer)
-        if round_steps is not None and self.rewind_step is not None and self.rewind_step >= round_steps:
+        batches = trainer.num_training_batches
+        round_steps = self.steps_per_level or self.epochs_per_level * batches
+        if math.isfinite(round_steps) and self.rewind_step is not None and self.rewind_step >= round_steps:
             raise ConfigError(
                 f"LotteryTicket.rewind_to={self.rewind_step} must be below the {round_steps} steps of round 0"
             )
 
-    def may_stop_early(self) -> bool:
+    def may_end_level(self) -> bool:
         # A plateau ends round 0 only once the rewind point is reached (late rewinding).
         return self.rewind_step is None or self.rewind_state is not None
 

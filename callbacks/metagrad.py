@@ -19,17 +19,14 @@ weights of smallest accumulated squared gradient and prunes the smallest ``|w|``
 ``weight_first`` takes the candidates by smallest ``|w|`` and prunes the smallest squared gradient
 among them.
 
-Rounds. ``rounds/round_XX`` records the net trained at the sparsity of pruning step ``XX``: written
+Levels. ``rounds/round_XX`` records the net trained at the sparsity of pruning step ``XX``: written
 at the end of its fine-tuning interval, just before the next step (round 0: the dense net before
-the first), and the last one when the fit ends (the schedule of
-:class:`~callbacks.iterative.IterativePruning`); ``details.weights_pruned`` is what the step that
-made the level removed.
+the first), and the last one when the fit ends (:class:`~callbacks.schedule.LevelSchedule`);
+``details.weights_pruned`` is what the step that made the level removed.
 
-Cost: one extra forward and backward pass on each task's support set per accumulated training
-step (measured on one CPU thread: 5-8% of a second-order meta-step for 5-way 1-shot Omniglot on
-the 64-filter Conv4, whose support set is 5 of a task's 80 images; for the supervised
-:class:`~lthmaml.meta.classifier.Classifier` it about doubles a step). ``accumulate_batches=k`` pays it
-only for the last ``k`` steps before each pruning step; after the last pruning step nothing is paid.
+Cost: one extra forward and backward pass on each task's support set per scored training step;
+``accumulate_batches=k`` pays it only for the last ``k`` steps before each pruning step, and after
+the last pruning step nothing is paid (figures: docs/strategies.md).
 """
 
 from __future__ import annotations
@@ -41,14 +38,14 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from callbacks.iterative import IterativePruning
+from callbacks.schedule import LevelSchedule
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
 
 Criterion = Literal["product", "gradient_first", "weight_first"]
 
 
-class MetaGradientPruning(IterativePruning):
+class MetaGradientPruning(LevelSchedule):
     """Weight x meta-gradient importance pruning, a fixed number of weights per step.
 
     Args:
@@ -63,14 +60,14 @@ class MetaGradientPruning(IterativePruning):
         candidate_factor: the two-stage criteria draw ``candidate_factor * weights_per_step``
             candidates by their first key, then prune ``weights_per_step`` of them by the second.
         steps_between, accumulate_batches, write_every: the schedule of
-            :class:`~callbacks.iterative.IterativePruning` (``steps_between`` training steps of
+            :class:`~callbacks.schedule.LevelSchedule` (``steps_between`` training steps of
             fine-tuning before each pruning step, or fewer on a validation plateau with
             ``patience``; the importance sums over the window's tasks).
         scope, exclude, layer_rates, monitor, mode, test_each_round: as for
             :class:`~callbacks.base.PruningCallback`.
     """
 
-    score_before_update = True  # the gradient is taken at the meta-parameters of the batch
+    scored = "before"  # the gradient is taken at the meta-parameters of the batch
 
     def __init__(
         self,
@@ -83,7 +80,7 @@ class MetaGradientPruning(IterativePruning):
         accumulate_batches: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(steps_between, accumulate_batches, **kwargs)
+        super().__init__(steps, None, steps_between, accumulate_batches, **kwargs)
         if (weights_per_step is None) == (prune_rate is None):
             raise ConfigError(
                 "MetaGradientPruning: set exactly one of weights_per_step (a count per step) and "
@@ -104,23 +101,16 @@ class MetaGradientPruning(IterativePruning):
             raise ConfigError(f"candidate_factor must be >= 1, got {candidate_factor}")
         self.weights_per_step = weights_per_step
         self.prune_rate = prune_rate
-        self.steps = steps
         self.criterion = criterion
         self.candidate_factor = candidate_factor
 
     # ------------------------------------------------------------------ eq. 6: accumulation
-    def finished(self, pl_module: pl.LightningModule) -> bool:
-        return self.pruning_steps >= self.steps
-
     def score_batch(self, pl_module: pl.LightningModule, batch: Any) -> tuple[dict[str, Tensor], int]:
         """Each task's squared support-loss gradient w.r.t. the effective weights, summed (0 at
         pruned entries)."""
-        squares: dict[str, Tensor] = {}
-        tasks = 0
-        for grads in sparsity.task_gradients(pl_module, self.prunable(pl_module), batch):
-            for name, grad in grads.items():
-                squares[name] = grad**2 if name not in squares else squares[name] + grad**2
-            tasks += 1
+        squares, tasks = sparsity.summed_task_gradients(
+            pl_module, self.prunable(pl_module), batch, squared=True
+        )
         masks = sparsity.masks_of(pl_module, list(squares))
         return {name: square * masks[name] for name, square in squares.items()}, tasks
 
@@ -154,14 +144,14 @@ class MetaGradientPruning(IterativePruning):
             for name in second
         }
 
-    def prune_step(
+    def prune_level(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Mapping[str, Tensor]
     ) -> dict[str, Any]:
         """Remove the step's weights (a count, or ``prune_rate`` of the remaining) by the criterion."""
         remaining = self._alive(pl_module)
         if self.prune_rate is not None:
             rate = self.prune_rate
-            self.prune(pl_module, self.scores(pl_module, scores, rate), rate, rounds=self.pruning_steps + 1)
+            self.prune(pl_module, self.scores(pl_module, scores, rate), rate, level=self.pruning_steps + 1)
         elif remaining > 0:
             # prune_lowest removes round(fraction * remaining) = weights_per_step exactly.
             fraction = min(1.0, self.weights_per_step / remaining)

@@ -88,16 +88,19 @@ class Powerprop(PruningCallback):
         install_power(model, self.alpha, layers)
 
     # ------------------------------------------------------------------ one-shot pruning
-    def prune_to_final_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def records_at_fit_end(self, pl_module: pl.LightningModule) -> bool:
+        return self.final_sparsity is not None
+
+    def final_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune the lowest-|w| effective weights up to ``final_sparsity`` of all, and record it.
 
         The record's validation metrics are the last validation's, the dense net's, before pruning.
         """
-        # rounds=1: final_sparsity of *all* weights, also when another strategy pruned some already.
+        # level=1: final_sparsity of *all* weights, also when another strategy pruned some already.
         scores = sparsity.magnitude_scores(pl_module, self.exclude)
-        self.prune(pl_module, scores, self.final_sparsity, rounds=1)
+        self.prune(pl_module, scores, self.final_sparsity, level=1)
         self.pruning_steps = 1
-        self.write_round(trainer, pl_module, details={"alpha": self.alpha, "validated_dense": True})
+        self.record(trainer, pl_module, details={"alpha": self.alpha, "validated_dense": True})
 
     # ------------------------------------------------------------------ Adam correction
     def on_before_optimizer_step(
@@ -138,16 +141,6 @@ class Powerprop(PruningCallback):
         super().setup(trainer, pl_module, stage)
         # Before a checkpoint is restored: a resumed fit's phi then load over the converted theta.
         self.install(pl_module)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before ModelCheckpoint's hook, so last.ckpt of the final epoch holds the pruned masks.
-        if self.final_sparsity is not None and not self.history and self.last_epoch(trainer):
-            self.prune_to_final_sparsity(trainer, pl_module)
-        super().on_train_epoch_end(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.final_sparsity is not None and not self.history:  # stopped before an epoch ended
-            self.prune_to_final_sparsity(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.final_sparsity is not None:  # stacked, the pruning strategy reports the sparsity

@@ -20,7 +20,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from callbacks.sparse_training import SparseTraining, dense_gradients
+from callbacks.sparse_training import SparseTraining
+from lthmaml import sparsity
 
 
 class RigL(SparseTraining):
@@ -40,7 +41,8 @@ class RigL(SparseTraining):
     def update_masks(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, fraction: float
     ) -> None:
-        self.rewire(trainer, pl_module, fraction, dense_gradients(pl_module, self.prunable(pl_module), batch))
+        gradients, _ = sparsity.summed_task_gradients(pl_module, self.prunable(pl_module), batch)
+        self.rewire(trainer, pl_module, fraction, {name: grad.abs() for name, grad in gradients.items()})
 
     def update_cost(self, forward: float, dense: float) -> float:
         return 2 * forward + dense

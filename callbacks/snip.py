@@ -19,7 +19,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 
-from callbacks.sparse_training import SparseTraining, sum_gradients
+from callbacks.sparse_training import SparseTraining
 from lthmaml import rewiring, sparsity
 from lthmaml.rewiring import Distribution
 from lthmaml.sparsity import Masks
@@ -45,7 +45,7 @@ class SNIP(SparseTraining):
     def sensitivities(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         """``|dL/dc| = |sum_tasks dL/dw| * |w|`` for every prunable weight."""
         names = self.prunable(pl_module)
-        total = sum_gradients(sparsity.task_gradients(pl_module, names, batch))
+        total, _ = sparsity.summed_task_gradients(pl_module, names, batch)
         return {name: (total[name] * sparsity.weight(pl_module, name)).abs().detach() for name in names}
 
     def initial_masks(self, pl_module: pl.LightningModule, batch: Any) -> Masks:

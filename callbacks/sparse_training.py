@@ -22,7 +22,7 @@ monitor) and, besides the shared schema, ``train_flops`` (per example) and
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, Optional
 
 import lightning.pytorch as pl
@@ -36,11 +36,8 @@ from lthmaml.errors import ConfigError
 from lthmaml.nets.flops import weight_uses
 from lthmaml.rewiring import Distribution
 from lthmaml.sparsity import Masks
-from lthmaml.tracking import BestWeights
 
 Decay = Literal["constant", "cosine"]
-MASK = "mask:"
-"""The prefix of the masks among the best-weights snapshot's parameters."""
 
 
 class SparseTraining(PruningCallback):
@@ -62,6 +59,7 @@ class SparseTraining(PruningCallback):
             ``test_each_round`` of :class:`~callbacks.base.PruningCallback`.
     """
 
+    keeps = "best"
     default_distribution: ClassVar[Optional[Distribution]] = "erk"
     updates_after_step: ClassVar[bool] = False
     """Where a mask update runs: before a step (drop-and-grow zeroes what it grows, which no
@@ -73,7 +71,6 @@ class SparseTraining(PruningCallback):
         "mask_updates",
         "flops",
         "dense_flops",
-        "best",
     )
 
     def __init__(
@@ -115,8 +112,6 @@ class SparseTraining(PruningCallback):
         """What the same steps would have cost dense."""
         self._step_flops: Optional[tuple[float, float]] = None
         """(sparse, dense) multiply-adds of a training step at the current masks."""
-        self.best = BestWeights(self.monitor or "", self.mode or "max", self.min_delta)
-        """The best validation's weights and masks (the masks change while a dynamic one trains)."""
 
     # ------------------------------------------------------------------ the strategy's method
     def initial_masks(self, pl_module: pl.LightningModule, batch: Any) -> Masks:
@@ -156,10 +151,6 @@ class SparseTraining(PruningCallback):
     def update_cost(self, forward: float, dense: float) -> float:
         """What a mask update adds (RigL: a dense gradient)."""
         return 0.0
-
-    def details(self) -> dict[str, Any]:
-        """What this strategy's record adds to the shared schema."""
-        return {}
 
     # ------------------------------------------------------------------ shared helpers
     def densities(self, pl_module: pl.LightningModule, sparsity_: Optional[float] = None) -> dict[str, float]:
@@ -245,79 +236,16 @@ class SparseTraining(PruningCallback):
         self._step_flops = None
         self.flops += self.update_cost(*self.forward_cost(pl_module))
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self.best.monitor, self.best.mode = self.monitor or "", self.mode or "max"
+    def tracking(self, pl_module: pl.LightningModule) -> bool:
+        return self.started and super().tracking(pl_module)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if trainer.sanity_checking or not self.started or self.monitor is None:
-            return
-        self.best.update(
-            self.monitored(trainer),
-            lambda: {
-                **sparsity.snapshot(pl_module),
-                **{MASK + n: m for n, m in sparsity.masks_of(pl_module).items()},
-            },
-            step=trainer.global_step,
-            epoch=trainer.current_epoch,
-            metrics=self.validation_metrics(trainer),
-        )
+    def records_at_fit_end(self, pl_module: pl.LightningModule) -> bool:
+        return self.started
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before ModelCheckpoint's hook, so the fit's last.ckpt holds the record too.
-        if self.started and not self.history and self.last_epoch(trainer):
-            self.write_record(trainer, pl_module)
-        super().on_train_epoch_end(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A stop the epoch-end hook could not see yet: EarlyStopping decides after it. (last.ckpt was
-        # written before this record: a fit killed now and resumed trains one more epoch, then
-        # records the same best weights.)
-        if self.started and not self.history:
-            self.write_record(trainer, pl_module)
-
-    def write_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Restore the best validation's masks and weights (if any) and record them."""
-        best = self.best
-        if best.state is None:
-            self.write_round(trainer, pl_module, details=self.record_details())
-            return
-        masks = {name[len(MASK) :]: value for name, value in best.state.items() if name.startswith(MASK)}
-        sparsity.load_masks(pl_module, masks)
-        sparsity.rewind(pl_module, {n: v for n, v in best.state.items() if not n.startswith(MASK)})
-        self.write_round(
-            trainer,
-            pl_module,
-            recorded="best",
-            val_metrics=best.metrics,
-            details=self.record_details(),
-            val_step=best.step,
-            val_epoch=best.epoch,
-        )
-
-    def record_details(self) -> dict[str, Any]:
+    def details(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         return {
             "train_flops": self.flops,
             "train_flops_vs_dense": self.flops / self.dense_flops if self.dense_flops else None,
             "distribution": self.distribution,
             "mask_updates": self.mask_updates,
-            **self.details(),
         }
-
-
-def sum_gradients(per_task: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """The tasks' gradients summed, by weight name."""
-    total: dict[str, Tensor] = {}
-    for grads in per_task:
-        for name, grad in grads.items():
-            total[name] = grad if name not in total else total[name] + grad
-    return total
-
-
-def dense_gradients(pl_module: pl.LightningModule, names: list[str], batch: Any) -> dict[str, Tensor]:
-    """|dL/dw| at every entry, pruned ones too, summed over the batch's tasks (RigL's growth)."""
-    return {
-        name: grad.abs()
-        for name, grad in sum_gradients(sparsity.task_gradients(pl_module, names, batch)).items()
-    }

@@ -18,35 +18,29 @@ lambda Theta_l^flops``, where ``Theta_l^flops`` is the cost in FLOPs of a featur
 on a comparable scale, ``Theta_l^flops`` the multiply-adds one alive filter of layer ``l`` costs
 (its own output map plus its input channel to the next layer, on the alive channels:
 :func:`lthmaml.nets.flops.filter_flops`), divided by the largest over the ranked layers; it is
-recounted at every pruning step, as the widths change. On the 28x28 Conv4 64 the terms are
-0.85, 1, 0.24 and 0.04 for the four blocks: removals move to the first two, the second most.
-With ``cost="activations"`` the cost is instead the activation memory the paper also names: a
-map's ``H_out W_out`` positions (:func:`lthmaml.nets.flops.filter_activations`), 1, 0.25, 0.06 and
-0.01 for the four blocks, so removals move to the full-resolution first block, whose maps
-(BatchNorm, ReLU, pooling and their backward) dominate a fine-tuning step on a CPU: at 50% of the
-filters removed from the trained Omniglot net, weight 0.05 gives 0.42 to 0.45x the dense step time
-at 89.9% accuracy (FLOPs at 0.05: 0.49x, 88.1%; none: 0.55x, 89.2%; ``bench/structured_speed.py``).
+recounted at every pruning step, as the widths change. With ``cost="activations"`` the cost is
+instead the activation memory the paper also names: a map's ``H_out W_out`` positions
+(:func:`lthmaml.nets.flops.filter_activations`), so removals move to the full-resolution layers,
+whose per-position work (BatchNorm, ReLU, pooling and their backward) dominates a fine-tuning step
+on a CPU more than the multiply-adds do (step times and accuracies: docs/strategies.md).
 
 Schedule (section 3). Every ``steps_between`` training steps the ``filters_per_step`` lowest
 filters go (their conv filters and bias and BatchNorm channel, via the engine's ``prune_channels``) while
 training goes on, until ``target_fraction`` of the filters is removed. A layer always keeps one.
-The window, the rank reduction and the records are :class:`~callbacks.iterative.IterativePruning`'s.
+The window, the rank reduction and the records are :class:`~callbacks.schedule.LevelSchedule`'s.
 
 Cost. Scores come from a separate pass over the batch just trained on, in the last
 ``accumulate_batches`` batches before each pruning step (``None``: every batch). For MAML that pass
 is, per task, the inner loop without second-order graph, a query forward pass and one backward pass
-to the gates: 0.4 to 0.7 of a second-order meta-training task (measured on a CPU, Conv4 64,
-5-way 1-shot). Scoring thus adds about ``0.5 * accumulate_batches / steps_between`` to the training
-time (10 to 17% at the Omniglot config's 5 of 20), and nothing once the target is reached. No
-activation is kept: the gates' gradients are the criterion.
+to the gates, cheaper than a second-order meta-training task; nothing is paid once the target is
+reached, and no activation is kept: the gates' gradients are the criterion.
 
 Rounds. ``rounds/round_XX`` (masks, ``metrics.json`` whose ``details`` hold ``filters_remaining``,
 ``filters_pruned`` and the ``channels`` left per layer, ``model.ckpt``) records the net trained
 with the filters of pruning step ``XX``: written at the end of its training interval, just before
 the next step (round 0: the full net), the last one when the fit ends. Any intermediate network
 can be tested (``test_each_round`` tests them all after the fit), for a
-curve of accuracy against filters. A Conv4 with 64 filters takes about 2 MB a round (the checkpoint
-holds the Adam state and the masks), 17 rounds at the Omniglot config.
+curve of accuracy against filters.
 """
 
 from __future__ import annotations
@@ -60,7 +54,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from callbacks.iterative import IterativePruning
+from callbacks.schedule import LevelSchedule
 from lthmaml import sparsity
 from lthmaml.errors import ConfigError
 from lthmaml.nets.flops import COSTS, Cost, filter_cost
@@ -124,7 +118,7 @@ def flops_regularized(
     return {name: s - flops_weight * costs[name] / top for name, s in scores.items()}
 
 
-class TaylorFilterPruning(IterativePruning):
+class TaylorFilterPruning(LevelSchedule):
     """Structured pruning of conv filters by the first-order Taylor criterion (Molchanov et al. 2017).
 
     Args:
@@ -133,18 +127,18 @@ class TaylorFilterPruning(IterativePruning):
         flops_weight: lambda of the FLOPs regularisation (>= 0; 0: none): each layer's normalised
             per-filter FLOPs (1 for the costliest layer) times this is taken off its scores.
             Layer-normalised scores of a layer of ``n`` filters are about ``1/sqrt(n)`` each
-            (0.125 for 64), so weights of a few hundredths already move removals. Needs a Conv4.
+            (0.125 for 64), so weights of a few hundredths already move removals.
         cost: what a filter costs in that term. ``"flops"``: the multiply-adds of its map and of its
             input channel to the next layer (the second block of the Omniglot Conv4 costs most);
             ``"activations"``: its map's output positions, ``H_out W_out`` (the first block, at full
-            resolution, costs most). On a CPU a fine-tuning step's time follows the per-position
-            work of the full-resolution maps more than the multiply-adds, so ``"activations"``
-            brings the step time down further at the same accuracy.
+            resolution, costs most).
         exclude: conv layers (qualified names, e.g. ``net.features.0.0``) never pruned.
         steps_between, accumulate_batches, write_every, patience, min_delta: the schedule of
-            :class:`~callbacks.iterative.IterativePruning`; ``monitor``, ``mode``,
+            :class:`~callbacks.schedule.LevelSchedule`; ``monitor``, ``mode``,
             ``test_each_round``: as for :class:`~callbacks.base.PruningCallback`.
     """
+
+    scored = "after"  # on the batch just trained on
 
     def __init__(
         self,
@@ -161,7 +155,7 @@ class TaylorFilterPruning(IterativePruning):
             raise ConfigError(
                 "TaylorFilterPruning ranks layer-normalised scores globally: drop scope/layer_rates"
             )
-        super().__init__(steps_between, accumulate_batches, exclude=exclude, **kwargs)
+        super().__init__(None, None, steps_between, accumulate_batches, exclude=exclude, **kwargs)
         if filters_per_step < 1:
             raise ConfigError(f"TaylorFilterPruning: filters_per_step must be >= 1, got {filters_per_step}")
         if not 0.0 < target_fraction < 1.0:
@@ -219,7 +213,7 @@ class TaylorFilterPruning(IterativePruning):
         pl_module.log("filters_remaining", float(self.target(pl_module)[1]), sync_dist=True)
 
     # ------------------------------------------------------------------ the method
-    def finished(self, pl_module: pl.LightningModule) -> bool:
+    def pruned_enough(self, pl_module: pl.LightningModule) -> bool:
         total, left, goal = self.target(pl_module)
         return total - left >= goal
 
@@ -235,7 +229,7 @@ class TaylorFilterPruning(IterativePruning):
             return normalized
         return flops_regularized(normalized, filter_cost(pl_module, self.cost), self.flops_weight)
 
-    def prune_step(
+    def prune_level(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Mapping[str, Tensor]
     ) -> dict[str, Any]:
         """Remove the step's filters of lowest criterion (a layer keeps one)."""

@@ -177,5 +177,6 @@ class TopKAST(SparseTraining):
         sparsity.apply_masks(pl_module, trainer.optimizers)
         super().on_fit_end(trainer, pl_module)
 
-    def details(self) -> dict[str, Any]:
-        return {"backward_sparsity": self.backward_sparsity, "regularization": self.regularization}
+    def details(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        extra = {"backward_sparsity": self.backward_sparsity, "regularization": self.regularization}
+        return {**super().details(pl_module), **extra}

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from lthmaml.errors import DataError
 
@@ -39,16 +40,32 @@ def give_default_mode(path: Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
 
 
+def write_blocker(folder: Path, error: Optional[OSError] = None) -> Optional[str]:
+    """Why nothing can be written into ``folder`` (made first where missing): the nearest place at or
+    above it that exists is a file, not a folder, or is a folder this process may not write; None
+    if nothing stands in the way. Given the ``error`` a write met, that error, not an access check
+    (which root passes anywhere), says whether writing was refused.
+
+    The commands ask it before any work (an option naming a place that cannot be written) and
+    :func:`cannot_write` after a write failed, so both give the same reason."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if error is None:
+        denied = not os.access(existing, os.W_OK | os.X_OK)
+    else:
+        denied = error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    if not denied:
+        return None
+    detail = f" ({error.strerror})" if error is not None and error.strerror else ""
+    return f"{existing} is not writable{detail}"
+
+
 def cannot_write(path: Path, error: OSError, what: str) -> DataError:
     """The one-line error for ``what`` (``the artifact``) that could not be written at ``path``."""
-    blocker = next((p for p in Path(path).parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        reason = f"{blocker} is a file, not a folder"
-    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        folder = next((p for p in [Path(path), *Path(path).parents] if p.exists()), Path(path))
-        reason = f"{folder} is not writable ({error.strerror})"
-    else:
-        reason = error.strerror or str(error)
+    reason = write_blocker(Path(path).parent, error) or error.strerror or str(error)
     return DataError(f"cannot write {what} to {path}: {reason}; choose a writable location")
 
 

@@ -251,8 +251,8 @@ def load_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             raise ConfigError(
                 f"mask '{name}' of shape {tuple(mask.shape)} does not fit {type(model).__name__}"
                 + (
-                    f": masks are keyed by parameter name ('{name}.weight'); convert old files with "
-                    "`python -m lthmaml.convert FILE`"
+                    f": masks are keyed by parameter name ('{name}.weight'); masks keyed by layer name "
+                    "predate this version's format: prune again to write them"
                     if target is None and _is_parameter(model, f"{name}.weight")
                     else ""
                 )

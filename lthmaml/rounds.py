@@ -8,8 +8,10 @@ no torch: reading a hundred records takes no time.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 ROUNDS_FOLDER = "rounds"
@@ -45,7 +47,7 @@ class RoundRecord:
         val_metrics: every ``val/*`` metric of that validation.
         round_start_step: the global step the level's training started at (its round's first step,
             or the pruning step that made it); ``global_step - round_start_step`` is how long it
-            trained (None: not known, e.g. a record of an older version).
+            trained (None: not known).
         stopped_early: whether the level's training ended on a validation plateau (``patience``)
             before its maximum length (``epochs_per_round`` / ``steps_per_round`` /
             ``steps_between``); None where the strategy has no such length (Powerprop).
@@ -91,40 +93,25 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RoundRecord:
-        """A record from ``metrics.json`` (extra keys such as ``layers`` are left out).
-
-        Records written before this schema are converted once, here: ``best_val/best_epoch/
-        best_step/best_epoch_in_round`` (lottery), ``step`` (pruning steps for meta-gradient
-        pruning, batches for Taylor), flat ``val/*`` keys, ``tasks`` and ``pruned``.
-        """
-        if "pruning_step" not in values:
-            values = _legacy(values)
+        """A record from ``metrics.json`` (extra keys such as ``layers`` are left out)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in names})
 
 
-def _legacy(old: Mapping[str, Any]) -> dict[str, Any]:
-    known = {"round", "sparsity", "global_step", "epoch", "monitor", "test", "test_metric", "test_metrics"}
-    new: dict[str, Any] = {key: old[key] for key in known if key in old}
-    metagrad = "pruned" in old or "tasks" in old or any(key.startswith("val/") for key in old)
-    new["pruning_step"] = int(old["step"]) if metagrad and "step" in old else int(old.get("round", 0))
-    new["global_step"] = int(old.get("global_step", old.get("best_step") or 0))
-    new["epoch"] = int(old.get("epoch", old.get("best_epoch") or 0))
-    new["test_metrics"] = dict(old.get("test_metrics") or {})
-    new["val_metrics"] = {key: float(value) for key, value in old.items() if key.startswith("val/")}
-    if old.get("best_val") is not None:
-        new.update(recorded="best", val=old["best_val"], val_step=old.get("best_step"))
-        new.update(val_epoch=old.get("best_epoch"), val_epoch_in_round=old.get("best_epoch_in_round"))
-        if old.get("monitor"):
-            new["val_metrics"].setdefault(old["monitor"], old["best_val"])
-    new["tasks_scored"] = old.get("tasks_scored", old.get("tasks"))
-    details = {
-        key: old[key] for key in ("filters_remaining", "filters_pruned", "channels", "alpha") if key in old
-    }
-    if "pruned" in old:
-        details["weights_pruned"] = old["pruned"]
-    new["details"] = details
-    return new
+def round_dir(run_dir: Path, index: int) -> Path:
+    """Where record ``index`` of the run in ``run_dir`` lives."""
+    return Path(run_dir) / ROUNDS_FOLDER / round_folder_name(index)
+
+
+def write_metrics(folder: Path, record: Mapping[str, Any], layers: Optional[Mapping] = None) -> None:
+    """Write ``metrics.json`` (the record and its per-layer sparsity; without ``layers``, those
+    already in the file), so that a reader never sees half a record."""
+    file = folder / METRICS_FILE
+    if layers is None and file.is_file():
+        layers = json.loads(file.read_text()).get("layers")
+    partial = folder / f".{METRICS_FILE}.partial"
+    partial.write_text(json.dumps({**record, "layers": layers or {}}, indent=2))
+    partial.replace(file)
 
 
 TABLE_COLUMNS = (

@@ -6,7 +6,6 @@ those places can be written at all, checked before any work."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 from pathlib import Path
@@ -17,6 +16,8 @@ from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_info
 
 from lthmaml.errors import ConfigError, DataError
+from lthmaml.files import write_blocker
+from lthmaml.meta.module import missing_class, predates_format
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -36,7 +37,8 @@ def check_ckpt_path(config: Namespace, subcommand: str, needs_checkpoint: tuple[
     """``--ckpt_path`` names a readable checkpoint of the configured net (``last`` is resolved).
 
     Lightning would raise a raw ``FileNotFoundError`` or unpickling error, start afresh on a
-    ``last`` it cannot find, or silently swap the checkpoint's net in for the configured one.
+    ``last`` it cannot find, silently swap the checkpoint's net in for the configured one, or fail
+    inside jsonargparse on a class the checkpoint names that this lthmaml does not have.
     """
     ckpt = config.get("ckpt_path")
     if ckpt is None:
@@ -62,7 +64,11 @@ def check_ckpt_path(config: Namespace, subcommand: str, needs_checkpoint: tuple[
             f"--ckpt_path {path}: not a readable checkpoint ({reason}); it may be truncated: give an "
             "earlier one, e.g. <run>/checkpoints/last.ckpt"
         ) from None
-    saved = (checkpoint.get("hyper_parameters") or {}).get("net") if isinstance(checkpoint, dict) else None
+    hparams = (checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+    stale = missing_class(hparams)
+    if stale is not None:  # Lightning would fail on it in jsonargparse, naming a config option
+        raise DataError(predates_format(f"--ckpt_path {path}", f"it names {stale}"))
+    saved = hparams.get("net")
     model = config.get("model")
     configured = model.get("init_args", Namespace()).get("net") if isinstance(model, Namespace) else None
     if not isinstance(saved, dict) or configured is None:
@@ -172,18 +178,9 @@ def check_writable(path: Path, option: str, what: str, file: bool = False) -> No
     path = Path(path)
     if file and path.is_dir():
         raise ConfigError(f"{option}: {path} is a folder: give a file name")
-    existing = path.parent if file else path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(
-            f"{option}: cannot make the {what} {path}: {existing} is a file, not a folder; "
-            "choose another place"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{option}: cannot write the {what} {path}: {existing} is not writable; choose another place"
-        )
+    reason = write_blocker(path.parent if file else path)
+    if reason is not None:
+        raise ConfigError(f"{option}: cannot write the {what} {path}: {reason}; choose another place")
 
 
 def resume_command(prog: str, argv: list[str], last: Path) -> str:

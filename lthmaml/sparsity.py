@@ -62,7 +62,7 @@ def prune_lowest(
     fraction: float,
     scope: Scope = "global",
     layer_rates: Optional[Mapping[str, float]] = None,
-    rounds: Optional[int] = None,
+    level: Optional[int] = None,
 ) -> Masks:
     """New masks with ``fraction`` of each group's *remaining* weights removed, lowest score first.
 
@@ -71,8 +71,8 @@ def prune_lowest(
     the output layer at half rate). Weights without a score keep their mask. Ties go to the lower
     flat index, so equal scores give the same mask on every run and rank.
 
-    With ``rounds=r`` the group is instead pruned up to ``1 - (1 - fraction) ** r`` of *all* its
-    weights (round r of an iterative schedule), so rounding never accumulates across rounds.
+    With ``level=r`` the group is instead pruned up to ``1 - (1 - fraction) ** r`` of *all* its
+    weights (level r of a geometric schedule), so rounding never accumulates across levels.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"prune fraction must be in [0, 1], got {fraction}")
@@ -92,10 +92,10 @@ def prune_lowest(
     for names, group_fraction in groups:
         total = sum(new_masks[name].numel() for name in names)
         pruned = sum(int((new_masks[name] == 0).sum()) for name in names)
-        if rounds is None:
+        if level is None:
             count = round(group_fraction * (total - pruned))
         else:
-            count = max(0, round(total * (1 - (1 - group_fraction) ** rounds)) - pruned)
+            count = max(0, round(total * (1 - (1 - group_fraction) ** level)) - pruned)
         _prune_group(new_masks, scores, names, count)
     return new_masks
 
@@ -104,10 +104,10 @@ def prune_by_magnitude(
     model: nn.Module,
     fraction: float,
     layer_rates: Optional[Mapping[str, float]] = None,
-    rounds: Optional[int] = None,
+    level: Optional[int] = None,
 ) -> None:
     """Install global magnitude pruning of ``fraction`` of ``model``'s remaining prunable weights
-    (:func:`prune_lowest`'s ``layer_rates`` and ``rounds``): one-shot pruning outside a callback."""
+    (:func:`prune_lowest`'s ``layer_rates`` and ``level``): one-shot pruning outside a callback."""
     scores = magnitude_scores(model)
     rates = {
         name: rate for key, rate in (layer_rates or {}).items() for name in scores if is_named(key, name)
@@ -117,7 +117,7 @@ def prune_by_magnitude(
         raise ConfigError(
             f"layer_rates names {unknown}, which are not prunable weights; choose from {list(scores)}"
         )
-    masks = prune_lowest(masks_of(model, list(scores)), scores, fraction, layer_rates=rates, rounds=rounds)
+    masks = prune_lowest(masks_of(model, list(scores)), scores, fraction, layer_rates=rates, level=level)
     load_masks(model, masks)
 
 
@@ -283,6 +283,20 @@ def task_gradients(model: nn.Module, names: Sequence[str], batch: object) -> Ite
         for loss in model.task_losses(batch, adapted=False):
             grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
             yield {name: torch.zeros_like(leaves[name]) if g is None else g for name, g in zip(names, grads)}
+
+
+def summed_task_gradients(
+    model: nn.Module, names: Sequence[str], batch: object, squared: bool = False
+) -> tuple[dict[str, Tensor], int]:
+    """:func:`task_gradients` (or their squares) summed over the batch's tasks, and the task count."""
+    total: dict[str, Tensor] = {}
+    tasks = 0
+    for grads in task_gradients(model, names, batch):
+        for name, grad in grads.items():
+            value = grad**2 if squared else grad
+            total[name] = value if name not in total else total[name] + value
+        tasks += 1
+    return total, tasks
 
 
 # ---------------------------------------------------------------------- reporting and files

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import rewrite_metadata
+from helpers import rewrite
 
 from lthmaml.data.taskfolder import TaskFolderDataModule
 from lthmaml.data.taskfolder_build import make_image_task, make_sinusoid_task
@@ -130,19 +130,6 @@ def test_export_checkpoint_reads_the_learner_from_its_class_path(tmp_path, class
     assert metadata.metric_scale == (pytest.approx(4.0) if learner == "matching" else None)
 
 
-def test_an_artifact_written_before_the_learner_field_still_loads(tmp_path):
-    torch.manual_seed(0)
-    maml = export_net(
-        Conv4(out_features=3, hidden_channels=4, image_size=SIZE, blocks=2), tmp_path / "a.safetensors"
-    )
-    assert load_artifact(rewrite_metadata(maml, learner=None, metric_scale=None)).metadata.learner == "maml"
-    # an older ProtoNet export named its module: that, not the default, says what it holds
-    proto = rewrite_metadata(
-        export_net(protonet(), tmp_path / "p.safetensors"), learner=None, metric_scale=None
-    )
-    assert load_artifact(proto).metadata.learner == "protonet"
-
-
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
@@ -153,7 +140,8 @@ def test_an_artifact_written_before_the_learner_field_still_loads(tmp_path):
     ],
 )
 def test_bad_learner_metadata_is_a_one_line_error(in_tmp, capsys, changes, field):
-    artifact = rewrite_metadata(export_net(matching(), in_tmp / "m.safetensors"), **changes)
+    good = export_net(matching(), in_tmp / "m.safetensors")  # a change to None writes null
+    artifact = rewrite(good, in_tmp / "bad.safetensors", metadata=lambda meta: {**meta, **changes})
     with pytest.raises(DataError, match=re.escape(field)):
         load_artifact(artifact)
     with pytest.raises(SystemExit) as exit_info:
@@ -225,8 +213,9 @@ def test_a_cnp_artifact_gives_the_cnps_query_mse(in_tmp, capsys):
 def test_fit_only_computes_the_prototypes(in_tmp, caplog):
     artifact = export_net(protonet(), in_tmp / "p.safetensors")
     cli = run_cli(edge_args("fit", artifact, image_task(in_tmp / "task")))
-    assert cli.model.epochs_run == 0 and cli.trainer.global_step == 0
+    assert cli.model.epochs_run == 0 and cli.trainer.global_step == 0 and cli.trainer.current_epoch == 0
     assert cli.model.configure_optimizers() is None  # no optimizer state
+    assert cli.model.adapter.context is not None  # the prototypes the fit computed stay for test/predict
     assert "class prototypes of the 6 support examples" in caplog.text and "0 epochs" in caplog.text
     tuned = load_artifact(in_tmp / "runs" / "edge" / "task" / FINETUNED)
     assert tuned.metadata.learner == "protonet"
@@ -241,9 +230,11 @@ def test_fine_tune_embedding_keeps_pruned_weights_at_zero(in_tmp, learner, val_s
     assert sorted(masks) == sorted(prunable(source.net))  # every layer of the embedding pruned
     artifact = export_net(learner(), in_tmp / "p.safetensors")
     task = image_task(in_tmp / "task", val_shots=val_shots)
-    extra = ["--model.fine_tune_embedding", "true", "--model.lr", "0.1", "--trainer.max_epochs", "3"]
+    epochs = "3" if val_shots else "10"  # no val/: the artifact's eval_inner_steps=10 steps, one an epoch
+    extra = ["--model.fine_tune_embedding", "true", "--model.lr", "0.1", "--trainer.max_epochs", epochs]
     cli = run_cli(edge_args("fit", artifact, task, *extra))
     assert cli.model.epochs_run >= 1 and cli.model.fixed_steps == (None if val_shots else 10)
+    assert cli.trainer.global_step == (cli.model.epochs_run if val_shots else 10)
     tuned = load_artifact(in_tmp / "runs" / "edge" / "task" / FINETUNED)
     changed = False
     assert masks_within(tuned.net).keys() == masks.keys()

@@ -4,7 +4,6 @@ float16), the bytes it costs, its metadata, the console script on a real run, an
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Callable
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 from helpers import assert_pruned_exactly, header_metadata, rewrite, stored
@@ -20,7 +18,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from callbacks.powerprop import Powerprop
-from lthmaml import export, sparsity
+from lthmaml import sparsity
+from lthmaml.edge import export
 from lthmaml.edge.artifact import CLASSIFIER_DEFAULTS, FORMAT_VERSION, METADATA_KEY, dense_size, load_artifact
 from lthmaml.edge.export import export_checkpoint, export_net
 from lthmaml.edge.export import main as export_main
@@ -246,9 +245,9 @@ def test_file_shrinks_with_sparsity_to_a_quarter_of_dense_at_80_percent(tmp_path
     net = Conv4(out_features=5, hidden_channels=64, image_size=28)  # the MAML paper's Omniglot net
     dense = dense_size(net)
     sizes = {}
-    for fraction in (0.0, 0.5, 0.8, 0.9):  # rounds=1: pruned up to this fraction of *all* weights
+    for fraction in (0.0, 0.5, 0.8, 0.9):  # level=1: pruned up to this fraction of *all* weights
         scores = sparsity.magnitude_scores(net)
-        sparsity.load_masks(net, sparsity.prune_lowest(sparsity.masks_of(net), scores, fraction, rounds=1))
+        sparsity.load_masks(net, sparsity.prune_lowest(sparsity.masks_of(net), scores, fraction, level=1))
         sizes[fraction] = export_net(net, tmp_path / f"{fraction}.safetensors", {}).stat().st_size
         if fraction == 0.8:
             half = export_net(net, tmp_path / "half.safetensors", {}, torch.float16).stat().st_size
@@ -348,50 +347,51 @@ def test_a_learner_takes_over_the_masks_of_a_net_pruned_before_it_was_wrapped(tm
 
 
 # ---------------------------------------------------------------------------------- older files
-def test_a_version_2_artifact_still_loads(tmp_path):
-    """Written by hand as format 2 was: a pruned layer as ``<layer>.weight@values`` plus
-    ``<layer>.weight@mask`` (np.packbits), every other tensor dense (no mask for a bias or
-    BatchNorm, none deflated), metadata without the fields added since."""
+OLDER = {
+    "format_2": lambda meta: {**meta, "format_version": 2},
+    "no_learner_field": lambda meta: {k: v for k, v in meta.items() if k != "learner"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(OLDER))
+def test_an_artifact_of_an_older_format_is_refused_in_one_line_saying_to_export_it_again(tmp_path, case):
+    """Nothing migrates: a file of format 2, or one written before a field this version writes,
+    gets one line that names it, says it predates the format and how to get a current one."""
     net = conv_net()
     prune(net, 0.6)
-    masks = sparsity.masks_within(net)
-    tensors = {}
-    for key, value in sparsity.folded(net).state_dict().items():
-        if key in masks:
-            keep = masks[key].flatten() != 0
-            tensors[f"{key}@values"] = value.flatten()[keep].contiguous()
-            tensors[f"{key}@mask"] = torch.from_numpy(np.packbits(keep.numpy()))
-        else:
-            tensors[key] = value.contiguous()
-    assert {key.rpartition("@")[0] for key in tensors if "@" in key} == set(sparsity.prunable(net))
-    report = sparsity.sparsity_report(net)
-    meta = {
-        "architecture": {"class_path": "lthmaml.nets.models.Conv4", "init_args": net.architecture},
-        "task": "classification",
-        "ways": 3,
-        "inner_lr": 0.4,
-        "inner_steps": 1,
-        "eval_inner_steps": 10,
-        "sparsity": report.sparsity,
-        "source_sha256": "",
-        "dtype": "float32",
-        "format_version": 2,
-        "prunable_weights": report.total,
-        "stored_weights": report.total - report.zeros,
-    }
-    path = tmp_path / "v2.safetensors"
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
-
-    artifact = load_artifact(path)
-    assert artifact.metadata.format_version == 2 < FORMAT_VERSION
-    assert (artifact.metadata.learner, artifact.metadata.inner_lr) == ("maml", 0.4)
-    assert_pruned_exactly(masks, artifact.net)
-    assert torch.equal(outputs(artifact.net, IMAGES), outputs(net, IMAGES))
+    good = export_net(net, tmp_path / "good.safetensors", {})
+    old = rewrite(good, tmp_path / f"{case}.safetensors", metadata=OLDER[case])
+    with pytest.raises(DataError) as info:
+        load_artifact(old)
+    message = str(info.value)
+    assert message.startswith(f"{old}: artifact ") and len(message.splitlines()) == 1
+    assert "predates this version's" in message
+    assert message.endswith("export it again with this version's lthmaml-export")
+    assert ("version 2" in message) if case == "format_2" else ("lacks ['learner']" in message)
+    load_artifact(good)
 
 
-def test_a_checkpoint_with_masks_inside_its_layers_is_refused_naming_the_converter(tmp_path, capsys):
+@pytest.mark.parametrize("old", ["lthmaml.models.Conv4", "lthmaml.maml.MAML"])
+def test_a_checkpoint_naming_a_class_this_version_does_not_have_is_refused_in_one_line(tmp_path, capsys, old):
+    """The net and the module lived elsewhere before the package was split into rooms."""
+    ckpt = write_checkpoint(tmp_path / "old.ckpt", MAML(conv_net(), inner_lr=0.4))
+    data = torch.load(ckpt, weights_only=False)
+    if old.endswith("Conv4"):
+        data["hyper_parameters"]["net"]["class_path"] = old
+    else:
+        data["hyper_parameters"]["_class_path"] = old
+    torch.save(data, ckpt)
+    assert export_main([str(ckpt)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"lthmaml-export: error: {ckpt} predates this version's checkpoint format (it names {old}): "
+        "train it again with this version, then export it"
+    ]
+    assert not ckpt.with_suffix(".safetensors").exists()
+
+
+def test_a_checkpoint_with_masks_inside_its_layers_is_refused_in_one_line(tmp_path, capsys):
     """A checkpoint from before masks lay beside the net (``net.<layer>.mask`` buffers, BatchNorm
-    ``channel_mask``): lthmaml-export refuses it in one line that names the converter."""
+    ``channel_mask``): lthmaml-export refuses it in one line saying it predates the format."""
     model = MAML(conv_net(), inner_lr=0.4)
     prune(model, 0.5)
     state = {key: value for key, value in model.state_dict().items() if not key.startswith("masks.")}
@@ -406,7 +406,8 @@ def test_a_checkpoint_with_masks_inside_its_layers_is_refused_naming_the_convert
     assert export_main([str(ckpt), "-o", str(output)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("lthmaml-export: error:"), err
-    assert str(ckpt) in err and "python -m lthmaml.convert" in err
+    assert f"{ckpt} predates this version's checkpoint format (masks inside its layers" in err
+    assert err.endswith("train it again with this version, then export it")
     assert not output.exists() and not output.with_name(output.name + ".partial").exists()
 
 

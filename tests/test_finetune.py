@@ -21,6 +21,7 @@ from lthmaml.edge.cli import FINETUNED
 from lthmaml.edge.cli import main as edge_main
 from lthmaml.edge.export import export_net
 from lthmaml.edge.finetune import FineTuneModule
+from lthmaml.edge.stopping import TaskEarlyStopping
 from lthmaml.errors import ConfigError
 from lthmaml.nets.models import MLP, Conv4
 from lthmaml.sparsity import (
@@ -187,13 +188,16 @@ def test_without_val_runs_the_meta_learned_inner_loop(tmp_path, task_kind, caplo
     path = make_artifact(tmp_path / "a.safetensors", net, task=task_kind, inner_lr=lr)
     module = FineTuneModule(artifact=str(path))
     dm = datamodule(task, batch_size=2, validation="none")  # smaller than the support: one full batch
-    fit = trainer(max_epochs=10, callbacks=[EarlyStopping(monitor="val/loss", patience=1)])
+    stopper = TaskEarlyStopping(patience=1)
+    fit = trainer(max_epochs=10, callbacks=[stopper])  # the module ends the fit, max_epochs only caps it
     fit.fit(module, datamodule=dm)
 
     steps = INNER["eval_inner_steps"]
     assert steps != INNER["inner_steps"] and fit.global_step == steps == module.epochs_run
     assert module.best_epoch is None and module.lr == lr
+    assert stopper in fit.callbacks and stopper.stopper.wait_count == 0  # there, and never asked
     assert f"eval_inner_steps={steps} full-batch steps of SGD at lr={lr} (the inner lr)" in caplog.text
+    assert "; EarlyStopping off" in caplog.text
     assert dm.batch_size == len(dm.splits["support"]) and fit.num_training_batches == 1
     hand = load_artifact(path).net.train()
     x, y = dm.splits["support"].x, dm.splits["support"].y
@@ -208,6 +212,39 @@ def test_without_val_runs_the_meta_learned_inner_loop(tmp_path, task_kind, caplo
         assert torch.allclose(tuned, expected, rtol=1e-5, atol=1e-6), name
     start = load_artifact(path).net.state_dict()
     assert not states_equal(module.net.state_dict(), start)
+
+
+def test_without_val_the_inner_loop_takes_exactly_its_steps_whatever_the_cap_allows(tmp_path):
+    path = make_artifact(tmp_path / "a.safetensors", tiny_conv())
+    task = image_task(tmp_path / "task", shots=2, val_shots=0, query_shots=2)
+    steps = INNER["eval_inner_steps"]
+    for limits in ({"max_epochs": -1}, {"max_steps": steps + 3}, {"max_epochs": steps}):
+        fit = trainer(**limits)
+        fit.fit(FineTuneModule(artifact=str(path)), datamodule=datamodule(task))
+        assert fit.global_step == steps == fit.current_epoch, limits
+
+
+@pytest.mark.parametrize(
+    ("limits", "option"),
+    [
+        ({"max_epochs": 3}, "trainer.max_epochs=3 ends it sooner: set trainer.max_epochs to 4 or more"),
+        ({"max_steps": 2}, "trainer.max_steps=2 ends it sooner: set trainer.max_steps to 4 or more"),
+        ({"min_epochs": 6}, "trainer.min_epochs=6 makes it longer: set trainer.min_epochs to 4 or less"),
+        ({"callbacks": [EarlyStopping("val/loss")]}, "trainer.callbacks: EarlyStopping on 'val/loss'"),
+    ],
+)
+def test_without_val_limits_and_a_stopper_that_cannot_work_are_one_line_config_errors(
+    tmp_path, limits, option
+):
+    path = make_artifact(tmp_path / "a.safetensors", tiny_conv())
+    task = image_task(tmp_path / "task", shots=2, val_shots=0, query_shots=2)
+    module = FineTuneModule(artifact=str(path))
+    fit = trainer(**{"max_epochs": 10, **limits})
+    with pytest.raises(ConfigError) as info:
+        fit.fit(module, datamodule=datamodule(task))
+    message = str(info.value)
+    assert option in message and len(message.splitlines()) == 1 and fit.global_step == 0
+    assert "eval_inner_steps=4" in message or "TaskEarlyStopping" in message
 
 
 # ---------------------------------------------------------------------------------- test and predict

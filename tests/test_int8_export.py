@@ -91,7 +91,7 @@ def test_int8_via_checkpoint_keeps_the_metadata_and_torch_int8_means_the_same(tm
 def test_int8_at_80_percent_costs_a_byte_a_kept_weight_plus_deflated_mask_scales_and_header(tmp_path):
     torch.manual_seed(0)
     net = Conv4(out_features=5, hidden_channels=64, image_size=28)  # the MAML paper's Omniglot net
-    masks = sparsity.prune_lowest(sparsity.masks_of(net), sparsity.magnitude_scores(net), 0.8, rounds=1)
+    masks = sparsity.prune_lowest(sparsity.masks_of(net), sparsity.magnitude_scores(net), 0.8, level=1)
     sparsity.load_masks(net, masks)
     dense = dense_size(net)
     path = export_net(net, tmp_path / "int8.safetensors", {}, "int8")

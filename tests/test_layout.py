@@ -1,14 +1,9 @@
-"""The package's shape: arrows one way, no import circle, old paths still load."""
+"""The package's shape: arrows one way, no import circle, a device that loads no training code."""
 
 from __future__ import annotations
 
 import ast
-import warnings
 from pathlib import Path
-
-import torch
-
-from lthmaml.nets.models import Conv4
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,34 +40,8 @@ def test_no_import_circle():
                 return True
         return False
 
-    circles = [m for m in graph if m not in ("lthmaml", "lthmaml._moved") and reaches(m, m, set())]
+    circles = [m for m in graph if reaches(m, m, set())]
     assert circles == []
-
-
-def test_old_module_paths_still_name_the_same_classes():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        from lthmaml.maml import MAML as OldMAML
-        from lthmaml.models import Conv4 as OldConv4
-        from lthmaml.supervised import Classifier, OmniglotClassificationDataModule  # noqa: F401
-    from lthmaml.data import OmniglotClassificationDataModule as New
-    from lthmaml.meta import MAML
-
-    assert OldMAML is MAML and OldConv4 is Conv4 and OmniglotClassificationDataModule is New
-    assert any("lthmaml.nets.models.Conv4" in str(w.message) for w in caught)
-
-
-def test_a_checkpoint_naming_the_old_net_path_still_exports(tmp_path):
-    from lthmaml.edge.artifact import load_artifact
-    from lthmaml.edge.export import export_checkpoint
-
-    init_args = {"out_features": 3, "hidden_channels": 4, "image_size": 8, "blocks": 2}
-    state = {f"net.{k}": v for k, v in Conv4(**init_args).state_dict().items()}
-    hparams = {"net": {"class_path": "lthmaml.models.Conv4", "init_args": init_args}, "inner_lr": 0.1}
-    hparams.update(inner_steps=1, eval_inner_steps=3)
-    torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "old.ckpt")
-    artifact = load_artifact(export_checkpoint(tmp_path / "old.ckpt", tmp_path / "a.safetensors"))
-    assert isinstance(artifact.net, Conv4)
 
 
 def test_the_device_imports_no_meta_training_code():

@@ -339,7 +339,7 @@ def test_the_round_best_validation_weights_are_the_ones_pruned_on_a_classifier(t
     def pruned(params):  # round 0's pruning, from dense masks, of these weights
         scores = {name: params[name].abs() for name in ("net.net.0.weight", "net.net.2.weight")}
         dense = {name: torch.ones_like(score) for name, score in scores.items()}
-        return sparsity.prune_lowest(dense, scores, 0.2, "global", rounds=1)
+        return sparsity.prune_lowest(dense, scores, 0.2, "global", level=1)
 
     expected, from_last = pruned(best), pruned(last)
     assert any(not torch.equal(expected[name], from_last[name]) for name in expected)  # the choice matters

@@ -161,7 +161,7 @@ def test_each_criterion_prunes_its_own_known_set(criterion, pruned):
     )
     callback.accumulate(model, batch=None)
     torch.testing.assert_close(callback.score_sums["layer.weight"].flatten(), torch.tensor(GRAD_SQUARES))
-    assert callback.prune_step(None, model, callback.score_sums) == {"weights_pruned": 2}
+    assert callback.prune_level(None, model, callback.score_sums) == {"weights_pruned": 2}
     mask = sparsity.masks_of(model)["layer.weight"]
     assert set((mask.flatten() == 0).nonzero().flatten().tolist()) == pruned
     assert model.layer.weight.flatten()[sorted(pruned)].eq(0).all()
@@ -185,7 +185,7 @@ def test_layerwise_scope_and_exclude(tmp_path):
     callback.accumulate(model, batch)
     assert set(callback.score_sums) == {"net.net.0.weight", "net.net.2.weight"}
     assert callback.tasks_scored == META_BATCH
-    callback.prune_step(None, model, callback.score_sums)  # 9 / 72 of each of the 8- and 64-weight layers
+    callback.prune_level(None, model, callback.score_sums)  # 9 / 72 of each of the 8- and 64-weight layers
     masks = sparsity.masks_of(model)
     names = ("net.net.0.weight", "net.net.2.weight", "net.net.4.weight")
     assert [int((masks[n] == 0).sum()) for n in names] == [1, 8, 0]
@@ -354,7 +354,7 @@ def test_resumed_fit_continues_schedule_and_accumulators_exactly(tmp_path):
     full_model, full, full_trace = run(tmp_path / "full")
     mid = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"  # after batch 4: one batch since step 1
     state = torch.load(mid, weights_only=True)["callbacks"]["MetaGradientPruning"]
-    assert (state["pruning_steps"], state["batches_since_prune"], state["tasks_scored"]) == (1, 1, META_BATCH)
+    assert (state["pruning_steps"], state["level_batches"], state["tasks_scored"]) == (1, 1, META_BATCH)
     assert set(state["score_sums"]) == {"net.net.0.weight", "net.net.2.weight", "net.net.4.weight"}
     resumed_model, resumed, resumed_trace = run(tmp_path / "resumed", ckpt=str(mid))
 

@@ -66,10 +66,15 @@ def lottery_run(tmp_path: Path) -> Path:
         record = {
             "round": r,
             "sparsity": s,
-            "best_val": BEST_VAL[r],
-            "best_epoch": 2 * r + 1,
-            "best_step": 20 * r + 10,
+            "pruning_step": r,
+            "global_step": 20 * r + 10,
+            "epoch": 2 * r + 1,
+            "recorded": "best",
             "monitor": "val/acc_post",
+            "val": BEST_VAL[r],
+            "val_epoch": 2 * r + 1,
+            "val_step": 20 * r + 10,
+            "val_metrics": {"val/acc_post": BEST_VAL[r]},
             "test": TEST[r],
             "test_metric": "test/acc_post",
             "test_metrics": {"test/acc_post": TEST[r], "test/acc_post_ci95": CI[r]},
@@ -347,7 +352,7 @@ def test_rounds_plot_draws_the_tables_epochs_on_a_whole_number_axis(lottery_run,
     assert left.get_ylim() == (-0.5, 5.5) and "0-based" in left.get_ylabel()
     for file in (lottery_run / "rounds").glob("*/metrics.json"):  # every best epoch the same
         record = json.loads(file.read_text())
-        file.write_text(json.dumps({**record, "best_epoch": 1}))
+        file.write_text(json.dumps({**record, "val_epoch": 1}))
     left, _ = drawn(monkeypatch, plots.plot_rounds, [reading.load_run(lottery_run)], tmp_path).axes
     ticks = [t for t in left.get_yticks() if -0.5 <= t <= 1.5]
     assert left.get_ylim() == (-0.5, 1.5) and ticks == [0.0, 1.0]

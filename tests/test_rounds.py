@@ -14,18 +14,17 @@ from lthmaml import sparsity
 from lthmaml.data import SinusoidDataModule
 from lthmaml.meta import MAML
 from lthmaml.nets import MLP
-from lthmaml.rounds import RoundRecord
 from lthmaml.tracking import BestWeights
 
-# test/loss_post of each level as the in-fit test loop (Lightning internals, before the shared
-# base) recorded it for exactly these runs; testing the round checkpoints after the fit must agree.
-BEFORE_THE_REFACTOR = {
+# test/loss_post of each level as an in-fit test loop recorded it for exactly these runs; testing
+# the round checkpoints after the fit must agree.
+IN_FIT_TEST_LOSSES = {
     "metagrad": [2.968275785446167, 3.055601119995117, 3.0501351356506348, 3.018587827682495],
     "lottery": [2.968275785446167, 3.4205734729766846, 3.231332540512085],
 }
 
 
-@pytest.mark.parametrize("strategy", sorted(BEFORE_THE_REFACTOR))
+@pytest.mark.parametrize("strategy", sorted(IN_FIT_TEST_LOSSES))
 def test_levels_tested_after_the_fit_give_the_numbers_the_in_fit_loop_gave(tmp_path, strategy):
     torch.manual_seed(0)
     data = SinusoidDataModule(
@@ -52,7 +51,7 @@ def test_levels_tested_after_the_fit_give_the_numbers_the_in_fit_loop_gave(tmp_p
     best_path, history = best.best_model_path, [dict(r) for r in callback.history]
     callback.test_rounds(trainer, model, data)
     got = [record["test_metrics"]["test/loss_post"] for record in callback.history]
-    assert got == pytest.approx(BEFORE_THE_REFACTOR[strategy], rel=1e-6)
+    assert got == pytest.approx(IN_FIT_TEST_LOSSES[strategy], rel=1e-6)
     assert [r["test"] for r in callback.history] == got  # the monitor's test counterpart
     for index, record in enumerate(callback.history):  # written into each level's metrics.json
         saved = json.loads((tmp_path / "rounds" / f"round_{index:02d}" / "metrics.json").read_text())
@@ -71,55 +70,6 @@ def test_levels_tested_after_the_fit_give_the_numbers_the_in_fit_loop_gave(tmp_p
     trainer.test = lambda *args, **kwargs: calls.append(kwargs)  # a resumed run tests nothing twice
     callback.test_rounds(trainer, model, data)
     assert calls == []
-
-
-def test_records_of_every_strategy_before_the_schema_read_with_one_meaning_per_key():
-    lottery = RoundRecord.from_dict(
-        {
-            "round": 2,
-            "sparsity": 0.36,
-            "best_val": 0.8,
-            "best_epoch": 5,
-            "best_epoch_in_round": 2,
-            "best_step": 60,
-            "monitor": "val/acc_post",
-            "test": 0.79,
-            "test_metric": "test/acc_post",
-            "test_metrics": {"test/acc_post": 0.79},
-        }
-    )
-    assert (lottery.pruning_step, lottery.recorded, lottery.val, lottery.val_step) == (2, "best", 0.8, 60)
-    assert (lottery.val_epoch, lottery.val_epoch_in_round, lottery.test) == (5, 2, 0.79)
-    assert lottery.val_metrics == {"val/acc_post": 0.8}
-    metagrad = RoundRecord.from_dict(
-        {
-            "round": 1,
-            "sparsity": 0.2,
-            "step": 3,
-            "pruned": 16,
-            "tasks": 32,
-            "global_step": 30,
-            "val/loss_post": 0.5,
-        }
-    )
-    assert (metagrad.pruning_step, metagrad.tasks_scored, metagrad.recorded) == (3, 32, "last")
-    assert metagrad.details == {"weights_pruned": 16} and metagrad.val_metrics == {"val/loss_post": 0.5}
-    taylor = RoundRecord.from_dict(
-        {
-            "round": 1,
-            "sparsity": 0.1,
-            "step": 40,
-            "global_step": 40,
-            "filters_remaining": 120,
-            "filters_pruned": 8,
-            "tasks_scored": 80,
-            "channels": {"a": 56},
-        }
-    )
-    assert (taylor.pruning_step, taylor.global_step, taylor.tasks_scored) == (1, 40, 80)
-    assert taylor.details == {"filters_remaining": 120, "filters_pruned": 8, "channels": {"a": 56}}
-    new = RoundRecord(round=0, sparsity=0.0, pruning_step=0, global_step=5, epoch=0, val=1.0)
-    assert RoundRecord.from_dict(new.as_dict()) == new
 
 
 @pytest.mark.parametrize("mode, values, best", [("max", [0.5, 0.7, 0.69, 0.7], 1), ("min", [3, 2, 2.5], 1)])

@@ -48,7 +48,7 @@ def test_iterative_schedule_hits_one_minus_keep_to_the_r_within_one_weight_per_l
     model = MLP()
     for round_index in range(1, 8):
         scores = sparsity.magnitude_scores(model)
-        masks = sparsity.prune_lowest(sparsity.masks_of(model), scores, 0.2, "layerwise", rounds=round_index)
+        masks = sparsity.prune_lowest(sparsity.masks_of(model), scores, 0.2, "layerwise", level=round_index)
         sparsity.load_masks(model, masks)
         kept = sparsity.masks_of(model)
         for name in sparsity.prunable(model):

@@ -162,10 +162,10 @@ class SpyTaylor(TaylorFilterPruning):
         super().__init__(**kwargs)
         self.seen: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
 
-    def prune_step(self, trainer, pl_module, scores):
+    def prune_level(self, trainer, pl_module, scores):
         sums = {name: s.clone() for name, s in scores.items()}
         self.seen.append((layer_normalized(sums), alive_of(pl_module)))
-        return super().prune_step(trainer, pl_module, scores)
+        return super().prune_level(trainer, pl_module, scores)
 
 
 def test_maml_schedule_prunes_lowest_filters_stops_at_target_and_keeps_them_at_zero(tmp_path):
@@ -274,12 +274,12 @@ def test_classifier_prunes_by_the_batch_loss_and_logs_filters_remaining(tmp_path
 
 def test_state_survives_a_checkpoint_round_trip():
     callback = TaylorFilterPruning(steps_between=4, accumulate_batches=2)
-    callback.batches_since_prune, callback.pruning_steps, callback.tasks_scored = 1, 6, 10
+    callback.level_batches, callback.pruning_steps, callback.tasks_scored = 1, 6, 10
     callback.score_sums = {"net.features.0.0": torch.tensor([1.0, 2.0])}
     callback.history = [{"round": 0, "filters_remaining": 7}]
     restored = TaylorFilterPruning(steps_between=4)
     restored.load_state_dict(callback.state_dict())
-    restored_counts = (restored.batches_since_prune, restored.pruning_steps, restored.tasks_scored)
+    restored_counts = (restored.level_batches, restored.pruning_steps, restored.tasks_scored)
     assert restored_counts == (1, 6, 10) and restored.history == callback.history
     assert torch.equal(restored.score_sums["net.features.0.0"], torch.tensor([1.0, 2.0]))
 

@@ -120,7 +120,7 @@ def test_the_flops_term_moves_removals_to_the_expensive_full_resolution_block(fl
     torch.testing.assert_close(
         criterion[CONVS[1]], torch.full((8,), 1 / math.sqrt(8) - flops_weight * 588 / 1728), rtol=0, atol=1e-7
     )
-    assert callback.prune_step(None, model, uniform(model)) == {"filters_removed": 3}
+    assert callback.prune_level(None, model, uniform(model)) == {"filters_removed": 3}
     kept = {CONVS[0]: list(range(4)), CONVS[1]: list(range(8))}
     for name, channels in removed.items():
         kept[name] = [c for c in kept[name] if c not in channels]
@@ -130,13 +130,13 @@ def test_the_flops_term_moves_removals_to_the_expensive_full_resolution_block(fl
 def test_the_flops_term_is_recounted_on_the_widths_left_at_each_step():
     model = Classifier(small_net())
     callback = TaylorFilterPruning(filters_per_step=3, target_fraction=0.5, flops_weight=0.25)
-    callback.prune_step(None, model, uniform(model))  # block 0 down to 1 filter: 9 x 64 + 9 x 8 x 16
+    callback.prune_level(None, model, uniform(model))  # block 0 down to 1 filter: 9 x 64 + 9 x 8 x 16
     assert filter_flops(model) == {CONVS[0]: 576 + 1152, CONVS[1]: 9 * 1 * 16 + 12}
     criterion = callback.criterion(model, uniform(model))
     torch.testing.assert_close(criterion[CONVS[1]], torch.full((8,), 1 / math.sqrt(8) - 0.25 * 156 / 1728))
-    callback.prune_step(None, model, uniform(model))  # the target, 6 of 12: 3 more, block 0 keeps one
+    callback.prune_level(None, model, uniform(model))  # the target, 6 of 12: 3 more, block 0 keeps one
     assert alive_of(model) == {CONVS[0]: [3], CONVS[1]: [3, 4, 5, 6, 7]}
-    assert callback.finished(model)
+    assert callback.pruned_enough(model)
 
 
 @pytest.mark.parametrize(("cost", "block"), [("flops", 1), ("activations", 0)])
@@ -146,7 +146,7 @@ def test_with_the_activations_cost_ties_leave_the_full_resolution_block_first(co
     # 196, a quarter). Either way at weight 0.05 the 8 filters go from the costliest block.
     model = Classifier(Conv4(out_features=5))
     callback = TaylorFilterPruning(filters_per_step=8, target_fraction=0.5, flops_weight=0.05, cost=cost)
-    assert callback.prune_step(None, model, uniform(model)) == {"filters_removed": 8}
+    assert callback.prune_level(None, model, uniform(model)) == {"filters_removed": 8}
     widths = [len(channels) for channels in alive_of(model).values()]
     assert widths == [56 if b == block else 64 for b in range(4)]
 
@@ -160,7 +160,7 @@ def test_the_activations_criterion_takes_the_full_resolution_block_where_flops_w
         model = Classifier(small_net())
         callback = TaylorFilterPruning(filters_per_step=3, target_fraction=0.5, flops_weight=0.21, cost=cost)
         scores[cost] = callback.criterion(model, uniform(model))
-        callback.prune_step(None, model, uniform(model))
+        callback.prune_level(None, model, uniform(model))
         scores[cost, "widths"] = [len(channels) for channels in alive_of(model).values()]
     torch.testing.assert_close(scores["activations"][CONVS[0]], torch.full((4,), 0.5 - 0.21))
     torch.testing.assert_close(scores["activations"][CONVS[1]], torch.full((8,), 1 / math.sqrt(8) - 0.21 / 4))
@@ -177,14 +177,14 @@ class SpyTaylor(TaylorFilterPruning):
         super().__init__(**kwargs)
         self.checks: list[tuple[bool, bool]] = []
 
-    def prune_step(self, trainer, pl_module, scores):
+    def prune_level(self, trainer, pl_module, scores):
         before = alive_of(pl_module)
         total, left, goal = self.target(pl_module)
         plain = layer_normalized(scores)
         alive = {name: sparsity.alive_channels(pl_module, name) for name in self.layers(pl_module)}
         expected = sparsity.lowest_channels(plain, alive, min(self.filters_per_step, goal - (total - left)))
         criterion = self.criterion(pl_module, scores)
-        result = super().prune_step(trainer, pl_module, scores)
+        result = super().prune_level(trainer, pl_module, scores)
         after = alive_of(pl_module)
         removed = {n: [c for c in before[n] if c not in after[n]] for n in before if before[n] != after[n]}
         same = all(torch.equal(criterion[n], plain[n]) for n in plain)

@@ -1,6 +1,11 @@
-"""The compact artifact's format and its reader: what a device needs to rebuild a pruned net.
+"""The compact artifact's format: what a device needs to rebuild and adapt a pruned net, and its reader.
 
-See :mod:`lthmaml.edge.export` for how the file is laid out and written.
+An artifact is one safetensors file, no pickle: its tensors are the net's weights and masks
+(:mod:`lthmaml.edge.packing`), its header's ``__metadata__`` holds one JSON string under
+:data:`METADATA_KEY`: :class:`ArtifactMetadata`, which says how to rebuild the net (only the
+nets of :data:`NETS`; nothing is imported by name from a file) and how to adapt it. Reading
+checks every field, name, shape and count, so a wrong, cut or tampered file is a one-line
+DataError naming it, never a half-built net. :mod:`lthmaml.edge.export` writes artifacts.
 """
 
 from __future__ import annotations
@@ -19,20 +24,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from lthmaml import sparsity
 from lthmaml.data.images import model_look
-from lthmaml.edge.maskbits import MASK, MASKZ, unpack_mask
+from lthmaml.edge.packing import unpack_tensors
 from lthmaml.errors import ConfigError, DataError, LthmamlError
+from lthmaml.masks import folded
 from lthmaml.nets.models import MLP, CNPNet, Conv4
 
-PROG = "lthmaml-export"
+EXPORTER = "lthmaml-export"
+"""The command that writes artifacts, named where a file must be exported (again)."""
 FORMAT_VERSION = 3
-"""Bumped whenever an older reader would misread the file or refuse it for a wrong reason; this one
-loads every version up to it and refuses a newer one (update lthmaml). 2: a mask may be deflated
-(``@maskz``, :mod:`lthmaml.edge.maskbits`); version-1 files (``@mask`` only) load as they did.
-3: any parameter may carry a mask (a removed channel's bias and BatchNorm, not only weights).
-Adding ``learner``, ``metric_scale``, ``look`` and ``normalization`` did not bump it: an older
-reader rejects fields it does not know (a one-line error naming them) rather than misreading them."""
+"""Bumped whenever a reader of another version would misread the file. A reader loads its own
+version only: an older file, or one that lacks a field this version writes, is refused in one
+line saying to export it again, a newer one saying to update lthmaml. Nothing migrates files
+(no one used an older format outside this project before its first release)."""
 METADATA_KEY = "lthmaml_artifact"
 NETS: dict[str, type[nn.Module]] = {
     "lthmaml.nets.models.Conv4": Conv4,
@@ -53,19 +57,11 @@ METRIC_LEARNERS = ("protonet", "matching")
 """Learners that adapt by embedding the support set: their net is a headless embedding."""
 AMORTIZED_LEARNERS = (*METRIC_LEARNERS, "cnp")
 """Learners that adapt in one forward pass over the support set (no backward, no optimizer)."""
-LEGACY_NETS = {
-    "lthmaml.models.Conv4": "lthmaml.nets.models.Conv4",
-    "lthmaml.models.MLP": "lthmaml.nets.models.MLP",
-}
-"""Class paths of artifacts written before the nets moved to ``lthmaml.nets``."""
 CLASSIFIER_DEFAULTS: dict[str, Any] = {"inner_lr": 0.01, "inner_steps": 10, "eval_inner_steps": 10}
 """Fine-tuning settings for a net that was not meta-trained (no learned step size to carry)."""
-VALUES, SCALE = "@values", "@scale"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
-"""Export dtypes by name. ``int8`` quantises the prunable weights per output channel (int8 codes
-and a float32 ``<name>.weight@scale`` per row) and stores the other float tensors as float16. A
-reader without ``int8`` here rejects such a file in one line (its dtype check), never misreads it,
-so ``int8`` did not bump :data:`FORMAT_VERSION`."""
+"""Export dtypes by name (:mod:`lthmaml.edge.packing`: ``int8`` quantises the prunable weights per
+output channel and stores the other float tensors as float16). Every artifact loads as float32."""
 
 PathLike = Union[str, Path]
 
@@ -98,12 +94,12 @@ class ArtifactMetadata:
         learner: how the net adapts to a task: ``"maml"`` or ``"classifier"`` (gradient steps on
             the support set), ``"protonet"`` / ``"matching"`` (class prototypes / attention over
             the support embeddings of a headless net), ``"cnp"`` (the mean encoding of the support
-            pairs). Absent in artifacts written before it existed: read from ``source_module``
-            when that names a learner, else ``"maml"``.
+            pairs).
         metric_scale: MatchingNet's (learned) inverse temperature of the attention softmax; None
             for every other learner. It lies outside the net, so it travels here.
         look, normalization: how the device decodes images, ``ink``/``gray``/``rgb`` and the meta-train
-            ``{mean, std}`` per channel (:func:`lthmaml.data.images.model_look` reads None as before).
+            ``{mean, std}`` per channel, so it sees its photos as meta-training saw its images
+            (None for a net that takes no images).
     """
 
     architecture: dict
@@ -160,7 +156,6 @@ class Artifact:
 def build_net(architecture: Mapping[str, Any]) -> nn.Module:
     """The net an architecture dict names (only :data:`NETS`), with fresh weights; RNG untouched."""
     class_path = architecture.get("class_path")
-    class_path = LEGACY_NETS.get(class_path, class_path)
     if class_path not in NETS:
         raise DataError(f"architecture {class_path!r} is not one of {sorted(NETS)}")
     init_args = architecture.get("init_args") or {}
@@ -173,10 +168,7 @@ def build_net(architecture: Mapping[str, Any]) -> nn.Module:
 def dense_tensors(net: nn.Module) -> dict[str, Tensor]:
     """The net as a dense float32 ``state_dict`` without masks (the weights it computes with): the
     baseline a compact artifact is compared with."""
-    return {
-        key: value.detach().float().cpu().contiguous()
-        for key, value in sparsity.folded(net).state_dict().items()
-    }
+    return {key: value.detach().float().cpu().contiguous() for key, value in folded(net).state_dict().items()}
 
 
 def dense_size(net: nn.Module) -> int:
@@ -228,7 +220,7 @@ def load_artifact(path: PathLike) -> Artifact:
         raise DataError(f"{path}: no such artifact file")
     if sniffed(path) == CHECKPOINT:
         raise DataError(
-            f"{path}: a PyTorch checkpoint, not an artifact: export it first, `{PROG} {path} -o "
+            f"{path}: a PyTorch checkpoint, not an artifact: export it first, `{EXPORTER} {path} -o "
             "model.safetensors`, and give that (lthmaml-edge also reads a checkpoint as --model.checkpoint)"
         )
     try:
@@ -239,7 +231,7 @@ def load_artifact(path: PathLike) -> Artifact:
         raise DataError(f"{path}: not a safetensors file ({first_line(error)})") from None
     if METADATA_KEY not in header:
         raise DataError(
-            f"{path}: a safetensors file without lthmaml artifact metadata; export it with {PROG}"
+            f"{path}: a safetensors file without lthmaml artifact metadata; export it with {EXPORTER}"
         )
     try:
         values = json.loads(header[METADATA_KEY])
@@ -248,80 +240,33 @@ def load_artifact(path: PathLike) -> Artifact:
     if not isinstance(values, dict):
         raise DataError(f"{path}: corrupt artifact metadata (not a JSON object)")
     version = values.get("format_version")
-    if type(version) is not int or version < 1:
-        raise DataError(
-            f"{path}: artifact format version {version!r}, this lthmaml reads versions 1 to "
-            f"{FORMAT_VERSION}; export it again with this version's {PROG}"
-        )
-    if version > FORMAT_VERSION:
+    again = f"export it again with this version's {EXPORTER}"
+    if type(version) is int and version > FORMAT_VERSION:
         raise DataError(
             f"{path}: artifact format version {version} is newer than this lthmaml reads "
-            f"(up to {FORMAT_VERSION}); update lthmaml to load it"
+            f"({FORMAT_VERSION}); update lthmaml to load it"
+        )
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: artifact format version {version!r} predates this version's artifact format "
+            f"({FORMAT_VERSION}): {again}"
+        )
+    missing = [field.name for field in dataclasses.fields(ArtifactMetadata) if field.name not in values]
+    if missing:
+        raise DataError(
+            f"{path}: artifact metadata lacks {missing}: it predates this version's format; {again}"
         )
     metadata = checked_metadata(values, str(path), DataError)
     try:
         net = build_net(metadata.architecture)
     except (TypeError, ValueError) as error:
-        raise DataError(f"{path}: cannot build {metadata.architecture}: {first_line(error)}") from None
-    _unpack(net, tensors, path)
+        raise DataError(
+            f"{path}: cannot build {metadata.architecture}: {first_line(error)}; {again}"
+        ) from None
+    unpack_tensors(net, tensors, path)
     if metadata.inner_lrs is not None and set(metadata.inner_lrs) != {n for n, _ in net.named_parameters()}:
         raise DataError(f"{path}: inner_lrs do not name this net's parameters")
     return Artifact(net.eval(), metadata, path)
-
-
-@torch.no_grad()
-def _unpack(net: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
-    """Fill ``net`` from the artifact's tensors, checking every name, shape and count."""
-    arch = type(net).__name__
-    remaining = dict(tensors)
-
-    def take(key: str, shape: torch.Size, floating: bool = True, int8: bool = False) -> Tensor:
-        """The tensor ``key`` (float32 if ``floating``; int8 codes also accepted, as floats, if ``int8``)."""
-        value = remaining.pop(key)
-        codes = int8 and value.dtype == torch.int8
-        if value.shape != shape or (value.is_floating_point() != floating and not codes):
-            raise DataError(
-                f"{path}: tensor '{key}' is {tuple(value.shape)} {value.dtype}, "
-                f"the {arch} needs {tuple(shape)}"
-            )
-        return value.float() if floating else value
-
-    def scale_of(key: str, rows: int) -> Tensor:
-        """The int8 weight ``key``'s per-output-channel scales: one per row, finite, >= 0."""
-        scale = take(key + SCALE, torch.Size([rows])) if key + SCALE in remaining else None
-        if scale is None or not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-            raise DataError(f"{path}: int8 weight '{key}' needs '{key + SCALE}', {rows} finite scales >= 0")
-        return scale
-
-    masks: dict[str, Tensor] = {}
-    for key, current in net.state_dict().items():
-        shape, count = current.shape, current.numel()
-        packed = [
-            key + suffix for suffix in (MASKZ, MASK) if key + suffix in remaining
-        ]  # both: one left over
-        if key in remaining:
-            stored, keep = key, torch.ones(count, dtype=torch.bool)
-        elif key + VALUES in remaining and packed:
-            stored, keep = key + VALUES, unpack_mask(packed[0], remaining.pop(packed[0]), count, str(path))
-        else:
-            raise DataError(f"{path}: no tensor for '{key}' of the {arch}; the artifact does not match it")
-        if not current.is_floating_point():
-            current.copy_(take(stored, shape, floating=False))
-            continue
-        quantised = remaining[stored].dtype == torch.int8
-        values = take(stored, shape if stored == key else torch.Size([int(keep.sum())]), int8=True)
-        flat = torch.zeros(count)
-        flat[keep] = values.flatten()
-        if quantised:  # code * its row's scale: a pruned weight stays exactly 0
-            flat = (flat.view(shape[0], -1) * scale_of(key, shape[0])[:, None]).flatten()
-        current.copy_(flat.view(shape))
-        if not bool(keep.all()):
-            masks[key] = keep.view(shape).float()
-    if remaining:
-        raise DataError(f"{path}: tensors {sorted(remaining)[:3]} are not part of the {arch}")
-    sparsity.load_masks(net, masks)
-    if any(not bool(torch.isfinite(p).all()) for p in net.parameters()):
-        raise DataError(f"{path}: the stored weights are not all finite")
 
 
 def checked_metadata(
@@ -397,9 +342,9 @@ def checked_metadata(
 
 
 def _check_learner(checked: dict[str, Any], out_features: Any, where: str, error: type[LthmamlError]) -> None:
-    """``learner`` (filled in for older artifacts) and ``metric_scale`` fit each other, the net and
-    the task: a headless Conv4 only for the metric learners, the CNPNet only for the CNP."""
-    learner = checked.setdefault("learner", learner_of(checked.get("source_module")) or "maml")
+    """``learner`` (``maml`` unless given) and ``metric_scale`` fit each other, the net and the task:
+    a headless Conv4 only for the metric learners, the CNPNet only for the CNP."""
+    learner = checked.setdefault("learner", "maml")
     known = sorted(set(LEARNERS.values()))
     if learner not in known:
         raise error(f"{where}: artifact metadata 'learner' must be one of {known}, got {learner!r}")
@@ -418,7 +363,6 @@ def _check_learner(checked: dict[str, Any], out_features: Any, where: str, error
     elif scale is not None:
         raise error(f"{where}: artifact metadata 'metric_scale' is for learner 'matching', not {learner!r}")
     class_path = checked["architecture"]["class_path"]
-    class_path = LEGACY_NETS.get(class_path, class_path)
     headless = class_path == "lthmaml.nets.models.Conv4" and out_features is None
     is_cnp = class_path == "lthmaml.nets.models.CNPNet"
     if learner in METRIC_LEARNERS and not headless:

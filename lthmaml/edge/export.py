@@ -1,33 +1,14 @@
-"""The compact artifact a device fine-tunes: a pruned net as a small safetensors file, no pickle.
+"""Exporting a (pruned) net as the compact artifact a device adapts: ``lthmaml-export``.
 
-Why not ``torch.save`` of sparse tensors: COO stores two (or four) int64 indices per kept weight,
-so a Conv4 at 80% sparsity saved with ``to_sparse()`` is *larger* than the dense file. Here a
-pruned weight costs one bit (its mask) and a kept one its value (:mod:`lthmaml.edge.packing`):
+Export builds the file from a net in memory (:func:`export_net`) or a ``lthmaml`` checkpoint
+(:func:`export_checkpoint`) in the format of :mod:`lthmaml.edge.artifact`. It hands the device
+plain weights and as few of them as it can:
 
-* a parameter with a mask (a pruned conv or linear weight, or the bias and BatchNorm of a removed
-  channel that is not shrunk away) is stored as ``<name>@values`` (the kept values, 1-D,
-  row-major order) and its mask: bit-packed by ``np.packbits`` (uint8, most significant bit
-  first, zero padding) as ``<name>@mask``, or those bytes deflated (``zlib``, level 9) as
-  ``<name>@maskz`` where that is smaller, chosen per tensor for every dtype
-  (:mod:`lthmaml.edge.maskbits`; at 80% sparsity deflate takes the Omniglot Conv4's mask bytes
-  from 13,936 to about 10,700);
-* every other tensor is stored dense under its ``state_dict`` name; masks of ones are implied;
 * the weights the layers compute with are stored (Powerprop's ``phi * |phi| ** (alpha - 1)``
-  folded in, :func:`lthmaml.sparsity.folded`), so the device computes and fine-tunes plain weights;
+  folded in, :func:`lthmaml.masks.folded`), so the device computes and fine-tunes plain weights;
 * a Conv4 with removed channels (BatchNorm scale and shift zero) is physically shrunk first
   (:func:`lthmaml.nets.shrink.shrink`): removed filters cost nothing, not even mask bits;
-* ``--dtype float16`` stores every float tensor in half precision (masks stay bits); they are
-  loaded back as float32;
-* ``--dtype int8`` quantises each prunable weight symmetrically per output channel (row ``c`` of
-  ``[out, ...]``): ``scale[c] = max |kept w| / 127``, stored as ``<name>.weight@scale`` (float32:
-  a float16 scale would underflow for small weights, and the 4 bytes a row cost little), the
-  values as ``round(w / scale)`` codes in int8 (``|w - code * scale| <= scale / 2``). The other
-  float tensors (biases, BatchNorm) go as float16: their rounding (2^-11 relative) is far below
-  the weights' int8 step, and at float32 they would be a tenth of the file at 80% sparsity. The
-  loader multiplies the codes back, so the device gets float32 and pruned weights stay exactly 0.
-
-The header's ``__metadata__`` holds one JSON string (key ``lthmaml_artifact``):
-:class:`ArtifactMetadata`, which tells the device how to rebuild the net and how to fine-tune it.
+* the rest is packed by :mod:`lthmaml.edge.packing`: kept values and mask bits, in the dtype asked.
 
 Fine-tuning settings. From a :class:`~lthmaml.meta.maml.MAML` checkpoint: its ``inner_lr``,
 ``inner_steps`` and ``eval_inner_steps``; learned per-parameter inner learning rates
@@ -46,13 +27,14 @@ CNPNet (encoder and decoder).
 Images: the meta-training DataModule's look and per-channel normalisation (its checkpoint state
 under ``image_look``, :class:`~lthmaml.data.datamodule.ImageTasksDataModule`) go into ``look`` and
 ``normalization``, so the device decodes its photos as meta-training did; a Conv4 without them
-gets ``rgb`` for 3 input channels, else ``ink`` (Omniglot, all there was before looks).
+gets ``rgb`` for 3 input channels, else ``ink`` (Omniglot's pen strokes).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import pickle
 import sys
@@ -65,17 +47,16 @@ import torch
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from lthmaml import sparsity
 from lthmaml.data.images import IMAGE_LOOK
 from lthmaml.edge.artifact import (
     AMORTIZED_LEARNERS,
     CHECKPOINT,
     CLASSIFIER_DEFAULTS,
     DTYPES,
+    EXPORTER,
     FORMAT_VERSION,
     METADATA_KEY,
     NETS,
-    PROG,
     Artifact,
     ArtifactMetadata,
     PathLike,
@@ -91,12 +72,20 @@ from lthmaml.edge.artifact import (
 from lthmaml.edge.packing import pack_tensors
 from lthmaml.errors import ConfigError, DataError, LthmamlError
 from lthmaml.files import replacing
+from lthmaml.masks import folded, load_masks, masks_within, prunable, weight
 from lthmaml.nets.models import Conv4
 from lthmaml.nets.reparam import PowerTransform, checkpoint_alpha, install_power, reparametrized_layers
 from lthmaml.nets.shrink import removed_channels, shrink
+from lthmaml.sparsity import sparsity_report
+
+PROG = EXPORTER
 
 
 # ---------------------------------------------------------------------------- export
+PREDATES = "predates this version's checkpoint format"
+TRAIN_AGAIN = "train it again with this version, then export it"
+
+
 def export_net(
     net: nn.Module,
     output: PathLike,
@@ -117,14 +106,15 @@ def export_net(
     if unknown:
         raise ConfigError(f"export metadata has unknown fields {sorted(unknown)}")
     module_fields: dict[str, Any] = {}
-    masks = sparsity.masks_within(net)
+    masks = masks_within(net)
     if not isinstance(net, tuple(NETS.values())) and isinstance(getattr(net, "net", None), nn.Module):
         module_fields = _module_fields(net)
-        masks, own = sparsity.masks_within(net, "net."), sparsity.masks_within(net.net)
+        masks, own = masks_within(net, "net."), masks_within(net.net)
         if own and (masks.keys() != own.keys() or any(not torch.equal(m, masks[n]) for n, m in own.items())):
             raise ConfigError(
                 f"the net keeps masks of its own besides {type(net).__name__}'s (pruned before it was "
-                "wrapped?): install them on the learner, sparsity.load_masks(model, {'net.' + name: mask})"
+                "wrapped?): install them on the learner, "
+                "lthmaml.masks.load_masks(model, {'net.' + name: mask})"
             )
         net = net.net
     return _write(net, masks, Path(output), {**module_fields, **given}, dtype)
@@ -156,6 +146,10 @@ def export_checkpoint(
             f"{path}: the checkpoint does not record its net's class_path/init_args (it was not written "
             "by the lthmaml CLI); rebuild the net and call lthmaml.edge.export.export_net"
         )
+    module = hparams.get("_class_path")
+    gone = next((name for name in (module, net_config["class_path"]) if _gone(name)), None)
+    if gone is not None:
+        raise DataError(f"{path} {PREDATES} (it names {gone}): {TRAIN_AGAIN}")
     try:
         net = build_net(dict(net_config))
     except (DataError, TypeError, ValueError) as error:
@@ -164,21 +158,19 @@ def export_checkpoint(
     masks = {key[len("masks.net.") :]: value for key, value in state.items() if key.startswith("masks.net.")}
     if any(key.endswith((".mask", ".channel_mask")) for key in net_state):
         raise DataError(
-            f"{path}: keeps its masks inside the layers (written by an lthmaml before masks lay beside "
-            f"the net): convert it once with `python -m lthmaml.convert {path}`, then export it"
+            f"{path} {PREDATES} (masks inside its layers; they now ride beside the net): {TRAIN_AGAIN}"
         )
     alpha = checkpoint_alpha(data)
     if alpha is not None:
         install_power(net, alpha, reparametrized_layers(net_state))
     try:
         net.load_state_dict(net_state)
-        sparsity.load_masks(net, masks)
+        load_masks(net, masks)
     except (RuntimeError, ConfigError) as error:
         raise DataError(
             f"{path}: state_dict does not fit {net_config['class_path']}: {_first_problem(error)}"
         ) from None
-    masks = sparsity.masks_within(net)
-    module = hparams.get("_class_path")
+    masks = masks_within(net)
     fields: dict[str, Any] = {"source_sha256": sha256_of(path), "source_module": module}
     fields.update(_image_look(data.values()))
     learner = learner_of(module) or ("maml" if "inner_lr" in hparams else "classifier")
@@ -211,6 +203,17 @@ def artifact_from_checkpoint(checkpoint: PathLike) -> Artifact:
     with tempfile.TemporaryDirectory(prefix="lthmaml-edge-") as tmp:
         path = export_checkpoint(checkpoint, Path(tmp) / "artifact.safetensors")
         return load_artifact(path)
+
+
+def _gone(class_path: Any) -> bool:
+    """A ``lthmaml`` class path whose module this version does not have: an older checkpoint's."""
+    module = str(class_path).rpartition(".")[0]
+    if not module.startswith("lthmaml."):
+        return False
+    try:
+        return importlib.util.find_spec(module) is None
+    except ImportError:  # a parent package is gone too
+        return True
 
 
 def _image_look(states: Any) -> dict[str, Any]:
@@ -271,8 +274,8 @@ def _write(
     class_path = _class_path(net)
     source_architecture = {"class_path": class_path, "init_args": dict(net.architecture)}
     transforms = {repr(m) for m in net.modules() if isinstance(m, PowerTransform)}
-    net = sparsity.folded(net)
-    report = sparsity.sparsity_report(net)
+    net = folded(net)
+    report = sparsity_report(net)
     shrunk = isinstance(net, Conv4) and any(
         bool(removed_channels(block[1]).any()) for block in net.features if len(block) > 1
     )
@@ -280,8 +283,8 @@ def _write(
         net, masks = shrink(net, masks)  # removed channels cost nothing, not even mask bits
     tensors = pack_tensors(net, masks, dtype)
     stored = sum(
-        int(masks[name].count_nonzero()) if name in masks else sparsity.weight(net, name).numel()
-        for name in sparsity.prunable(net)
+        int(masks[name].count_nonzero()) if name in masks else weight(net, name).numel()
+        for name in prunable(net)
     )
     names = {name for name, _ in net.named_parameters()}
     if fields.get("inner_lrs") is not None and set(fields["inner_lrs"]) != names:

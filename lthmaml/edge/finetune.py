@@ -5,17 +5,18 @@ and adapts it to a few local examples (a ``lthmaml.data.taskfolder.TaskFolderDat
 Two regimes:
 
 * **with a validation split** (``val/`` or ``val.csv``): ordinary epochs over the support set
-  with ``val/loss`` and ``val/acc`` logged for an ``EarlyStopping`` trainer callback; the weights
-  of the best validation epoch are kept in memory and restored when fit ends. On a Pi an epoch
-  costs minutes and the best one comes early, so stopping early is most of the saving.
+  with ``val/loss`` and ``val/acc`` logged for an early-stopping trainer callback; the weights
+  of the best validation epoch are kept in memory and restored when fit ends. A device's epochs
+  are slow and the best one comes early, so stopping early is most of the saving.
 * **without one** (e.g. 1-shot): nothing to stop on, so the module runs exactly the inner loop
   MAML evaluated with, ``eval_inner_steps`` full-batch SGD steps at the meta-learned inner rate:
-  the adaptation the meta-initialisation was optimised and validated for.
+  the adaptation the meta-initialisation was optimised and validated for. It ends the fit itself
+  (``trainer.should_stop``) after that many steps, so the trainer's ``max_epochs`` is only a cap.
 
 A ProtoNet, MatchingNet or CNP artifact adapts in one forward pass over the support set
-(:mod:`lthmaml.edge.amortized`): ``fit`` then only adapts (0 epochs, no backward pass, no
-optimizer state) unless ``fine_tune_embedding`` asks to fine-tune a metric learner's embedding on
-the support loss, under the regimes above.
+(:mod:`lthmaml.edge.amortized`): ``fit`` then only adapts (it stops the fit before its first
+epoch: no backward pass, no optimizer state) unless ``fine_tune_embedding`` asks to fine-tune a
+metric learner's embedding on the support loss, under the regimes above.
 
 Pruned weights stay exactly zero: their gradient is masked before every optimizer step, they and
 their optimizer state are zeroed after it (weight decay or momentum would grow them back).
@@ -26,12 +27,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
@@ -41,6 +41,7 @@ from lthmaml.edge.amortized import SupportAdapter
 from lthmaml.edge.artifact import AMORTIZED_LEARNERS, METRIC_LEARNERS, load_artifact
 from lthmaml.edge.export import artifact_from_checkpoint
 from lthmaml.edge.predictions import HEADER, prediction_rows, write_csv
+from lthmaml.edge.stopping import TaskEarlyStopping, stopper_of
 from lthmaml.errors import ConfigError, DataError, TrainingError, checked_values
 from lthmaml.masks import apply_masks, mask_gradients
 from lthmaml.tracking import BestWeights
@@ -61,7 +62,7 @@ class FineTuneModule(pl.LightningModule):
         optimizer: ``"sgd"`` (plain SGD, the inner loop's optimizer) or any optimizer the
             LightningCLI way (``class_path``/``init_args``).
         restore_best: at the end of fit, put back the weights of the best validation epoch (by the
-            ``EarlyStopping`` monitor, ``val/loss`` or ``val/acc``; ``val/loss`` without one).
+            early stopper's monitor, ``val/loss`` or ``val/acc``; ``val/loss`` without one).
         fine_tune_embedding: for a ProtoNet or MatchingNet artifact, fine-tune the embedding on
             the support loss (as the other regimes fine-tune); false: ``fit`` only computes the
             prototypes / support embeddings. Not for other learners.
@@ -160,7 +161,7 @@ class FineTuneModule(pl.LightningModule):
             if not self.adapt_only and hasattr(datamodule, "prepare_validation"):
                 rank_zero_info(f"Validation for early stopping: {datamodule.prepare_validation()}")
             if self.adapt_only:
-                self.trainer.fit_loop.max_epochs = 0  # adapting is on_fit_start's forward pass
+                self._check_trainer_allows(0)  # adapting is on_fit_start's forward pass
             elif not datamodule.has_val:
                 self._fixed_inner_loop_schedule(datamodule)
             elif self.fine_tune_embedding and (note := self._one_support_batch(datamodule)):
@@ -177,23 +178,54 @@ class FineTuneModule(pl.LightningModule):
         return str(getattr(datamodule, "root", "the task folder"))
 
     def _fixed_inner_loop_schedule(self, datamodule) -> None:
-        """No validation split: MAML's evaluation inner loop, ``eval_inner_steps`` full-batch steps."""
-        trainer = self.trainer
+        """No validation split: MAML's evaluation inner loop, ``eval_inner_steps`` full-batch steps
+        (one an epoch), ended by :meth:`on_train_batch_end`."""
         steps = int(self.metadata.eval_inner_steps)
         self.fixed_steps = steps
-        trainer.fit_loop.epoch_loop.max_steps = steps
-        trainer.fit_loop.max_epochs = -1
-        stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
-        for callback in stoppers:
-            trainer.callbacks.remove(callback)
+        self._check_trainer_allows(steps)
+        for stock in self.trainer.early_stopping_callbacks:  # strict: it would fail at the first epoch's end
+            if stock.strict:
+                raise ConfigError(
+                    f"trainer.callbacks: EarlyStopping on {stock.monitor!r} needs a validation split, and "
+                    f"{self._root(datamodule)} has none: use lthmaml.edge.stopping.TaskEarlyStopping "
+                    "(it sits out a fit without one), or give the task a val/ split (data.validation)"
+                )
+        stopper = stopper_of(self.trainer)
         what, why = ("for the meta-learned", ", the adaptation MAML evaluated with")
         if self.fine_tune_embedding:
             what, why = ("the embedding on the support loss for the artifact's", "")
+        idle = "; EarlyStopping off" if isinstance(stopper, TaskEarlyStopping) else ""  # it sits this fit out
         rank_zero_info(
             f"No validation split in {self._root(datamodule)}: fine-tuning {what} eval_inner_steps={steps} "
-            f"full-batch steps of {self.describe_optimizer()}{why}{'; EarlyStopping off' if stoppers else ''}"
-            f"{self._one_support_batch(datamodule)}"
+            f"full-batch steps of {self.describe_optimizer()}{why}{idle}{self._one_support_batch(datamodule)}"
         )
+
+    def _check_trainer_allows(self, steps: int) -> None:
+        """The trainer's limits let the fit end after exactly ``steps`` optimizer steps, one an epoch:
+        this module ends it there, the limits only cap it (a ConfigError naming the option otherwise)."""
+        trainer = self.trainer
+        if self.adapt_only:
+            regime = f"{self.source} adapts in one forward pass, 0 epochs"
+            fix = "or set model.fine_tune_embedding true to train the embedding"
+        else:
+            regime = (
+                f"without a validation split the fit is the artifact's eval_inner_steps={steps} "
+                "full-batch steps, one an epoch"
+            )
+            fix = "or give the task a val/ split"
+        for option in ("max_epochs", "max_steps", "min_epochs", "min_steps"):
+            value = getattr(trainer, option)
+            if value is None or value < 0:
+                continue
+            if option.startswith("max") and value < steps:
+                problem, bound = "ends it sooner", f"to {steps} or more"
+            elif option.startswith("min") and value > steps:
+                problem, bound = "makes it longer", f"to {steps} or less"
+            else:
+                continue
+            raise ConfigError(
+                f"{regime}, but trainer.{option}={value} {problem}: set trainer.{option} {bound}, {fix}"
+            )
 
     @staticmethod
     def _one_support_batch(datamodule) -> str:
@@ -226,6 +258,12 @@ class FineTuneModule(pl.LightningModule):
                 f"without a validation split the support set must be one full batch (MAML's inner "
                 f"loop), but it is {self.trainer.num_training_batches} batches: raise data.batch_size"
             )
+        if self.adapt_only or self.fixed_steps == 0:
+            self.trainer.should_stop = True  # the fit loop checks it before the first epoch
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.fixed_steps is not None and self.trainer.global_step >= self.fixed_steps:
+            self.trainer.should_stop = True
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Optional[torch.optim.Optimizer]:
@@ -333,8 +371,8 @@ class FineTuneModule(pl.LightningModule):
         return self.best.value
 
     def _monitor(self) -> tuple[str, str]:
-        """The EarlyStopping monitor when it is one of ours, else ``val/loss``."""
-        stopper = self.trainer.early_stopping_callback
+        """The early stopper's monitor when it is one of ours, else ``val/loss``."""
+        stopper = stopper_of(self.trainer)
         monitor = stopper.monitor if stopper is not None else "val/loss"
         if monitor not in MONITORABLE or (monitor == "val/acc" and self.regression):
             monitor = "val/loss"

@@ -143,7 +143,7 @@ def peak_rss_mib() -> float:
 
 
 def seconds(wall: float) -> str:
-    """Milliseconds below a second: a ProtoNet's adaptation is a few of them."""
+    """Milliseconds below a second, where a one-pass adaptation's wall time lies."""
     return f"{wall:.2f} s" if wall >= 1 else f"{wall * 1000:.1f} ms"
 
 

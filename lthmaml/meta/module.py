@@ -3,19 +3,66 @@ portable hyperparameters."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import os
 import warnings
 from collections.abc import Mapping
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lthmaml.errors import ConfigError, checked_values
+from lthmaml.errors import ConfigError, DataError, checked_values
 from lthmaml.masks import MaskSet, apply_masks, gradient_masks, load_masks, mask_gradients, masks_within
 from lthmaml.nets.reparam import ORIGINAL, checkpoint_alpha, install_power, reparametrized_layers
+
+
+def missing_class(hparams: Any) -> Optional[str]:
+    """The first ``lthmaml.*`` class path in a checkpoint's hyperparameters (the net's, the module's
+    ``_class_path``, at any depth) that this lthmaml does not have: the checkpoint was written
+    before that class reached the module it lives in now, and cannot be rebuilt."""
+    if isinstance(hparams, Mapping):
+        for key, value in hparams.items():
+            if key in ("class_path", "_class_path") and isinstance(value, str) and not _resolves(value):
+                return value
+        values = hparams.values()
+    elif isinstance(hparams, (list, tuple)):
+        values = hparams
+    else:
+        return None
+    return next((found for found in map(missing_class, values) if found is not None), None)
+
+
+def _resolves(class_path: str) -> bool:
+    """False only for an ``lthmaml.*`` path whose module or name is gone; a missing third-party
+    package, or a class outside lthmaml, is left for the loader to report."""
+    module, _, name = class_path.rpartition(".")
+    if not module.startswith("lthmaml.") and module != "lthmaml":
+        return True
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as error:
+        return not (error.name and (module == error.name or module.startswith(f"{error.name}.")))
+
+
+def _saved_hparams(checkpoint_path: Any) -> Any:
+    """A checkpoint file's hyperparameters, or None where it cannot be read as plain tensors and types."""
+    if not isinstance(checkpoint_path, (str, os.PathLike)) or not Path(checkpoint_path).is_file():
+        return None
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+
+
+def predates_format(where: str, detail: str) -> str:
+    """The one line that refuses a checkpoint written before this version's format."""
+    return f"{where} predates this version's checkpoint format ({detail}): train it again with this version"
 
 
 class NetModule(pl.LightningModule):
@@ -80,6 +127,18 @@ class NetModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's, but a checkpoint that names a class this lthmaml does not have is one line
+        saying it predates the format, where Lightning and jsonargparse raise their own errors."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except Exception:
+            stale = missing_class(_saved_hparams(checkpoint_path))
+            if stale is None:
+                raise
+            raise DataError(predates_format(str(checkpoint_path), f"it names {stale}")) from None
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A Powerprop checkpoint's transform, installed before its ``phi`` are loaded."""
         alpha = checkpoint_alpha(checkpoint)
@@ -93,8 +152,7 @@ class NetModule(pl.LightningModule):
         own = self.state_dict(keep_vars=True)
         if any(key.endswith((".mask", ".channel_mask")) and key not in own for key in state):
             raise ConfigError(
-                "this checkpoint keeps its masks inside the layers (an lthmaml before masks lay beside the "
-                "model): convert it once with `python -m lthmaml.convert CHECKPOINT`"
+                predates_format("this checkpoint", "masks inside its layers; they now ride beside the net")
             )
         plain = {
             key: state.pop(key)
