@@ -260,8 +260,12 @@ class MAML(Distillable, EpisodicLearner):
         if not self.first_order:
             self.manual_backward(loss)
             return
-        # First-order: the query gradient at the adapted weights is the meta-gradient.
-        grads = torch.autograd.grad(loss, list(adapted.parameters()))
+        # First-order: the query gradient at the adapted weights is the meta-gradient, scaled as
+        # manual_backward would scale it under 16-bit mixed precision (the optimizer step unscales).
+        scaler = self.grad_scaler
+        grads = torch.autograd.grad(
+            loss if scaler is None else scaler.scale(loss), list(adapted.parameters())
+        )
         for param, grad in zip(self.net.parameters(), grads):
             param.grad = grad if param.grad is None else param.grad + grad
 
@@ -296,19 +300,30 @@ class MAML(Distillable, EpisodicLearner):
         self._check_finite(results)
         mask_gradients(self)  # before the clip: a pruned entry's gradient is no part of its norm
         if self.gradient_clip_val is not None:
+            if self.grad_scaler is not None:  # clip the true gradient; the step knows it is unscaled
+                self.grad_scaler.unscale_(optimizer.optimizer)
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
         optimizer.step()
         self._log_results("train", results)
         return torch.stack([r.loss_post for r in results]).mean()
 
+    @property
+    def grad_scaler(self) -> Optional[torch.amp.GradScaler]:
+        """The loss scaler of 16-bit mixed precision (None otherwise)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+
     def _check_finite(self, results: list[TaskResult]) -> None:
         """Stop before a NaN or inf meta-gradient reaches the weights: Adam would spread it to every
         parameter and each later checkpoint, and the fit would go on reporting ``nan``.
 
+        Under a loss scaler only the losses are checked: an inf in the scaled gradient is how the
+        scaler finds its scale, and its step skips that update by design.
+
         Under DDP the verdict is agreed over ranks (one scalar all-reduce), so every rank stops at
         the same step instead of one raising while the others wait in the next collective.
         """
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        scaled = self.grad_scaler is not None
+        grads = [] if scaled else [p.grad for p in self.parameters() if p.grad is not None]
         losses = torch.stack([r.loss_post for r in results])
         bad_losses = (~losses.isfinite()).sum().float()
         bad_grads = sum((~g.isfinite()).sum() for g in grads) if grads else torch.zeros(())
