@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
@@ -13,6 +13,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from lthmaml.data.augment import Affine
 from lthmaml.data.fewshot import ROTATIONS, FewShotTasks, check_pool
 from lthmaml.data.images import IMAGE_LOOK, Look, Normalization, channels
 from lthmaml.data.imageset import SplitSpec, check_class_split, split_classes
@@ -185,9 +186,21 @@ class ImageTasksDataModule(EpisodicDataModule):
         query_shots: int,
         image_size: int,
         train_ways: Optional[int] = None,
+        augment_affine: Union[bool, Affine] = False,
+        support_augmentation: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if support_augmentation < 0:
+            raise ConfigError(
+                f"data.init_args.support_augmentation must be >= 0 copies, got {support_augmentation}"
+            )
+        self.augment_affine: Optional[Affine] = (
+            Affine() if augment_affine is True else augment_affine or None  # type: ignore[assignment]
+        )
+        """Random affine distortions of every meta-training image (True: Koch et al.'s ranges)."""
+        self.support_augmentation = support_augmentation
+        """Distorted copies of each support image added to validation and test tasks' support."""
         check_episode(ways, shots, query_shots)
         if train_ways is not None and train_ways < 2:
             raise ConfigError(
@@ -209,6 +222,13 @@ class ImageTasksDataModule(EpisodicDataModule):
     def split_rotations(self, split: str) -> bool:
         """Whether ``split``'s classes also count at 90/180/270 degrees (rotation augmentation)."""
         return False
+
+    def split_augmentation(self, split: str) -> dict[str, Any]:
+        """:class:`~lthmaml.data.fewshot.FewShotTasks` options of ``split``: distortions on
+        meta-train, distorted support copies on validation and test."""
+        if split == "train":
+            return {"affine": self.augment_affine}
+        return {"support_copies": self.support_augmentation}
 
     def check_splits(self, stage: Optional[str], class_sizes: Sequence[int]) -> None:
         """Each split the Trainer ``stage`` draws from has classes enough for its episodes, and
@@ -313,6 +333,14 @@ class OmniglotDataModule(ImageTasksDataModule):
             one split.
         augment_rotations: on meta-train, each class at 90/180/270 degrees is a new class.
         cache_dir: where decoded images are cached (default ``$LTHMAML_CACHE`` or ``~/.cache/lthmaml``).
+        task_sampling: how validation and test tasks draw their classes: ``across`` alphabets
+            (MAML's protocol) or ``within_alphabet`` (Lake et al.'s: all N from one alphabet, the
+            harder one-shot problem; with ``split_by_alphabet`` the alphabets are unseen).
+        augment_affine: random affine distortions of each meta-training image (True: Koch et
+            al.'s ranges; or the ranges, :class:`~lthmaml.data.augment.Affine`), composed with
+            the rotations.
+        support_augmentation: distorted copies of each support image added to every validation
+            and test task's support set (0: none).
         **kwargs: :class:`EpisodicDataModule` arguments (meta_batch_size, tasks_per_epoch, ...).
     """
 
@@ -329,10 +357,16 @@ class OmniglotDataModule(ImageTasksDataModule):
         augment_rotations: bool = True,
         cache_dir: Optional[str] = None,
         eval_query_shots: Optional[int] = 15,
+        task_sampling: Literal["across", "within_alphabet"] = "across",
         **kwargs,
     ) -> None:
         super().__init__(ways, shots, query_shots, image_size, eval_query_shots=eval_query_shots, **kwargs)
         check_class_split(class_split)
+        if task_sampling not in ("across", "within_alphabet"):
+            raise ConfigError(
+                f"data.init_args.task_sampling must be 'across' or 'within_alphabet', got {task_sampling!r}"
+            )
+        self.task_sampling = task_sampling
         self.root = root
         self.class_split = list(class_split)
         self.split_by_alphabet = split_by_alphabet
@@ -360,11 +394,18 @@ class OmniglotDataModule(ImageTasksDataModule):
         return self.class_split_fix(split, len(self.data.classes))
 
     def split_tasks(self, split: str) -> FewShotTasks:
+        indices = self.class_indices[split]
+        groups = None
+        if self.task_sampling == "within_alphabet" and split != "train":
+            alphabets = [self.data.classes[i].split("/", 1)[0] for i in indices]
+            groups = [sorted(set(alphabets)).index(a) for a in alphabets]
         return FewShotTasks(
-            self.data.images[self.class_indices[split]],
+            self.data.images[indices],
             self.split_ways(split),
             self.shots,
             self.split_query_shots(split),
             rotations=self.split_rotations(split),
             name=split,
+            groups=groups,
+            **self.split_augmentation(split),
         )

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lthmaml.data.augment import Affine
 from lthmaml.data.tasks import TaskBatch, shuffled_labels
 from lthmaml.errors import ConfigError
 
@@ -64,6 +65,13 @@ class FewShotTasks:
         prepare: turns the drawn images into the net's input (uint8 pixels to normalised floats),
             so a split stays in memory as uint8; None: the images are the input.
         name: the split's name, for error messages.
+        groups: a group per class (Omniglot's alphabet); with it every task draws its ``ways``
+            classes from one group (Lake et al.'s within-alphabet tasks), the group at random among
+            those with classes enough.
+        affine: distort every drawn image at random (:class:`~lthmaml.data.augment.Affine`).
+        support_copies: add this many randomly distorted copies of each support image to the
+            support set (``jitter`` the distortion): adaptation sees more views of each example.
+        jitter: the distortion of the support copies (default: Koch et al.'s ranges).
     """
 
     def __init__(
@@ -77,6 +85,10 @@ class FewShotTasks:
         counts: Optional[Sequence[int]] = None,
         flips: bool = False,
         prepare: Optional[Callable[[Tensor], Tensor]] = None,
+        groups: Optional[Sequence[int]] = None,
+        affine: Optional[Affine] = None,
+        support_copies: int = 0,
+        jitter: Optional[Affine] = None,
     ) -> None:
         if images.dim() != (4 if counts is not None else 5):
             shape = "[images, C, H, W] with counts" if counts is not None else "[classes, examples, C, H, W]"
@@ -92,6 +104,22 @@ class FewShotTasks:
         classes = len(self.counts) if counts is not None else images.shape[0]
         examples = min(self.counts, default=0) if counts is not None else images.shape[1]
         check_pool(name, ways, shots, query_shots, classes, examples, rotations)
+        if support_copies < 0:
+            raise ConfigError(f"data.init_args.support_augmentation must be >= 0 copies, got {support_copies}")
+        self.affine, self.support_copies = affine, support_copies
+        self.jitter = jitter or Affine()
+        self.members: Optional[list[np.ndarray]] = None
+        """Per group with classes enough for a task, its pooled classes (rotations included)."""
+        if groups is not None:
+            pooled = np.repeat(np.asarray(groups), self.rotations)  # pooled class c is class c // rotations
+            members = [np.flatnonzero(pooled == g) for g in sorted(set(groups))]
+            self.members = [m for m in members if len(m) >= ways]
+            if not self.members:
+                largest = max(len(m) for m in members)
+                raise ConfigError(
+                    f"data.init_args.task_sampling within_alphabet: no alphabet of the {name} split has "
+                    f"{ways} characters (the largest has {largest}): lower data.init_args.ways"
+                )
 
     @property
     def num_classes(self) -> int:
@@ -100,7 +128,11 @@ class FewShotTasks:
 
     def sample(self, rng: np.random.Generator) -> TaskBatch:
         per_class = self.shots + self.query_shots
-        chosen = rng.choice(self.num_classes, size=self.ways, replace=False)
+        if self.members is None:
+            chosen = rng.choice(self.num_classes, size=self.ways, replace=False)
+        else:
+            group = self.members[rng.integers(len(self.members))]
+            chosen = rng.choice(group, size=self.ways, replace=False)
         labels = shuffled_labels(self.ways, rng)
         support, query = [], []
         for pooled_class in chosen:
@@ -121,6 +153,12 @@ class FewShotTasks:
         support_y = labels.repeat_interleave(self.shots)
         query_y = labels.repeat_interleave(self.query_shots)
         support_x, query_x = torch.cat(support), torch.cat(query)
+        if self.affine is not None:
+            support_x, query_x = self.affine(support_x, rng), self.affine(query_x, rng)
+        if self.support_copies:
+            copies = [self.jitter(support_x, rng) for _ in range(self.support_copies)]
+            support_x = torch.cat([support_x, *copies])
+            support_y = support_y.repeat(self.support_copies + 1)
         if self.prepare is not None:
             support_x, query_x = self.prepare(support_x), self.prepare(query_x)
         return TaskBatch(support_x, support_y, query_x, query_y)

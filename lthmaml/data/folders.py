@@ -306,4 +306,5 @@ class ImageFolderDataModule(ImageTasksDataModule):
             counts=part.counts,
             flips=train and self.augment == "flips",
             prepare=self.to_input,
+            **self.split_augmentation(split),
         )
