@@ -70,6 +70,9 @@ RECIPES: dict[str, list[str]] = {
         *(f"{M}first_order", "true", f"{D}query_shots", "1", f"{M}inner_loop", "func"),
         *(f"{M}optimizer.init_args.lr", "0.003"),
     ],
+    # Augmentation (any learner's config): Koch et al.'s affine distortions of meta-training images.
+    "affine": [f"{D}augment_affine", "true"],
+    "no-affine": [f"{D}augment_affine", "false"],
 }
 """Named recipes of the sweep (CLI overrides); ``shipped`` is whatever the base config says now."""
 RECIPES["shipped"] = []

@@ -1,4 +1,5 @@
-"""The meta-learners side by side, dense and as an 80% lottery ticket (docs/benchmarks.md, "Learners compared").
+"""The meta-learners side by side, dense and as an 80% lottery ticket (docs/benchmarks.md,
+"Learners compared").
 
 For each learner of ``--learners`` (MAML, ProtoNet, MatchingNet at 5-way and 20-way 1-shot on the
 shared Omniglot subset, each from its shipped config):

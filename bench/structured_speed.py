@@ -98,7 +98,7 @@ def taylor_prune(
 ) -> dict[str, int]:
     """Prune ``model.net`` as :class:`TaylorFilterPruning` does, rescoring ``tasks`` before each
     step (no training between steps); the filters left per conv."""
-    total = sum(conv.out_channels for conv, _ in sparsity.conv_batchnorm_pairs(model.net).values())
+    total = sum(group.width for group in sparsity.channel_groups(model.net).values())
     callback = TaylorFilterPruning(
         filters_per_step=per_step or total, target_fraction=fraction, flops_weight=flops_weight, cost=cost
     )

@@ -39,8 +39,9 @@ from lthmaml.rounds import (
 from lthmaml.sparsity import Scope
 from lthmaml.tracking import BestWeights
 
-MASK = "mask:"
-"""The prefix of the masks among a best-weights snapshot's entries."""
+MASK, BUFFER = "mask:", "buffer:"
+"""The prefixes of the masks and of the buffers (BatchNorm's running statistics) among a
+best-weights snapshot's entries."""
 
 
 class PruningCallback(Callback):
@@ -221,7 +222,8 @@ class PruningCallback(Callback):
             if self.keeps != "best":
                 return {}
             masks = {MASK + name: mask for name, mask in sparsity.masks_of(pl_module).items()}
-            return {**sparsity.snapshot(pl_module), **masks}
+            buffers = {BUFFER + name: value.detach().clone() for name, value in _statistics(pl_module)}
+            return {**sparsity.snapshot(pl_module), **masks, **buffers}
 
         self.best.update(
             self.monitored(trainer),
@@ -259,7 +261,10 @@ class PruningCallback(Callback):
             sparsity.load_masks(
                 pl_module, {n[len(MASK) :]: v for n, v in state.items() if n.startswith(MASK)}
             )
-            sparsity.rewind(pl_module, {n: v for n, v in state.items() if not n.startswith(MASK)})
+            sparsity.rewind(pl_module, {n: v for n, v in state.items() if ":" not in n})
+            with torch.no_grad():  # the statistics the best weights were validated with
+                for name, value in _statistics(pl_module):
+                    value.copy_(state[BUFFER + name])
             val_metrics = best.metrics
             validation = {"val_step": best.step, "val_epoch": best.epoch}
         else:
@@ -400,6 +405,11 @@ class PruningCallback(Callback):
                 current.load_state_dict(state_dict[name])
             else:
                 setattr(self, name, state_dict[name])
+
+
+def _statistics(pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
+    """The module's buffers other than the masks: what a net computes with besides its weights."""
+    return [(name, value) for name, value in pl_module.named_buffers() if not name.startswith("masks.")]
 
 
 def validation_metrics(trainer: pl.Trainer) -> dict[str, float]:

@@ -8,8 +8,16 @@ after the inner loop (what meta-training minimises; ``task_losses(batch, adapted
 plain classifier it is the batch loss. Theta is taken per task (or batch) and summed over the
 tasks seen since the last pruning step.
 
-Normalisation (section 2.3). Scores are divided by their layer's L2 norm, so that layers of
-different depth compare, then ranked over all layers together.
+Any graph. Where a residual sum joins the maps of several convs (ResNet-12's third conv and its
+skip path's projection, ResNet-18's identity shortcuts), channel ``k`` of all of them is one
+channel, which can only go from all of them at once: a *channel group*, found by torch-pruning's
+dependency graph (Fang et al. 2023; :mod:`lthmaml.channels`). Removing it removes each of those
+maps, so the first-order change of ``C`` is the sum of their changes, and a group's channel
+scores the sum of its maps' Theta (what DepGraph's group importance does with coupled channels).
+In a chain (Conv4) each conv is its own group and this is the paper's criterion unchanged.
+
+Normalisation (section 2.3). Scores are divided by their layer's (channel group's) L2 norm, so
+that layers of different depth compare, then ranked over all layers together.
 
 FLOPs regularisation (section 2.4). The ranked criterion is ``Theta_flops(z_l^k) = Theta(z_l^k) -
 lambda Theta_l^flops``, where ``Theta_l^flops`` is the cost in FLOPs of a feature map of layer
@@ -22,11 +30,14 @@ recounted at every pruning step, as the widths change. With ``cost="activations"
 instead the activation memory the paper also names: a map's ``H_out W_out`` positions
 (:func:`lthmaml.nets.flops.filter_activations`), so removals move to the full-resolution layers,
 whose per-position work (BatchNorm, ReLU, pooling and their backward) dominates a fine-tuning step
-on a CPU more than the multiply-adds do (step times and accuracies: docs/strategies.md).
+on a CPU more than the multiply-adds do (step times and accuracies: docs/strategies.md). The
+multiply-adds are counted on a Conv4 (:mod:`lthmaml.nets.flops`); the activations on any net, a
+group's channel costing the positions of each of its coupled maps.
 
 Schedule (section 3). Every ``steps_between`` training steps the ``filters_per_step`` lowest
-filters go (their conv filters and bias and BatchNorm channel, via the engine's ``prune_channels``) while
-training goes on, until ``target_fraction`` of the filters is removed. A layer always keeps one.
+filters go (the filters, biases and BatchNorm channels of every conv of their group, via the
+engine's ``prune_channels``) while training goes on, until ``target_fraction`` of the filters is
+removed, a group's channel counting as one filter. A group always keeps one.
 The window, the rank reduction and the records are :class:`~callbacks.schedule.LevelSchedule`'s.
 
 Cost. Scores come from a separate pass over the batch just trained on, in the last
@@ -36,7 +47,7 @@ to the gates, cheaper than a second-order meta-training task; nothing is paid on
 reached, and no activation is kept: the gates' gradients are the criterion.
 
 Rounds. ``rounds/round_XX`` (masks, ``metrics.json`` whose ``details`` hold ``filters_remaining``,
-``filters_pruned`` and the ``channels`` left per layer, ``model.ckpt``) records the net trained
+``filters_pruned`` and the ``channels`` left per group, ``model.ckpt``) records the net trained
 with the filters of pruning step ``XX``: written at the end of its training interval, just before
 the next step (round 0: the full net), the last one when the fit ends. Any intermediate network
 can be tested (``test_each_round`` tests them all after the fit), for a
@@ -131,8 +142,9 @@ class TaylorFilterPruning(LevelSchedule):
         cost: what a filter costs in that term. ``"flops"``: the multiply-adds of its map and of its
             input channel to the next layer (the second block of the Omniglot Conv4 costs most);
             ``"activations"``: its map's output positions, ``H_out W_out`` (the first block, at full
-            resolution, costs most).
-        exclude: conv layers (qualified names, e.g. ``net.features.0.0``) never pruned.
+            resolution, costs most). ``"flops"`` needs a Conv4; ``"activations"`` takes any net.
+        exclude: conv layers (qualified names, e.g. ``net.features.0.0``) never pruned, nor the
+            convs of their channel groups.
         steps_between, accumulate_batches, write_every, patience, min_delta: the schedule of
             :class:`~callbacks.schedule.LevelSchedule`; ``monitor``, ``mode``,
             ``test_each_round``: as for :class:`~callbacks.base.PruningCallback`.
@@ -172,28 +184,30 @@ class TaylorFilterPruning(LevelSchedule):
         self.cost = cost
 
     # ------------------------------------------------------------------ the layers and the target
-    def layers(self, pl_module: pl.LightningModule) -> dict[str, tuple[nn.Conv2d, _BatchNorm]]:
-        """Each scored conv with the BatchNorm whose output is its feature map."""
-        pairs = {n: p for n, p in sparsity.conv_batchnorm_pairs(pl_module).items() if n not in self.exclude}
-        if not pairs:
+    def layers(self, pl_module: pl.LightningModule) -> dict[str, sparsity.ChannelGroup]:
+        """The scored channel groups (a conv alone, or convs whose maps a residual sum joins), each
+        with the BatchNorms whose outputs are its feature maps."""
+        groups = sparsity.channel_groups(pl_module, self.exclude)
+        if not groups:
             raise ConfigError(
                 f"{type(self).__name__} prunes conv filters, but {type(pl_module).__name__} has no "
                 "nn.Conv2d layer to prune (outside exclude): use it on a conv net such as "
                 "lthmaml.nets.Conv4, or pick an unstructured pruning callback"
             )
-        lonely = [name for name, (_, batchnorm) in pairs.items() if batchnorm is None]
+        lonely = [conv for group in groups.values() for conv in group.bare]
         if lonely:
             raise ConfigError(
                 f"{type(self).__name__} scores a filter's map after the BatchNorm that follows its conv "
                 f"(nn.Conv2d then nn.BatchNorm2d), but conv {lonely} has none: add it to exclude"
             )
-        return pairs  # type: ignore[return-value]
+        return groups
 
     def target(self, pl_module: pl.LightningModule) -> tuple[int, int, int]:
-        """(filters scored in all, filters left, filters to remove in all)."""
-        layers = self.layers(pl_module)
-        total = sum(conv.out_channels for conv, _ in layers.values())
-        left = sum(int(sparsity.alive_channels(pl_module, name).sum()) for name in layers)
+        """(filters scored in all, filters left, filters to remove in all), a group's channel
+        counting as one filter."""
+        groups = self.layers(pl_module)
+        total = sum(group.width for group in groups.values())
+        left = sum(int(sparsity.alive_channels(pl_module, name).sum()) for name in groups)
         return total, left, round(self.target_fraction * total)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -202,7 +216,7 @@ class TaylorFilterPruning(LevelSchedule):
         if goal > total - layers:
             raise ConfigError(
                 f"{type(self).__name__}: target_fraction={self.target_fraction} would remove {goal} of "
-                f"{total} filters, but each of the {layers} conv layers keeps at least one"
+                f"{total} filters, but each of the {layers} channel groups keeps at least one"
             )
         if self.flops_weight:
             filter_cost(pl_module, self.cost)  # a net not counted fails now, not at the first step
@@ -218,9 +232,15 @@ class TaylorFilterPruning(LevelSchedule):
         return total - left >= goal
 
     def score_batch(self, pl_module: pl.LightningModule, batch: Any) -> tuple[dict[str, Tensor], int]:
-        """The Taylor criterion of every task (or the batch) in ``batch``."""
-        batchnorms = {name: batchnorm for name, (_, batchnorm) in self.layers(pl_module).items()}
-        return taylor_scores(batchnorms, pl_module.task_losses(batch, adapted=True))
+        """The Taylor criterion of every task (or the batch) in ``batch``, per channel group: the
+        sum of its coupled maps' criteria (removing the channel removes all of them)."""
+        groups = self.layers(pl_module)
+        batchnorms = {name: pl_module.get_submodule(name) for g in groups.values() for name in g.batchnorms}
+        scores, count = taylor_scores(batchnorms, pl_module.task_losses(batch, adapted=True))
+        return {
+            name: torch.stack([scores[bn] for bn in group.batchnorms]).sum(dim=0)
+            for name, group in groups.items()
+        }, count
 
     def criterion(self, pl_module: pl.LightningModule, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """What is ranked: layer-normalised scores, cost-regularised when ``flops_weight > 0``."""
@@ -232,19 +252,19 @@ class TaylorFilterPruning(LevelSchedule):
     def prune_level(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Mapping[str, Tensor]
     ) -> dict[str, Any]:
-        """Remove the step's filters of lowest criterion (a layer keeps one)."""
-        pairs = self.layers(pl_module)
+        """Remove the step's filters of lowest criterion (a group keeps one)."""
+        groups = self.layers(pl_module)
         total, left, goal = self.target(pl_module)
-        alive = {name: sparsity.alive_channels(pl_module, name) for name in pairs}
+        alive = {name: sparsity.alive_channels(pl_module, name) for name in groups}
         sums = {
-            name: scores.get(name, torch.zeros(conv.out_channels)).to(conv.weight)
-            for name, (conv, _) in pairs.items()
+            name: scores.get(name, torch.zeros(group.width)).to(pl_module.get_submodule(name).weight)
+            for name, group in groups.items()
         }
         chosen = sparsity.lowest_channels(
             self.criterion(pl_module, sums), alive, min(self.filters_per_step, goal - (total - left))
         )
         if not chosen:
-            rank_zero_warn(f"{type(self).__name__}: every layer is down to one filter; nothing pruned")
+            rank_zero_warn(f"{type(self).__name__}: every group is down to one filter; nothing pruned")
         for name, channels in chosen.items():
             sparsity.prune_channels(pl_module, name, channels)
         return {"filters_removed": sum(len(c) for c in chosen.values())}

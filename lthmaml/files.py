@@ -90,3 +90,12 @@ def replacing(path: Path, what: str) -> Iterator[Path]:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, or a one-line DataError naming it (permissions, a folder, a vanished file)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        reason = error.strerror or error
+        raise DataError(f"{path}: cannot read it ({reason}); check its permissions") from None

@@ -2,9 +2,10 @@
 
 A strategy only decides *what* to score and *when*; this module turns scores into masks (a
 fraction of the remaining weights, globally or per layer, ties broken by position), removes conv
-channels, rewinds, re-initialises, takes gradients at the weights, reports sparsity and saves
-masks. The masks themselves live beside the model (:mod:`lthmaml.masks`, whose names this
-module re-exports so a strategy reads one module).
+channels (a whole channel group at a time: :mod:`lthmaml.channels`), rewinds, re-initialises,
+takes gradients at the weights, reports sparsity and saves masks. The masks themselves live beside
+the model (:mod:`lthmaml.masks`, whose names this module re-exports, as the channel groups', so a
+strategy reads one module).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Literal, Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from lthmaml.channels import ChannelGroup, channel_groups, group_of  # noqa: F401  (for strategies)
 from lthmaml.errors import ConfigError
 from lthmaml.files import give_default_mode
 from lthmaml.masks import (  # noqa: F401  (the engine's names, for strategies)
@@ -127,7 +128,7 @@ def _prune_group(masks: Masks, scores: Scores, names: list[str], count: int) -> 
     if count == 0:
         return
     order = torch.sort(candidates, stable=True).indices[:count]
-    removed = torch.zeros(candidates.numel(), dtype=torch.bool)
+    removed = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
     removed[order] = True
     start = 0
     for name, keep in zip(names, alive):
@@ -138,41 +139,18 @@ def _prune_group(masks: Masks, scores: Scores, names: list[str], count: int) -> 
 
 
 # ---------------------------------------------------------------------- channels (structured)
-def conv_batchnorm_pairs(model: nn.Module) -> dict[str, tuple[nn.Conv2d, Optional[_BatchNorm]]]:
-    """Each conv (by module name) with the BatchNorm that normalises its output next (None if the
-    next BatchNorm is another width, or none comes before the next conv)."""
-    pairs: dict[str, tuple[nn.Conv2d, Optional[_BatchNorm]]] = {}
-    pending: Optional[str] = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            pairs[name] = (module, None)
-            pending = name
-        elif isinstance(module, _BatchNorm) and pending is not None:
-            conv = pairs[pending][0]
-            if module.num_features == conv.out_channels:
-                pairs[pending] = (conv, module)
-            pending = None
-    return pairs
-
-
 def channel_parameters(model: nn.Module, conv_name: str) -> list[str]:
-    """What removing one of the conv's output channels zeroes: its filters and bias, and the
-    BatchNorm scale and shift of that channel (a zero scale and shift make the map exactly 0,
-    whatever the inner loop does to the rest)."""
-    pairs = conv_batchnorm_pairs(model)
-    if conv_name not in pairs:
-        raise ConfigError(f"'{conv_name}' is not a conv layer; choose from {sorted(pairs)}")
-    conv, batchnorm = pairs[conv_name]
-    names = [f"{conv_name}.weight"] + ([f"{conv_name}.bias"] if conv.bias is not None else [])
-    if batchnorm is not None and batchnorm.affine:
-        bn_name = next(n for n, m in model.named_modules() if m is batchnorm)
-        names += [f"{bn_name}.weight", f"{bn_name}.bias"]
-    return names
+    """What removing one of the conv's output channels zeroes: the filters and bias of every conv
+    of its channel group (:func:`~lthmaml.channels.channel_groups`: the conv alone in a chain, the
+    convs whose maps a residual sum joins), and each of their BatchNorms' scale and shift of that
+    channel (a zero scale and shift make the map exactly 0, whatever the inner loop does to the
+    rest), so the channel is exactly 0 wherever it is read."""
+    return list(group_of(model, conv_name).parameters)
 
 
 @torch.no_grad()
 def prune_channels(model: nn.Module, conv_name: str, channels: Sequence[int]) -> None:
-    """Remove output ``channels`` of a conv: its filters, bias and BatchNorm channels."""
+    """Remove output ``channels`` of a conv, with the coupled ones of its channel group."""
     names = channel_parameters(model, conv_name)
     masks = masks_of(model, names)
     index = torch.as_tensor(list(channels), dtype=torch.long)
@@ -182,8 +160,11 @@ def prune_channels(model: nn.Module, conv_name: str, channels: Sequence[int]) ->
 
 
 def alive_channels(model: nn.Module, conv_name: str) -> Tensor:
-    """Boolean ``[out_channels]``: the conv's filters with any unpruned weight."""
-    return masks_of(model, [f"{conv_name}.weight"])[f"{conv_name}.weight"].flatten(1).any(dim=1)
+    """Boolean ``[out_channels]``: the channels of the conv's group that a filter with an
+    unpruned weight still computes."""
+    group = group_of(model, conv_name)
+    masks = masks_of(model, [f"{conv}.weight" for conv in group.convs])
+    return torch.stack([mask.flatten(1).any(dim=1) for mask in masks.values()]).any(dim=0)
 
 
 def lowest_channels(

@@ -1,6 +1,7 @@
 """What many test files need: a quiet CPU Trainer, tiny few-shot image tasks and classification
-data, the comparisons of the pruning tests, and generated colour photo datasets (class folders,
-the mini-ImageNet layout)."""
+data, the comparisons of the pruning tests, every strategy at a tiny setting with the checks that
+its pruned weights stay zero, and generated colour photo datasets (class folders, the
+mini-ImageNet layout)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
+import callbacks
 from lthmaml.data import EpisodicDataModule, FewShotTasks
-from lthmaml.edge.artifact import METADATA_KEY
+from lthmaml.edge.artifact import METADATA_KEY, sealed
 
 QUIET = dict(
     logger=False,
@@ -51,27 +53,30 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
 
 
 class TinyImageTasks(EpisodicDataModule):
-    """3-way 1-shot tasks (2 query images a class) on 8x8 random images: exact checks stay cheap."""
+    """3-way 1-shot tasks (2 query images a class) on 8x8 random images: exact checks stay cheap.
+    ``image_size`` makes them larger for nets that pool more often (ResNet-12's four stages)."""
 
     ways = 3
 
-    def __init__(self, **kwargs):
+    def __init__(self, image_size: int = 8, **kwargs):
         super().__init__(**kwargs)
-        self.images = torch.rand(8, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.rand(8, 4, 1, image_size, image_size, generator=generator)
 
     def task_source(self, split):
         return FewShotTasks(self.images, ways=3, shots=1, query_shots=2, name=split)
 
 
 class TinyClassification(pl.LightningDataModule):
-    """Fixed random 4-feature, 3-class data: 24 training examples in 3 batches, 12 val, 12 test."""
+    """Fixed random 4-feature, 3-class data: 24 training examples in 3 batches, 12 val, 12 test;
+    ``shape`` gives the examples another shape (``(1, 8, 8)``: one-channel images)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shape: tuple[int, ...] = (4,)) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(0)
         self.data = {
             split: TensorDataset(
-                torch.randn(n, 4, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+                torch.randn(n, *shape, generator=generator), torch.randint(0, 3, (n,), generator=generator)
             )
             for split, n in (("train", 24), ("val", 12), ("test", 12))
         }
@@ -103,6 +108,59 @@ def assert_same(actual: dict, expected: dict) -> None:
 
 def round_folder(root: Path, index: int) -> Path:
     return root / "rounds" / f"round_{index:02d}"
+
+
+# ------------------------------------------------------------------- every strategy, zeros kept
+STRATEGIES: dict[str, Callable[[], pl.Callback]] = {
+    "lottery": lambda: callbacks.LotteryTicket(prune_rate=0.5, rounds=2, steps_per_round=2),
+    "taylor": lambda: callbacks.TaylorFilterPruning(
+        filters_per_step=1, target_fraction=0.25, steps_between=1, accumulate_batches=1
+    ),
+    "metagrad": lambda: callbacks.MetaGradientPruning(prune_rate=0.3, steps=2, steps_between=1),
+    "powerprop": lambda: callbacks.Powerprop(alpha=2.0, final_sparsity=0.5),
+    "set": lambda: callbacks.SET(sparsity=0.5, update_every=1),
+    "rigl": lambda: callbacks.RigL(sparsity=0.5, update_every=1),
+    "snip": lambda: callbacks.SNIP(sparsity=0.5),
+    "static": lambda: callbacks.StaticSparse(sparsity=0.5),
+    "topkast": lambda: callbacks.TopKAST(sparsity=0.5),
+}
+"""Every strategy in callbacks/, set to prune within the 6 steps of a tiny fit."""
+
+
+def assert_pruned_weights_zero(model: torch.nn.Module) -> None:
+    """The model pruned something, and every entry under a zero mask computes as exactly 0."""
+    from lthmaml import sparsity
+
+    assert len(model.masks) > 0, "the strategy pruned nothing"
+    assert sparsity.sparsity_report(model).sparsity > 0
+    for name, mask in model.masks.items():
+        assert bool((sparsity.weight(model, name)[mask == 0] == 0).all()), f"{name}: a pruned weight is not 0"
+
+
+def assert_adapted_weights_zero(model, task, steps: int = 2) -> None:
+    """MAML's adapted weights keep every pruned entry zero, in both inner loops."""
+    names = [name for name, _ in model.net.named_parameters()]
+    with model.adapt(task.support_x, task.support_y, steps, True) as fnet:
+        adapted = dict(zip(names, fnet.parameters()))
+    functional = model.functional_loop().adapted_params(task.support_x, task.support_y, steps)
+    masks = model.net_masks()
+    assert masks, "no mask reaches the inner loop"
+    for name, mask in masks.items():
+        assert bool((adapted[name][mask == 0] == 0).all()), f"higher: {name}"
+        assert bool((functional[name][mask == 0] == 0).all()), f"func: {name}"
+
+
+def assert_checkpoint_zeros(path: Path) -> None:
+    """A saved checkpoint carries its masks, and stores every entry under them as exactly 0 (a
+    reparametrised weight: its stored ``original``, which is 0 where the weight is)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    masks = {key[len("masks.") :]: value for key, value in state.items() if key.startswith("masks.")}
+    assert masks, f"{path} holds no mask"
+    for name, mask in masks.items():
+        module, _, attribute = name.rpartition(".")
+        value = state.get(name, state.get(f"{module}.parametrizations.{attribute}.original"))
+        assert value is not None, f"{path} has no tensor for {name}"
+        assert bool((value[mask == 0] == 0).all()), f"{path}: {name} stores a pruned weight that is not 0"
 
 
 # ---------------------------------------------------------------------------------- colour images
@@ -174,7 +232,7 @@ def rewrite_metadata(path: Path, **changes) -> Path:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     for key, value in changes.items():
         values.pop(key, None) if value is None else values.__setitem__(key, value)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(values)})
+    path.write_bytes(sealed(tensors, values))  # checksums of the changed file
     return path
 
 
@@ -196,10 +254,13 @@ def rewrite(
     tensors: Callable[[dict], dict] = lambda t: t,
     metadata: Callable[[dict], Optional[dict]] = lambda m: m,
 ) -> Path:
-    """A copy of an artifact with its tensors and/or metadata changed."""
+    """A copy of an artifact with its tensors and/or metadata changed, sealed with the checksums of
+    the changes (so the loader's other checks meet them); metadata None leaves no header at all."""
     meta = metadata(header_metadata(source))
-    header = None if meta is None else {METADATA_KEY: json.dumps(meta)}
-    save_file(tensors(stored(source)), str(target), metadata=header)
+    if meta is None:
+        save_file(tensors(stored(source)), str(target))
+    else:
+        target.write_bytes(sealed(tensors(stored(source)), meta))
     return target
 
 

@@ -45,7 +45,9 @@ def test_within_alphabet_tasks_draw_all_their_classes_from_one_alphabet_with_cla
 
 
 def test_within_alphabet_with_no_alphabet_large_enough_is_a_one_line_config_error():
-    with pytest.raises(ConfigError, match=r"no alphabet of the test split has 9 characters \(the largest has 8\)"):
+    with pytest.raises(
+        ConfigError, match=r"no alphabet of the test split has 9 characters \(the largest has 8\)"
+    ):
         FewShotTasks(pool(), ways=9, shots=1, query_shots=1, groups=GROUPS, name="test")
 
 
@@ -59,7 +61,9 @@ def test_affine_distortions_are_fixed_by_the_task_seed_and_leave_undistorted_tas
     assert torch.equal(a.support_y, base.support_y) and torch.equal(a.query_y, base.query_y)
     assert (a.support_x - base.support_x).abs().max() > 0.05  # every image moved
     identity = Affine(rotation=0.0, shear=0.0, scale=(1.0, 1.0), translate=0.0)
-    still = FewShotTasks(images, ways=3, shots=1, query_shots=2, affine=identity).sample(np.random.default_rng(3))
+    still = FewShotTasks(images, ways=3, shots=1, query_shots=2, affine=identity).sample(
+        np.random.default_rng(3)
+    )
     torch.testing.assert_close(still.support_x, base.support_x, atol=1e-5, rtol=0)
 
 

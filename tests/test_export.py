@@ -4,6 +4,7 @@ float16), the bytes it costs, its metadata, the console script on a real run, an
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Callable
@@ -491,6 +492,57 @@ def test_a_wrong_or_corrupt_artifact_is_a_one_line_data_error_naming_the_file(tm
     assert str(bad) in message and len(message.splitlines()) == 1
     assert "version 99" in message if case == "unknown_format_version" else True
     load_artifact(good)  # the untouched file still loads
+
+
+def _flipped(good: Path, bad: Path, where: Callable[[bytes], int], count: int = 64) -> Path:
+    """A copy of ``good`` with ``count`` bytes inverted from the offset ``where`` picks."""
+    data = bytearray(good.read_bytes())
+    start = where(bytes(data))
+    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+def _header_end(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def _metadata_digit(data: bytes) -> int:
+    """The offset of a digit of the stored sparsity in the JSON header: valid JSON after a flip."""
+    return data.index(b'\\"sparsity\\":0.') + len(b'\\"sparsity\\":0.')
+
+
+@pytest.mark.parametrize(
+    ("case", "part"),
+    [
+        ("weights", "its tensor data does not match the SHA-256 recorded at export"),
+        ("metadata", "its metadata does not match the SHA-256 recorded at export"),
+        ("no_checksums", "records no valid checksums"),
+    ],
+)
+def test_a_flipped_byte_anywhere_is_refused_in_one_line(tmp_path, capsys, case, part):
+    """Shapes and counts cannot tell flipped weight bytes (64 of them, inside the first tensor's
+    data), nor a changed digit in the metadata: the checksums recorded at export do."""
+    net = conv_net()
+    prune(net, 0.5)
+    good = export_net(net, tmp_path / "good.safetensors", {})
+    bad = tmp_path / f"{case}.safetensors"
+    if case == "weights":
+        _flipped(good, bad, lambda data: _header_end(data) + 16)
+    elif case == "metadata":
+        data = good.read_bytes()
+        digit = _metadata_digit(data)
+        other = b"1" if data[digit : digit + 1] != b"1" else b"2"
+        bad.write_bytes(data[:digit] + other + data[digit + 1 :])
+    else:
+        unsealed = {k: v for k, v in header_metadata(good).items() if k != "sha256"}
+        save_file(stored(good), str(bad), metadata={METADATA_KEY: json.dumps(unsealed)})
+    with pytest.raises(DataError) as info:
+        load_artifact(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad}: ") and part in message and len(message.splitlines()) == 1
+    assert message.endswith("export it again with this version's lthmaml-export")
+    load_artifact(good)
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])

@@ -403,7 +403,7 @@ def test_pillows_metadata_warnings_are_silenced_and_others_said_once(tmp_path, m
         warnings.warn("a warning Pillow may add one day", UserWarning, stacklevel=1)
         return original(image)
 
-    monkeypatch.setattr("lthmaml.data.images.ImageOps.exif_transpose", warns)
+    monkeypatch.setattr("lthmaml.data.decode.ImageOps.exif_transpose", warns)
     imageset.clear_memory_cache()
     with pytest.warns(UserWarning) as caught:
         module(root, class_split=[1, 1, 1], cache_dir=str(tmp_path / "other")).setup()

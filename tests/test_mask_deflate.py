@@ -135,19 +135,20 @@ def test_a_corrupt_deflated_mask_is_a_one_line_data_error_naming_file_and_tensor
 
 # ---------------------------------------------------------------------------------- format versions
 def test_only_this_format_version_loads_and_others_are_refused_in_one_line(tmp_path):
-    """An older file (version 1 held only ``@mask``, version 2 masks only weights) is refused
+    """An older file (version 1 held only ``@mask``, version 2 masks only weights, version 3 no
+    checksums) is refused
     saying to export it again, a newer one saying to update lthmaml: nothing is read in a format
     this reader was not written for."""
-    assert FORMAT_VERSION == 3
+    assert FORMAT_VERSION == 4
     good = export_net(pruned_net(), tmp_path / "good.safetensors", {})
     assert load_artifact(good).metadata.format_version == FORMAT_VERSION
-    newer = rewrite(good, tmp_path / "v4.safetensors", metadata=lambda m: {**m, "format_version": 4})
+    newer = rewrite(good, tmp_path / "v5.safetensors", metadata=lambda m: {**m, "format_version": 5})
     with pytest.raises(DataError) as info:
         load_artifact(newer)
     message = str(info.value)
-    assert str(newer) in message and "version 4 is newer" in message and "update lthmaml" in message
+    assert str(newer) in message and "version 5 is newer" in message and "update lthmaml" in message
     assert len(message.splitlines()) == 1
-    for version in (1, 2, 0, "3", True, 3.0, None):
+    for version in (1, 2, 3, 0, "4", True, 4.0, None):
         bad = rewrite(
             good, tmp_path / "bad.safetensors", metadata=lambda m, v=version: {**m, "format_version": v}
         )
@@ -155,6 +156,6 @@ def test_only_this_format_version_loads_and_others_are_refused_in_one_line(tmp_p
             load_artifact(bad)
         message = str(info.value)
         assert message == (
-            f"{bad}: artifact format version {version!r} predates this version's artifact format (3): "
+            f"{bad}: artifact format version {version!r} predates this version's artifact format (4): "
             "export it again with this version's lthmaml-export"
         )

@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import TinyClassification, assert_same, fit, round_folder
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from callbacks import LotteryTicket, MetaGradientPruning, Powerprop
 from lthmaml import sparsity
@@ -265,3 +267,30 @@ def test_records_carry_the_round_start_and_the_early_stop():
         stopped_early=True,
     )
     assert RoundRecord.from_dict(record.as_dict()) == record
+
+
+def test_a_recorded_best_level_carries_the_batchnorm_statistics_it_was_validated_with(tmp_path):
+    """A net with running statistics: the round's record restores the best validation's weights
+    *and* its BatchNorm statistics (testing the best weights with a later epoch's statistics
+    scored a ResNet-18 level far below its validation)."""
+
+    class Statistics(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[torch.Tensor] = []
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:
+                self.seen.append(pl_module.net[1].running_mean.clone())
+
+    torch.manual_seed(0)
+    model = Scripted(
+        nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)),
+        optimizer=partial(torch.optim.Adam, lr=0.05),
+    )
+    model.scores = (0.9, 0.5, 0.4) * 2  # the first epoch's validation is round 0's best
+    lottery = LotteryTicket(rounds=1, epochs_per_round=3, **monitored())
+    statistics = Statistics()
+    fit(model, TinyClassification(), [lottery, statistics], tmp_path)
+    recorded = torch.load(round_folder(tmp_path, 0) / "model.ckpt", weights_only=False)["state_dict"]
+    assert torch.equal(recorded["net.1.running_mean"], statistics.seen[0])
+    assert not torch.equal(statistics.seen[0], statistics.seen[2])  # the statistics did move

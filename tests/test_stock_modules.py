@@ -13,22 +13,17 @@ from typing import Optional
 
 import pytest
 import torch
-from helpers import TinyImageTasks, quiet_trainer
+from helpers import (
+    STRATEGIES,
+    TinyImageTasks,
+    assert_adapted_weights_zero,
+    assert_pruned_weights_zero,
+    quiet_trainer,
+)
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
-from callbacks import (
-    SET,
-    SNIP,
-    LotteryTicket,
-    MetaGradientPruning,
-    Powerprop,
-    RigL,
-    StaticSparse,
-    TaylorFilterPruning,
-    TopKAST,
-)
 from lthmaml import rewiring, sparsity
 from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError
@@ -70,19 +65,6 @@ def sequential(classes: int = 3) -> nn.Sequential:
     )
 
 
-STRATEGIES = {
-    "lottery": lambda: LotteryTicket(prune_rate=0.5, rounds=2, steps_per_round=2),
-    "taylor": lambda: TaylorFilterPruning(
-        filters_per_step=1, target_fraction=0.25, steps_between=1, accumulate_batches=1
-    ),
-    "metagrad": lambda: MetaGradientPruning(prune_rate=0.3, steps=2, steps_between=1),
-    "powerprop": lambda: Powerprop(alpha=2.0, final_sparsity=0.5),
-    "set": lambda: SET(sparsity=0.5, update_every=1),
-    "rigl": lambda: RigL(sparsity=0.5, update_every=1),
-    "snip": lambda: SNIP(sparsity=0.5),
-    "static": lambda: StaticSparse(sparsity=0.5),
-    "topkast": lambda: TopKAST(sparsity=0.5),
-}
 NETS = {"sequential": sequential, "residual": Residual}
 
 
@@ -101,20 +83,8 @@ def test_every_strategy_prunes_a_stock_module_and_keeps_its_layers(strategy, net
     # parametrisation subclasses it) and never replaced.
     assert all(isinstance(net.get_submodule(name), cls) for name, cls in classes.items())
     assert model.net is net
-    assert len(model.masks) > 0, "the strategy pruned nothing"
-    report = sparsity.sparsity_report(model)
-    assert report.sparsity > 0
-    for name, mask in model.masks.items():
-        value = sparsity.weight(model, name)
-        assert bool((value[mask == 0] == 0).all()), f"{name}: a pruned weight is not zero"
-    # Adapted weights keep the zeros, in both inner loops.
-    task = _batch(dtype=torch.float32).task(0)
-    with model.adapt(task.support_x, task.support_y, 2, True) as fnet:
-        adapted = dict(zip((n for n, _ in net.named_parameters()), fnet.parameters()))
-    functional = model.functional_loop().adapted_params(task.support_x, task.support_y, 2)
-    for name, mask in model.net_masks().items():
-        assert bool((adapted[name][mask == 0] == 0).all())
-        assert bool((functional[name][mask == 0] == 0).all())
+    assert_pruned_weights_zero(model)
+    assert_adapted_weights_zero(model, _batch(dtype=torch.float32).task(0))
 
 
 # ---------------------------------------------------------------------- equal to the masked forward
@@ -187,7 +157,7 @@ def test_meta_gradient_equals_the_masked_forward_on_kept_weights(state, net_name
     if state == "powerprop":
         install_power(model, 2.0, [n.removesuffix(".weight") for n in names])
     sparsity.prune_by_magnitude(model, 0.6)
-    sparsity.prune_channels(model, next(iter(sparsity.conv_batchnorm_pairs(model))), [0])
+    sparsity.prune_channels(model, next(iter(sparsity.channel_groups(model))), [0])
     masks = {name[len("net.") :]: m for name, m in model.masks.items()}
     backward = None
     if state == "topkast":  # theta dense behind A, the gradient reaching B as well

@@ -1,10 +1,12 @@
 """Taylor filter pruning (Molchanov et al. 2017) and ``shrink``: the criterion against a hand
-computation, the ranking, the schedule, pruned channels held at zero, shrunk nets, YAML runs."""
+computation, the ranking, the schedule, pruned channels held at zero, whole channel groups of a
+ResNet-12 under MAML and ProtoNet, shrunk nets, YAML runs."""
 
 from __future__ import annotations
 
 import copy
 import json
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,7 +28,9 @@ from lthmaml.data.tasks import TaskBatch
 from lthmaml.errors import ConfigError
 from lthmaml.meta.classifier import Classifier
 from lthmaml.meta.maml import MAML
+from lthmaml.meta.protonet import ProtoNet
 from lthmaml.nets.models import MLP, Conv4
+from lthmaml.nets.resnet import ResNet12
 from lthmaml.nets.shrink import removed_channels, shrink
 from lthmaml.sparsity import lowest_channels as lowest_filters
 
@@ -50,7 +54,9 @@ class TinyImages(pl.LightningDataModule):
 
 
 def batchnorms_of(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
-    return {name: bn for name, (_, bn) in sparsity.conv_batchnorm_pairs(model).items()}
+    """Each conv's BatchNorm, by the conv's name (in a Conv4 each conv is its own channel group)."""
+    groups = sparsity.channel_groups(model).values()
+    return {group.name: model.get_submodule(bn) for group in groups for bn in group.batchnorms}
 
 
 def hand_taylor(net: Conv4, loss_of) -> list[Tensor]:
@@ -75,7 +81,7 @@ def normalized(values: Tensor) -> Tensor:
 
 
 def alive_of(model: nn.Module) -> dict[str, Tensor]:
-    return {name: sparsity.alive_channels(model, name) for name in sparsity.conv_batchnorm_pairs(model)}
+    return {name: sparsity.alive_channels(model, name) for name in sparsity.channel_groups(model)}
 
 
 # ---------------------------------------------------------------------------------- the criterion
@@ -284,6 +290,104 @@ def test_state_survives_a_checkpoint_round_trip():
     assert torch.equal(restored.score_sums["net.features.0.0"], torch.tensor([1.0, 2.0]))
 
 
+# ---------------------------------------------------------------------------------- any graph
+def tiny_resnet12(out_features=3) -> ResNet12:
+    """16x16 inputs, 3 + 4 + 5 + 6 channels: 12 channel groups, 54 channels."""
+    torch.manual_seed(0)
+    return ResNet12(out_features, in_channels=1, widths=(3, 4, 5, 6), image_size=16)
+
+
+def assert_whole_groups_removed(model: nn.Module) -> dict[str, Tensor]:
+    """Every group's removed channel is gone from all its convs and BatchNorms together, stored as
+    zero; the alive channels of each group, by group."""
+    alive = alive_of(model)
+    for name, group in sparsity.channel_groups(model).items():
+        dead = ~alive[name]
+        for conv in group.convs:  # the filters of every coupled conv went together
+            assert torch.equal(
+                sparsity.masks_of(model, [f"{conv}.weight"])[f"{conv}.weight"].flatten(1).any(1), alive[name]
+            )
+        for parameter in group.parameters:
+            assert torch.all(sparsity.weight(model, parameter)[dead] == 0), parameter
+    return alive
+
+
+def stage_outputs(net: nn.Module, x: Tensor) -> list[Tensor]:
+    """Each ResNet-12 stage's output (after the residual add)."""
+    outs: list[Tensor] = []
+    handles = [stage.register_forward_hook(lambda m, i, out: outs.append(out)) for stage in net.stages]
+    with torch.no_grad():
+        net(x)
+    for handle in handles:
+        handle.remove()
+    return outs
+
+
+def test_maml_on_a_resnet12_prunes_whole_channel_groups_and_keeps_them_zero(tmp_path):
+    model = MAML(tiny_resnet12(), inner_lr=0.3)
+    callback = TaylorFilterPruning(
+        filters_per_step=6, steps_between=1, target_fraction=0.25, accumulate_batches=1
+    )
+    data = TinyImageTasks(image_size=16, meta_batch_size=2, tasks_per_epoch=8)
+    trainer(max_steps=4, callbacks=[callback], default_root_dir=tmp_path).fit(model, datamodule=data)
+    # round(0.25 * 54) = 14 channels in steps of 6, 6 and 2; a group's channel counts once.
+    assert [r["details"]["filters_remaining"] for r in callback.history] == [54, 48, 42, 40]
+    alive = assert_whole_groups_removed(model)
+    assert sum(int(a.sum()) for a in alive.values()) == 40
+    summed = [f"net.stages.{i}.conv3" for i in range(4)]
+    assert any(not bool(alive[name].all()) for name in summed)  # a skip path lost channels too
+    # The stage outputs (main path + skip path, after the add) are exactly 0 there, adapted too.
+    task = data.task_source("train").sample(np.random.default_rng(0))
+    with model.adapt(task.support_x, task.support_y, 2, False) as adapted:
+        for net in (model.net, adapted):
+            outs = stage_outputs(net, task.query_x)
+            for index, name in enumerate(summed):
+                assert torch.all(outs[index][:, ~alive[name]] == 0)
+                assert outs[index][:, alive[name]].abs().sum() > 0
+    # Optimizer steps with the engine's invariants (what fine-tuning does) keep every slice zero.
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model.net(task.support_x), task.support_y).backward()
+        sparsity.mask_gradients(model)
+        optimizer.step()
+        sparsity.apply_masks(model, [optimizer])
+    assert_whole_groups_removed(model)
+    # The shrunk net: smaller, the same outputs.
+    small, _ = shrink(model.net, sparsity.masks_within(model, "net."))
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.net.parameters())
+    assert sum(group.width for group in sparsity.channel_groups(small).values()) == 40
+    torch.testing.assert_close(small(task.query_x), model.net(task.query_x), rtol=0, atol=1e-5)
+
+
+def test_protonet_on_a_resnet12_embedding_prunes_whole_groups_and_shrinks_to_the_same_distances(tmp_path):
+    torch.manual_seed(0)
+    model = ProtoNet(tiny_resnet12(out_features=None), optimizer=partial(torch.optim.Adam, lr=0.01))
+    callback = TaylorFilterPruning(
+        filters_per_step=9, steps_between=1, target_fraction=0.5, accumulate_batches=1
+    )
+    data = TinyImageTasks(image_size=16, meta_batch_size=2, tasks_per_epoch=8)
+    trainer(max_steps=4, callbacks=[callback], default_root_dir=tmp_path).fit(model, datamodule=data)
+    assert callback.history[-1]["details"]["filters_remaining"] == 27
+    alive = assert_whole_groups_removed(model)
+    small, small_masks = shrink(model.net, sparsity.masks_within(model, "net."))
+    assert small.embedding_features == int(alive["net.stages.3.conv3"].sum())
+    task = data.task_source("val").sample(np.random.default_rng(1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.task_log_probabilities(task),
+            model.log_probabilities(small(task.support_x), task.support_y, small(task.query_x), 3),
+            rtol=0,
+            atol=1e-5,
+        )
+
+
+def test_flops_terms_count_a_conv4_only():
+    callback = TaylorFilterPruning(filters_per_step=1, target_fraction=0.25, flops_weight=0.1)
+    with pytest.raises(ConfigError, match="holds none: a cost-regularised criterion"):
+        callback.setup(None, MAML(tiny_resnet12()), "fit")
+
+
 # ---------------------------------------------------------------------------------- errors
 def test_a_net_without_conv_layers_is_a_config_error_naming_the_callback():
     model = MAML(MLP(hidden=(8, 8)))
@@ -383,21 +487,6 @@ def test_shrink_keeps_the_original_and_the_random_state_untouched():
     shrink(net, sparsity.masks_of(net))
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-
-
-def test_shrink_of_an_unsupported_architecture_is_a_config_error():
-    with pytest.raises(ConfigError, match="supports lthmaml.nets.models.Conv4 nets, got MLP"):
-        shrink(MLP())
-    with pytest.raises(ConfigError, match=r"pass the LightningModule's \.net"):
-        shrink(MAML(conv_net()))
-    odd = conv_net()
-    odd.features[1][2] = nn.Tanh()
-    with pytest.raises(ConfigError, match="features.1 is not a lthmaml.nets.models.conv_block"):
-        shrink(odd)
-    empty = conv_net()
-    sparsity.prune_channels(empty, "features.1.0", [0, 1, 2, 3])
-    with pytest.raises(ConfigError, match="features.1 has no channel left"):
-        shrink(empty)
 
 
 # ---------------------------------------------------------------------------------- from YAML

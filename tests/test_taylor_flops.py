@@ -1,6 +1,6 @@
 """FLOPs-regularised Taylor pruning (Molchanov et al. 2017, section 2.4): the multiply-add and
-activation counts of a Conv4 against hand counts, the ranking they move, weight 0 as the plain
-criterion, bad options."""
+activation counts of a Conv4 against hand counts, the activations of a ResNet-12's channel
+groups, the ranking they move, weight 0 as the plain criterion, bad options."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from lthmaml.meta.classifier import Classifier
 from lthmaml.meta.maml import MAML
 from lthmaml.nets.flops import filter_activations, filter_cost, filter_flops, forward_flops, layer_flops
 from lthmaml.nets.models import Conv4
+from lthmaml.nets.resnet import ResNet12
 from lthmaml.nets.shrink import shrink
 
 CONVS = ("net.features.0.0", "net.features.1.0")
@@ -33,7 +34,7 @@ def small_net(widths=(4, 8)) -> Conv4:
 def alive_of(model: nn.Module) -> dict[str, list[int]]:
     return {
         name: sparsity.alive_channels(model, name).nonzero().flatten().tolist()
-        for name in sparsity.conv_batchnorm_pairs(model)
+        for name in sparsity.channel_groups(model)
     }
 
 
@@ -100,9 +101,7 @@ def test_activations_of_a_small_conv4_are_its_maps_positions_whatever_the_widths
 # ---------------------------------------------------------------------------------- the ranking
 def uniform(model: nn.Module) -> dict[str, Tensor]:
     """Every filter scores the same: the raw Taylor criterion ties everywhere."""
-    return {
-        name: torch.ones(bn.num_features) for name, (_, bn) in sparsity.conv_batchnorm_pairs(model).items()
-    }
+    return {name: torch.ones(group.width) for name, group in sparsity.channel_groups(model).items()}
 
 
 @pytest.mark.parametrize(
@@ -234,12 +233,33 @@ def test_an_unknown_cost_is_a_config_error_naming_the_option(cost):
         TaylorFilterPruning(cost=cost)
 
 
-@pytest.mark.parametrize("cost", ["flops", "activations"])
-def test_flops_weight_on_a_net_other_than_conv4_is_a_config_error_at_setup(cost):
+def test_the_flops_cost_on_a_net_other_than_conv4_is_a_config_error_at_setup():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
-    callback = TaylorFilterPruning(filters_per_step=1, target_fraction=0.25, flops_weight=0.1, cost=cost)
+    callback = TaylorFilterPruning(filters_per_step=1, target_fraction=0.25, flops_weight=0.1)
     with pytest.raises(ConfigError, match="FLOPs are counted on a lthmaml.nets.models.Conv4"):
         callback.setup(None, Classifier(net), "fit")
     TaylorFilterPruning(filters_per_step=1, target_fraction=0.25).layers(
         Classifier(net)
     )  # weight 0: any conv net
+    # The activations are measured on any net (on a copy: the user's lazy layer stays unset).
+    assert filter_activations(Classifier(net)) == {"net.0": 6 * 6}  # traced on 8x8, the first side it takes
+    assert isinstance(net[3], nn.LazyLinear)
+
+
+# ---------------------------------------------------------------------------------- any graph
+def test_activations_of_a_resnet12_count_every_map_of_a_group_and_move_removals_to_full_resolution():
+    torch.manual_seed(0)
+    model = MAML(ResNet12(3, in_channels=1, widths=(4, 4, 4, 4), image_size=16))
+    # Stages at 16, 8, 4 and 2 a side; a stage's output channel is two maps (main path, skip path).
+    expected = {}
+    for index, side in enumerate((16, 8, 4, 2)):
+        for conv, maps in (("conv1", 1), ("conv2", 1), ("conv3", 2)):
+            expected[f"net.stages.{index}.{conv}"] = maps * side * side
+    assert filter_activations(model) == filter_cost(model, "activations") == expected
+    # Every channel scoring the same, a heavy weight takes the 3 filters from the costliest group.
+    callback = TaylorFilterPruning(
+        filters_per_step=3, target_fraction=0.5, flops_weight=1.0, cost="activations"
+    )
+    callback.prune_level(None, model, uniform(model))
+    left = {name: len(channels) for name, channels in alive_of(model).items()}
+    assert left == {name: 1 if name == "net.stages.0.conv3" else 4 for name in expected}

@@ -1,4 +1,5 @@
-"""Episodic data: tasks, samplers, sources (sinusoid, Omniglot, image folders) and DataModules.
+"""Episodic data: tasks, samplers, sources (sinusoid, Omniglot, image folders) and DataModules;
+classification data (Omniglot, a graph's nodes) for the supervised classifier.
 
 The names below load their module on first use (PEP 562), so a device that only reads a task
 folder (``lthmaml.data.taskfolder``) never imports the meta-training data code.
@@ -14,6 +15,9 @@ _HOMES = {
     "SinusoidDataModule": "datamodule",
     "FewShotTasks": "fewshot",
     "ImageFolderDataModule": "folders",
+    "Graph": "graph",
+    "KarateClubDataModule": "graph",
+    "load_graph": "graph",
     "Normalization": "images",
     "decode_image": "images",
     "read_image": "images",

@@ -75,4 +75,3 @@ def describe(affine: Affine) -> str:
         f"rotation +-{affine.rotation:g} deg, shear +-{affine.shear:g}, scale {low:g}-{high:g}, "
         f"translation +-{affine.translate * 100:.3g}% of the side"
     )
-

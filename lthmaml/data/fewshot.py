@@ -105,7 +105,9 @@ class FewShotTasks:
         examples = min(self.counts, default=0) if counts is not None else images.shape[1]
         check_pool(name, ways, shots, query_shots, classes, examples, rotations)
         if support_copies < 0:
-            raise ConfigError(f"data.init_args.support_augmentation must be >= 0 copies, got {support_copies}")
+            raise ConfigError(
+                f"data.init_args.support_augmentation must be >= 0 copies, got {support_copies}"
+            )
         self.affine, self.support_copies = affine, support_copies
         self.jitter = jitter or Affine()
         self.members: Optional[list[np.ndarray]] = None

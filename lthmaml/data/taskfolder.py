@@ -14,6 +14,7 @@ Regression (CSV with a header)::
     root/query.csv     x[,y]        optional; without a y column it is unlabelled
 
 Labels are the sorted names of the ``support/`` folders; label ``i`` is class ``i`` of the net.
+The layout is parsed by :mod:`lthmaml.data.taskfiles`, which ``lthmaml-device`` reads it with too.
 Images are preprocessed exactly as in meta-training, in the look the model was meta-trained with
 (the artifact's ``look`` and ``normalization``; :mod:`lthmaml.data.images`): ``ink`` (Omniglot:
 grayscale, padded square, ink 1.0 on paper 0.0), ``gray`` or ``rgb`` (centre-cropped square), all
@@ -37,66 +38,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lthmaml.data.images import (
-    IMAGE_SUFFIXES,
-    DecodeTally,
-    Look,
-    Normalization,
-    decode_file,
-    model_look,
-    visible,
-)
+from lthmaml.data.images import DecodeTally, Look, Normalization, decode_file, model_look
 from lthmaml.data.tables import read_csv
+from lthmaml.data.taskfiles import UNLABELLED, SplitFiles, TaskFiles, check_model_fits, scan_task
 from lthmaml.data.validation import Validation, derive_validation
 from lthmaml.errors import ConfigError, DataError
-
-SPLITS = ("support", "val", "query")
-UNLABELLED = -1
-"""The class target of an unlabelled query image (regression: NaN)."""
-LAYOUT = (
-    "support/<label>/*.png [val/<label>/*.png] [query/*.png or query/<label>/*.png], "
-    "or support.csv [val.csv] [query.csv] with a header x,y"
-)
-
-
-# ---------------------------------------------------------------------------------- images
-def _images_in(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; other files (notes, thumbs) are ignored."""
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and visible(p.name) and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
-def _label_folders(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and visible(p.name)), key=lambda p: p.name)
-
-
-def _scan_labelled(folder: Path, known: Optional[list[str]]) -> dict[str, list[Path]]:
-    """``folder/<label>/*`` images per label; ``known`` (the support labels) bounds val and query."""
-    loose = _images_in(folder)
-    if loose:
-        raise DataError(
-            f"{loose[0]} is not inside a label folder: move the images of {folder} into "
-            f"{folder}/<label>/ folders, one per class"
-        )
-    found: dict[str, list[Path]] = {}
-    for label_folder in _label_folders(folder):
-        images = _images_in(label_folder)
-        if not images:
-            raise DataError(
-                f"label folder {label_folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
-                "add images or remove the folder"
-            )
-        if known is not None and label_folder.name not in known:
-            raise DataError(
-                f"label folder {label_folder} names no class of {folder.parent / 'support'} "
-                f"({', '.join(known)}): rename it to one of those or add support/{label_folder.name}/"
-            )
-        found[label_folder.name] = images
-    if not found:
-        raise DataError(f"{folder} holds no label folders: add {folder}/<label>/*.png or remove {folder}")
-    return found
-
 
 # ---------------------------------------------------------------------------------- the module
 DEFAULT_IMAGE_SIZE = 28
@@ -220,55 +166,21 @@ class TaskFolderDataModule(pl.LightningDataModule):
         if self.task is not None:
             return
         root = Path(self.root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"task folder {root} does not exist or is not a folder: lay it out as {LAYOUT}")
-        has_folder, has_csv = (root / "support").is_dir(), (root / "support.csv").is_file()
-        if has_folder and has_csv:
-            raise DataError(
-                f"task folder {root} holds both support/ (images) and support.csv (regression): keep one"
-            )
-        if not (has_folder or has_csv):
-            raise DataError(
-                f"task folder {root} has no support/ folder or support.csv: lay it out as {LAYOUT}"
-            )
         try:
-            splits = self._read_images(root) if has_folder else self._read_csvs(root)
+            files = scan_task(root)
+            splits = self._read_images(files) if files.task == "classification" else self._read_csvs(files)
         except PermissionError as error:
             raise DataError(
                 f"cannot read {error.filename or root} ({error.strerror}): fix its permissions"
             ) from None
         self.splits = splits
-        self.task = "classification" if has_folder else "regression"
-        self.ways = len(self.labels) if has_folder else None
+        self.task = files.task
+        self.ways = len(self.labels) if files.task == "classification" else None
 
-    def _read_images(self, root: Path) -> dict[str, TaskSplit]:
-        tables = [root / f"{name}.csv" for name in SPLITS[1:] if (root / f"{name}.csv").is_file()]
-        if tables:
-            raise DataError(
-                f"task folder {root} mixes support/ (images) with the regression table {tables[0]}: "
-                "keep one kind"
-            )
-        found = {"support": _scan_labelled(root / "support", None)}
-        labels = list(found["support"])
-        if (root / "val").is_dir():
-            found["val"] = _scan_labelled(root / "val", labels)
-        splits = {name: self._image_split(files, labels) for name, files in found.items()}
-        query = root / "query"
-        if query.is_dir():
-            loose, folders = _images_in(query), _label_folders(query)
-            if loose and folders:
-                raise DataError(
-                    f"{query} mixes images ({loose[0].name}) and label folders ({folders[0].name}/): "
-                    "put every query image in query/ (unlabelled) or every one in query/<label>/ (labelled)"
-                )
-            if loose:
-                x = self._read(loose)
-                y = torch.full((len(loose),), UNLABELLED, dtype=torch.int64)
-                splits["query"] = TaskSplit(x, y, [p.name for p in loose], labelled=False)
-            else:
-                splits["query"] = self._image_split(_scan_labelled(query, labels), labels)
-        self.labels = labels
-        self._say_conversions(root)
+    def _read_images(self, files: TaskFiles) -> dict[str, TaskSplit]:
+        splits = {name: self._image_split(split, files.labels) for name, split in files.splits.items()}
+        self.labels = files.labels
+        self._say_conversions(files.root)
         return splits
 
     def _read(self, paths: list[Path]) -> Tensor:
@@ -283,25 +195,18 @@ class TaskFolderDataModule(pl.LightningDataModule):
             rank_zero_info(note)
         self._tally = DecodeTally(self.look, self.image_size)
 
-    def _image_split(self, found: dict[str, list[Path]], labels: list[str]) -> TaskSplit:
-        paths = [(label, path) for label, files in found.items() for path in files]
-        x = self._read([path for _, path in paths])
-        y = torch.tensor([labels.index(label) for label, _ in paths], dtype=torch.int64)
-        return TaskSplit(x, y, [f"{label}/{path.name}" for label, path in paths])
+    def _image_split(self, split: SplitFiles, labels: list[str]) -> TaskSplit:
+        x = self._read([path for _, path in split.images])
+        y = torch.tensor(
+            [UNLABELLED if label is None else labels.index(label) for label, _ in split.images],
+            dtype=torch.int64,
+        )
+        return TaskSplit(x, y, split.names, labelled=split.labelled)
 
-    def _read_csvs(self, root: Path) -> dict[str, TaskSplit]:
-        folders = [root / name for name in SPLITS[1:] if (root / name).is_dir()]
-        if folders:
-            raise DataError(
-                f"task folder {root} mixes support.csv (regression) with the image folder {folders[0]}: "
-                "keep one kind"
-            )
+    def _read_csvs(self, files: TaskFiles) -> dict[str, TaskSplit]:
         splits: dict[str, TaskSplit] = {}
-        for name in SPLITS:
-            path = root / f"{name}.csv"
-            if name != "support" and not path.is_file():
-                continue
-            x, y = read_csv(path, require_y=name != "query")
+        for name, split in files.splits.items():
+            x, y = read_csv(split.table, require_y=name != "query")
             labelled = y is not None
             if y is None:
                 y = torch.full_like(x, math.nan)
@@ -392,29 +297,11 @@ class TaskFolderDataModule(pl.LightningDataModule):
 def check_compatible(
     datamodule: TaskFolderDataModule, metadata: Any, artifact: Union[str, Path, None] = None
 ) -> None:
-    """ConfigError unless a model (its :class:`~lthmaml.edge.export.ArtifactMetadata`) fits the folder:
-    the same task kind, as many ways as label folders, the image size it was trained at. The folder
-    is read in the model's look and normalisation (:meth:`TaskFolderDataModule.follow`)."""
+    """ConfigError unless a model (its :class:`~lthmaml.edge.export.ArtifactMetadata`) fits the folder
+    (:func:`~lthmaml.data.taskfiles.check_model_fits`). The folder is read in the model's look and
+    normalisation (:meth:`TaskFolderDataModule.follow`)."""
     datamodule.follow(metadata)
     datamodule.setup()
-    source = f"the model {artifact}" if artifact is not None else "the model"
-    task = getattr(metadata, "task", None)
-    if task is not None and task != datamodule.task:
-        raise ConfigError(f"{source} does {task} but task folder {datamodule.root} is {datamodule.task}")
-    ways = getattr(metadata, "ways", None)
-    if datamodule.task == "classification" and ways is not None and ways != datamodule.ways:
-        raise ConfigError(
-            f"{source} is {ways}-way but task folder {datamodule.root} has {datamodule.ways} labels "
-            f"({', '.join(datamodule.labels)}) in support/: give it {ways} label folders or use a "
-            f"{datamodule.ways}-way model"
-        )
-    init_args = (getattr(metadata, "architecture", None) or {}).get("init_args", {})
-    inputs = init_args.get("in_features", init_args.get("x_features"))  # an MLP's, a CNPNet's
-    if datamodule.task == "regression" and inputs is not None and inputs != 1:
-        raise ConfigError(f"{source} takes {inputs} inputs but {datamodule.root} has one x column")
-    size = init_args.get("image_size")
-    if datamodule.task == "classification" and size is not None and size != datamodule.image_size:
-        raise ConfigError(
-            f"{source} takes {size}x{size} images but the task folder is read at data.image_size="
-            f"{datamodule.image_size}: set image_size to {size}"
-        )
+    check_model_fits(
+        metadata, datamodule.root, datamodule.task, datamodule.labels, datamodule.image_size, artifact
+    )

@@ -73,11 +73,17 @@ class SupportAdapter:
 
     @torch.no_grad()
     def adapt(self, net: nn.Module, x: Tensor, y: Tensor) -> None:
-        """Keep the context of the support set ``(x, y)``: one forward pass, no graph."""
-        if self.learner == "cnp":
-            self.context = net.encode(x, y)
-        else:
-            self.context = self._metric_context(net(x).flatten(1), y)
+        """Keep the context of the support set ``(x, y)``: one forward pass, no graph, in evaluation
+        mode as the learner evaluates (BatchNorm with running statistics uses them and keeps them)."""
+        training = net.training
+        try:
+            net.eval()
+            if self.learner == "cnp":
+                self.context = net.encode(x, y)
+            else:
+                self.context = self._metric_context(net(x).flatten(1), y)
+        finally:
+            net.train(training)
 
     def scores(self, net: nn.Module, x: Tensor) -> Tensor:
         """Class scores (log-probabilities up to a constant) of query images, or the CNP's

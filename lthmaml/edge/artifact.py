@@ -3,9 +3,15 @@
 An artifact is one safetensors file, no pickle: its tensors are the net's weights and masks
 (:mod:`lthmaml.edge.packing`), its header's ``__metadata__`` holds one JSON string under
 :data:`METADATA_KEY`: :class:`ArtifactMetadata`, which says how to rebuild the net (only the
-nets of :data:`NETS`; nothing is imported by name from a file) and how to adapt it. Reading
-checks every field, name, shape and count, so a wrong, cut or tampered file is a one-line
-DataError naming it, never a half-built net. :mod:`lthmaml.edge.export` writes artifacts.
+nets of :data:`NETS`; nothing is imported by name from a file) and how to adapt it, with the
+file's checksums under its key :data:`CHECKSUM_KEY` (:func:`sealed`). Reading checks the checksums, then
+every field, name, shape and count, so a wrong, cut or tampered file is a one-line DataError
+naming it, never a half-built net: a flipped byte in the weights changes no shape or count, only
+the checksum tells it. :mod:`lthmaml.edge.export` writes artifacts.
+
+Only the nets of :data:`NETS` travel this way: the device rebuilds them from their constructor
+arguments. A net of the user's own travels as an ONNX graph instead (:mod:`lthmaml.edge.onnx_export`),
+which needs no Python class on the device; its metadata is this module's :class:`ArtifactMetadata`.
 """
 
 from __future__ import annotations
@@ -27,23 +33,36 @@ from torch import Tensor, nn
 from lthmaml.data.images import model_look
 from lthmaml.edge.packing import unpack_tensors
 from lthmaml.errors import ConfigError, DataError, LthmamlError
+from lthmaml.files import read_bytes
 from lthmaml.masks import folded
 from lthmaml.nets.models import MLP, CNPNet, Conv4
+from lthmaml.nets.resnet import ResNet12, ResNet18
 
 EXPORTER = "lthmaml-export"
 """The command that writes artifacts, named where a file must be exported (again)."""
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Bumped whenever a reader of another version would misread the file. A reader loads its own
 version only: an older file, or one that lacks a field this version writes, is refused in one
 line saying to export it again, a newer one saying to update lthmaml. Nothing migrates files
 (no one used an older format outside this project before its first release)."""
 METADATA_KEY = "lthmaml_artifact"
+CHECKSUM_KEY = "sha256"
+"""The key of the artifact's checksums in its metadata JSON object (beside the
+:class:`ArtifactMetadata` fields, not one of them): ``tensors``, the SHA-256 of the tensor data
+(the file's bytes after its header), and ``metadata``, the SHA-256 of the metadata without this
+key (:func:`metadata_json`). Written at export, checked on every load. One header key, not two:
+safetensors writes a header's keys in no fixed order, and an export must give the same bytes."""
 NETS: dict[str, type[nn.Module]] = {
     "lthmaml.nets.models.Conv4": Conv4,
     "lthmaml.nets.models.MLP": MLP,
     "lthmaml.nets.models.CNPNet": CNPNet,
+    "lthmaml.nets.resnet.ResNet12": ResNet12,
+    "lthmaml.nets.resnet.ResNet18": ResNet18,
 }
 """The architectures an artifact may name: only these are built, nothing is imported by name."""
+EMBEDDING_NETS = ("lthmaml.nets.models.Conv4", "lthmaml.nets.resnet.ResNet12", "lthmaml.nets.resnet.ResNet18")
+"""The nets of :data:`NETS` that are an embedding without their head (``out_features`` null): the
+metric learners' nets."""
 LEARNERS: dict[str, str] = {
     "MAML": "maml",
     "Classifier": "classifier",
@@ -72,7 +91,12 @@ class ArtifactMetadata:
 
     Attributes:
         architecture: ``{"class_path": "lthmaml.nets.models.Conv4", "init_args": {...}}`` of the
-            stored (shrunk) net: ``init_args`` rebuilds its exact shape.
+            stored (shrunk) net: ``init_args`` rebuilds its exact shape. A shrunk net whose
+            narrower layers are no constructor arguments (a ResNet-12 or ResNet-18 after filter
+            pruning) has the ``init_args`` of its source and ``"channels"``: the width shrinking
+            left to each channel group (by the group's name, :func:`lthmaml.channels.channel_groups`),
+            to which :func:`build_net` cuts the net it builds. An ONNX artifact's net of the user's
+            own: its class path and init_args as the checkpoint names them, never built.
         task: ``"classification"`` (integer labels, cross-entropy) or ``"regression"`` (MSE).
         ways: the classes the head predicts (classification), else None.
         inner_lr, inner_steps, eval_inner_steps: the fine-tuning SGD step size and step counts
@@ -86,7 +110,8 @@ class ArtifactMetadata:
         inner_lrs: learned per-parameter inner learning rates by the artifact net's parameter
             names, or None (use ``inner_lr`` for all).
         source_module: class path of the LightningModule the weights come from, if known.
-        source_architecture: the source net's architecture before shrinking (None: not shrunk).
+        source_architecture: the source net's architecture before shrinking (None: not shrunk);
+            a net exported again (after fine-tuning) keeps the one it was shrunk from.
         weight_transform: ``repr`` of the reparametrisation baked into the stored weights
             (e.g. ``PowerTransform(alpha=2.0)``), None if there was none.
         prunable_weights: prunable weights of the source net (the dense count).
@@ -134,12 +159,14 @@ COMPUTED_FIELDS = (
     "sparsity",
     "dtype",
     "format_version",
-    "source_architecture",
     "weight_transform",
     "prunable_weights",
     "stored_weights",
 )
-"""Fields :func:`export_net` derives from the net itself (given values are ignored)."""
+"""Fields :func:`export_net` derives from the net itself (given values are ignored).
+``source_architecture`` is derived where the export shrinks the net, else carried: a shrunk net
+exported again after fine-tuning keeps the architecture it was cut from (a shrunk residual net
+cannot be rebuilt without it)."""
 
 
 @dataclass
@@ -154,15 +181,71 @@ class Artifact:
 
 
 def build_net(architecture: Mapping[str, Any]) -> nn.Module:
-    """The net an architecture dict names (only :data:`NETS`), with fresh weights; RNG untouched."""
+    """The net an architecture dict names (only :data:`NETS`), with fresh weights, cut to its
+    ``channels`` where it has them; RNG untouched."""
     class_path = architecture.get("class_path")
     if class_path not in NETS:
-        raise DataError(f"architecture {class_path!r} is not one of {sorted(NETS)}")
+        raise DataError(
+            f"architecture {class_path!r} is not one of {sorted(NETS)}; a net of your own travels as "
+            f"an ONNX graph: `{EXPORTER} CHECKPOINT --format onnx`, run by lthmaml-device"
+        )
     init_args = architecture.get("init_args") or {}
     if not isinstance(init_args, Mapping):
         raise DataError(f"architecture init_args must be a mapping, got {init_args!r}")
     with torch.random.fork_rng(devices=[]):
-        return NETS[class_path](**init_args)
+        net = NETS[class_path](**init_args)
+    widths = architecture.get("channels")
+    return net if widths is None else _cut_to(net, widths)
+
+
+def image_input(net: nn.Module) -> Optional[tuple[int, int]]:
+    """``(channels, side)`` of the square images ``net`` takes, where it says so by an
+    ``image_size`` attribute (lthmaml's image nets do; its channels: ``in_channels``, else its
+    first conv's); None for a net of points (MLP, CNPNet) or one that does not say."""
+    side = getattr(net, "image_size", None)
+    if side is None:
+        return None
+    channels = getattr(net, "in_channels", None)
+    if channels is None:
+        first = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = first.in_channels if first is not None else None
+    return None if channels is None else (int(channels), int(side))
+
+
+def channel_widths(net: nn.Module) -> dict[str, int]:
+    """The width of each channel group of ``net`` by its name: what a shrunk net's architecture
+    records as ``channels``."""
+    from lthmaml.channels import channel_groups
+
+    return {name: group.width for name, group in channel_groups(net).items()}
+
+
+def _cut_to(net: nn.Module, widths: Any) -> nn.Module:
+    """``net`` shrunk to ``widths`` channels in each channel group (every group named): its last
+    channels removed, so the shape is the shrunk net's (the values are the artifact's to fill)."""
+    from lthmaml.channels import channel_groups
+    from lthmaml.nets.shrink import shrink
+    from lthmaml.sparsity import prune_channels
+
+    groups = channel_groups(net)
+    if not isinstance(widths, Mapping):
+        raise DataError(f"architecture channels must map channel groups to widths, got {widths!r}")
+    wrong = sorted(set(groups) ^ set(widths))
+    if wrong:
+        why = "is missing" if wrong[0] in groups else "is no channel group"
+        raise DataError(
+            f"architecture channels must give the width of every channel group of the "
+            f"{type(net).__name__} and no other: {wrong[0]!r} {why}"
+        )
+    for name, group in groups.items():
+        width = widths[name]
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= group.width:
+            raise DataError(
+                f"architecture channels[{name!r}] must be a width from 1 to {group.width}, got {width!r}"
+            )
+        if width < group.width:
+            prune_channels(net, group.convs[0], range(width, group.width))
+    return shrink(net)[0]
 
 
 def dense_tensors(net: nn.Module) -> dict[str, Tensor]:
@@ -193,10 +276,10 @@ def sniffed(path: Path) -> str:
         ) from None
     if not head:
         return "an empty file"
+    if len(head) == 9 and head[8:9] == b"{":  # first: a header length may begin with a pickle's 0x80
+        return "a safetensors file"  # an 8-byte header length, then the JSON header
     if head.startswith((b"PK\x03\x04", b"\x80")):
         return CHECKPOINT
-    if len(head) == 9 and head[8:9] == b"{":
-        return "a safetensors file"  # an 8-byte header length, then the JSON header
     images = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WebP"}
     return next(
         (f"a {kind} image" for magic, kind in images.items() if head.startswith(magic)),
@@ -210,6 +293,51 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def metadata_json(values: Mapping[str, Any]) -> str:
+    """The metadata object as the file stores it (compact JSON, in the given key order), less any
+    checksums: the string the ``metadata`` checksum is of."""
+    return json.dumps({k: v for k, v in values.items() if k != CHECKSUM_KEY}, separators=(",", ":"))
+
+
+def sealed(tensors: Mapping[str, Tensor], values: Mapping[str, Any]) -> bytes:
+    """The safetensors file of ``tensors`` with the metadata ``values`` (JSON-able; any checksums
+    in it are replaced) under :data:`METADATA_KEY`, its checksums added: an artifact's bytes."""
+    plain = metadata_json(values)
+    data_sha = _sha256(_tensor_data(save(dict(tensors), metadata={METADATA_KEY: plain})))
+    digests = {"tensors": data_sha, "metadata": _sha256(plain.encode())}
+    stored = json.dumps({**json.loads(plain), CHECKSUM_KEY: digests}, separators=(",", ":"))
+    return save(dict(tensors), metadata={METADATA_KEY: stored})  # the data's bytes do not depend on it
+
+
+def _tensor_data(data: bytes) -> bytes:
+    """A safetensors file's tensor data: what follows its 8-byte header length and its header."""
+    return data[8 + int.from_bytes(data[:8], "little") :]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_checksums(path: Path, values: Mapping[str, Any], again: str) -> None:
+    """The artifact at ``path`` (its metadata ``values``, as read) holds the bytes it was exported
+    with: a DataError saying which part differs (tensor data or metadata) otherwise."""
+    recorded = values.get(CHECKSUM_KEY)
+    if not isinstance(recorded, Mapping) or not all(
+        isinstance(recorded.get(k), str) for k in ("tensors", "metadata")
+    ):
+        raise DataError(f"{path}: the artifact records no valid checksums ({CHECKSUM_KEY!r}): {again}")
+    damaged = "the file is damaged or was altered since export: copy it again from its source, or"
+    if _sha256(metadata_json(values).encode()) != recorded["metadata"]:
+        raise DataError(
+            f"{path}: its metadata does not match the SHA-256 recorded at export; {damaged} {again}"
+        )
+    data = read_bytes(path)
+    if _sha256(_tensor_data(data)) != recorded["tensors"]:
+        raise DataError(
+            f"{path}: its tensor data does not match the SHA-256 recorded at export; {damaged} {again}"
+        )
 
 
 # ---------------------------------------------------------------------------- load
@@ -251,6 +379,8 @@ def load_artifact(path: PathLike) -> Artifact:
             f"{path}: artifact format version {version!r} predates this version's artifact format "
             f"({FORMAT_VERSION}): {again}"
         )
+    check_checksums(path, values, again)
+    values = {k: v for k, v in values.items() if k != CHECKSUM_KEY}
     missing = [field.name for field in dataclasses.fields(ArtifactMetadata) if field.name not in values]
     if missing:
         raise DataError(
@@ -315,6 +445,12 @@ def checked_metadata(
     architecture = checked["architecture"]
     if not isinstance(architecture, Mapping) or "class_path" not in architecture:
         raise error(f"{where}: artifact architecture must be {{class_path, init_args}}, got {architecture!r}")
+    widths = architecture.get("channels")
+    if widths is not None and (
+        not isinstance(widths, Mapping)
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths.values())
+    ):
+        raise error(f"{where}: artifact architecture channels must map channel groups to widths >= 1")
     init_args = architecture.get("init_args")
     out_features = init_args.get("out_features") if isinstance(init_args, Mapping) else None
     if out_features is not None and (
@@ -343,7 +479,8 @@ def checked_metadata(
 
 def _check_learner(checked: dict[str, Any], out_features: Any, where: str, error: type[LthmamlError]) -> None:
     """``learner`` (``maml`` unless given) and ``metric_scale`` fit each other, the net and the task:
-    a headless Conv4 only for the metric learners, the CNPNet only for the CNP."""
+    a headless image net (:data:`EMBEDDING_NETS`) only for the metric learners, the CNPNet only
+    for the CNP. A net of the user's own (an ONNX artifact's) says nothing about its head."""
     learner = checked.setdefault("learner", "maml")
     known = sorted(set(LEARNERS.values()))
     if learner not in known:
@@ -363,16 +500,18 @@ def _check_learner(checked: dict[str, Any], out_features: Any, where: str, error
     elif scale is not None:
         raise error(f"{where}: artifact metadata 'metric_scale' is for learner 'matching', not {learner!r}")
     class_path = checked["architecture"]["class_path"]
-    headless = class_path == "lthmaml.nets.models.Conv4" and out_features is None
+    own = class_path not in NETS
+    headless = class_path in EMBEDDING_NETS and out_features is None
     is_cnp = class_path == "lthmaml.nets.models.CNPNet"
-    if learner in METRIC_LEARNERS and not headless:
+    if learner in METRIC_LEARNERS and not (headless or own):
         raise error(
-            f"{where}: artifact learner {learner!r} compares embeddings: its net must be a Conv4 with "
-            f"out_features null, got {class_path} out_features={out_features!r}"
+            f"{where}: artifact learner {learner!r} compares embeddings: its net must be a Conv4 or a "
+            f"ResNet with out_features null, got {class_path} out_features={out_features!r}"
         )
     if learner not in METRIC_LEARNERS and headless:
+        name = class_path.rsplit(".", 1)[-1]
         raise error(
-            f"{where}: artifact net is a headless Conv4 (out_features null), which learner {learner!r} "
+            f"{where}: artifact net is a headless {name} (out_features null), which learner {learner!r} "
             "cannot classify with: its learner must be 'protonet' or 'matching'"
         )
     if (learner == "cnp") != is_cnp:

@@ -42,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lthmaml.cli import PARSER_KWARGS, LoggedConfig, MetaCLI, interrupted_quietly, quiet_third_party
 from lthmaml.data.taskfolder import TaskFolderDataModule
 from lthmaml.edge.finetune import FineTuneModule
+from lthmaml.edge.launch import process_start
 from lthmaml.errors import ConfigError, one_line_errors
 from lthmaml.runfolders import PREDICTIONS, check_writable, configured_log_dir, logger_args
 
@@ -156,22 +157,6 @@ class EdgeCLI(MetaCLI):
             f"Timings: start-up {self.fit_started - process_start():.2f} s (Python, imports, parsing), "
             f"fit {fitted - self.fit_started:.2f} s{predicted}"
         )
-
-
-def process_start() -> float:
-    """When this process started, on ``time.perf_counter``'s clock (Linux: from /proc; elsewhere:
-    when this module was imported, which leaves out Python's and torch's start-up)."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        import os
-
-        return time.perf_counter() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return IMPORTED
-
-
-IMPORTED = time.perf_counter()
 
 
 def run_cli(args: Optional[list[str]] = None, cli_class: type[EdgeCLI] = EdgeCLI) -> EdgeCLI:

@@ -1,14 +1,18 @@
-"""``predictions.csv``: its rows (one per query file, in the query's order) and its atomic write."""
+"""``predictions.csv``: its rows (one per query file, in the query's order) and its atomic write.
+
+Torch-free (torch is only named for type checking): ``lthmaml-device`` writes its CSV with the same
+functions, so the two device paths write the same columns in the same format."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Optional
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Optional
 
 from lthmaml.files import replacing
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 HEADER = {"classification": ["file", "label", "probability"], "regression": ["file", "x", "prediction"]}
 
@@ -20,16 +24,21 @@ def prediction_rows(
     (``labels`` given) the most probable label and its softmax probability, the probabilities;
     for regression the inputs and the prediction, the outputs."""
     if labels is None:
-        inputs = x.reshape(len(x), -1)
-        values = outputs.reshape(len(x), -1)[:, 0]
-        rows = [
-            [" ".join(f"{v:.6g}" for v in row), f"{value:.6g}"]
-            for row, value in zip(inputs.tolist(), values.tolist())
-        ]
+        rows = regression_rows(x.reshape(len(x), -1).tolist(), outputs.reshape(len(x), -1)[:, 0].tolist())
         return rows, outputs
     probabilities = outputs.softmax(-1)
     best, index = probabilities.max(-1)
-    return [[labels[i], f"{p:.6f}"] for i, p in zip(index.tolist(), best.tolist())], probabilities
+    return classification_rows(index.tolist(), best.tolist(), labels), probabilities
+
+
+def classification_rows(index: list[int], best: list[float], labels: list[str]) -> list[list[str]]:
+    """Rows ``label, probability`` of the most probable class of each example and its probability."""
+    return [[labels[i], f"{p:.6f}"] for i, p in zip(index, best)]
+
+
+def regression_rows(inputs: list[list[float]], values: list[float]) -> list[list[str]]:
+    """Rows ``x, prediction``: an example's inputs (space-separated) and its predicted value."""
+    return [[" ".join(f"{v:.6g}" for v in row), f"{value:.6g}"] for row, value in zip(inputs, values)]
 
 
 def printable(name: str) -> str:

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import CatMetric
 
 from lthmaml.errors import ConfigError, TrainingError, non_finite_message
 from lthmaml.meta.distill import Distillable, Distillation, check_options, load_teacher
+from lthmaml.meta.metrics import mean_and_ci95
 from lthmaml.meta.module import NetModule
 
 
@@ -45,6 +47,8 @@ class Classifier(Distillable, NetModule):
             raise ConfigError("model.init_args.distill_weight needs distill_from, the teacher's checkpoint")
         self.distill_from = distill_from
         self.distill_weight, self.distill_temperature = float(distill_weight), float(distill_temperature)
+        self.test_correct = CatMetric()
+        """Each test example's 0/1 correctness, for the accuracy's 95% interval (``test/acc_ci95``)."""
 
     def setup(self, stage: str) -> None:
         self.check_data_fits(self.trainer.datamodule)
@@ -64,7 +68,10 @@ class Classifier(Distillable, NetModule):
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
         self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
+        correct = (logits.argmax(-1) == y).float()
+        self.log(f"{stage}/acc", correct.mean(), prog_bar=True)
+        if stage == "test":
+            self.test_correct.update(correct)
         teacher = self.teacher_logits(batch) if stage == "train" else None
         return loss if teacher is None else loss + self.distillation.loss(logits, teacher[0])
 
@@ -83,6 +90,16 @@ class Classifier(Distillable, NetModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_correct.reset()
+
+    def on_test_epoch_end(self) -> None:
+        """The interval over test examples, as the episodic learners give one over test tasks, so a
+        pruning run's levels carry error bars against the dense net."""
+        if self.test_correct.update_count:
+            _, ci95 = mean_and_ci95(self.test_correct.compute())
+            self.log("test/acc_ci95", ci95, sync_dist=True)
 
     def query_logits(self, batch) -> list[Tensor]:
         """The batch's logits (one entry: the batch is the one "task"), without a graph."""

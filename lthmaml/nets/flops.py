@@ -10,7 +10,8 @@ zeros inside a kept filter count, since dense kernels compute them.
 Per filter, two costs of a pruning criterion's regularisation (Molchanov et al. 2017, section 2.4,
 which names both FLOPs and memory): :func:`filter_flops`, the multiply-adds one alive filter adds,
 and :func:`filter_activations`, the activations its feature map adds; :func:`filter_cost` picks one
-by name (:data:`COSTS`).
+by name (:data:`COSTS`). The multiply-adds are counted on a Conv4; the activations are measured on
+any net, per channel group (the channels a residual sum couples go together).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from lthmaml.channels import channel_groups, example_input, traced_net
 from lthmaml.errors import ConfigError
+from lthmaml.masks import folded
 from lthmaml.nets.models import Conv4
 
 
@@ -47,7 +50,8 @@ def find_conv4(model: nn.Module) -> tuple[str, Conv4]:
         if isinstance(module, Conv4):
             return name, module
     raise ConfigError(
-        f"FLOPs are counted on a lthmaml.nets.models.Conv4, and {type(model).__name__} holds none"
+        f"FLOPs are counted on a lthmaml.nets.models.Conv4, and {type(model).__name__} holds none: "
+        "a cost-regularised criterion (flops_weight > 0) takes a Conv4; other nets, flops_weight 0"
     )
 
 
@@ -120,14 +124,22 @@ def filter_flops(model: nn.Module) -> dict[str, int]:
 
 
 def filter_activations(model: nn.Module) -> dict[str, int]:
-    """Per conv: the activations one more alive filter adds to one example's forward pass.
+    """Per channel group (:func:`lthmaml.channels.channel_groups`, named by its first conv): the
+    activations one more alive filter adds to one example's forward pass.
 
-    Its output map, ``H_out W_out`` positions, whatever the widths: kept three times for the backward
-    pass (conv, BatchNorm and ReLU outputs), each of them read and written by BatchNorm, ReLU and
-    pooling and their backward, the per-position work that is a CPU step's bulk at full resolution
-    (the pooled map, a quarter of it, is left out).
+    Its maps' output positions, ``H_out W_out`` of each conv of the group (the conv alone in a
+    chain; each conv whose map a residual sum joins), whatever the widths: kept three times for the
+    backward pass (conv, BatchNorm and activation outputs), each of them read and written by
+    BatchNorm, the activation and pooling and their backward, the per-position work that is a CPU
+    step's bulk at full resolution (the pooled map, a quarter of it, is left out). Measured in a
+    forward pass of the net, so any graph is counted.
     """
-    return {shape.name: shape.positions for shape in conv_shapes(model)}
+    groups = channel_groups(model)
+    prefix, net = traced_net(model)
+    plain = folded(net).eval()  # a copy: a forward pass may initialise lazy layers
+    convs = {name: plain.get_submodule(name[len(prefix) :]) for g in groups.values() for name in g.convs}
+    positions = _measured_positions(convs, lambda: plain(example_input(plain)))
+    return {name: sum(positions[conv] for conv in group.convs) for name, group in groups.items()}
 
 
 Cost = Literal["flops", "activations"]

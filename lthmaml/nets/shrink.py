@@ -1,18 +1,20 @@
-"""Structured shrinking of a Conv4: a physically smaller dense net without its removed channels."""
+"""Structured shrinking of any net: a physically smaller dense copy without its removed channels."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
 from typing import Optional
 
 import torch
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lthmaml.channels import ChannelGroup, channel_groups, dependency_graph, example_input
 from lthmaml.errors import ConfigError
 from lthmaml.masks import folded, stored
-from lthmaml.nets.models import Conv4, conv_block
+from lthmaml.nets.models import Conv4
 
 
 def removed_channels(batchnorm: nn.BatchNorm2d) -> Tensor:
@@ -24,80 +26,125 @@ def removed_channels(batchnorm: nn.BatchNorm2d) -> Tensor:
 def shrink(
     model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None
 ) -> tuple[nn.Module, dict[str, Tensor]]:
-    """A physically smaller dense copy of a :class:`~lthmaml.nets.models.Conv4` without its removed
-    channels (:func:`removed_channels`), and its ``masks`` (by parameter name) cut to match.
+    """A physically smaller dense copy of the net ``model`` without its removed channels, and its
+    ``masks`` (by parameter name) cut to match.
 
-    A removed channel emits exactly 0, still 0 after ReLU and pooling, so dropping it from its
-    conv's outputs, its BatchNorm, the next conv's inputs and the head's flattened inputs leaves
-    every output unchanged; a headless Conv4 (an embedding) loses only output coordinates that are
+    Channels go by channel group (:func:`lthmaml.channels.channel_groups`: a conv's output
+    channels with those of every conv a residual sum joins to them). A group's channel is removed
+    when it emits exactly 0 whatever comes in: every BatchNorm of the group has scale and shift 0
+    there (:func:`removed_channels`; a conv no BatchNorm follows needs its filter and bias zero
+    too). 0 stays 0 through ReLU, leaky ReLU, pooling, sums and averages, so cutting the channel
+    from every layer the dependency graph couples to it (the convs' filters, the BatchNorms, the
+    input columns of every conv and linear layer reading it, flattened positions included) leaves
+    every output unchanged; a headless net (an embedding) loses only output coordinates that are
     always 0, which change no distance or cosine similarity between embeddings. (A channel whose
-    filters are all pruned but whose BatchNorm shift is not still emits ``relu(beta)`` and is
-    kept.) Unstructured sparsity inside kept channels survives in the weights and the masks, so
-    the copy can be adapted or pruned further; an elementwise parametrisation (Powerprop's) is
-    registered on the copy's layers too, with the kept part of the stored tensors. Its
-    ``architecture`` attribute holds the Conv4 arguments, with per-block ``hidden_channels``, that
-    rebuild its shape.
+    filters are all pruned but whose BatchNorm shift is not still emits its activation of beta
+    and is kept.)
+
+    torch-pruning cuts the layers in place on a copy, which keeps the layer classes; unstructured
+    sparsity inside kept channels survives in the weights and the masks, so the copy can be
+    adapted or pruned further, and an elementwise parametrisation (Powerprop's) is registered on
+    the copy's layers too, with the kept part of the stored tensors. A Conv4's ``architecture``
+    records its per-block ``hidden_channels``, which rebuild its shape; another net's narrower
+    layers are no constructor arguments, so its copy carries no ``architecture``.
+    ``embedding_features`` follows the cut.
     """
-    with torch.random.fork_rng(devices=[]):  # building layers draws initial weights: leave the RNG be
-        return _shrink_conv4(model, dict(masks or {}))
-
-
-def _shrink_conv4(model: nn.Module, masks: dict[str, Tensor]) -> tuple[nn.Module, dict[str, Tensor]]:
-    if not isinstance(model, Conv4):
-        hint = " (pass the LightningModule's .net)" if isinstance(getattr(model, "net", None), Conv4) else ""
-        raise ConfigError(f"shrink supports lthmaml.nets.models.Conv4 nets, got {type(model).__name__}{hint}")
-    plain = folded(model)  # the architecture checked without parametrisations (Powerprop)
-    for index, block in enumerate(plain.features):
-        conv = block[0] if isinstance(block, nn.Sequential) and len(block) else None
-        if not isinstance(conv, nn.Conv2d) or repr(block) != repr(
-            conv_block(conv.in_channels, conv.out_channels)
-        ):
-            raise ConfigError(
-                f"shrink: block features.{index} is not a lthmaml.nets.models.conv_block "
-                "(3x3 conv, BatchNorm2d, ReLU, 2x2 max-pool); this architecture is not supported"
-            )
-    if plain.head is not None and type(plain.head) is not nn.Linear:
-        raise ConfigError("shrink: the Conv4 head must be an nn.Linear (or None: an embedding net)")
-    blocks = list(model.features)
-    keeps = [(~removed_channels(block[1])).nonzero().flatten() for block in blocks]
-    empty = [index for index, keep in enumerate(keeps) if keep.numel() == 0]
+    if isinstance(model, LightningModule):
+        raise ConfigError(f"shrink takes a net, got the learner {type(model).__name__}: pass its .net")
+    masks = dict(masks or {})
+    groups = channel_groups(model)
+    if not groups:
+        raise ConfigError(f"shrink removes conv channels, and {type(model).__name__} has no conv layer")
+    removed = {name: _removed(model, group) for name, group in groups.items()}
+    empty = [name for name, channels in removed.items() if bool(channels.all())]
     if empty:
         raise ConfigError(
-            f"shrink: block features.{empty[0]} has no channel left; the net computes a constant"
+            f"shrink: channel group {empty[0]} has no channel left; the net computes a constant"
         )
-    shrunk = Conv4(**{**model.architecture, "hidden_channels": [keep.numel() for keep in keeps]})
-    reference = blocks[0][0].weight
-    shrunk.to(device=reference.device, dtype=reference.dtype).train(model.training)
-    _copy_parametrizations(model, shrunk)
-    cut: dict[str, Tensor] = {}
+    shrunk = folded(model)  # stock layers computing what the model does, no mask set
+    graph = dependency_graph(shrunk)
+    values = {name: tensor.detach() for _, _, name, tensor in _tensors(shrunk)}
+    # Each entry holds its own position while torch-pruning cuts, so whatever remains says which
+    # positions of every tensor of that shape (weights, stored tensors, masks) the copy keeps.
+    for registry, attribute, _, tensor in _tensors(shrunk):
+        registry[attribute] = _like(
+            tensor, torch.arange(tensor.numel(), dtype=torch.float64).view(tensor.shape)
+        )
+    for name, dead in removed.items():
+        channels = dead.nonzero().flatten().tolist()
+        if channels:
+            conv = shrunk.get_submodule(name)
+            graph.get_pruning_group(
+                conv, graph.get_pruner_of_module(conv).prune_out_channels, channels
+            ).prune()
+    kept: dict[str, tuple[Tensor, torch.Size]] = {}
+    for registry, attribute, name, tensor in _tensors(shrunk):
+        kept[name] = (tensor.detach().to(torch.long).flatten(), tensor.shape)
+        registry[attribute] = _like(tensor, values[name].flatten()[kept[name][0]].view(tensor.shape))
 
-    def copy(name: str, select) -> None:  # the stored tensors (Powerprop's phi: elementwise)
-        stored(shrunk, name).copy_(select(stored(model, name)))
-        if name in masks:
-            cut[name] = select(masks[name])
+    def cut(name: str, full: Tensor) -> Tensor:
+        positions, shape = kept[name]
+        return full.flatten()[positions.to(full.device)].view(shape)
 
-    keep_in = torch.arange(model.in_channels, device=reference.device)
-    with torch.no_grad():
-        for index, keep in enumerate(keeps):
-            conv, batchnorm = f"features.{index}.0", f"features.{index}.1"
-            copy(f"{conv}.weight", lambda t, keep=keep, keep_in=keep_in: t[keep][:, keep_in])
-            for name in (f"{conv}.bias", f"{batchnorm}.weight", f"{batchnorm}.bias"):
-                copy(name, lambda t, keep=keep: t[keep])
-            keep_in = keep
-        if model.head is not None:
-            positions = model.head.in_features // blocks[-1][0].out_channels
-            columns = (
-                keep_in[:, None] * positions + torch.arange(positions, device=keep_in.device)
-            ).flatten()
-            copy("head.weight", lambda t: t[:, columns])
-            copy("head.bias", lambda t: t)
-    return shrunk, {name: mask for name, mask in cut.items() if not bool(mask.all())}
+    unknown = sorted(set(masks) - set(kept))
+    if unknown:
+        raise ConfigError(f"shrink: masks {unknown[:3]} name no parameter of {type(model).__name__}")
+    _copy_parametrizations(model, shrunk, cut)
+    shrunk.train(model.training)
+    _describe(shrunk)
+    cut_masks = {name: cut(name, mask) for name, mask in masks.items()}
+    return shrunk, {name: mask for name, mask in cut_masks.items() if not bool(mask.all())}
 
 
-def _copy_parametrizations(model: nn.Module, shrunk: nn.Module) -> None:
+def _removed(model: nn.Module, group: ChannelGroup) -> Tensor:
+    """Boolean ``[width]``: the group's channels that emit exactly 0 whatever comes in."""
+    dead = torch.ones(group.width, dtype=torch.bool, device=next(model.parameters()).device)
+    for name in group.batchnorms:
+        dead &= removed_channels(model.get_submodule(name))
+    for name in group.bare:
+        layer = model.get_submodule(name)
+        dead &= (layer.weight.detach().flatten(1) == 0).all(dim=1)
+        if layer.bias is not None:
+            dead &= layer.bias.detach() == 0
+    return dead
+
+
+def _tensors(net: nn.Module) -> Iterator[tuple[dict, str, str, Tensor]]:
+    """(registry, attribute, qualified name, tensor) of every parameter and floating buffer."""
+    for prefix, module in net.named_modules():
+        for registry in (module._parameters, module._buffers):
+            for attribute, tensor in list(registry.items()):
+                if tensor is not None and tensor.is_floating_point():
+                    yield registry, attribute, f"{prefix}.{attribute}" if prefix else attribute, tensor
+
+
+def _like(old: Tensor, value: Tensor) -> Tensor:
+    """``value`` on ``old``'s device, a parameter if ``old`` is one (keeping ``requires_grad``)."""
+    value = value.to(old.device)
+    return nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+
+
+def _describe(net: nn.Module) -> None:
+    """Bring the shape records lthmaml's nets carry in line with the cut layers."""
+    if isinstance(net, Conv4):
+        net.architecture = {**net.architecture, "hidden_channels": [b[0].out_channels for b in net.features]}
+    elif hasattr(net, "architecture"):
+        del net.architecture
+    if hasattr(net, "embedding_features") and hasattr(net, "head"):
+        if net.head is not None:
+            net.embedding_features = net.head.in_features
+        else:
+            training = net.training
+            with torch.no_grad():
+                net.embedding_features = net.eval()(example_input(net)).flatten(1).shape[1]
+            net.train(training)
+
+
+def _copy_parametrizations(model: nn.Module, shrunk: nn.Module, cut: Callable[[str, Tensor], Tensor]) -> None:
     """Register ``model``'s parametrisations (Powerprop's transform) on the same layers of
-    ``shrunk``, so the copy computes, adapts and trains as the original does. One holding tensors
-    of the original's shape (a Top-KAST forward mask) cannot be cut: a ConfigError."""
+    ``shrunk``, holding the ``cut`` of the stored tensors, so the copy computes, adapts and trains
+    as the original does. One holding tensors of the original's shape (a Top-KAST forward mask)
+    cannot be cut: a ConfigError."""
     for name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
@@ -111,3 +158,6 @@ def _copy_parametrizations(model: nn.Module, shrunk: nn.Module) -> None:
                 parametrize.register_parametrization(
                     shrunk.get_submodule(name), attribute, deepcopy(transform), unsafe=True
                 )
+            qualified = f"{name}.{attribute}" if name else attribute
+            with torch.no_grad():
+                stored(shrunk, qualified).copy_(cut(qualified, stored(model, qualified).detach()))
