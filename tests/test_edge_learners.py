@@ -223,6 +223,22 @@ def test_fit_only_computes_the_prototypes(in_tmp, caplog):
     assert all(torch.equal(value, source[key]) for key, value in tuned.net.state_dict().items())
 
 
+def test_support_augmentation_adds_distorted_copies_to_the_prototypes(in_tmp, caplog):
+    """``--data.support_augmentation 2``: each of the 6 support images counts three times (itself
+    and two distorted copies), so the prototypes move; without it they are the plain means."""
+    artifact = export_net(protonet(), in_tmp / "p.safetensors")
+    task = image_task(in_tmp / "task")
+    plain = run_cli(edge_args("fit", artifact, task)).model.adapter.context
+    cli = run_cli(edge_args("fit", artifact, task, "--data.support_augmentation", "2"))
+    assert "class prototypes of the 18 support examples" in caplog.text
+    support = cli.datamodule.support_split()
+    assert len(support) == 18 and support.y.tolist() == cli.datamodule.splits["support"].y.tolist() * 3
+    assert torch.equal(support.x[:6], cli.datamodule.splits["support"].x)
+    assert not torch.allclose(cli.model.adapter.context, plain)
+    with pytest.raises(ConfigError, match="data.support_augmentation must be >= 0, got -1"):
+        run_cli(edge_args("fit", artifact, task, "--data.support_augmentation", "-1"))
+
+
 @pytest.mark.parametrize(("learner", "val_shots"), [(protonet, 0), (protonet, 2), (matching, 0)])
 def test_fine_tune_embedding_keeps_pruned_weights_at_zero(in_tmp, learner, val_shots):
     source = learner()

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lthmaml.data.augment import Affine
 from lthmaml.data.images import DecodeTally, Look, Normalization, decode_file, model_look
 from lthmaml.data.tables import read_csv
 from lthmaml.data.taskfiles import UNLABELLED, SplitFiles, TaskFiles, check_model_fits, scan_task
@@ -94,6 +95,11 @@ class TaskFolderDataModule(pl.LightningDataModule):
     :data:`lthmaml.data.validation.Validation`): ``val/`` (``val.csv``) by default; ``holdout``:
     ``val_per_class`` examples per class held out of the support set; ``augment``: ``val_copies``
     camera-jittered copies of each support image, seeded by ``val_seed``.
+
+    ``support_augmentation: k`` adds k randomly distorted copies of each support image (Koch et
+    al.'s affine ranges, seeded by ``val_seed``) to what adaptation trains on or computes its
+    prototypes from (:meth:`support_split`), after any holdout, so a held-out image never has a
+    copy in training.
     """
 
     def __init__(
@@ -106,19 +112,24 @@ class TaskFolderDataModule(pl.LightningDataModule):
         val_per_class: int = 1,
         val_copies: int = 4,
         val_seed: int = 0,
+        support_augmentation: int = 0,
     ) -> None:
         super().__init__()
         size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
         counts = {"image_size": size, "batch_size": batch_size, "num_workers": num_workers}
-        for name, value in {**counts, "val_per_class": val_per_class, "val_copies": val_copies}.items():
-            if value < (least := 0 if name == "num_workers" else 1):
+        counts.update(val_per_class=val_per_class, val_copies=val_copies)
+        counts.update(support_augmentation=support_augmentation)
+        for name, value in counts.items():
+            if value < (least := 0 if name in ("num_workers", "support_augmentation") else 1):
                 raise ConfigError(f"data.{name} must be >= {least}, got {value}")
         self.validation, self.val_per_class = validation, val_per_class
         self.val_copies, self.val_seed = val_copies, val_seed
         self.validation_source = ""
         """What the val split is, for the log; set by :meth:`prepare_validation`."""
         self.fine_tune_split: Optional[TaskSplit] = None
-        """What ``train_dataloader`` serves: the support set less any held-out examples."""
+        """The support set less any held-out examples."""
+        self.support_augmentation = support_augmentation
+        self._augmented: Optional[tuple[TaskSplit, TaskSplit]] = None
         self.root = root
         self.image_size = size
         self.image_size_given = image_size is not None
@@ -255,9 +266,24 @@ class TaskFolderDataModule(pl.LightningDataModule):
                 self.splits["val"] = val
         return self.validation_source
 
+    def support_split(self) -> TaskSplit:
+        """What adaptation trains on (``train_dataloader``) or computes prototypes from: the
+        support set less any holdout, with ``support_augmentation`` distorted copies of each image."""
+        self.setup()
+        split = self.fine_tune_split or self.splits["support"]
+        if not self.support_augmentation or self.task != "classification":
+            return split
+        if self._augmented is None or self._augmented[0] is not split:
+            rng = np.random.default_rng(self.val_seed)
+            copies = [Affine()(split.x, rng) for _ in range(self.support_augmentation)]
+            times = self.support_augmentation + 1
+            augmented = TaskSplit(torch.cat([split.x, *copies]), split.y.repeat(times), split.files * times)
+            self._augmented = (split, augmented)
+        return self._augmented[1]
+
     # ------------------------------------------------------------------ loaders
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        split = self.fine_tune_split if name == "support" and self.fine_tune_split else self.splits[name]
+        split = self.support_split() if name == "support" else self.splits[name]
         return DataLoader(
             TensorDataset(split.x, split.y),
             batch_size=self.batch_size,

@@ -141,11 +141,11 @@ class FineTuneModule(pl.LightningModule):
     def adapt(self) -> None:
         """An amortized learner's adaptation to the whole support set with the current weights."""
         if self.adapter is not None:
-            support = self.trainer.datamodule.splits["support"]
+            support = self.trainer.datamodule.support_split()
             self.adapter.adapt(self.net, support.x.to(self.device), support.y.to(self.device))
 
     def support_summary(self) -> str:
-        return self.adapter.summary(len(self.trainer.datamodule.splits["support"]))
+        return self.adapter.summary(len(self.trainer.datamodule.support_split()))
 
     # ------------------------------------------------------------------ checks and schedule
     def setup(self, stage: str) -> None:
@@ -231,7 +231,7 @@ class FineTuneModule(pl.LightningModule):
     def _one_support_batch(datamodule) -> str:
         """Raise ``data.batch_size`` to the support set's size (one full batch per step, as in
         MAML's inner loop; a metric learner's prototypes then see every class): a log note."""
-        support = len(datamodule.splits["support"])
+        support = len(datamodule.support_split())
         if support <= datamodule.batch_size:
             return ""
         datamodule.batch_size = support
