@@ -207,7 +207,8 @@ class TaylorFilterPruning(LevelSchedule):
         counting as one filter."""
         groups = self.layers(pl_module)
         total = sum(group.width for group in groups.values())
-        left = sum(int(sparsity.alive_channels(pl_module, name).sum()) for name in groups)
+        alive = [sparsity.alive_channels(pl_module, name).sum() for name in groups]
+        left = int(torch.stack(alive).sum())  # one wait for the device, not one per group
         return total, left, round(self.target_fraction * total)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -142,6 +142,8 @@ class TopKAST(SparseTraining):
     @torch.no_grad()
     def resume(self, pl_module: pl.LightningModule) -> None:
         """After a resume: the sets again, and the dense ``theta`` the checkpoint kept here."""
+        # A checkpoint keeps callback state on the CPU: bring B to the weights' device once.
+        self.backward_masks = {name: mask.to(pl_module.device) for name, mask in self.backward_masks.items()}
         masks = sparsity.masks_of(pl_module, list(self.backward_masks))
         rewiring.set_forward_masks(pl_module, masks, self.backward_masks)
         for name, value in (self.theta or {}).items():

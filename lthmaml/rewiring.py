@@ -117,7 +117,9 @@ def forward_multiply_adds(
     except ConfigError:
         return None
     chosen = masks or {}
-    kept = sum(float(chosen.get(name, own[name]).sum()) * uses[name] for name in uses)
+    # One device-to-host copy for all layers, not one per layer (each waits for a GPU).
+    counts = [chosen.get(name, own[name]).sum().double() * uses[name] for name in uses]
+    kept = float(torch.stack(counts).sum()) if counts else 0.0
     return kept, sum(float(own[name].numel()) * uses[name] for name in uses)
 
 

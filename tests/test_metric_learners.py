@@ -450,3 +450,24 @@ def test_protonet_trains_on_wider_episodes_than_it_is_tested_on_and_a_head_refus
         head.check_data_fits(data)
     with pytest.raises(ConfigError, match="train_ways"):
         Tiny(train_ways=1)
+
+
+@pytest.mark.parametrize(
+    ("support", "query", "message"),
+    [
+        ([0, 1, 2, 2], [0, 1], None),
+        ([0, 2, 2, 0], [0], r"support labels must be 0..2 with each class present, got \[0, 2\]"),
+        ([-1, 0, 1, 1], [0], "support labels must be 0..1"),
+        ([0, 1, 0, 1], [0, 2], r"query labels must lie in the support's classes 0..1"),
+    ],
+)
+def test_task_labels_are_checked_in_one_line(support, query, message):
+    from lthmaml.errors import DataError
+    from lthmaml.meta.metric import check_labels
+
+    support_y, query_y = torch.tensor(support), torch.tensor(query)
+    if message is None:
+        assert check_labels(support_y, query_y, "ProtoNet") == 3
+        return
+    with pytest.raises(DataError, match=message):
+        check_labels(support_y, query_y, "ProtoNet")

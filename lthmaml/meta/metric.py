@@ -117,13 +117,20 @@ def check_labels(support_y: Tensor, query_y: Tensor, learner: str) -> int:
             f"{learner} classifies: its tasks need integer labels, got {support_y.dtype} targets "
             "(for regression tasks use MAML or CNP)"
         )
-    ways = int(support_y.max()) + 1
-    counts = torch.bincount(support_y.flatten().clamp_min(0), minlength=ways)
-    if int(support_y.min()) < 0 or bool((counts == 0).any()):
+    flat = support_y.flatten()
+    query = query_y.flatten() if query_y.numel() else flat[:1]
+    ordered = flat.sort().values
+    distinct = (ordered[1:] != ordered[:-1]).sum() + 1
+    # One device-to-host copy per task (on a GPU every int() or bool() waits for the device): the
+    # support's label range and distinct labels, the query's range.
+    facts = torch.stack([flat.min(), flat.max(), distinct, query.min(), query.max()]).tolist()
+    low, high, present, query_low, query_high = facts
+    ways = int(high) + 1
+    if low < 0 or present < ways:
         raise DataError(
             f"{learner}: support labels must be 0..{ways - 1} with each class present, got "
-            f"{sorted(set(support_y.flatten().tolist()))}"
+            f"{sorted(set(flat.tolist()))}"
         )
-    if query_y.numel() and not 0 <= int(query_y.min()) <= int(query_y.max()) < ways:
+    if query_y.numel() and not 0 <= query_low <= query_high < ways:
         raise DataError(f"{learner}: query labels must lie in the support's classes 0..{ways - 1}")
     return ways
