@@ -51,10 +51,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import base_parser, make_trainer, median, print_table, random_images, setup, write_json
-from bench.structured_speed import omniglot
+from bench.structured_speed import omniglot, step_time
 from callbacks.taylor import TaylorFilterPruning
 from lthmaml import sparsity
 from lthmaml.meta.maml import MAML
@@ -80,22 +79,6 @@ def accuracy(model: MAML, data) -> tuple[float, float]:
     evaluation inner loop."""
     results = [result.acc_post for batch in data.test_dataloader() for result in model.evaluate_batch(batch)]
     return mean_and_ci95(torch.stack(results))
-
-
-def step_time(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int, steps: int) -> float:
-    """Median fine-tuning step of ``net`` on one full batch (masks beside it kept)."""
-    net = copy.deepcopy(net).train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=INNER_LR)
-    times = []
-    for _ in range(warmup + steps):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        sparsity.mask_gradients(net)
-        optimizer.step()
-        sparsity.apply_masks(net, [optimizer])
-        times.append(time.perf_counter() - start)
-    return median(times[warmup:])
 
 
 def prune(model: MAML, data, args, weight: float) -> tuple[MAML, dict, float]:

@@ -179,19 +179,25 @@ def lightning_step(artifact: Path, task: Path, warmup: int) -> float:
     return median(timer.times[warmup:])
 
 
-def bare_step(artifact: Path, x: torch.Tensor, y: torch.Tensor, warmup: int, steps: int) -> float:
-    net = load_artifact(artifact).net.train()
+def step_time(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int, steps: int) -> float:
+    """Median fine-tuning step of a copy of ``net`` on one full batch, masked as FineTuneModule
+    masks around its step."""
+    net = copy.deepcopy(net).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=INNER_LR)
     times = []
     for _ in range(warmup + steps):
         start = time.perf_counter()
         optimizer.zero_grad()
         F.cross_entropy(net(x), y).backward()
-        sparsity.mask_gradients(net)  # as FineTuneModule does around its step
+        sparsity.mask_gradients(net)
         optimizer.step()
         sparsity.apply_masks(net, [optimizer])
         times.append(time.perf_counter() - start)
     return median(times[warmup:])
+
+
+def bare_step(artifact: Path, x: torch.Tensor, y: torch.Tensor, warmup: int, steps: int) -> float:
+    return step_time(load_artifact(artifact).net, x, y, warmup, steps)
 
 
 def sizes(artifact: Path) -> dict[str, int]:
