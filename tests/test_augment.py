@@ -1,6 +1,6 @@
 """Within-alphabet tasks, random affine distortions of meta-training images, and distorted support
 copies at evaluation: what each draws, that a seed fixes it, and that tasks without them are as
-they were."""
+they were; the numpy warp the device runs without torch gives torch's images."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lthmaml.data.affine import AffineRanges, support_copies, warp
 from lthmaml.data.augment import Affine
 from lthmaml.data.fewshot import FewShotTasks
 from lthmaml.errors import ConfigError
@@ -96,3 +97,66 @@ def test_support_copies_add_distorted_views_of_each_support_image_with_their_lab
     assert not torch.equal(batch.support_x[6:12], base.support_x)
     with pytest.raises(ConfigError, match="support_augmentation must be >= 0"):
         FewShotTasks(images, ways=3, shots=1, query_shots=1, support_copies=-1)
+
+
+# ---------------------------------------------------------------------------------- numpy, no torch
+WIDE = {"rotation": 180.0, "shear": 0.8, "scale": (0.4, 2.0), "translate": 0.5}
+"""Ranges far past Koch et al.'s, so the warps rotate, shear, scale and shift well into the border."""
+
+
+@pytest.mark.parametrize("shape", [(6, 1, 8, 8), (5, 3, 7, 11), (4, 2, 28, 28), (3, 1, 1, 5)])
+@pytest.mark.parametrize("ranges", [WIDE, {}], ids=["wide", "koch"])
+def test_the_numpy_warp_gives_torchs_affine_images_to_float32_rounding(shape, ranges):
+    for seed in range(4):
+        x = np.random.default_rng(seed).random(shape, dtype=np.float32)
+        torch_path = Affine(**ranges)(torch.from_numpy(x), np.random.default_rng(seed)).numpy()
+        numpy_path = warp(x, AffineRanges(**ranges).matrices(len(x), np.random.default_rng(seed)))
+        assert numpy_path.dtype == np.float32 and numpy_path.shape == shape
+        np.testing.assert_allclose(numpy_path, torch_path, atol=1e-5, rtol=0)
+        assert np.abs(numpy_path - x).max() > 0.05  # the images did move
+
+        photos = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+        torch_path = Affine(**ranges)(torch.from_numpy(photos), np.random.default_rng(seed)).numpy()
+        numpy_path = warp(photos, AffineRanges(**ranges).matrices(len(x), np.random.default_rng(seed)))
+        assert numpy_path.dtype == np.uint8
+        difference = np.abs(numpy_path.astype(np.int16) - torch_path)
+        assert difference.max() <= 1 and np.count_nonzero(difference) <= difference.size // 1000
+
+
+def test_the_warp_keeps_the_identity_and_moves_a_pure_shift_by_whole_pixels():
+    x = np.random.default_rng(0).random((2, 1, 6, 9), dtype=np.float32)
+    identity = np.tile(np.array([[1, 0, 0], [0, 1, 0]], np.float32), (2, 1, 1))
+    np.testing.assert_allclose(warp(x, identity), x, atol=1e-6, rtol=0)
+    shift = identity.copy()
+    shift[:, 0, 2] = 2 * 2 / 9  # two pixels of 9 to the right in the source: the picture moves left
+    np.testing.assert_allclose(warp(x, shift)[..., :7], x[..., 2:], atol=1e-6, rtol=0)
+    edge = x[..., 8:9].repeat(2, -1)
+    np.testing.assert_allclose(warp(x, shift)[..., 7:], edge, atol=1e-6, rtol=0)  # the edge repeats
+
+
+def test_matrices_are_the_same_draws_in_numpy_and_torch_for_the_same_seed():
+    numpy_draw = AffineRanges().matrices(5, np.random.default_rng(3))
+    torch_draw = Affine().matrices(5, np.random.default_rng(3))
+    assert numpy_draw.dtype == np.float32 and numpy_draw.shape == (5, 2, 3)
+    np.testing.assert_array_equal(numpy_draw, torch_draw)
+    assert not np.array_equal(numpy_draw, AffineRanges().matrices(5, np.random.default_rng(4)))
+    still = AffineRanges(rotation=0.0, shear=0.0, scale=(1.0, 1.0), translate=0.0)
+    np.testing.assert_array_equal(still.matrices(2, np.random.default_rng(0)), [[[1, 0, 0], [0, 1, 0]]] * 2)
+    with pytest.raises(ConfigError, match="augment_affine"):
+        AffineRanges(rotation=-1.0)
+
+
+def test_support_copies_are_the_originals_then_each_copy_drawn_in_turn_from_the_seed():
+    """The stream of ``TaskFolderDataModule.support_split`` before the numpy warp: copy ``i`` is
+    torch's ``Affine()`` applied to all images with the ``i``-th draw of ``default_rng(seed)``."""
+    x = np.random.default_rng(1).random((4, 1, 10, 10), dtype=np.float32)
+    out = support_copies(x, 2, seed=7)
+    assert out.shape == (12, 1, 10, 10) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:4], x)
+    rng = np.random.default_rng(7)
+    for copy in (out[4:8], out[8:]):
+        np.testing.assert_allclose(copy, Affine()(torch.from_numpy(x), rng).numpy(), atol=1e-5, rtol=0)
+    assert np.abs(out[4:8] - out[8:]).max() > 0.05
+    np.testing.assert_array_equal(support_copies(x, 2, seed=7), out)
+    assert not np.array_equal(support_copies(x, 2, seed=8)[4:], out[4:])
+    np.testing.assert_array_equal(support_copies(x, 0, seed=7), x)

@@ -1,8 +1,8 @@
 """The device path without torch: ``lthmaml-export --format onnx`` writes the graph each learner runs
 on the device, ``lthmaml-device`` adapts it to a task folder with onnxruntime, numpy and Pillow,
 and its predictions.csv is lthmaml-edge's (same labels, probabilities within 1e-4; int8 within
-its measured tolerance); an altered file is a one-line error. Tiny nets: a 2-block Conv4 of 4
-filters on 8x8 images, a CNPNet and an MLP of width 8."""
+its measured tolerance), distorted support copies included; an altered file is a one-line error.
+Tiny nets: a 2-block Conv4 of 4 filters on 8x8 images, a CNPNet and an MLP of width 8."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from onnx import numpy_helper  # noqa: E402
 from lthmaml.data.taskfolder import TaskFolderDataModule  # noqa: E402
 from lthmaml.data.taskfolder_build import make_image_task, make_sinusoid_task  # noqa: E402
 from lthmaml.device.cli import main as device_main  # noqa: E402
-from lthmaml.device.task import read_task  # noqa: E402
+from lthmaml.device.task import read_task, with_support_copies  # noqa: E402
 from lthmaml.edge.artifact import load_artifact  # noqa: E402
 from lthmaml.edge.cli import main as edge_main  # noqa: E402
 from lthmaml.edge.export import export_net  # noqa: E402
@@ -81,7 +81,7 @@ def rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def edge_predictions(artifact: Path, task: Path, out: Path) -> list[dict]:
+def edge_predictions(artifact: Path, task: Path, out: Path, *options: str) -> list[dict]:
     args = [
         "predict",
         "-c",
@@ -93,12 +93,12 @@ def edge_predictions(artifact: Path, task: Path, out: Path) -> list[dict]:
         "--data.root",
         str(task),
     ]
-    edge_main([*args, "--output", str(out)])
+    edge_main([*args, *options, "--output", str(out)])
     return rows(out)
 
 
-def device_predictions(onnx: Path, task: Path, out: Path, command: str = "fit") -> list[dict]:
-    device_main([command, "--artifact", str(onnx), "--task", str(task), "--output", str(out)])
+def device_predictions(onnx: Path, task: Path, out: Path, command: str = "fit", *options: str) -> list[dict]:
+    device_main([command, "--artifact", str(onnx), "--task", str(task), "--output", str(out), *options])
     return rows(out)
 
 
@@ -133,21 +133,33 @@ CASES = {
     "matching_80_pruned": lambda: MatchingNet(conv(None, fraction=0.8), scale=7.3),
     "classifier_80_pruned": lambda: Classifier(conv(3, fraction=0.8)),
 }
+AUGMENTED = {
+    "protonet_80_pruned_augmented": (
+        ["--data.support_augmentation", "2", "--data.val_seed", "3"],
+        ["--support_augmentation", "2", "--seed", "3"],
+    ),
+    "matching_80_pruned_augmented": (["--data.support_augmentation", "2"], ["--support_augmentation", "2"]),
+}
+"""Cases adapting on 2 distorted copies of each support image besides it: lthmaml-edge's options, then
+lthmaml-device's (the default seeds, 0, agree)."""
+CASES.update({name: CASES[name.removesuffix("_augmented")] for name in AUGMENTED})
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_device_predictions_are_lthmaml_edges(tmp_path, case):
-    """Same task folder, same labels, probabilities within 1e-4; pruned weights stay exactly zero in
-    the graph and a shrunk net's graph is physically smaller."""
+    """Same task folder (and distorted support copies), same labels, probabilities within 1e-4; pruned
+    weights stay exactly zero in the graph and a shrunk net's graph is physically smaller."""
     artifact = export_net(CASES[case](), tmp_path / "a.safetensors")
     loaded = load_artifact(artifact)
     onnx_path = export_onnx(loaded, tmp_path / "a.onnx", adaptation=False)[0]  # the classifier predicts
     task = image_task(tmp_path / "task")
-    edge = edge_predictions(artifact, task, tmp_path / "edge.csv")
+    edge_options, device_options = AUGMENTED.get(case, ([], []))
+    edge = edge_predictions(artifact, task, tmp_path / "edge.csv", *edge_options)
     command = (
         "predict" if case.startswith("classifier") else "fit"
     )  # the classifier's steps: the adaptation graph
-    assert_same_predictions(edge, device_predictions(onnx_path, task, tmp_path / "device.csv", command))
+    device = device_predictions(onnx_path, task, tmp_path / "device.csv", command, *device_options)
+    assert_same_predictions(edge, device)
     stored = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(onnx_path)).graph.initializer}
     masks = masks_within(loaded.net)
     assert masks or case in ("protonet_dense", "protonet_shrunk")
@@ -159,6 +171,34 @@ def test_device_predictions_are_lthmaml_edges(tmp_path, case):
             2,
             3,
         )
+
+
+def test_support_augmentation_moves_the_probabilities_and_leaves_regression_alone(tmp_path, capsys):
+    """The copies change what ProtoNet's prototypes average (and differ by seed); a regression task
+    ignores the option, as lthmaml-edge's support_split does; a negative count is one line."""
+    artifact = export_net(CASES["protonet_80_pruned"](), tmp_path / "p.safetensors")
+    onnx_path = export_onnx(load_artifact(artifact), tmp_path / "p.onnx")[0]
+    task = image_task(tmp_path / "task")
+
+    def probabilities(*options: str) -> np.ndarray:
+        predicted = device_predictions(onnx_path, task, tmp_path / "device.csv", "fit", *options)
+        return np.array([float(row["probability"]) for row in predicted])
+
+    plain, copied = probabilities(), probabilities("--support_augmentation", "2")
+    assert np.abs(copied - plain).max() > 1e-3
+    assert np.abs(probabilities("--support_augmentation", "2", "--seed", "1") - copied).max() > 1e-3
+    np.testing.assert_array_equal(probabilities("--support_augmentation", "0", "--seed", "1"), plain)
+
+    cnp = export_net(cnp_net(), tmp_path / "c.safetensors")
+    [cnp_onnx] = export_onnx(load_artifact(cnp), tmp_path / "c.onnx")
+    points = make_sinusoid_task(tmp_path / "points", shots=5, query_shots=10, seed=0)
+    with_copies = device_predictions(
+        cnp_onnx, points, tmp_path / "c2.csv", "fit", "--support_augmentation", "2"
+    )
+    assert with_copies == device_predictions(cnp_onnx, points, tmp_path / "c0.csv")
+    with pytest.raises(SystemExit) as exit_info:
+        device_predictions(onnx_path, task, tmp_path / "bad.csv", "fit", "--support_augmentation", "-1")
+    assert "--support_augmentation must be >= 0 copies (0: none), got -1" in one_line(capsys, exit_info)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.8])
@@ -256,7 +296,8 @@ def test_lthmaml_export_format_onnx_writes_both_artifacts_from_a_checkpoint(tmp_
 
 # ---------------------------------------------------------------------------------- decoding
 def test_the_device_decodes_as_the_torch_path_bit_for_bit(tmp_path):
-    """One numpy implementation of the look and the normalisation: the same float32 input."""
+    """One numpy implementation of the look, the normalisation and the distorted support copies:
+    the same float32 input."""
     metadata = SimpleNamespace(
         task="classification",
         ways=None,
@@ -266,13 +307,16 @@ def test_the_device_decodes_as_the_torch_path_bit_for_bit(tmp_path):
     )
     task = image_task(tmp_path / "task")
     device = read_task(task, metadata, "model")
-    dm = TaskFolderDataModule(str(task))
+    dm = TaskFolderDataModule(str(task), support_augmentation=2, val_seed=5)
     dm.follow(metadata)
     dm.setup()
-    for name, split in dm.splits.items():
-        assert np.array_equal(device.splits[name].x, split.x.numpy()), name
-        assert device.splits[name].files == split.files
-        assert np.array_equal(device.splits[name].y, split.y.numpy())
+    copied = with_support_copies(device, 2, seed=5).splits["support"]
+    pairs = [(device.splits[name], split) for name, split in dm.splits.items()]
+    for ours, theirs in [*pairs, (copied, dm.support_split())]:
+        assert np.array_equal(ours.x, theirs.x.numpy())
+        assert ours.files == theirs.files
+        assert np.array_equal(ours.y, theirs.y.numpy())
+    assert len(copied) == 18 and not np.array_equal(copied.x[6:12], copied.x[:6])
 
 
 # ---------------------------------------------------------------------------------- integrity and errors
@@ -339,14 +383,17 @@ assert not loaded, loaded
 """
 
 
-def test_lthmaml_device_runs_with_torch_unimportable(tmp_path):
+@pytest.mark.parametrize("copies", [0, 2])
+def test_lthmaml_device_runs_with_torch_unimportable(tmp_path, copies):
+    """With distorted support copies too: their warp is numpy's."""
     model = MatchingNet(conv(None, fraction=0.8), scale=7.3)
     artifact = export_net(model, tmp_path / "m.safetensors")
     onnx_path = export_onnx(load_artifact(artifact), tmp_path / "m.onnx")[0]
     task = image_task(tmp_path / "task", labelled=False)
-    edge = edge_predictions(artifact, task, tmp_path / "edge.csv")
+    edge = edge_predictions(artifact, task, tmp_path / "edge.csv", "--data.support_augmentation", str(copies))
     out = tmp_path / "device.csv"
     args = ["fit", "--artifact", str(onnx_path), "--task", str(task), "--output", str(out), "--threads", "1"]
+    args += ["--support_augmentation", str(copies)]
     done = subprocess.run(
         [sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )

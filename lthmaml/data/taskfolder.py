@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lthmaml.data.augment import Affine
+from lthmaml.data.affine import support_copies
 from lthmaml.data.images import DecodeTally, Look, Normalization, decode_file, model_look
 from lthmaml.data.tables import read_csv
 from lthmaml.data.taskfiles import UNLABELLED, SplitFiles, TaskFiles, check_model_fits, scan_task
@@ -99,7 +99,7 @@ class TaskFolderDataModule(pl.LightningDataModule):
     ``support_augmentation: k`` adds k randomly distorted copies of each support image (Koch et
     al.'s affine ranges, seeded by ``val_seed``) to what adaptation trains on or computes its
     prototypes from (:meth:`support_split`), after any holdout, so a held-out image never has a
-    copy in training.
+    copy in training; ``lthmaml-device --support_augmentation k --seed val_seed`` makes the same copies.
     """
 
     def __init__(
@@ -274,10 +274,10 @@ class TaskFolderDataModule(pl.LightningDataModule):
         if not self.support_augmentation or self.task != "classification":
             return split
         if self._augmented is None or self._augmented[0] is not split:
-            rng = np.random.default_rng(self.val_seed)
-            copies = [Affine()(split.x, rng) for _ in range(self.support_augmentation)]
+            # numpy's warp, not torch's: lthmaml-device makes the same copies without torch.
+            x = support_copies(split.x.numpy(), self.support_augmentation, self.val_seed)
             times = self.support_augmentation + 1
-            augmented = TaskSplit(torch.cat([split.x, *copies]), split.y.repeat(times), split.files * times)
+            augmented = TaskSplit(torch.from_numpy(x), split.y.repeat(times), split.files * times)
             self._augmented = (split, augmented)
         return self._augmented[1]
 

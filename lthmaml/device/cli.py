@@ -1,11 +1,17 @@
 """The ``lthmaml-device`` command: adapt an ONNX artifact to a task folder and predict, in one launch::
 
     lthmaml-device fit --artifact model.onnx --task task/ [--output predictions.csv] [--threads 1]
+                       [--support_augmentation K [--seed SEED]]
     lthmaml-device predict --artifact model.onnx --task task/
 
 ``fit`` adapts to the support set (see :mod:`lthmaml.device.runtime`) and writes the query's
 ``predictions.csv`` (``runs/device/<task folder name>/`` unless ``--output``), in the columns and
 format ``lthmaml-edge`` writes; with a labelled query it prints the query accuracy (or MSE).
+``--support_augmentation K`` adds K randomly distorted copies of each support image (Koch et al.'s
+affine ranges, drawn from ``--seed``) to what a classification task adapts on: the copies
+``lthmaml-edge --data.support_augmentation K --data.val_seed SEED`` adapts on, made by the same
+numpy code (:func:`lthmaml.data.affine.support_copies`), so the two predict alike (``predict``
+takes it too, for the amortized learners; a regression task ignores it, as ``lthmaml-edge`` does).
 ``predict`` scores the query with the net as exported, without MAML's or the classifier's
 adaptation steps, as ``lthmaml-edge predict`` does with an artifact (the amortized learners adapt
 either way: their adaptation is the forward pass). The last line gives the start-up (Python, the
@@ -26,7 +32,7 @@ from typing import Optional
 import numpy as np
 
 from lthmaml.device.runtime import DeviceModel, scores
-from lthmaml.device.task import read_task
+from lthmaml.device.task import read_task, with_support_copies
 from lthmaml.edge.launch import process_start
 from lthmaml.edge.predictions import HEADER, classification_rows, regression_rows, write_csv
 from lthmaml.errors import ConfigError, DataError, one_line_errors
@@ -67,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--threads", type=int, default=1, help="onnxruntime threads (default %(default)s)"
         )
+        command.add_argument(
+            "--support_augmentation",
+            type=int,
+            default=0,
+            metavar="K",
+            help="adapt on K randomly distorted copies of each support image too (classification; "
+            "lthmaml-edge's data.support_augmentation; default %(default)s)",
+        )
+        command.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="seed of the distorted copies (lthmaml-edge's data.val_seed; default %(default)s)",
+        )
     return parser
 
 
@@ -89,6 +109,10 @@ def run(args: argparse.Namespace) -> Path:
     for option in ("batch_size", "threads"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option} must be >= 1, got {getattr(args, option)}")
+    if args.support_augmentation < 0:
+        raise ConfigError(
+            f"--support_augmentation must be >= 0 copies (0: none), got {args.support_augmentation}"
+        )
     model = DeviceModel(args.artifact, args.threads)
     task = read_task(args.task, model.metadata, str(args.artifact), model.image_size)
     for note in task.notes:
@@ -96,6 +120,7 @@ def run(args: argparse.Namespace) -> Path:
     if "query" not in task.splits:
         raise DataError(f"task folder {args.task} has no query: add query/*.png or query.csv to predict")
     loaded = time.perf_counter()
+    task = with_support_copies(task, args.support_augmentation, args.seed)
     outputs = scores(model, task, args.batch_size, adapt=args.command == "fit")
     fitted = time.perf_counter()
     query = task.splits["query"]

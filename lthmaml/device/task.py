@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from lthmaml.data.affine import support_copies
 from lthmaml.data.decode import DecodeTally, decode_file, model_look
 from lthmaml.data.taskfiles import (
     UNLABELLED,
@@ -75,6 +76,24 @@ def read_task(root: str | Path, metadata: Any, source: str, image_size: Optional
         raise DataError(
             f"cannot read {error.filename or root} ({error.strerror}): fix its permissions"
         ) from None
+
+
+def with_support_copies(task: Task, copies: int, seed: int) -> Task:
+    """``task`` adapting on ``copies`` distorted copies of each support image besides the image
+    (:func:`~lthmaml.data.affine.support_copies`), as ``lthmaml-edge``'s
+    ``data.support_augmentation`` (seeded by ``data.val_seed``) makes them, so both paths adapt on
+    the same images; a regression task is returned as it is, as there."""
+    if not copies or task.files.task != "classification":
+        return task
+    support = task.splits["support"]
+    times = copies + 1
+    augmented = Split(
+        support_copies(support.x, copies, seed),
+        np.tile(support.y, times),
+        support.files * times,
+        support.labelled,
+    )
+    return replace(task, splits={**task.splits, "support": augmented})
 
 
 def _label_indices(split: SplitFiles, labels: list[str]) -> np.ndarray:
