@@ -186,6 +186,28 @@ def test_bad_class_split_fails_when_the_module_is_built(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the DataModule
+@pytest.mark.parametrize("train_sampling", ["across", "within_alphabet"])
+def test_train_task_sampling_draws_meta_training_tasks_within_one_alphabet_on_request(
+    fake_omniglot, train_sampling
+):
+    """Meta-training tasks follow ``train_task_sampling`` (an alphabet's characters and their
+    rotations form one pool), evaluation tasks ``task_sampling``."""
+    classes = {alphabet: [f"character{i:02d}" for i in range(1, 5)] for alphabet in ("Alpha", "Beta")}
+    root = fake_omniglot.folder(classes)
+    dm = module(root, class_split=[4, 2, 2], train_task_sampling=train_sampling)
+    dm.setup()
+    train = dm.task_source("train")
+    assert dm.task_source("val").members is None  # task_sampling: across
+    if train_sampling == "across":
+        assert train.members is None
+    else:
+        alphabets = np.repeat([dm.data.classes[i].split("/")[0] for i in dm.class_indices["train"]], 4)
+        assert sorted(len(set(alphabets[m])) for m in train.members) == [1] * len(set(alphabets))
+        assert sorted(np.concatenate(train.members).tolist()) == list(range(train.num_classes))
+    with pytest.raises(ConfigError, match="train_task_sampling must be 'across' or 'within_alphabet'"):
+        module(root, train_task_sampling="within")
+
+
 def test_rotations_are_distinct_classes_on_meta_train_only(fake_omniglot):
     dm = module(fake_omniglot.folder(CLASSES), ways=4, shots=1, query_shots=1, class_split=[1, 2, 2])
     train = dm.task_source("train")

@@ -342,6 +342,9 @@ class OmniglotDataModule(ImageTasksDataModule):
         task_sampling: how validation and test tasks draw their classes: ``across`` alphabets
             (MAML's protocol) or ``within_alphabet`` (Lake et al.'s: all N from one alphabet, the
             harder one-shot problem; with ``split_by_alphabet`` the alphabets are unseen).
+        train_task_sampling: how meta-training tasks draw theirs (``across`` by default;
+            ``within_alphabet`` trains on the hard negatives that protocol tests on: one script's
+            characters and their rotations).
         augment_affine: random affine distortions of each meta-training image (True: Koch et
             al.'s ranges; or the ranges, :class:`~lthmaml.data.augment.Affine`), composed with
             the rotations.
@@ -364,15 +367,17 @@ class OmniglotDataModule(ImageTasksDataModule):
         cache_dir: Optional[str] = None,
         eval_query_shots: Optional[int] = 15,
         task_sampling: Literal["across", "within_alphabet"] = "across",
+        train_task_sampling: Literal["across", "within_alphabet"] = "across",
         **kwargs,
     ) -> None:
         super().__init__(ways, shots, query_shots, image_size, eval_query_shots=eval_query_shots, **kwargs)
         check_class_split(class_split)
-        if task_sampling not in ("across", "within_alphabet"):
-            raise ConfigError(
-                f"data.init_args.task_sampling must be 'across' or 'within_alphabet', got {task_sampling!r}"
-            )
-        self.task_sampling = task_sampling
+        for option, value in (("task_sampling", task_sampling), ("train_task_sampling", train_task_sampling)):
+            if value not in ("across", "within_alphabet"):
+                raise ConfigError(
+                    f"data.init_args.{option} must be 'across' or 'within_alphabet', got {value!r}"
+                )
+        self.task_sampling, self.train_task_sampling = task_sampling, train_task_sampling
         self.root = root
         self.class_split = list(class_split)
         self.split_by_alphabet = split_by_alphabet
@@ -402,7 +407,7 @@ class OmniglotDataModule(ImageTasksDataModule):
     def split_tasks(self, split: str) -> FewShotTasks:
         indices = self.class_indices[split]
         groups = None
-        if self.task_sampling == "within_alphabet" and split != "train":
+        if (self.train_task_sampling if split == "train" else self.task_sampling) == "within_alphabet":
             alphabets = [self.data.classes[i].split("/", 1)[0] for i in indices]
             groups = [sorted(set(alphabets)).index(a) for a in alphabets]
         return FewShotTasks(
