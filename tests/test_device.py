@@ -124,6 +124,7 @@ def one_line(capsys, exit_info, prog: str = "lthmaml-device") -> str:
 # ---------------------------------------------------------------------------------- equivalence
 CASES = {
     "protonet_dense": lambda: ProtoNet(conv(None), optimizer=partial(torch.optim.Adam, lr=0.01)),
+    "protonet_euclidean": lambda: ProtoNet(conv(None, fraction=0.8), distance="euclidean"),
     "protonet_80_pruned": lambda: ProtoNet(
         conv(None, fraction=0.8), optimizer=partial(torch.optim.Adam, lr=0.01)
     ),

@@ -98,10 +98,15 @@ def read_rows(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------- the metadata
 def test_export_net_records_the_learner_and_matchings_scale(tmp_path):
     proto = load_artifact(export_net(protonet(), tmp_path / "p.safetensors")).metadata
-    assert (proto.learner, proto.ways, proto.metric_scale) == ("protonet", None, None)
+    assert (proto.learner, proto.ways, proto.metric_scale, proto.distance) == (
+        "protonet",
+        None,
+        None,
+        "squared",
+    )
     assert proto.architecture["init_args"]["out_features"] is None
     match = load_artifact(export_net(matching(7.3), tmp_path / "m.safetensors")).metadata
-    assert match.learner == "matching" and match.metric_scale == pytest.approx(7.3)
+    assert match.learner == "matching" and match.metric_scale == pytest.approx(7.3) and match.distance is None
     torch.manual_seed(0)
     net = CNPNet(representation=8, encoder_hidden=(8,), decoder_hidden=(8,))
     cnp = load_artifact(export_net(CNP(net), tmp_path / "c.safetensors"))
@@ -122,12 +127,15 @@ def test_export_checkpoint_reads_the_learner_from_its_class_path(tmp_path, class
         "_class_path": class_path,
         "net": {"class_path": "lthmaml.nets.models.Conv4", "init_args": init_args},
     }
+    if learner == "protonet":
+        hparams["distance"] = "euclidean"
     torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "m.ckpt")
     artifact = load_artifact(export_checkpoint(tmp_path / "m.ckpt", tmp_path / "m.safetensors"))
     metadata = artifact.metadata
     assert metadata.learner == learner and metadata.source_module == class_path
     assert masks_within(artifact.net).keys() == masks_within(net).keys() and masks_within(net)
     assert metadata.metric_scale == (pytest.approx(4.0) if learner == "matching" else None)
+    assert metadata.distance == ("euclidean" if learner == "protonet" else None)
 
 
 @pytest.mark.parametrize(
@@ -137,6 +145,7 @@ def test_export_checkpoint_reads_the_learner_from_its_class_path(tmp_path, class
         ({"learner": "maml", "metric_scale": None}, "headless"),
         ({"metric_scale": None}, "'metric_scale'"),
         ({"metric_scale": -1.0}, "'metric_scale'"),
+        ({"distance": "squared"}, "'distance' is for learner 'protonet'"),
     ],
 )
 def test_bad_learner_metadata_is_a_one_line_error(in_tmp, capsys, changes, field):
@@ -151,8 +160,10 @@ def test_bad_learner_metadata_is_a_one_line_error(in_tmp, capsys, changes, field
 
 
 # ---------------------------------------------------------------------------------- test and predict
-def test_edge_test_is_the_protonets_own_evaluation(in_tmp, capsys):
-    model = protonet()
+@pytest.mark.parametrize("distance", ["squared", "euclidean"])
+def test_edge_test_is_the_protonets_own_evaluation(in_tmp, capsys, distance):
+    """The artifact carries the distance: lthmaml-edge scores as the module it came from."""
+    model = ProtoNet(embedding(), distance=distance)
     artifact = export_net(model, in_tmp / "p.safetensors")
     task = image_task(in_tmp / "task")
     edge_main(edge_args("test", artifact, task))

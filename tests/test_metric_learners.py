@@ -97,6 +97,11 @@ def test_protonet_logits_are_minus_squared_distances_to_the_class_means_in_label
     result = model.task_result(one)
     assert torch.allclose(result.loss_post, F.cross_entropy(logits, one.query_y))
     assert float(result.acc_post) == 1.0 and result.loss_pre is None and result.acc_pre is None
+    euclidean = ProtoNet(embedding(), distance="euclidean")
+    monkeypatch.setattr(euclidean, "embed", lambda x: x)
+    roots = -(-logits).sqrt()  # the same distances, not squared
+    assert torch.allclose(euclidean.logits(one.support_x, one.support_y, one.query_x, 2), roots, atol=1e-6)
+    assert torch.allclose(euclidean.task_log_probabilities(one), roots.log_softmax(-1), atol=1e-6)
 
 
 def test_matching_probabilities_are_the_attention_weighted_support_labels(monkeypatch):
@@ -287,6 +292,10 @@ def test_a_shrunk_embedding_keeps_every_distance_and_exports(tmp_path):
 def test_bad_options_and_data_are_one_line_errors():
     with pytest.raises(ConfigError, match="out_features: null"):
         ProtoNet(Conv4(out_features=5))
+    with pytest.raises(
+        ConfigError, match=r"model.init_args.distance must be one of \['squared', 'euclidean'\]"
+    ):
+        ProtoNet(embedding(), distance="cosine")
     with pytest.raises(ConfigError, match="out_features"):
         Conv4(out_features=0)
     with pytest.raises(ConfigError, match="scale"):

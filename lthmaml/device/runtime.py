@@ -38,6 +38,8 @@ except ImportError:  # the device extra was not installed
 INSTALL = "pip install 'lthmaml[device]'"
 COSINE_EPS = 1e-8
 """``torch.nn.functional.cosine_similarity``'s floor of a vector's norm."""
+EUCLIDEAN_EPS = 1e-12
+"""ProtoNet's offset under the square root of a Euclidean distance (``lthmaml.meta.protonet``)."""
 
 
 def _session(artifact: OnnxArtifact, threads: int) -> Any:
@@ -143,11 +145,15 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
     return (np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True)) + top).squeeze(axis)
 
 
-def prototype_logits(support: np.ndarray, labels: np.ndarray, query: np.ndarray, ways: int) -> np.ndarray:
-    """``[queries, ways]``: ``-||q - c_k||^2`` to each class's mean support embedding ``c_k``."""
+def prototype_logits(
+    support: np.ndarray, labels: np.ndarray, query: np.ndarray, ways: int, distance: str = "squared"
+) -> np.ndarray:
+    """``[queries, ways]``: ``-||q - c_k||^2`` (``-||q - c_k||`` for ``euclidean``) to each class's
+    mean support embedding ``c_k``, as :func:`lthmaml.meta.protonet.distance_logits`."""
     onehot = np.eye(ways, dtype=support.dtype)[labels]
     centres = (onehot.T @ support) / onehot.sum(0)[:, None]
-    return -np.square(query[:, None, :] - centres[None, :, :]).sum(-1)
+    squared = np.square(query[:, None, :] - centres[None, :, :]).sum(-1)
+    return -squared if distance == "squared" else -np.sqrt(squared + np.float32(EUCLIDEAN_EPS))
 
 
 def matching_log_probabilities(
@@ -180,7 +186,8 @@ def scores(model: DeviceModel, task: Task, batch_size: int, adapt: bool = True) 
         for batch in _batches(query.x, batch_size):
             embedding = model.run(model.session, batch)
             if learner == "protonet":
-                parts.append(prototype_logits(embedded, support.y, embedding, ways))
+                distance = getattr(model.metadata, "distance", None) or "squared"
+                parts.append(prototype_logits(embedded, support.y, embedding, ways, distance))
             else:
                 parts.append(
                     matching_log_probabilities(

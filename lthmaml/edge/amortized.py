@@ -25,7 +25,7 @@ from lthmaml.edge.artifact import AMORTIZED_LEARNERS, METRIC_LEARNERS, ArtifactM
 from lthmaml.errors import TrainingError
 from lthmaml.meta.matching import matching_log_probabilities
 from lthmaml.meta.metric import check_labels
-from lthmaml.meta.protonet import prototypes, squared_distance_logits
+from lthmaml.meta.protonet import distance_logits, prototypes
 
 KEPT = {"protonet": "the class prototypes", "matching": "the support embeddings", "cnp": "the mean encoding"}
 """What each amortized learner keeps of the support set, for log lines and reports."""
@@ -40,12 +40,14 @@ class SupportAdapter:
         learner: ``protonet``, ``matching`` or ``cnp`` (see :data:`AMORTIZED_LEARNERS`).
         ways: the task's class count (metric learners), None for the CNP.
         metric_scale: MatchingNet's attention scale, from the artifact.
+        distance: ProtoNet's distance (``squared`` or ``euclidean``), from the artifact.
         context: what :meth:`adapt` kept (None before it ran).
     """
 
     learner: str
     ways: Optional[int] = None
     metric_scale: Optional[float] = None
+    distance: Optional[str] = None
     context: Any = None
 
     @classmethod
@@ -57,7 +59,7 @@ class SupportAdapter:
         ways = None
         if metadata.learner in METRIC_LEARNERS:
             ways = check_labels(support_y, support_y[:0], f"{source} ({metadata.learner})")
-        return cls(metadata.learner, ways, metadata.metric_scale)
+        return cls(metadata.learner, ways, metadata.metric_scale, metadata.distance)
 
     def _metric_context(self, embeddings: Tensor, labels: Tensor) -> Any:
         if self.learner == "protonet":
@@ -67,7 +69,7 @@ class SupportAdapter:
     def _metric_scores(self, context: Any, query: Tensor) -> Tensor:
         """``[queries, ways]``: ProtoNet's logits or MatchingNet's log-probabilities."""
         if self.learner == "protonet":
-            return squared_distance_logits(query, context)
+            return distance_logits(query, context, self.distance)
         support, labels = context
         return matching_log_probabilities(support, labels, query, self.ways, self.metric_scale)
 

@@ -35,6 +35,7 @@ from lthmaml.edge.packing import unpack_tensors
 from lthmaml.errors import ConfigError, DataError, LthmamlError
 from lthmaml.files import read_bytes
 from lthmaml.masks import folded
+from lthmaml.meta.protonet import DISTANCES
 from lthmaml.nets.models import MLP, CNPNet, Conv4
 from lthmaml.nets.resnet import ResNet12, ResNet18
 
@@ -122,6 +123,8 @@ class ArtifactMetadata:
             pairs).
         metric_scale: MatchingNet's (learned) inverse temperature of the attention softmax; None
             for every other learner. It lies outside the net, so it travels here.
+        distance: ProtoNet's distance to the prototypes, ``squared`` or ``euclidean``; None for
+            every other learner.
         look, normalization: how the device decodes images, ``ink``/``gray``/``rgb`` and the meta-train
             ``{mean, std}`` per channel, so it sees its photos as meta-training saw its images
             (None for a net that takes no images).
@@ -145,6 +148,7 @@ class ArtifactMetadata:
     stored_weights: int = 0
     learner: str = "maml"
     metric_scale: Optional[float] = None
+    distance: Optional[str] = None
     look: Optional[str] = None
     normalization: Optional[dict[str, list[float]]] = None
 
@@ -499,6 +503,14 @@ def _check_learner(checked: dict[str, Any], out_features: Any, where: str, error
         checked["metric_scale"] = float(scale)
     elif scale is not None:
         raise error(f"{where}: artifact metadata 'metric_scale' is for learner 'matching', not {learner!r}")
+    distance = checked.setdefault("distance", "squared" if learner == "protonet" else None)
+    if learner == "protonet":
+        if distance not in DISTANCES:
+            raise error(
+                f"{where}: artifact metadata 'distance' must be one of {list(DISTANCES)}, got {distance!r}"
+            )
+    elif distance is not None:
+        raise error(f"{where}: artifact metadata 'distance' is for learner 'protonet', not {learner!r}")
     class_path = checked["architecture"]["class_path"]
     own = class_path not in NETS
     headless = class_path in EMBEDDING_NETS and out_features is None

@@ -247,6 +247,8 @@ def _checkpoint_source(path: Path, own_nets: bool) -> _Source:
         if "log_scale" not in state:
             raise DataError(f"{path}: a MatchingNet checkpoint without its log_scale in state_dict")
         fields["metric_scale"] = float(state["log_scale"].detach().exp())
+    if learner == "protonet":
+        fields["distance"] = hparams.get("distance", "squared")
     if learner in AMORTIZED_LEARNERS:
         pass  # adapts in a forward pass: no inner loop to carry, CLASSIFIER_DEFAULTS if fine-tuned
     elif "inner_lr" in hparams:  # meta-trained: its own inner loop is the fine-tuning recipe
@@ -359,6 +361,8 @@ def _module_fields(module: nn.Module) -> dict[str, Any]:
     fields["learner"] = learner or ("maml" if hasattr(module, "inner_lr") else "classifier")
     if fields["learner"] == "matching":
         fields["metric_scale"] = float(module.scale.detach())
+    if fields["learner"] == "protonet":
+        fields["distance"] = module.distance
     if fields["learner"] in AMORTIZED_LEARNERS:
         pass  # adapts in a forward pass: no inner loop to carry
     elif hasattr(module, "inner_lr"):

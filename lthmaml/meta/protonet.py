@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lthmaml.errors import ConfigError
 from lthmaml.meta.metric import MetricLearner
+
+Distance = Literal["squared", "euclidean"]
+DISTANCES = ("squared", "euclidean")
+EUCLIDEAN_EPS = 1e-12
+"""Added under the square root, so the gradient stays finite for a query on its prototype."""
 
 
 def prototypes(support: Tensor, support_y: Tensor, ways: int) -> Tensor:
@@ -18,15 +24,18 @@ def prototypes(support: Tensor, support_y: Tensor, ways: int) -> Tensor:
     return (onehot.T @ support) / onehot.sum(0)[:, None]
 
 
-def squared_distance_logits(query: Tensor, centres: Tensor) -> Tensor:
-    """``[queries, ways]``: ``-||q - c_k||^2``, written out (``cdist``'s gradient at 0 is not)."""
-    return -(query[:, None, :] - centres[None, :, :]).pow(2).sum(-1)
+def distance_logits(query: Tensor, centres: Tensor, distance: Distance = "squared") -> Tensor:
+    """``[queries, ways]``: ``-||q - c_k||^2``, or ``-||q - c_k||`` for ``euclidean``, written out
+    (``cdist``'s gradient at 0 is not finite)."""
+    squared = (query[:, None, :] - centres[None, :, :]).pow(2).sum(-1)
+    return -squared if distance == "squared" else -(squared + EUCLIDEAN_EPS).sqrt()
 
 
 class ProtoNet(MetricLearner):
     """Prototypical Networks: a query's logits are its negative squared Euclidean distances to the
     class prototypes, the means of the support embeddings of each class; trained by cross-entropy
-    on the query set.
+    on the query set. ``distance: euclidean`` takes the distance itself, not its square (easyfsl's
+    choice): its logits grow more slowly with distance, a softer softmax early in training.
 
     Adapting to a task is computing the prototypes (one forward pass over the support set), so
     there is no pre-adaptation model and no ``*_pre`` metric; ``task_losses(batch, adapted)`` is
@@ -34,6 +43,7 @@ class ProtoNet(MetricLearner):
 
     Args:
         net, optimizer, lr_scheduler: see :class:`~lthmaml.meta.metric.MetricLearner`.
+        distance: ``squared`` (Snell et al.) or ``euclidean``; exported artifacts carry it.
     """
 
     def __init__(
@@ -41,16 +51,20 @@ class ProtoNet(MetricLearner):
         net: nn.Module,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
+        distance: Distance = "squared",
     ) -> None:
         super().__init__(net, optimizer, lr_scheduler)
+        if distance not in DISTANCES:
+            raise ConfigError(f"model.init_args.distance must be one of {list(DISTANCES)}, got {distance!r}")
+        self.distance = distance
         self.save_portable_hyperparameters()
 
     def adaptation_summary(self) -> str:
         return "class prototypes of the support embeddings"
 
     def logits(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
-        """``-||q - c_k||^2`` for every query embedding ``q`` and prototype ``c_k``."""
-        return squared_distance_logits(query, prototypes(support, support_y, ways))
+        """``-||q - c_k||^2`` (or ``-||q - c_k||``) for every query embedding ``q`` and prototype ``c_k``."""
+        return distance_logits(query, prototypes(support, support_y, ways), self.distance)
 
     def log_probabilities(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
         return self.logits(support, support_y, query, ways).log_softmax(-1)
