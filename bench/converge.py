@@ -73,20 +73,10 @@ RECIPES: dict[str, list[str]] = {
     # Augmentation (any learner's config): Koch et al.'s affine distortions of meta-training images.
     "affine": [f"{D}augment_affine", "true"],
     "no-affine": [f"{D}augment_affine", "false"],
-    # ProtoNet sweep (with the affine distortions): Snell et al.'s recipe trains on wider episodes
-    # than it tests and halves the learning rate every 2000 episodes; easyfsl's logits are minus
-    # the Euclidean distance, not its square. An epoch is tasks_per_epoch / meta_batch_size updates.
+    # ProtoNet sweep (with the affine distortions): Snell et al. train on wider episodes than they
+    # test; easyfsl's logits are minus the Euclidean distance, not its square.
     "affine-euclid": [f"{D}augment_affine", "true", f"{M}distance", "euclidean"],
     "affine-wide40": [f"{D}augment_affine", "true", f"{D}train_ways", "40", f"{D}meta_batch_size", "1"],
-    "affine-steplr": [
-        *(f"{D}augment_affine", "true", f"{M}lr_scheduler.class_path", "torch.optim.lr_scheduler.StepLR"),
-        *(f"{M}lr_scheduler.init_args.step_size", "5", f"{M}lr_scheduler.init_args.gamma", "0.5"),
-    ],
-    "affine-wide40-steplr": [
-        *(f"{D}augment_affine", "true", f"{D}train_ways", "40", f"{D}meta_batch_size", "1"),
-        *(f"{M}lr_scheduler.class_path", "torch.optim.lr_scheduler.StepLR"),
-        *(f"{M}lr_scheduler.init_args.step_size", "5", f"{M}lr_scheduler.init_args.gamma", "0.5"),
-    ],
     # Within one alphabet: meta-training tasks drawn as the test draws them (one script each).
     "train-within": [f"{D}train_task_sampling", "within_alphabet"],
 }
