@@ -77,6 +77,7 @@ RECIPES: dict[str, list[str]] = {
     # test; easyfsl's logits are minus the Euclidean distance, not its square.
     "affine-euclid": [f"{D}augment_affine", "true", f"{M}distance", "euclidean"],
     "affine-wide40": [f"{D}augment_affine", "true", f"{D}train_ways", "40", f"{D}meta_batch_size", "1"],
+    "affine-w128": [f"{D}augment_affine", "true", f"{M}net.init_args.hidden_channels", "128"],
     # Within one alphabet: meta-training tasks drawn as the test draws them (one script each).
     "train-within": [f"{D}train_task_sampling", "within_alphabet"],
 }
