@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from lthmaml.errors import ConfigError
 from lthmaml.meta.metric import MetricLearner
 
 Distance = Literal["squared", "euclidean"]
-DISTANCES = ("squared", "euclidean")
+DISTANCES = get_args(Distance)
 EUCLIDEAN_EPS = 1e-12
 """Added under the square root, so the gradient stays finite for a query on its prototype."""
 
