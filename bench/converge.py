@@ -78,6 +78,14 @@ RECIPES: dict[str, list[str]] = {
     "affine-euclid": [f"{D}augment_affine", "true", f"{M}distance", "euclidean"],
     "affine-wide40": [f"{D}augment_affine", "true", f"{D}train_ways", "40", f"{D}meta_batch_size", "1"],
     "affine-w128": [f"{D}augment_affine", "true", f"{M}net.init_args.hidden_channels", "128"],
+    # The 20-way config halves its learning rate every 2000 updates (Snell et al.); this keeps it.
+    "constant-lr": [f"{M}lr_scheduler", "null"],
+    # MAML 20-way (configs/omniglot_20way1shot.yaml) as Finn et al. set it: five inner steps of 0.1
+    # (five at evaluation), 16 tasks an update, no affine distortions.
+    "finn-20way": [
+        *(f"{M}inner_steps", "5", f"{M}inner_lr", "0.1", f"{M}eval_inner_steps", "5"),
+        *(f"{D}meta_batch_size", "16", f"{D}augment_affine", "false"),
+    ],
     # Within one alphabet: meta-training tasks drawn as the test draws them (one script each).
     "train-within": [f"{D}train_task_sampling", "within_alphabet"],
 }

@@ -52,6 +52,10 @@ LEARNERS: dict[str, tuple[str, list[str]]] = {
     "matching-5way": ("configs/matching_5way1shot.yaml", []),
     "maml-20way": ("configs/omniglot_20way1shot.yaml", []),
     "protonet-20way": ("configs/protonet_20way1shot.yaml", []),
+    "protonet-within-20way": (  # tasks drawn within one alphabet never seen in meta-training
+        "configs/protonet_20way1shot.yaml",
+        ["-c", str(REPO / "configs" / "protonet_20way1shot_within.yaml")],
+    ),
     "protonet-train60-20way": (  # Snell et al.'s Omniglot training: 60-way episodes, 5 queries a class
         "configs/protonet_20way1shot.yaml",
         [

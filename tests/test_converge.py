@@ -33,3 +33,44 @@ def test_every_recipe_is_a_list_of_option_value_pairs():
     for name, overrides in RECIPES.items():
         assert len(overrides) % 2 == 0, name
         assert all(option.startswith("--") for option in overrides[::2]), name
+
+
+def parsed(config: str, overrides: list[str], capsys, monkeypatch) -> dict:
+    """The config as ``lthmaml fit`` reads it, with a recipe's overrides."""
+    import pytest
+    import yaml
+
+    from bench.converge import REPO
+    from lthmaml.cli import main
+
+    monkeypatch.setattr("sys.argv", ["lthmaml"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(REPO / "configs" / config), *overrides, "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_the_20way_protonet_config_halves_its_rate_every_2000_updates_and_constant_lr_keeps_it(
+    capsys, monkeypatch
+):
+    shipped = parsed("protonet_20way1shot.yaml", [], capsys, monkeypatch)
+    schedule, data = shipped["model"]["init_args"]["lr_scheduler"], shipped["data"]["init_args"]
+    assert schedule["class_path"] == "torch.optim.lr_scheduler.StepLR"
+    assert schedule["init_args"]["gamma"] == 0.5
+    updates_per_epoch = data["tasks_per_epoch"] // data["meta_batch_size"]
+    assert schedule["init_args"]["step_size"] * updates_per_epoch == 2000  # an epoch-interval step
+    constant = parsed("protonet_20way1shot.yaml", RECIPES["constant-lr"], capsys, monkeypatch)
+    assert constant["model"]["init_args"]["lr_scheduler"] is None
+
+
+def test_finn_20way_restores_the_papers_maml_settings_on_the_shipped_20way_config(capsys, monkeypatch):
+    shipped = parsed("omniglot_20way1shot.yaml", [], capsys, monkeypatch)
+    paper = parsed("omniglot_20way1shot.yaml", RECIPES["finn-20way"], capsys, monkeypatch)
+    settings = ("inner_steps", "inner_lr", "eval_inner_steps")
+    assert [shipped["model"]["init_args"][k] for k in settings] == [1, 0.4, 3]
+    assert [paper["model"]["init_args"][k] for k in settings] == [5, 0.1, 5]
+    assert (
+        shipped["data"]["init_args"]["meta_batch_size"],
+        paper["data"]["init_args"]["meta_batch_size"],
+    ) == (8, 16)
+    assert shipped["data"]["init_args"]["augment_affine"] and not paper["data"]["init_args"]["augment_affine"]
