@@ -186,8 +186,7 @@ def scores(model: DeviceModel, task: Task, batch_size: int, adapt: bool = True) 
         for batch in _batches(query.x, batch_size):
             embedding = model.run(model.session, batch)
             if learner == "protonet":
-                distance = getattr(model.metadata, "distance", None) or "squared"
-                parts.append(prototype_logits(embedded, support.y, embedding, ways, distance))
+                parts.append(prototype_logits(embedded, support.y, embedding, ways, model.metadata.distance))
             else:
                 parts.append(
                     matching_log_probabilities(
