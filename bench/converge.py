@@ -88,6 +88,9 @@ RECIPES: dict[str, list[str]] = {
     ],
     # Within one alphabet: meta-training tasks drawn as the test draws them (one script each).
     "train-within": [f"{D}train_task_sampling", "within_alphabet"],
+    # Within one alphabet: one more training alphabet (Latin) taken from validation; the two test
+    # alphabets stay, so the test tasks are the same. Koch et al. trained on 40 alphabets.
+    "five-alphabets": [f"{D}class_split", "[5, 1, 2]"],
 }
 """Named recipes of the sweep (CLI overrides); ``shipped`` is whatever the base config says now."""
 RECIPES["shipped"] = []

@@ -7,7 +7,7 @@ import io
 import os
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -132,6 +132,25 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The test runs in its own temporary folder (commands that write ``runs/`` there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def resolved_config(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict]:
+    """``lthmaml fit <args> --print_config`` as a dict: what the CLI makes of stacked configs and
+    overrides, without data or a fit. A config that does not resolve fails the test."""
+    import yaml
+
+    from lthmaml.cli import main
+
+    monkeypatch.setattr("sys.argv", ["lthmaml"])  # pytest's own arguments are not the CLI's
+
+    def resolve(*args: object) -> dict:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *map(str, args), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        return yaml.safe_load(capsys.readouterr().out)
+
+    return resolve
 
 
 @pytest.fixture(autouse=True)

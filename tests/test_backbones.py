@@ -224,23 +224,11 @@ def test_every_resnet_config_fits_and_tests_on_generated_data_of_its_layout(
     assert checkpoint["global_step"] >= 1  # the supervised split is one batch
 
 
-def test_the_resnet18_lottery_experiment_reaches_80_percent_and_tests_every_level(tmp_path, capsys):
+def test_the_resnet18_lottery_experiment_reaches_80_percent_and_tests_every_level(tmp_path, resolved_config):
     """``make resnet18-lottery``: the supervised ResNet-18 config with the experiment stacked on it,
     resumable in its fixed run folder, pruned past the papers' 80%, every level tested."""
     experiment = REPO / "configs" / "experiments" / "supervised" / "resnet18_lottery.yaml"
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "fit",
-                "-c",
-                str(REPO / "configs" / "supervised_resnet18.yaml"),
-                "-c",
-                str(experiment),
-                "--print_config",
-            ]
-        )
-    assert exit_info.value.code in (0, None)
-    config = yaml.safe_load(capsys.readouterr().out)
+    config = resolved_config("-c", REPO / "configs" / "supervised_resnet18.yaml", "-c", experiment)
     assert config["model"]["init_args"]["net"]["class_path"] == "lthmaml.nets.resnet.ResNet18"
     assert config["data"]["class_path"] == "lthmaml.data.OmniglotClassificationDataModule"
     (lottery,) = config["trainer"]["callbacks"]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from helpers import TINY_FIT as TINY
 
 from lthmaml.cli import main
@@ -25,23 +24,18 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_print_config_resolves_every_option(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", SINUSOID, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    config = yaml.safe_load(capsys.readouterr().out)
+def test_print_config_resolves_every_option(resolved_config):
+    config = resolved_config("-c", SINUSOID)
     assert config["model"]["class_path"] == "lthmaml.meta.maml.MAML"
     assert config["model"]["init_args"]["inner_lr"] == 0.01
     assert config["trainer"]["inference_mode"] is False
     assert config["checkpoint"]["monitor"] == "val/loss_post"
 
 
-def test_configs_stack_with_repeated_c(tmp_path, capsys):
+def test_configs_stack_with_repeated_c(tmp_path, resolved_config):
     override = tmp_path / "override.yaml"
     override.write_text("model:\n  init_args:\n    inner_lr: 0.05\n    first_order: true\n")
-    with pytest.raises(SystemExit):
-        main(["fit", "-c", SINUSOID, "-c", str(override), "--print_config"])
-    config = yaml.safe_load(capsys.readouterr().out)
+    config = resolved_config("-c", SINUSOID, "-c", override)
     assert config["model"]["init_args"]["inner_lr"] == 0.05
     assert config["model"]["init_args"]["first_order"] is True
     assert config["model"]["init_args"]["eval_inner_steps"] == 10  # kept from the first file
@@ -142,11 +136,8 @@ BASE_CONFIGS = ["omniglot_5way1shot.yaml", "supervised_omniglot.yaml"]
 
 @pytest.mark.parametrize("prune", PRUNE_CONFIGS, ids=lambda p: p.stem)
 @pytest.mark.parametrize("base", BASE_CONFIGS)
-def test_every_pruning_config_stacks_on_maml_and_supervised_configs(base, prune, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(REPO / "configs" / base), "-c", str(prune), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    config = yaml.safe_load(capsys.readouterr().out)
+def test_every_pruning_config_stacks_on_maml_and_supervised_configs(base, prune, resolved_config):
+    config = resolved_config("-c", REPO / "configs" / base, "-c", prune)
     assert config["trainer"]["callbacks"] and all(
         c["class_path"].startswith("callbacks.") for c in config["trainer"]["callbacks"]
     )

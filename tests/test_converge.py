@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench.converge import RECIPES, table, time_to
 
 
@@ -35,37 +37,25 @@ def test_every_recipe_is_a_list_of_option_value_pairs():
         assert all(option.startswith("--") for option in overrides[::2]), name
 
 
-def parsed(config: str, overrides: list[str], capsys, monkeypatch) -> dict:
-    """The config as ``lthmaml fit`` reads it, with a recipe's overrides."""
-    import pytest
-    import yaml
-
-    from bench.converge import REPO
-    from lthmaml.cli import main
-
-    monkeypatch.setattr("sys.argv", ["lthmaml"])
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(REPO / "configs" / config), *overrides, "--print_config"])
-    assert exit_info.value.code == 0
-    return yaml.safe_load(capsys.readouterr().out)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_the_20way_protonet_config_halves_its_rate_every_2000_updates_and_constant_lr_keeps_it(
-    capsys, monkeypatch
+    resolved_config,
 ):
-    shipped = parsed("protonet_20way1shot.yaml", [], capsys, monkeypatch)
+    shipped = resolved_config("-c", CONFIGS / "protonet_20way1shot.yaml")
     schedule, data = shipped["model"]["init_args"]["lr_scheduler"], shipped["data"]["init_args"]
     assert schedule["class_path"] == "torch.optim.lr_scheduler.StepLR"
     assert schedule["init_args"]["gamma"] == 0.5
     updates_per_epoch = data["tasks_per_epoch"] // data["meta_batch_size"]
     assert schedule["init_args"]["step_size"] * updates_per_epoch == 2000  # an epoch-interval step
-    constant = parsed("protonet_20way1shot.yaml", RECIPES["constant-lr"], capsys, monkeypatch)
+    constant = resolved_config("-c", CONFIGS / "protonet_20way1shot.yaml", *RECIPES["constant-lr"])
     assert constant["model"]["init_args"]["lr_scheduler"] is None
 
 
-def test_finn_20way_restores_the_papers_maml_settings_on_the_shipped_20way_config(capsys, monkeypatch):
-    shipped = parsed("omniglot_20way1shot.yaml", [], capsys, monkeypatch)
-    paper = parsed("omniglot_20way1shot.yaml", RECIPES["finn-20way"], capsys, monkeypatch)
+def test_finn_20way_restores_the_papers_maml_settings_on_the_shipped_20way_config(resolved_config):
+    shipped = resolved_config("-c", CONFIGS / "omniglot_20way1shot.yaml")
+    paper = resolved_config("-c", CONFIGS / "omniglot_20way1shot.yaml", *RECIPES["finn-20way"])
     settings = ("inner_steps", "inner_lr", "eval_inner_steps")
     assert [shipped["model"]["init_args"][k] for k in settings] == [1, 0.4, 3]
     assert [paper["model"]["init_args"][k] for k in settings] == [5, 0.1, 5]
@@ -74,3 +64,21 @@ def test_finn_20way_restores_the_papers_maml_settings_on_the_shipped_20way_confi
         paper["data"]["init_args"]["meta_batch_size"],
     ) == (8, 16)
     assert shipped["data"]["init_args"]["augment_affine"] and not paper["data"]["init_args"]["augment_affine"]
+
+
+def test_five_alphabets_moves_one_alphabet_from_validation_to_training_and_keeps_the_test_alphabets(
+    resolved_config,
+):
+    from lthmaml.data.imageset import split_classes
+
+    within = ("-c", CONFIGS / "protonet_20way1shot.yaml", "-c", CONFIGS / "protonet_20way1shot_within.yaml")
+    shipped = resolved_config(*within)["data"]["init_args"]
+    five = resolved_config(*within, *RECIPES["five-alphabets"])["data"]["init_args"]
+    assert (shipped["class_split"], five["class_split"]) == ([4, 2, 2], [5, 1, 2])
+    assert five["split_by_alphabet"] and five["task_sampling"] == "within_alphabet"
+    classes = [f"{alphabet}/c{i}" for alphabet in "ABCDEFGH" for i in range(3)]  # 8, as in the subset
+    seed = shipped["split_seed"]
+    four_way = split_classes(classes, shipped["class_split"], seed, by_alphabet=True)
+    five_way = split_classes(classes, five["class_split"], seed, by_alphabet=True)
+    assert five_way["test"] == four_way["test"]  # the same test tasks
+    assert set(four_way["train"]) < set(five_way["train"]) and set(five_way["val"]) < set(four_way["val"])

@@ -18,7 +18,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks.lottery import LotteryTicket
 from lthmaml import sparsity
-from lthmaml.cli import main
 from lthmaml.data import EpisodeDataset, SinusoidDataModule, TaskBatch
 from lthmaml.errors import ConfigError
 from lthmaml.meta import CNP, MAML, Classifier, ProtoNet
@@ -319,20 +318,11 @@ def test_a_resumed_lottery_fit_distils_from_the_same_teacher_to_the_same_weights
     assert any(not torch.equal(a, b) for a, b in zip(undistilled.parameters(), full.parameters()))
 
 
-def test_the_distill_config_is_the_lottery_config_with_distillation_on(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "fit",
-                "-c",
-                str(CONFIGS / "omniglot_5way1shot.yaml"),
-                "-c",
-                str(CONFIGS / "prune" / "lottery_distill.yaml"),
-                "--print_config",
-            ]
-        )
-    assert exit_info.value.code in (0, None)
-    (callback,) = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+def test_the_distill_config_is_the_lottery_config_with_distillation_on(resolved_config):
+    config = resolved_config(
+        "-c", CONFIGS / "omniglot_5way1shot.yaml", "-c", CONFIGS / "prune" / "lottery_distill.yaml"
+    )
+    (callback,) = config["trainer"]["callbacks"]
     options = callback["init_args"]
     assert (options["distill_weight"], options["distill_temperature"]) == (1.0, 4.0)
     lottery = yaml.safe_load((CONFIGS / "prune" / "lottery.yaml").read_text())

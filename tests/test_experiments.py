@@ -10,35 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lthmaml import sparsity
-from lthmaml.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiments"
 NAMES = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem != "base")
 
 
-def resolved(name: str, capsys, *extra: str) -> dict:
+def experiment(resolved_config, name: str, *extra: str) -> dict:
     """The config of experiment ``name`` (a path under configs/experiments, e.g. ``sparse/rigl``)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "fit",
-                "-c",
-                str(EXPERIMENTS / "base.yaml"),
-                "-c",
-                str(EXPERIMENTS / f"{name}.yaml"),
-                *extra,
-                "--print_config",
-            ]
-        )
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
+    return resolved_config("-c", EXPERIMENTS / "base.yaml", "-c", EXPERIMENTS / f"{name}.yaml", *extra)
 
 
-def test_every_experiment_has_the_same_seed_data_model_and_round_budget(capsys):
+def test_every_experiment_has_the_same_seed_data_model_and_round_budget(resolved_config):
     assert NAMES == [
         "dense",
         "lth_late_rewind",
@@ -48,7 +33,7 @@ def test_every_experiment_has_the_same_seed_data_model_and_round_budget(capsys):
         "powerprop_lottery",
         "taylor",
     ]
-    configs = {name: resolved(name, capsys) for name in NAMES}
+    configs = {name: experiment(resolved_config, name) for name in NAMES}
     reference = configs["lth_rewind_init"]
     round_updates = 2400  # the cap of a round; patience ends most rounds sooner
     plateau = {"patience": 2, "min_delta": 0.005}
@@ -166,7 +151,9 @@ def test_make_experiments_then_results_fills_the_readme_with_the_logged_numbers(
     assert readme.read_text() == text
 
 
-def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_protocol(tmp_path, capsys):
+def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_protocol(
+    tmp_path, resolved_config
+):
     out = subprocess.run(
         ["make", "-n", "-B", "sparse-experiments", f"EXP_DIR={tmp_path}"],
         cwd=REPO,
@@ -177,9 +164,11 @@ def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_prot
     assert out.count("lthmaml fit") == 18 + 1  # and lth_distill
     methods = sorted(p.stem for p in (EXPERIMENTS / "sparse").glob("*.yaml") if p.stem != "lth_distill")
     assert methods == ["powerprop_topkast", "rigl", "set", "snip", "static", "topkast"]
-    dense = resolved("dense", capsys)
+    dense = experiment(resolved_config, "dense")
     for method in methods:
-        config = resolved(f"sparse/{method}", capsys, "--trainer.callbacks.init_args.sparsity", "0.95")
+        config = experiment(
+            resolved_config, f"sparse/{method}", "--trainer.callbacks.init_args.sparsity", "0.95"
+        )
         assert (config["data"], config["model"], config["trainer"]["max_epochs"]) == (
             dense["data"],
             dense["model"],
@@ -190,9 +179,9 @@ def test_make_sparse_experiments_runs_every_method_at_80_90_95_on_the_dense_prot
         assert strategy["init_args"]["sparsity"] == 0.95 and strategy["init_args"]["test_each_round"] is True
 
 
-def test_lth_distill_is_lth_rewind_init_with_distillation(capsys):
-    ticket = resolved("lth_rewind_init", capsys)
-    distill = resolved("sparse/lth_distill", capsys)
+def test_lth_distill_is_lth_rewind_init_with_distillation(resolved_config):
+    ticket = experiment(resolved_config, "lth_rewind_init")
+    distill = experiment(resolved_config, "sparse/lth_distill")
     (a,), (b,) = ticket["trainer"]["callbacks"], distill["trainer"]["callbacks"]
     assert b["init_args"].pop("distill_weight") == 1.0 and b["init_args"].pop("distill_temperature") == 4.0
     a["init_args"].pop("distill_weight"), a["init_args"].pop("distill_temperature")

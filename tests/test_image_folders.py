@@ -227,13 +227,12 @@ def test_mini_imagenet_layout_meta_trains_and_beats_chance_on_its_test_split(tmp
     assert results["test/acc_post"] > 0.6  # chance is 1/3
 
 
-def test_the_config_parses(monkeypatch):
-    from lthmaml.cli import main
-
-    monkeypatch.setattr("sys.argv", ["lthmaml"])
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(REPO / "configs" / "miniimagenet_5way1shot.yaml"), "--print_config"])
-    assert exit_info.value.code == 0
+def test_the_config_parses(resolved_config):
+    config = resolved_config("-c", REPO / "configs" / "miniimagenet_5way1shot.yaml")
+    data, net = config["data"]["init_args"], config["model"]["init_args"]["net"]["init_args"]
+    assert (data["layout"], data["look"]) == ("miniimagenet", "rgb")  # Ravi & Larochelle's 84 px colour
+    assert (net["in_channels"], net["image_size"]) == (3, data["image_size"]) == (3, 84)
+    assert net["out_features"] == data["ways"] == 5
 
 
 # ---------------------------------------------------------------------------------- bad input

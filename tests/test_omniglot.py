@@ -362,25 +362,10 @@ def test_cli_prints_data_errors_as_one_line(fake_omniglot, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("name, ways", [("omniglot_5way1shot", 5), ("omniglot_20way1shot", 20)])
-def test_configs_parse_with_ways_matching_the_net(name, ways, capsys, monkeypatch):
-    import yaml
-
-    from lthmaml.cli import main
-
-    monkeypatch.setattr("sys.argv", ["lthmaml"])
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "fit",
-                "-c",
-                str(CONFIGS / f"{name}.yaml"),
-                "--data.init_args.class_split",
-                "[1200, 100, 323]",
-                "--print_config",
-            ]
-        )
-    assert exit_info.value.code == 0
-    config = yaml.safe_load(capsys.readouterr().out)
+def test_configs_parse_with_ways_matching_the_net(name, ways, resolved_config):
+    config = resolved_config(
+        "-c", CONFIGS / f"{name}.yaml", "--data.init_args.class_split", "[1200, 100, 323]"
+    )
     assert config["data"]["class_path"] == "lthmaml.data.OmniglotDataModule"
     assert (
         config["data"]["init_args"]["ways"]

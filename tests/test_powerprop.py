@@ -13,7 +13,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from helpers import TinyImageTasks
 from helpers import quiet_trainer as trainer
 from lightning.pytorch.callbacks import Callback
@@ -539,18 +538,8 @@ def test_adam_correction_fires_under_maml_manual_optimization():
 
 
 # ---------------------------------------------------------------------- configs
-def print_config(*configs: str, capsys) -> dict:
-    args = ["fit"]
-    for config in configs:
-        args += ["-c", config]
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
-def test_powerprop_config_stacks_on_a_base_config(capsys):
-    config = print_config(SINUSOID, POWERPROP, capsys=capsys)
+def test_powerprop_config_stacks_on_a_base_config(resolved_config):
+    config = resolved_config("-c", SINUSOID, "-c", POWERPROP)
     (callback,) = config["trainer"]["callbacks"]
     assert callback["class_path"] == "callbacks.Powerprop"
     assert callback["init_args"]["alpha"] == 2.0 and callback["init_args"]["final_sparsity"] == 0.8
@@ -558,10 +547,8 @@ def test_powerprop_config_stacks_on_a_base_config(capsys):
     assert config["checkpoint"]["monitor"] == "val/loss_post"
 
 
-def test_powerprop_lottery_config_parses(capsys):
-    if not (REPO / "callbacks" / "lottery.py").exists():
-        pytest.skip("callbacks/lottery.py is not written yet")
-    config = print_config(SINUSOID, POWERPROP_LOTTERY, capsys=capsys)
+def test_powerprop_lottery_config_parses(resolved_config):
+    config = resolved_config("-c", SINUSOID, "-c", POWERPROP_LOTTERY)
     paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
     # Powerprop first: it converts theta -> phi before LotteryTicket snapshots the initial weights.
     assert paths == ["callbacks.Powerprop", "callbacks.LotteryTicket"]

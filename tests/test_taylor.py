@@ -494,10 +494,8 @@ OMNIGLOT = str(REPO / "configs" / "omniglot_5way1shot.yaml")
 TAYLOR = str(REPO / "configs" / "prune" / "taylor.yaml")
 
 
-def test_prune_config_stacks_on_the_omniglot_config(capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "-c", OMNIGLOT, "-c", TAYLOR, "--print_config"])
-    config = yaml.safe_load(capsys.readouterr().out)
+def test_prune_config_stacks_on_the_omniglot_config(resolved_config):
+    config = resolved_config("-c", OMNIGLOT, "-c", TAYLOR)
     (callback,) = config["trainer"]["callbacks"]
     assert callback["class_path"] == "callbacks.TaylorFilterPruning"
     assert callback["init_args"] == {
