@@ -78,7 +78,8 @@ def test_five_alphabets_moves_one_alphabet_from_validation_to_training_and_keeps
     assert five["split_by_alphabet"] and five["task_sampling"] == "within_alphabet"
     classes = [f"{alphabet}/c{i}" for alphabet in "ABCDEFGH" for i in range(3)]  # 8, as in the subset
     seed = shipped["split_seed"]
-    four_way = split_classes(classes, shipped["class_split"], seed, by_alphabet=True)
-    five_way = split_classes(classes, five["class_split"], seed, by_alphabet=True)
-    assert five_way["test"] == four_way["test"]  # the same test tasks
-    assert set(four_way["train"]) < set(five_way["train"]) and set(five_way["val"]) < set(four_way["val"])
+    four_alphabets = split_classes(classes, shipped["class_split"], seed, by_alphabet=True)
+    five_alphabets = split_classes(classes, five["class_split"], seed, by_alphabet=True)
+    assert five_alphabets["test"] == four_alphabets["test"]  # the same test tasks
+    assert set(four_alphabets["train"]) < set(five_alphabets["train"])
+    assert set(five_alphabets["val"]) < set(four_alphabets["val"])
