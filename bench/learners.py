@@ -15,8 +15,9 @@ shared Omniglot subset, each from its shipped config):
   With ``--checkpoints DIR`` the artifacts are the ``train`` part's trained rounds instead.
 - ``--part train`` (``--minutes`` per round per learner): ``lthmaml fit`` of the config with a
   one-shot lottery ticket (``LotteryTicket``: rounds 1, prune_rate 0.8, rewind to init, the output
-  layer at half rate), each round as long as ``--minutes`` of meta-updates measured on this
-  machine by a short calibration fit, every round tested on the config's 600 meta-test tasks.
+  layer at half rate), each round the whole epochs closest to ``--minutes`` of meta-updates
+  measured on this machine by a short calibration fit, every round tested on the config's 600
+  meta-test tasks.
   Reported: meta-test accuracy (mean ± 95% CI) of the dense round and the 80% ticket, and the
   round's training wall time.
 
@@ -273,17 +274,29 @@ def calibrate(config: str, overrides: list[str], updates: int, scratch: Path, cl
     )
 
 
+def epochs_for(updates: float, updates_per_epoch: int) -> int:
+    """Whole epochs closest to ``updates`` meta-updates (at least one). A round keeps its best
+    validated weights, and validation runs at an epoch's end: a round of epochs ends on its last
+    validation, where a round of steps would end after it and drop the updates in between."""
+    return max(1, round(updates / updates_per_epoch))
+
+
 def train_one(name: str, minutes: float, root: Path) -> dict[str, Any]:
-    """The dense round and the 80% ticket of ``name``, each ``minutes`` of meta-updates long."""
+    """The dense round and the 80% ticket of ``name``, each about ``minutes`` of meta-updates long
+    (whole epochs)."""
     from lthmaml.cli import main as lthmaml
 
     root.mkdir(parents=True, exist_ok=True)
-    steps = max(10, round(60 * minutes / seconds_per_update(name, root)))
     config, overrides = LEARNERS[name]
-    module, _ = build_module(name)
+    module, data = build_module(name)
+    per_epoch = data["tasks_per_epoch"] // data["meta_batch_size"]
+    epochs = epochs_for(60 * minutes / seconds_per_update(name, root), per_epoch)
     rates = "{net.head: 0.5}" if module_has_head(module) else "{}"
     clock = root / f"{name}-clock.json"
-    print(f"learners: {name}: 2 rounds of {steps} meta-updates (~{minutes:g} min each)", file=sys.stderr)
+    print(
+        f"learners: {name}: 2 rounds of {epochs} epochs of {per_epoch} meta-updates (~{minutes:g} min each)",
+        file=sys.stderr,
+    )
     lthmaml(
         [
             *("fit", "-c", str(REPO / config), *overrides, "--threads", "1", "--trainer.max_epochs", "-1"),
@@ -293,8 +306,8 @@ def train_one(name: str, minutes: float, root: Path) -> dict[str, Any]:
             *(
                 "--trainer.callbacks.prune_rate",
                 str(SPARSITY),
-                "--trainer.callbacks.steps_per_round",
-                str(steps),
+                "--trainer.callbacks.epochs_per_round",
+                str(epochs),
             ),
             *("--trainer.callbacks.test_each_round", "true", "--trainer.callbacks.layer_rates", rates),
             *("--trainer.callbacks+=bench.learners.UpdateClock", "--trainer.callbacks.path", str(clock)),

@@ -99,3 +99,12 @@ def test_the_table_and_speedups_are_the_rows_numbers():
     assert "| protonet | 20 | 80% | 94.0 ± 0.5 | 19.0 (900) |  |  |  |" in lines
     assert "| maml | 20 | 0% |  |  | 500.0 | 400 (20.0) | 2 |" in lines
     assert speedups(adapt) == ["protonet 20way at 0%: 10.0 ms, 50x less than MAML's 500.0 ms"]
+
+
+def test_a_round_is_the_whole_epochs_nearest_the_calibrated_updates():
+    from bench.learners import epochs_for
+
+    # 451 updates of 250-update epochs: 2 epochs, so the round ends on its second validation
+    # (a 451-step round kept the validation at 250 and dropped 201 updates)
+    assert [epochs_for(u, 250) for u in (451, 374, 376, 10)] == [2, 1, 2, 1]
+    assert epochs_for(2727, 200) == 14
