@@ -276,8 +276,8 @@ def calibrate(config: str, overrides: list[str], updates: int, scratch: Path, cl
 
 def epochs_for(updates: float, updates_per_epoch: int) -> int:
     """Whole epochs closest to ``updates`` meta-updates (at least one). A round keeps its best
-    validated weights, and validation runs at an epoch's end: a round of epochs ends on its last
-    validation, where a round of steps would end after it and drop the updates in between."""
+    validated weights, and the configs validate at each epoch's end: a round of whole epochs ends
+    on a validation, where one of 451 steps of 250-update epochs keeps its validation at step 250."""
     return max(1, round(updates / updates_per_epoch))
 
 

@@ -4,11 +4,13 @@ A *level* is the net trained between two pruning events. It trains at most ``epo
 epochs or ``steps_per_level`` training batches (meta-updates for MAML), and with ``patience`` it ends
 sooner, on a validation plateau (``EarlyStopping``'s rule, counted by the one tracker of
 :class:`~callbacks.base.PruningCallback`): a level of steps at the validation itself, a level of
-epochs at the end of that validation's epoch. At its end the level is recorded (every
-``write_every``-th, and always the final one), then the strategy's :meth:`~LevelSchedule.prune_level`
-makes the next level. The final level (after ``levels`` pruning events, or once
-:meth:`~LevelSchedule.pruned_enough` says the target is reached) either ends the fit at its own end
-(``last_level_ends_fit``: the lottery's last round) or trains on until the fit ends or plateaus.
+epochs at the end of that validation's epoch. A level of steps whose record keeps its best
+validation ends after the validation of its last step, when Lightning runs one there. At its end
+the level is recorded (every ``write_every``-th, and always the final one), then the strategy's
+:meth:`~LevelSchedule.prune_level` makes the next level. The final level (after ``levels``
+pruning events, or once :meth:`~LevelSchedule.pruned_enough` says the target is reached) either
+ends the fit at its own end (``last_level_ends_fit``: the lottery's last round) or trains on until
+the fit ends or plateaus.
 
 Scores that need the training batches (``scored``: taken ``before`` or ``after`` the batch's
 update) are summed over the last ``accumulate_batches`` batches of each level (``None``: all of
@@ -64,6 +66,7 @@ class LevelSchedule(PruningCallback):
         "tasks_scored",
         "last_step",
         "reset_pending",
+        "end_pending",
     )
 
     def __init__(
@@ -98,6 +101,9 @@ class LevelSchedule(PruningCallback):
         self.last_step: dict[str, Any] = {}
         """What the last pruning event did, for the next level's record."""
         self.reset_pending = False
+        self.end_pending = False
+        """A level of steps is at its length and ends at the next hook: after its last step's
+        validation, if one runs, so that validation can be the best it records."""
 
     # ------------------------------------------------------------------ the strategy's method
     def pruned_enough(self, pl_module: pl.LightningModule) -> bool:
@@ -243,12 +249,19 @@ class LevelSchedule(PruningCallback):
             trainer.strategy.setup_optimizers(trainer)
             self.reset_pending = False
 
+    def _end_if_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.end_pending:
+            self.end_pending = False
+            self.end_level(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_if_pending(trainer, pl_module)
         self._reset_if_pending(trainer)  # before the epoch, so no epoch-end scheduler step sees it
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._end_if_pending(trainer, pl_module)  # no validation ran after the level's last step
         self._reset_if_pending(trainer)
         if self.level_batches == 0:
             self.level_start_step, self.level_start_epoch = trainer.global_step, trainer.current_epoch
@@ -266,7 +279,16 @@ class LevelSchedule(PruningCallback):
             self.accumulate(pl_module, batch)
         self.level_batches += 1
         if self.steps_per_level is not None and self.level_over(trainer, pl_module):
-            self.end_level(trainer, pl_module)
+            if not self.tracking(pl_module):
+                self.end_level(trainer, pl_module)
+                return
+            # The record keeps the level's best validation, and Lightning validates this step (if
+            # at all) after this hook: end the level once that validation and the checkpoint it
+            # may save are done. A final level stops the fit now, which also makes Lightning
+            # validate this step.
+            self.end_pending = True
+            if self.pruned_enough(pl_module) and self.last_level_ends_fit:
+                trainer.should_stop = True
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
@@ -276,10 +298,15 @@ class LevelSchedule(PruningCallback):
             self.end_level(trainer, pl_module)  # a level of steps ends at the validation
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_if_pending(trainer, pl_module)  # the epoch's validation ran before this hook
         super().on_train_epoch_end(trainer, pl_module)  # logs the sparsity trained at
         pl_module.log("round", float(self.pruning_steps), sync_dist=True)
         if self.epochs_per_level is not None and self.level_over(trainer, pl_module):
             self.end_level(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_if_pending(trainer, pl_module)  # the fit ended at the level's last step
+        super().on_train_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)

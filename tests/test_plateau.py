@@ -107,7 +107,21 @@ def test_rounds_of_steps_end_at_the_plateaus_validation_mid_epoch(tmp_path):
         scripted(scores, by_step=True), TinyClassification(), [lottery], tmp_path, val_check_interval=1
     )
     assert trainer.global_step == 10  # round 0: steps 1-4 (a plateau), round 1: steps 5-10 (full)
-    assert boundaries(lottery.history) == [(0, 4, 0, 2, None, True), (4, 10, 2, 9, None, False)]
+    # round 1's best is the validation of its last step, which Lightning runs after that step
+    assert boundaries(lottery.history) == [(0, 4, 0, 2, None, True), (4, 10, 3, 10, None, False)]
+
+
+def test_a_round_of_steps_that_ends_on_an_epochs_validation_records_that_validation(tmp_path):
+    """Rounds of 6 steps, epochs of 3 batches, validation at each epoch's end, scores rising: each
+    round's best is the validation of its last step, which Lightning runs after that step's hooks
+    (a round that ended before it recorded the validation 3 steps earlier)."""
+    lottery = LotteryTicket(rounds=1, steps_per_round=6, **monitored())
+    trainer = fit(
+        scripted(tuple(0.1 * epoch for epoch in range(10))), TinyClassification(), [lottery], tmp_path
+    )
+    assert trainer.global_step == 12
+    assert boundaries(lottery.history) == [(0, 6, 1, 6, None, False), (6, 12, 3, 12, None, False)]
+    assert [record["val"] for record in lottery.history] == pytest.approx([0.1, 0.3])
 
 
 def test_a_plateau_ends_round_0_no_earlier_than_the_late_rewinding_point(tmp_path):
@@ -197,8 +211,9 @@ def test_without_patience_pruning_steps_keep_their_interval_and_window(tmp_path)
 
 @pytest.mark.parametrize("resume_from", ["epoch=0.ckpt", "epoch=3.ckpt", "epoch=4.ckpt"])
 def test_a_resumed_prune_while_training_fit_keeps_its_plateau_count_and_scores(tmp_path, resume_from):
-    # By epoch: level 0 plateaus at epoch 1; level 1 runs its 9 batches (to epoch 4); level 2
-    # plateaus at epoch 5 (its first validation is epoch 4's, after the step).
+    # By epoch: level 0 plateaus at epoch 1; level 1 runs its 9 batches (to epoch 4), whose
+    # validation is its last; level 2 plateaus at epoch 6, the fit's last (its first validation is
+    # epoch 5's); level 3 is recorded at the fit's end without a batch.
     scores = (0.5, 0.4, 0.3, 0.4, 0.5, 0.45, 0.0, 0.0)
 
     def run(root: Path, ckpt_path=None):
@@ -220,7 +235,7 @@ def test_a_resumed_prune_while_training_fit_keeps_its_plateau_count_and_scores(t
         return model, metagrad
 
     full, full_metagrad = run(tmp_path / "full")
-    expected = [(0, 0, 6, True, None), (1, 6, 15, False, 6), (2, 15, 18, True, 3), (3, 18, 21, False, 3)]
+    expected = [(0, 0, 6, True, None), (1, 6, 15, False, 6), (2, 15, 21, True, 3), (3, None, 21, False, 6)]
     assert levels(full_metagrad.history) == expected
     resumed, resumed_metagrad = run(tmp_path / "resumed", tmp_path / "full" / "ckpt" / resume_from)
     assert resumed_metagrad.history == full_metagrad.history
