@@ -292,8 +292,8 @@ class LevelSchedule(PruningCallback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if trainer.sanity_checking or self.patience is None:
-            return
+        if trainer.sanity_checking or self.patience is None or self.end_pending:
+            return  # a level at its length ends at the next hook, plateau or not
         if self.steps_per_level is not None and self.plateaued and self.level_over(trainer, pl_module):
             self.end_level(trainer, pl_module)  # a level of steps ends at the validation
 

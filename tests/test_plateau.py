@@ -124,6 +124,18 @@ def test_a_round_of_steps_that_ends_on_an_epochs_validation_records_that_validat
     assert [record["val"] for record in lottery.history] == pytest.approx([0.1, 0.3])
 
 
+def test_a_plateau_at_a_rounds_last_step_ends_that_round_once(tmp_path):
+    """Round 0's best is step 4; steps 5 and 6 make the plateau (patience 2) at the validation of
+    its last step: one end, and round 1 still runs its 6 steps."""
+    scores = (0.0, 0.5, 0.6, 0.7, 0.9, 0.8, 0.7) + tuple(0.1 * step for step in range(7, 20))  # by step
+    lottery = LotteryTicket(rounds=1, steps_per_round=6, **monitored(patience=2))
+    trainer = fit(
+        scripted(scores, by_step=True), TinyClassification(), [lottery], tmp_path, val_check_interval=1
+    )
+    assert trainer.global_step == 12
+    assert boundaries(lottery.history) == [(0, 6, 1, 4, None, False), (6, 12, 3, 12, None, False)]
+
+
 def test_a_plateau_ends_round_0_no_earlier_than_the_late_rewinding_point(tmp_path):
     """Round 0 plateaus at epoch 1 (step 6), before the rewind point, step 7: it trains on to the
     end of epoch 2, so round 1 has the step-7 weights to start from."""
