@@ -255,7 +255,7 @@ class LevelSchedule(PruningCallback):
             self.end_level(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._end_if_pending(trainer, pl_module)
+        self._end_if_pending(trainer, pl_module)  # resumed from the checkpoint of a level's last validation
         self._reset_if_pending(trainer)  # before the epoch, so no epoch-end scheduler step sees it
 
     def on_train_batch_start(
