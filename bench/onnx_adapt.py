@@ -15,8 +15,15 @@ agreement is checked on them too) and 80% of its conv and linear weights are pru
 deployed lottery ticket is. ``--ops`` instead runs every operation of the graph alone through
 ONNX Runtime, without the module's decompositions (what each of them is for) and with them.
 
+``--device`` times what ``lthmaml-device fit`` computes for a whole query in batches of
+``--batch-size`` (BatchNorm on each batch's statistics): :func:`lthmaml.device.runtime.scores`,
+which adapts once and feeds the adapted weights to the net graph for the other batches, against
+running the adaptation graph for every batch, paired and interleaved, with the largest
+difference of their scores.
+
     python -m bench.onnx_adapt --threads 1                  # ~2 minutes
     python -m bench.onnx_adapt --threads 1 --ops            # op by op, ~3 minutes
+    python -m bench.onnx_adapt --threads 1 --device --query-shots 15   # ~2 minutes
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -75,6 +83,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--ops", action="store_true", help="check the graph op by op instead of timing it")
+    parser.add_argument("--device", action="store_true", help="time the device's whole query instead")
+    parser.add_argument("--batch-size", type=int, default=32, help="--device: query batch (lthmaml-device's)")
     args = parser.parse_args()
     setup(args.threads)
     if args.ops:
@@ -83,6 +93,8 @@ def main() -> None:
     support_x = torch.rand(args.ways * args.shots, 1, 28, 28, generator=generator)
     support_y = torch.arange(args.ways).repeat_interleave(args.shots)
     query_x = torch.rand(args.ways * args.query_shots, 1, 28, 28, generator=generator)
+    if args.device:
+        return device_query(args, support_x, support_y, query_x)
     feeds = dict(zip(INPUTS, (support_x.numpy(), support_y.numpy(), query_x.numpy())))
     task = f"{args.ways}-way {args.shots}-shot, {len(query_x)} query images"
 
@@ -185,6 +197,65 @@ def both_paths(net: Conv4, steps: int, args, task: tuple, feeds: dict):
         return torch.from_numpy(session.run(None, feeds)[0])
 
     return torch_path, onnx_path, costs
+
+
+def device_query(args, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> None:
+    """The device's scores for a whole query: adapting once (the product path) against adapting for
+    each query batch, both through the artifact's exported graphs."""
+    import numpy as np
+
+    from lthmaml.device.runtime import DeviceModel, scores
+    from lthmaml.device.task import Split
+    from lthmaml.edge.artifact import load_artifact
+    from lthmaml.edge.export import export_net
+    from lthmaml.edge.onnx_export import export_onnx
+    from lthmaml.meta.maml import MAML
+
+    net = pruned_conv4(args.ways, args.width, args.seed, args.sparsity)
+    model = MAML(net, inner_lr=args.inner_lr, inner_steps=args.steps, eval_inner_steps=args.steps)
+    support = Split(support_x.numpy(), support_y.numpy(), [], True)
+    task = SimpleNamespace(splits={"support": support, "query": Split(query_x.numpy(), None, [], False)})
+    batches = [query_x[i : i + args.batch_size].numpy() for i in range(0, len(query_x), args.batch_size)]
+    with tempfile.TemporaryDirectory() as folder:
+        artifact = export_net(model, Path(folder) / "maml.safetensors")
+        device = DeviceModel(
+            export_onnx(load_artifact(artifact), Path(folder) / "maml.onnx")[0], args.threads
+        )
+        paths = {
+            "adapt once (lthmaml-device)": lambda: scores(device, task, args.batch_size),
+            "adapt for each batch": lambda: np.concatenate(
+                [device.adapt(support.x, support.y, batch)[0] for batch in batches]
+            ),
+        }
+        outputs = {name: path() for name, path in paths.items()}  # also the warm-up
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for repeat in range(args.repeats):
+            for name in paths if repeat % 2 == 0 else reversed(paths):
+                start = time.perf_counter()
+                paths[name]()
+                times[name].append(time.perf_counter() - start)
+    once, each = (times[name] for name in paths)
+    results = {
+        "task": f"{args.ways}-way {args.shots}-shot, {len(query_x)} query images in {len(batches)} batches",
+        "net": f"Conv4-{args.width}, random init, {args.sparsity:.0%} pruned",
+        "steps": args.steps,
+        "threads": args.threads,
+        "median_s": {name: median(t) for name, t in times.items()},
+        "once_over_each": median([a / b for a, b in zip(once, each)]),
+        "max_abs_score_difference": float(np.abs(np.subtract(*outputs.values())).max()),
+        "times": times,
+    }
+    print_table(
+        f"the device's query: {results['task']}, {results['net']}, {args.steps} steps, "
+        f"{args.threads} thread(s), medians of {args.repeats} interleaved repeats",
+        ["path", "s", "once / each (paired median)"],
+        [
+            [name, results["median_s"][name], results["once_over_each"] if i == 0 else ""]
+            for i, name in enumerate(paths)
+        ],
+    )
+    print(f"max |score difference| {results['max_abs_score_difference']:.2e}")
+    write_json("onnx_adapt_device", results, args.json)
 
 
 def op_by_op(args) -> None:

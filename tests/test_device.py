@@ -25,6 +25,7 @@ from onnx import numpy_helper  # noqa: E402
 from lthmaml.data.taskfolder import TaskFolderDataModule  # noqa: E402
 from lthmaml.data.taskfolder_build import make_image_task, make_sinusoid_task  # noqa: E402
 from lthmaml.device.cli import main as device_main  # noqa: E402
+from lthmaml.device.runtime import DeviceModel  # noqa: E402
 from lthmaml.device.task import read_task, with_support_copies  # noqa: E402
 from lthmaml.edge.artifact import load_artifact  # noqa: E402
 from lthmaml.edge.cli import main as edge_main  # noqa: E402
@@ -234,7 +235,22 @@ def test_int8_graph_is_the_int8_artifact_and_within_its_measured_tolerance_of_fl
     assert worst <= INT8_TOLERANCE
 
 
-def test_maml_adapts_through_its_adaptation_graph(in_tmp):
+def adapt_calls(monkeypatch) -> list[int]:
+    """A list that counts the device's runs of the adaptation graph."""
+    calls: list[int] = []
+    adapt = DeviceModel.adapt
+
+    def counted(self, *inputs):
+        calls.append(len(inputs[2]))
+        return adapt(self, *inputs)
+
+    monkeypatch.setattr(DeviceModel, "adapt", counted)
+    return calls
+
+
+def test_maml_adapts_once_through_its_adaptation_graph(in_tmp, monkeypatch):
+    """A query of three batches (6, 6, 3; BatchNorm on each batch's statistics): one adaptation,
+    the net graph fed the adapted weights for the other batches, and lthmaml-edge's predictions."""
     pytest.importorskip(
         "lthmaml.edge.onnx_adapt", reason="MAML's adaptation graph exporter is not in this tree"
     )
@@ -244,15 +260,30 @@ def test_maml_adapts_through_its_adaptation_graph(in_tmp):
     artifact = export_net(model, in_tmp / "m.safetensors")
     written = export_onnx(load_artifact(artifact), in_tmp / "m.onnx")
     assert written == [in_tmp / "m.onnx", adaptation_path(in_tmp / "m.onnx")]
-    task = image_task(in_tmp / "task")
+    task = image_task(in_tmp / "task", query_shots=5)
     args = ["fit", "-c", PI, "--threads", "1", "--model.artifact", str(artifact), "--data.root", str(task)]
-    edge_main([*args, "--predict_after_fit", "true"])  # no val/: eval_inner_steps=3 SGD steps, then predict
+    edge_main([*args, "--data.batch_size", "6", "--predict_after_fit", "true"])  # no val/: 3 SGD steps
     edge = rows(in_tmp / "runs" / "edge" / "task" / "predictions.csv")
-    assert_same_predictions(edge, device_predictions(written[0], task, in_tmp / "device.csv"))
+    calls = adapt_calls(monkeypatch)
+    device = device_predictions(written[0], task, in_tmp / "device.csv", "fit", "--batch_size", "6")
+    assert calls == [6] and len(device) == 15
+    assert_same_predictions(edge, device)
+
+    device_model = DeviceModel(written[0])
+    support, query = (read_task(task, device_model.metadata, "m").splits[s] for s in ("support", "query"))
+    outputs, weights = device_model.adapt(support.x, support.y, query.x[:6])
+    stored = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(written[0])).graph.initializer}
+    assert set(weights) == {name for name, _ in model.net.named_parameters()}
+    for name, mask in masks_within(load_artifact(artifact).net).items():
+        assert np.all(weights[name][mask.numpy() == 0] == 0) and not np.allclose(weights[name], stored[name])
+    fed = device_model.run(device_model.session, query.x[:6], weights=weights)
+    np.testing.assert_allclose(fed, outputs, atol=1e-5)
+    assert np.abs(device_model.run(device_model.session, query.x[:6]) - outputs).max() > 1e-3
 
 
-def test_a_regression_maml_adapts_through_its_adaptation_graph(in_tmp):
-    """The sinusoid MLP: float targets into the adaptation graph, rows ``file,x,prediction``."""
+def test_a_regression_maml_adapts_through_its_adaptation_graph(in_tmp, monkeypatch):
+    """The sinusoid MLP: float targets into the adaptation graph, rows ``file,x,prediction``, a
+    query of two batches after one adaptation."""
     from lthmaml.meta.maml import MAML
 
     torch.manual_seed(0)
@@ -261,9 +292,29 @@ def test_a_regression_maml_adapts_through_its_adaptation_graph(in_tmp):
     [onnx_path, _] = export_onnx(load_artifact(artifact), in_tmp / "s.onnx")
     task = make_sinusoid_task(in_tmp / "task", shots=5, query_shots=10, seed=0)
     args = ["fit", "-c", PI, "--threads", "1", "--model.artifact", str(artifact), "--data.root", str(task)]
-    edge_main([*args, "--predict_after_fit", "true"])
+    edge_main([*args, "--data.batch_size", "5", "--predict_after_fit", "true"])
     edge = rows(in_tmp / "runs" / "edge" / "task" / "predictions.csv")
-    assert_same_predictions(edge, device_predictions(onnx_path, task, in_tmp / "device.csv"))
+    calls = adapt_calls(monkeypatch)
+    device = device_predictions(onnx_path, task, in_tmp / "device.csv", "fit", "--batch_size", "5")
+    assert calls == [5] and len(device) == 10
+    assert_same_predictions(edge, device)
+
+
+def test_an_int8_graph_of_a_learner_that_adapts_by_steps_is_refused(tmp_path, capsys):
+    """MAML and the classifier adapt float32 weights on the device: one line, and no graph written."""
+    net = conv(3, fraction=0.5)
+    weights = {f"net.{k}": v for k, v in net.state_dict().items() if not k.startswith("masks.")}
+    masks = {f"masks.net.{k}": v for k, v in masks_within(net).items()}
+    init_args = {"out_features": 3, "hidden_channels": 4, "image_size": SIZE, "blocks": 2}
+    hparams = {
+        "_class_path": "lthmaml.meta.maml.MAML",
+        "net": {"class_path": "lthmaml.nets.models.Conv4", "init_args": init_args},
+    }
+    torch.save({"state_dict": {**weights, **masks}, "hyper_parameters": hparams}, tmp_path / "m.ckpt")
+    assert export_main([str(tmp_path / "m.ckpt"), "--format", "onnx", "--dtype", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export them without --dtype int8" in err
+    assert not list(tmp_path.glob("*.onnx"))
 
 
 def test_maml_without_its_adaptation_graph_is_a_one_line_error(tmp_path, capsys):

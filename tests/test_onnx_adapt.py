@@ -17,7 +17,6 @@ from lthmaml import sparsity  # noqa: E402
 from lthmaml.edge.artifact import ArtifactMetadata, load_artifact  # noqa: E402
 from lthmaml.edge.export import export_net  # noqa: E402
 from lthmaml.edge.onnx_adapt import (  # noqa: E402
-    ADAPTED,
     INPUTS,
     _batch_norm,
     _batch_norm_backward,
@@ -30,6 +29,7 @@ from lthmaml.edge.onnx_adapt import (  # noqa: E402
     export_adaptation,
     write_onnx,
 )
+from lthmaml.edge.onnx_format import ADAPTED  # noqa: E402
 from lthmaml.errors import ConfigError  # noqa: E402
 from lthmaml.masks import gradient_masks  # noqa: E402
 from lthmaml.meta.functional import FunctionalInnerLoop  # noqa: E402
@@ -173,12 +173,12 @@ def test_graph_in_float64_is_the_inner_loop(tmp_path):
 
 @pytest.fixture(scope="module")
 def conv_graph(tmp_path_factory):
-    """A pruned Conv4 artifact with per-tensor rates, its adaptation graph (adapted weights out too)."""
+    """A pruned Conv4 artifact with per-tensor rates, and its adaptation graph."""
     folder = tmp_path_factory.mktemp("onnx_adapt")
     net = pruned_conv4()
     fields = {"inner_lr": 0.1, "inner_lrs": rates_of(net), "inner_steps": STEPS, "eval_inner_steps": STEPS}
     artifact = load_artifact(export_net(net, folder / "net.safetensors", fields))
-    path = export_adaptation(artifact.net, artifact.metadata, folder / "net.adapt.onnx", adapted_weights=True)
+    path = export_adaptation(artifact.net, artifact.metadata, folder / "net.adapt.onnx")
     return artifact, path
 
 
@@ -228,14 +228,16 @@ def test_regression_adapts_on_the_mean_squared_error(tmp_path):
     assert artifact.metadata.task == "regression"
     path = export_adaptation(artifact.net, artifact.metadata, tmp_path / "sine.adapt.onnx")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["predictions"]
+    names = [name for name, _ in artifact.net.named_parameters()]
+    assert [o.name for o in session.get_outputs()] == ["predictions", *(ADAPTED + n for n in names)]
     assert [i.type for i in session.get_inputs()] == ["tensor(float)"] * 3
     rates = dict.fromkeys((name for name, _ in artifact.net.named_parameters()), 0.05)
     support_x = torch.linspace(-5, 5, 10).unsqueeze(1)
     support_y = 3 * torch.sin(support_x + 1)
     for query in (1, 25):
         query_x = torch.linspace(-4, 4, query).unsqueeze(1)
-        (got,) = session.run(None, dict(zip(INPUTS, (support_x.numpy(), support_y.numpy(), query_x.numpy()))))
+        feeds = dict(zip(INPUTS, (support_x.numpy(), support_y.numpy(), query_x.numpy())))
+        got = session.run(["predictions"], feeds)[0]
         expected, _ = torch_adaptation(artifact.net, rates, support_x, support_y, query_x, steps=3)
         assert got.shape == (query, 1)
         assert (torch.from_numpy(got) - expected).abs().max() < FLOAT32

@@ -10,7 +10,8 @@ Each learner adapts as ``lthmaml-edge`` adapts it when the task has no validatio
 * CNP: the encoder and decoder graph gives the predictive mean of the query points given the
   support pairs;
 * MAML, classifier: the adaptation graph runs the artifact's ``eval_inner_steps`` SGD steps on the
-  whole support set, for each query batch (the torch path then batches at least the support
+  whole support set once, giving the first query batch's logits and the adapted weights, which
+  the net graph then takes for the other batches (the torch path batches at least the support
   set's size: it raises ``data.batch_size`` to it); ``adapt=False`` scores with the net as exported.
 
 A validation split is not used: the device runs forward graphs only, so there are no epochs to
@@ -27,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lthmaml.device.task import Split, Task
-from lthmaml.edge.onnx_format import EXPORT_AGAIN, OnnxArtifact, adaptation_path, read_model
+from lthmaml.edge.onnx_format import ADAPTED, EXPORT_AGAIN, OnnxArtifact, adaptation_path, read_model
 from lthmaml.errors import ConfigError, DataError
 
 try:
@@ -122,16 +123,40 @@ class DeviceModel:
                 raise DataError(
                     f"{path}: not the adaptation graph of {self.path} (another export's?): {EXPORT_AGAIN}"
                 )
-            self._adaptation = _session(artifact, self.threads)
+            session = _session(artifact, self.threads)
+            adapted = [spec.name.removeprefix(ADAPTED) for spec in session.get_outputs()[1:]]
+            feedable = {spec.name for spec in self.session.get_overridable_initializers()}
+            if not adapted or not feedable.issuperset(adapted):
+                raise DataError(
+                    f"{path}: its adapted weights are not what {self.path} takes (an older export?): "
+                    f"{EXPORT_AGAIN}"
+                )
+            self._adaptation = session
         return self._adaptation
 
-    def run(self, session: Any, *inputs: np.ndarray) -> np.ndarray:
-        """The graph's one output for ``inputs`` (in the graph's input order)."""
-        feeds = {}
+    def adapt(
+        self, support_x: np.ndarray, support_y: np.ndarray, query_x: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The adaptation graph on the support set: the query batch's outputs after adapting, and
+        the adapted weights by name, which :meth:`run` feeds the net graph for other batches."""
+        session = self.adaptation()
+        outputs, *weights = self._run(session, (support_x, support_y, query_x), {})
+        names = [spec.name.removeprefix(ADAPTED) for spec in session.get_outputs()[1:]]
+        return outputs, dict(zip(names, weights))
+
+    def run(
+        self, session: Any, *inputs: np.ndarray, weights: Optional[dict[str, np.ndarray]] = None
+    ) -> np.ndarray:
+        """The graph's first output for ``inputs`` (in the graph's input order), with ``weights``
+        (:meth:`adapt`'s) in place of the net graph's own."""
+        return self._run(session, inputs, weights or {})[0]
+
+    def _run(self, session: Any, inputs: tuple, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = dict(weights)
         for spec, value in zip(session.get_inputs(), inputs):
             feeds[spec.name] = value.astype(np.int64 if "int64" in spec.type else np.float32, copy=False)
         try:
-            return session.run(None, feeds)[0]
+            return session.run(None, feeds)
         except Exception as error:  # onnxruntime's own exception types
             raise DataError(
                 f"{self.path}: onnxruntime could not run it on this task ({_first_line(error)})"
@@ -198,10 +223,10 @@ def scores(model: DeviceModel, task: Task, batch_size: int, adapt: bool = True) 
         return model.run(model.session, support.x, support.y, query.x)
     if not adapt:
         return np.concatenate([model.run(model.session, batch) for batch in _batches(query.x, batch_size)])
-    session = model.adaptation()
     size = max(batch_size, len(support))  # lthmaml-edge's inner loop takes the support set as one batch
-    target = _support_targets(support, session)
-    return np.concatenate([model.run(session, support.x, target, batch) for batch in _batches(query.x, size)])
+    first, *others = _batches(query.x, size)
+    outputs, weights = model.adapt(support.x, _support_targets(support, model.adaptation()), first)
+    return np.concatenate([outputs, *(model.run(model.session, batch, weights=weights) for batch in others)])
 
 
 def _support_targets(support: Split, session: Any) -> np.ndarray:

@@ -581,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="safetensors",
         help="safetensors: the compact artifact for lthmaml-edge (torch); onnx: also the graphs "
         "lthmaml-device runs (onnxruntime, no torch), beside it as OUTPUT with .onnx (MAML and classifier: "
-        "and .adapt.onnx); with --dtype int8 the graph stores int8 weights. A net of your own (not one of "
-        "lthmaml's) exports as onnx only, the graph alone (default: %(default)s)",
+        "and .adapt.onnx); with --dtype int8 the graph of ProtoNet, MatchingNet or CNP stores int8 "
+        "weights. A net of your own (not one of lthmaml's) exports as onnx only, the graph alone "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--dtype",

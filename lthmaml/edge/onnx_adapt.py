@@ -11,8 +11,8 @@ constants:
   ``[S, out_features]`` targets for regression), ``query_x`` float32 ``[Q, *input]``, with ``S``
   and ``Q`` free;
 * output ``logits`` float32 ``[Q, N]`` (``predictions`` ``[Q, out_features]`` for regression): the
-  query outputs of the adapted net; with ``adapted_weights``, also each adapted parameter as
-  ``adapted.<name>`` (what a device saves as its fine-tuned net).
+  query outputs of the adapted net, then each adapted parameter as ``adapted.<name>``, which the
+  device feeds the net graph for the query's other batches (:mod:`lthmaml.edge.onnx_export`).
 
 How: the inner loop of :class:`lthmaml.meta.functional.FunctionalInnerLoop` (the one MAML
 evaluates with) is traced by ``make_fx`` into a graph of ATen operations, forward and backward,
@@ -40,6 +40,7 @@ from torch._decomp import decomposition_table
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lthmaml.edge.artifact import ArtifactMetadata, PathLike
+from lthmaml.edge.onnx_format import ADAPTED
 from lthmaml.errors import ConfigError
 from lthmaml.files import replacing
 from lthmaml.masks import gradient_masks
@@ -53,8 +54,6 @@ INPUTS = ("support_x", "support_y", "query_x")
 """The graph's inputs, in order."""
 OUTPUTS = {"classification": "logits", "regression": "predictions"}
 """The graph's first output, by the artifact's task: the query outputs after adaptation."""
-ADAPTED = "adapted."
-"""Prefix of the optional outputs that hold the adapted parameters (``adapted.head.weight``)."""
 GRADIENT_LEARNERS = ("maml", "classifier")
 """Learners that adapt by gradient steps on the support set (the others adapt in one forward
 pass and need no adaptation graph)."""
@@ -422,9 +421,7 @@ def write_onnx(
     return path
 
 
-def export_adaptation(
-    net: nn.Module, metadata: ArtifactMetadata, path: PathLike, adapted_weights: bool = False
-) -> Path:
+def export_adaptation(net: nn.Module, metadata: ArtifactMetadata, path: PathLike) -> Path:
     """Write the adaptation a MAML or classifier artifact's net does on the device (see the
     module's docstring for the graph's inputs and outputs) to ``path``; returns ``path``.
 
@@ -439,8 +436,8 @@ def export_adaptation(
     names = [name for name, _ in net.named_parameters()]
     rates = metadata.inner_lrs if metadata.inner_lrs is not None else dict.fromkeys(names, metadata.inner_lr)
     example = example_task(net, metadata.task)
-    graph = adaptation_graph(net, rates, metadata.eval_inner_steps, *example, adapted_weights=adapted_weights)
-    outputs = [OUTPUTS[metadata.task], *(ADAPTED + name for name in names if adapted_weights)]
+    graph = adaptation_graph(net, rates, metadata.eval_inner_steps, *example, adapted_weights=True)
+    outputs = [OUTPUTS[metadata.task], *(ADAPTED + name for name in names)]
     return write_onnx(graph, example, path, outputs)
 
 
@@ -470,7 +467,6 @@ def example_task(
 
 
 __all__ = [
-    "ADAPTED",
     "DECOMPOSITIONS",
     "GRADIENT_LEARNERS",
     "INPUTS",

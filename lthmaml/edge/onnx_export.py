@@ -22,8 +22,14 @@ with a ``DequantizeLinear`` before its layer (weight-only QDQ, which onnxruntime
 the codes and scales of :func:`lthmaml.edge.packing.quantise`, so the ONNX weights are the int8
 safetensors artifact's, and a pruned weight stays exactly 0. Activations stay float32: the
 device's scores differ from the float net's only by the weights' rounding (docs/edge.md gives the
-measured differences). The adaptation graph of an int8 export starts from the same dequantised
-weights, stored as float32 (it steps them in float32 anyway).
+measured differences). Only for the learners that adapt without gradient steps: MAML and the
+classifier adapt float32 weights, so their graphs stay float32.
+
+The net graph of MAML or the classifier takes each parameter as an optional input, its own
+weights the defaults (ONNX's initializer that is also a graph input): the device adapts once,
+with the adaptation graph, which returns the adapted weights beside the first query batch's
+logits, and feeds those weights to the net graph for every other batch, instead of adapting
+again for each batch of the query.
 
 Every file carries the artifact metadata and its checksums (:mod:`lthmaml.edge.onnx_format`).
 """
@@ -31,7 +37,6 @@ Every file carries the artifact metadata and its checksums (:mod:`lthmaml.edge.o
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import io
 import json
@@ -84,9 +89,11 @@ class _CNPMean(nn.Module):
         return self.net(context_x, context_y, target_x)[0]
 
 
-def _traced(module: nn.Module, kind: str, source: Path) -> Any:
+def _traced(module: nn.Module, kind: str, source: Path, own_weights: bool = False) -> Any:
     """The ONNX ``ModelProto`` of ``module`` for a graph of ``kind``, every leading dimension dynamic;
-    a ConfigError naming ``source`` (the artifact or checkpoint) where torch cannot export it."""
+    a ConfigError naming ``source`` (the artifact or checkpoint) where torch cannot export it.
+    ``own_weights``: each parameter stays its own initializer, under its name (the exporter's
+    optimiser merges equal ones, such as fresh BatchNorm scales, which then cannot be fed apart)."""
     spec = GRAPHS[kind]
     if kind == "cnp":
         x, y = module.net.x_features, module.net.y_features
@@ -113,6 +120,7 @@ def _traced(module: nn.Module, kind: str, source: Path) -> Any:
                 input_names=spec["inputs"],
                 output_names=[spec["output"]],
                 verbose=False,
+                optimize=not own_weights,
             )
     except Exception as error:  # torch.export's and the translator's own types, on a net of the user's
         while error.__cause__ is not None:  # the exporter's step that failed wraps why
@@ -203,46 +211,59 @@ def export_onnx(artifact: Artifact, output: Path, int8: bool = False, adaptation
     if learner not in GRAPH_OF:
         raise ConfigError(f"{artifact.path}: no device graph for learner {learner!r}")
     kind = GRAPH_OF[learner]
+    adapts = adaptation and learner in ADAPTED_BY_STEPS
+    if int8 and learner in ADAPTED_BY_STEPS:
+        raise ConfigError(
+            f"{artifact.path}: int8 device graphs are for ProtoNet, MatchingNet and CNP; {learner} adapts "
+            "float32 weights on the device, so its graphs stay float32: export them without --dtype int8"
+        )
     net = artifact.net.eval()
     quantised = _quantised_weights(net) if int8 else {}
     module = _CNPMean(net) if kind == "cnp" else net
-    model = _traced(module, kind, artifact.path)
+    model = _traced(module, kind, artifact.path, own_weights=adapts)
     if int8:
         _dequantise_in_graph(model, quantised)
+    if adapts:
+        _weights_as_inputs(model, net, artifact.path)
     values = dataclasses.asdict(metadata)
     artifact_json = json.dumps(values, separators=(",", ":"))
     weights = "int8" if int8 else "float32"
-    adapt: Optional[Path] = adaptation_path(output) if adaptation and learner in ADAPTED_BY_STEPS else None
+    adapt: Optional[Path] = adaptation_path(output) if adapts else None
     graph = {"graph": kind, "weights": weights, "adaptation": adapt.name if adapt else None}
     written = [_seal_and_write(model, Path(output), artifact_json, graph)]
     if adapt is not None:
-        written.append(_export_adaptation(net, quantised, metadata, adapt, artifact_json, Path(output)))
+        written.append(_export_adaptation(net, metadata, adapt, artifact_json, Path(output)))
     return written
 
 
+def _weights_as_inputs(model: Any, net: nn.Module, source: Path) -> None:
+    """List each parameter's initializer among the graph's inputs too: an input the device may feed
+    (the adapted weights) and that otherwise holds the net's own weights."""
+    from onnx import helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    for name, parameter in net.named_parameters():
+        init = initializers.get(name)
+        if init is None or list(init.dims) != list(parameter.shape):
+            raise ConfigError(
+                f"{source}: the exported graph does not hold parameter {name!r} as itself, so the device "
+                "could not feed it the adapted weights: export with --format safetensors for lthmaml-edge"
+            )
+        model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+
+
 def _export_adaptation(
-    net: nn.Module,
-    quantised: dict[str, tuple[Tensor, Tensor]],
-    metadata: Any,
-    path: Path,
-    artifact_json: str,
-    model_path: Path,
+    net: nn.Module, metadata: Any, path: Path, artifact_json: str, model_path: Path
 ) -> Path:
-    """The adaptation graph, from the weights the forward graph holds (an int8 export's dequantised)."""
+    """The adaptation graph, from the weights the forward graph holds, the adapted weights among
+    its outputs (the forward graph takes them for the query batches after the first)."""
     import onnx
 
     from lthmaml.edge.onnx_adapt import export_adaptation
 
-    if quantised:
-        net = copy.deepcopy(net)
-        with torch.no_grad():
-            for name, (codes, scale) in quantised.items():
-                rows = codes.shape[0]
-                weight(net, name).copy_((codes.float().view(rows, -1) * scale[:, None]).view(codes.shape))
     with tempfile.TemporaryDirectory(prefix="lthmaml-onnx-") as tmp:
         raw = Path(tmp) / "adapt.onnx"
         export_adaptation(net, metadata, raw)
         model = onnx.load(str(raw))
-    stored = "float32 (the int8 weights, dequantised)" if quantised else "float32"
-    graph = {"graph": "adaptation", "weights": stored, "of": model_path.name}
+    graph = {"graph": "adaptation", "weights": "float32", "of": model_path.name}
     return _seal_and_write(model, path, artifact_json, graph)

@@ -43,8 +43,11 @@ GRAPHS: dict[str, dict[str, Any]] = {
 or a classifier's net (``logits`` ``[B, N]``, or ``[B, 1]`` for regression), a CNP's encoder and
 decoder (the predictive mean of the targets given the context), and the adaptation graph
 (:mod:`lthmaml.edge.onnx_adapt`: the query logits, or predictions for regression, after the
-artifact's ``eval_inner_steps`` SGD steps on the support set). The device takes a graph's first
-output, whatever its name."""
+artifact's ``eval_inner_steps`` SGD steps on the support set, then the adapted weights,
+:data:`ADAPTED`). The device takes a graph's first output as its result, whatever its name."""
+ADAPTED = "adapted."
+"""Prefix of the adaptation graph's outputs after the first: the adapted parameters by name
+(``adapted.head.weight``), which the net graph of the same export takes as optional inputs."""
 ADAPTATION_SUFFIX = ".adapt.onnx"
 EXPORT_AGAIN = "export it again with `lthmaml-export CHECKPOINT --format onnx`"
 _METADATA_PROPS = 14  # ModelProto.metadata_props: StringStringEntryProto {key = 1, value = 2}
