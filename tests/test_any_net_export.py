@@ -285,16 +285,40 @@ def test_bad_channel_widths_are_a_one_line_data_error(tmp_path, channels, proble
     assert message.startswith(str(bad)) and problem in message and len(message.splitlines()) == 1
 
 
-def test_a_resnet12_protonets_onnx_graph_predicts_on_the_device_what_its_checkpoint_does(tmp_path):
+DEVICE_CASES: dict[str, Callable[[], tuple[nn.Module, str, dict]]] = {
+    "protonet_resnet12_taylor": CASES["protonet_resnet12_taylor"],
+    "maml_resnet12_taylor": lambda: (
+        MAML(taylor_pruned(resnet12(3)), inner_lr=0.1, inner_steps=1, eval_inner_steps=1),
+        RESNET12,
+        resnet12(3).architecture,
+    ),
+}
+"""One adaptation step: tracing a ResNet-12's steps into the graph takes about 20 s each here."""
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "protonet_resnet12_taylor",
+        pytest.param("maml_resnet12_taylor", marks=[pytest.mark.slow, pytest.mark.ci]),  # ~30 s of tracing
+    ],
+)
+def test_a_resnet12_onnx_graph_predicts_on_the_device_what_its_checkpoint_does(tmp_path, case):
+    """Taylor-pruned, shrunk in the graph; MAML through its adaptation graph."""
     pytest.importorskip("onnxscript", reason="the ONNX export needs onnxscript: pip install 'lthmaml[onnx]'")
     pytest.importorskip(
         "onnxruntime", reason="lthmaml-device needs onnxruntime: pip install 'lthmaml[device]'"
     )
     from lthmaml.device.cli import main as device_main
 
-    model, class_path, init_args = _protonet(False, taylor_pruned)
+    model, class_path, init_args = DEVICE_CASES[case]()
     ckpt = write_checkpoint(tmp_path / "p.ckpt", model, class_path, init_args)
-    assert export_main([str(ckpt), "--format", "onnx"]) == 0
+    if case.startswith("maml"):  # the slow trace in a process of its own, so that a hang fails
+        export = [sys.executable, "-m", "lthmaml.edge.export", str(ckpt), "--format", "onnx"]
+        done = subprocess.run(export, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    else:
+        assert export_main([str(ckpt), "--format", "onnx"]) == 0
     task = image_task(tmp_path / "task")
     batch, files = task_of(task, load_artifact(tmp_path / "p.safetensors").metadata)
     device_main(
@@ -309,6 +333,18 @@ def test_a_resnet12_protonets_onnx_graph_predicts_on_the_device_what_its_checkpo
         ]
     )
     assert_predicts(rows(tmp_path / "d.csv"), files, learner_probabilities(model, batch))
+
+
+def test_a_maml_net_with_running_statistics_has_no_adaptation_graph_in_one_line(tmp_path, capsys):
+    pytest.importorskip("onnxscript", reason="the ONNX export needs onnxscript: pip install 'lthmaml[onnx]'")
+    model = MAML(pruned(resnet12(3, running_stats=True)), inner_lr=0.1, inner_steps=1, eval_inner_steps=1)
+    ckpt = write_checkpoint(
+        tmp_path / "m.ckpt", model, RESNET12, resnet12(3, running_stats=True).architecture
+    )
+    assert export_main([str(ckpt), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "BatchNorm 'stages.0.bn1' keeps running statistics" in err and "running_stats: false" in err
 
 
 # ---------------------------------------------------------------------------------- a net of your own

@@ -216,6 +216,21 @@ def image_input(net: nn.Module) -> Optional[tuple[int, int]]:
     return None if channels is None else (int(channels), int(side))
 
 
+def input_shape(net: nn.Module) -> tuple[int, ...]:
+    """The shape of one example ``net`` takes, for tracing it into a device graph: an image net's
+    ``[channels, side, side]`` (:func:`image_input`), an MLP's ``[in_features]``."""
+    image = image_input(net)
+    if image is not None:
+        channels, side = image
+        return (channels, side, side)
+    if isinstance(net, MLP):
+        return (net.architecture["in_features"],)
+    raise ConfigError(
+        f"the device graph of a {type(net).__name__} needs the images it takes: give it an `image_size` "
+        "attribute (and `in_channels` unless its first layer is a conv)"
+    )
+
+
 def channel_widths(net: nn.Module) -> dict[str, int]:
     """The width of each channel group of ``net`` by its name: what a shrunk net's architecture
     records as ``channels``."""

@@ -37,16 +37,16 @@ from typing import Optional
 import torch
 from torch import Tensor, fx, nn
 from torch._decomp import decomposition_table
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lthmaml.edge.artifact import ArtifactMetadata, PathLike
+from lthmaml.edge.artifact import ArtifactMetadata, PathLike, input_shape
 from lthmaml.edge.onnx_format import ADAPTED
 from lthmaml.errors import ConfigError
 from lthmaml.files import replacing
 from lthmaml.masks import gradient_masks
 from lthmaml.meta.functional import FunctionalInnerLoop
 from lthmaml.meta.metrics import task_loss
-from lthmaml.nets.models import MLP, Conv4
 
 aten = torch.ops.aten
 
@@ -249,6 +249,13 @@ def adaptation_graph(
     dimension of the inputs. ``decompositions`` are what tracing rewrites (other than
     :data:`DECOMPOSITIONS` only to see what the exporter makes of the rest, :func:`check_ops`).
     """
+    kept = [name for name, m in net.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if kept:
+        raise ConfigError(
+            f"the adaptation graph normalises each batch by its own statistics, but {type(net).__name__}'s "
+            f"BatchNorm {kept[0]!r} keeps running statistics: the device adapts nets meta-trained with "
+            "running_stats: false (Conv4's and ResNet-12's default)"
+        )
     params = {name: p.detach() for name, p in net.named_parameters()}
     if set(rates) != set(params):
         raise ConfigError(f"inner rates name {sorted(rates)}, but the net's parameters are {sorted(params)}")
@@ -265,7 +272,7 @@ def adaptation_graph(
     from torch.fx.experimental.proxy_tensor import make_fx
 
     training = net.training
-    net.train()  # as the torch path fine-tunes; Conv4's BatchNorm keeps no running statistics
+    net.train()  # as the torch path fine-tunes; BatchNorm keeps no running statistics (above)
     try:  # the weights are real tensors inside the traced function: the graph's constants
         graph = make_fx(
             adapt,
@@ -447,13 +454,13 @@ def example_task(
     """A support and a query set of random inputs that ``net`` takes, in ``dtype``, for tracing:
     their batch sizes differ from each other and from every other dimension, so that tracing
     keeps them apart (it gives equal sizes one symbol)."""
-    if isinstance(net, Conv4):
-        shape: tuple[int, ...] = (net.in_channels, net.image_size, net.image_size)
-    elif isinstance(net, MLP):
-        shape = (net.architecture["in_features"],)
-    else:
-        raise ConfigError(f"an adaptation graph is written for a Conv4 or an MLP, not a {type(net).__name__}")
-    outputs = net.out_features
+    shape = input_shape(net)
+    outputs = getattr(net, "out_features", None)
+    if not isinstance(outputs, int):
+        raise ConfigError(
+            f"the adaptation graph of a {type(net).__name__} needs its classes or outputs: give it an "
+            "`out_features` attribute"
+        )
     taken = {*shape, outputs}
     support, query = [size for size in (11, 13, 17, 19, 23, 29, 31, 37) if size not in taken][:2]
     generator = torch.Generator().manual_seed(0)

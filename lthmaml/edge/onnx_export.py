@@ -50,7 +50,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lthmaml.edge.artifact import Artifact, first_line, image_input
+from lthmaml.edge.artifact import Artifact, first_line, input_shape
 from lthmaml.edge.onnx_format import (
     ARTIFACT_PROP,
     CHECKSUM_PROP,
@@ -64,7 +64,7 @@ from lthmaml.edge.packing import quantise
 from lthmaml.errors import ConfigError
 from lthmaml.files import replacing
 from lthmaml.masks import masks_within, prunable, weight
-from lthmaml.nets.models import MLP, CNPNet
+from lthmaml.nets.models import CNPNet
 
 GRAPH_OF = {
     "protonet": "embedding",
@@ -101,7 +101,7 @@ def _traced(module: nn.Module, kind: str, source: Path, own_weights: bool = Fals
         args = (torch.randn(3, x), torch.randn(3, y), torch.randn(4, x))
         dynamic = {"context_x": {0: context}, "context_y": {0: context}, "target_x": {0: targets}}
     else:
-        args = (torch.randn(2, *_input_shape(module)),)
+        args = (torch.randn(2, *input_shape(module)),)
         dynamic = {"x": {0: torch.export.Dim("batch")}}
     noisy = ("torch.onnx", "torch.export", "torch.fx.experimental.symbolic_shapes", "onnxscript")
     quiet = [logging.getLogger(name) for name in noisy]
@@ -134,21 +134,6 @@ def _traced(module: nn.Module, kind: str, source: Path, own_weights: bool = Fals
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
     return program.model_proto
-
-
-def _input_shape(net: nn.Module) -> tuple[int, ...]:
-    """The shape of one example ``net`` takes: an image net's ``[channels, side, side]``, an MLP's
-    ``[in_features]``."""
-    image = image_input(net)
-    if image is not None:
-        channels, side = image
-        return (channels, side, side)
-    if isinstance(net, MLP):
-        return (net.architecture["in_features"],)
-    raise ConfigError(
-        f"the device graph of a {type(net).__name__} needs the images it takes: give it an `image_size` "
-        "attribute (and `in_channels` unless its first layer is a conv)"
-    )
 
 
 def _quantised_weights(net: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
