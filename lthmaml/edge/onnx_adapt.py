@@ -41,7 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lthmaml.edge.artifact import ArtifactMetadata, PathLike, input_shape
-from lthmaml.edge.onnx_format import ADAPTED
+from lthmaml.edge.onnx_format import ADAPTED, GRADIENT_LEARNERS
 from lthmaml.errors import ConfigError
 from lthmaml.files import replacing
 from lthmaml.masks import gradient_masks
@@ -54,9 +54,6 @@ INPUTS = ("support_x", "support_y", "query_x")
 """The graph's inputs, in order."""
 OUTPUTS = {"classification": "logits", "regression": "predictions"}
 """The graph's first output, by the artifact's task: the query outputs after adaptation."""
-GRADIENT_LEARNERS = ("maml", "classifier")
-"""Learners that adapt by gradient steps on the support set (the others adapt in one forward
-pass and need no adaptation graph)."""
 
 
 def _convolution_backward(
@@ -475,7 +472,6 @@ def example_task(
 
 __all__ = [
     "DECOMPOSITIONS",
-    "GRADIENT_LEARNERS",
     "INPUTS",
     "OUTPUTS",
     "OpCheck",

@@ -54,6 +54,7 @@ from lthmaml.edge.artifact import Artifact, first_line, input_shape
 from lthmaml.edge.onnx_format import (
     ARTIFACT_PROP,
     CHECKSUM_PROP,
+    GRADIENT_LEARNERS,
     GRAPH_PROP,
     GRAPHS,
     adaptation_path,
@@ -74,8 +75,6 @@ GRAPH_OF = {
     "cnp": "cnp",
 }
 """The graph the device runs for each learner."""
-ADAPTED_BY_STEPS = ("maml", "classifier")
-"""Learners whose adaptation is gradient steps: they get an adaptation graph."""
 
 
 class _CNPMean(nn.Module):
@@ -196,8 +195,8 @@ def export_onnx(artifact: Artifact, output: Path, int8: bool = False, adaptation
     if learner not in GRAPH_OF:
         raise ConfigError(f"{artifact.path}: no device graph for learner {learner!r}")
     kind = GRAPH_OF[learner]
-    adapts = adaptation and learner in ADAPTED_BY_STEPS
-    if int8 and learner in ADAPTED_BY_STEPS:
+    adapts = adaptation and learner in GRADIENT_LEARNERS
+    if int8 and learner in GRADIENT_LEARNERS:
         raise ConfigError(
             f"{artifact.path}: int8 device graphs are for ProtoNet, MatchingNet and CNP; {learner} adapts "
             "float32 weights on the device, so its graphs stay float32: export them without --dtype int8"

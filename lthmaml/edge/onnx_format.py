@@ -45,6 +45,9 @@ decoder (the predictive mean of the targets given the context), and the adaptati
 (:mod:`lthmaml.edge.onnx_adapt`: the query logits, or predictions for regression, after the
 artifact's ``eval_inner_steps`` SGD steps on the support set, then the adapted weights,
 :data:`ADAPTED`). The device takes a graph's first output as its result, whatever its name."""
+GRADIENT_LEARNERS = ("maml", "classifier")
+"""Learners that adapt by gradient steps on the support set: their export adds the adaptation
+graph (the others adapt in one forward pass)."""
 ADAPTED = "adapted."
 """Prefix of the adaptation graph's outputs after the first: the adapted parameters by name
 (``adapted.head.weight``), which the net graph of the same export takes as optional inputs."""
