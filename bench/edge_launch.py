@@ -128,7 +128,7 @@ def int8_agreement(onnx: Path, int8: Path, folder: Path, tasks: int, run_dir: Pa
         )
         task = read_task(root, models["float32"].metadata, str(onnx))
         truth = task.splits["query"].y
-        probabilities = {name: softmax(scores(model, task, 32)) for name, model in models.items()}
+        probabilities = {name: softmax(scores(model, task, 32)[0]) for name, model in models.items()}
         for name, p in probabilities.items():
             correct[name] += int((p.argmax(1) == truth).sum())
         same += int((probabilities["float32"].argmax(1) == probabilities["int8"].argmax(1)).sum())

@@ -222,7 +222,7 @@ def device_query(args, support_x: torch.Tensor, support_y: torch.Tensor, query_x
             export_onnx(load_artifact(artifact), Path(folder) / "maml.onnx")[0], args.threads
         )
         paths = {
-            "adapt once (lthmaml-device)": lambda: scores(device, task, args.batch_size),
+            "adapt once (lthmaml-device)": lambda: scores(device, task, args.batch_size)[0],
             "adapt for each batch": lambda: np.concatenate(
                 [device.adapt(support.x, support.y, batch)[0] for batch in batches]
             ),

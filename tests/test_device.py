@@ -268,6 +268,15 @@ def test_maml_adapts_once_through_its_adaptation_graph(in_tmp, monkeypatch):
     device = device_predictions(written[0], task, in_tmp / "device.csv", "fit", "--batch_size", "6")
     assert calls == [6] and len(device) == 15
     assert_same_predictions(edge, device)
+    # the fit's adapted weights, written beside its predictions: predict with them, no steps
+    later = device_predictions(
+        written[0], task, in_tmp / "later.csv", "predict", "--batch_size", "6", "--adapted", "adapted.npz"
+    )
+    assert calls == [6]
+    assert_same_predictions(device, later, tolerance=1e-5)
+    assert [r["label"] for r in device_predictions(written[0], task, in_tmp / "raw.csv", "predict")] != [
+        r["label"] for r in device
+    ]
 
     device_model = DeviceModel(written[0])
     support, query = (read_task(task, device_model.metadata, "m").splits[s] for s in ("support", "query"))
@@ -279,6 +288,55 @@ def test_maml_adapts_once_through_its_adaptation_graph(in_tmp, monkeypatch):
     fed = device_model.run(device_model.session, query.x[:6], weights=weights)
     np.testing.assert_allclose(fed, outputs, atol=1e-5)
     assert np.abs(device_model.run(device_model.session, query.x[:6]) - outputs).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def maml_fit(tmp_path_factory) -> SimpleNamespace:
+    """A small MAML's ONNX export, a task, and the adapted weights a device fit wrote."""
+    from lthmaml.meta.maml import MAML
+
+    folder = tmp_path_factory.mktemp("maml_fit")
+    model = MAML(conv(3, fraction=0.5), inner_lr=0.1, inner_steps=1, eval_inner_steps=1)
+    [onnx_path, _] = export_onnx(
+        load_artifact(export_net(model, folder / "m.safetensors")), folder / "m.onnx"
+    )
+    task = image_task(folder / "task")
+    device_predictions(onnx_path, task, folder / "fit" / "predictions.csv")
+    return SimpleNamespace(onnx=onnx_path, task=task, adapted=folder / "fit" / "adapted.npz", folder=folder)
+
+
+@pytest.mark.parametrize("case", ["missing", "damaged", "another_model", "protonet"])
+def test_adapted_weights_that_do_not_fit_are_one_line(maml_fit, tmp_path, capsys, case):
+    """A missing or damaged file, another model's weights, or a learner without adapted weights."""
+    from lthmaml.meta.maml import MAML
+
+    onnx_path, adapted = maml_fit.onnx, maml_fit.adapted
+    assert set(np.load(adapted).files) > {"head.weight"}
+    if case == "missing":
+        adapted = tmp_path / "none.npz"
+    elif case == "damaged":
+        adapted = tmp_path / "cut.npz"
+        adapted.write_bytes(maml_fit.adapted.read_bytes()[:200])
+    elif case == "another_model":
+        other = MAML(conv(3, seed=1), inner_lr=0.1, inner_steps=1, eval_inner_steps=1)
+        onnx_path = export_onnx(
+            load_artifact(export_net(other, tmp_path / "o.safetensors")), tmp_path / "o.onnx"
+        )[0]
+    else:
+        onnx_path = export_onnx(
+            load_artifact(export_net(ProtoNet(conv(None)), tmp_path / "p.safetensors")), tmp_path / "p.onnx"
+        )[0]
+    with pytest.raises(SystemExit) as exit_info:
+        device_main(
+            ["predict", "--artifact", str(onnx_path), "--task", str(maml_fit.task), "--adapted", str(adapted)]
+        )
+    expected = {
+        "missing": "no such file; `lthmaml-device fit` writes adapted.npz beside its predictions",
+        "damaged": "not readable adapted weights",
+        "another_model": f"adapted weights of another model than {onnx_path}",
+        "protonet": "it adapts to the support set in each launch",
+    }[case]
+    assert expected in one_line(capsys, exit_info)
 
 
 def test_a_regression_maml_adapts_through_its_adaptation_graph(in_tmp, monkeypatch):

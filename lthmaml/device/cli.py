@@ -2,7 +2,7 @@
 
     lthmaml-device fit --artifact model.onnx --task task/ [--output predictions.csv] [--threads 1]
                        [--support_augmentation K [--seed SEED]]
-    lthmaml-device predict --artifact model.onnx --task task/
+    lthmaml-device predict --artifact model.onnx --task task/ [--adapted adapted.npz]
 
 ``fit`` adapts to the support set (see :mod:`lthmaml.device.runtime`) and writes the query's
 ``predictions.csv`` (``runs/device/<task folder name>/`` unless ``--output``), in the columns and
@@ -14,8 +14,12 @@ numpy code (:func:`lthmaml.data.affine.support_copies`), so the two predict alik
 takes it too, for the amortized learners; a regression task ignores it, as ``lthmaml-edge`` does).
 ``predict`` scores the query with the net as exported, without MAML's or the classifier's
 adaptation steps, as ``lthmaml-edge predict`` does with an artifact (the amortized learners adapt
-either way: their adaptation is the forward pass). The last line gives the start-up (Python, the
-imports, reading and verifying the model), fit and predict times.
+either way: their adaptation is the forward pass). For MAML and the classifier, ``fit`` also
+writes the adapted weights as ``adapted.npz`` beside the predictions, bound to the model's graph,
+and ``predict --adapted adapted.npz`` scores with them, as ``lthmaml-edge predict`` does with the
+``finetuned.safetensors`` its fit wrote: adapt once, predict later without the steps. The last
+line gives the start-up (Python, the imports, reading and verifying the model), fit and predict
+times.
 
 It loads onnxruntime, numpy and Pillow, never torch or Lightning (``pip install 'lthmaml[device]'``),
 and prints bad input as one line, never a traceback.
@@ -31,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 
-from lthmaml.device.runtime import DeviceModel, scores
+from lthmaml.device.runtime import ADAPTED_FILE, DeviceModel, read_adapted, scores, write_adapted
 from lthmaml.device.task import read_task, with_support_copies
 from lthmaml.edge.launch import process_start
 from lthmaml.edge.predictions import HEADER, classification_rows, regression_rows, write_csv
@@ -87,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=0,
             help="seed of the distorted copies (lthmaml-edge's data.val_seed; default %(default)s)",
         )
+        if name == "predict":
+            command.add_argument(
+                "--adapted",
+                type=Path,
+                default=None,
+                help="the adapted.npz a fit of this model wrote (MAML, classifier): score with its weights",
+            )
     return parser
 
 
@@ -120,8 +131,9 @@ def run(args: argparse.Namespace) -> Path:
     if "query" not in task.splits:
         raise DataError(f"task folder {args.task} has no query: add query/*.png or query.csv to predict")
     loaded = time.perf_counter()
+    adapted = read_adapted(args.adapted, model) if getattr(args, "adapted", None) else None
     task = with_support_copies(task, args.support_augmentation, args.seed)
-    outputs = scores(model, task, args.batch_size, adapt=args.command == "fit")
+    outputs, weights = scores(model, task, args.batch_size, adapt=args.command == "fit", weights=adapted)
     fitted = time.perf_counter()
     query = task.splits["query"]
     if model.regression:
@@ -136,6 +148,8 @@ def run(args: argparse.Namespace) -> Path:
     path = predictions_path(args.output, args.task)
     write_csv(path, HEADER[model.metadata.task], [[name, *row] for name, row in zip(query.files, rows)])
     print(f"Wrote {len(rows)} predictions to {path}")
+    if weights is not None:
+        print(f"Wrote the adapted weights to {write_adapted(path.with_name(ADAPTED_FILE), model, weights)}")
     if query.labelled and model.regression:
         mse = float(np.mean((outputs.reshape(len(query), -1)[:, :1] - query.y) ** 2))
         print(f"Query MSE {mse:.4f} on {len(query)} points")

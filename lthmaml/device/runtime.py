@@ -12,7 +12,8 @@ Each learner adapts as ``lthmaml-edge`` adapts it when the task has no validatio
 * MAML, classifier: the adaptation graph runs the artifact's ``eval_inner_steps`` SGD steps on the
   whole support set once, giving the first query batch's logits and the adapted weights, which
   the net graph then takes for the other batches (the torch path batches at least the support
-  set's size: it raises ``data.batch_size`` to it); ``adapt=False`` scores with the net as exported.
+  set's size: it raises ``data.batch_size`` to it); ``adapt=False`` scores with the net as exported,
+  ``weights`` with a fit's adapted weights (:func:`write_adapted`, :func:`read_adapted`).
 
 A validation split is not used: the device runs forward graphs only, so there are no epochs to
 stop early; the torch path's fixed inner loop (no ``val/``) is what it reproduces.
@@ -21,6 +22,7 @@ stop early; the torch path's fixed inner loop (no ``val/``) is what it reproduce
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -28,8 +30,16 @@ from typing import Any, Optional
 import numpy as np
 
 from lthmaml.device.task import Split, Task
-from lthmaml.edge.onnx_format import ADAPTED, EXPORT_AGAIN, OnnxArtifact, adaptation_path, read_model
+from lthmaml.edge.onnx_format import (
+    ADAPTED,
+    EXPORT_AGAIN,
+    OnnxArtifact,
+    adaptation_path,
+    graph_digest,
+    read_model,
+)
 from lthmaml.errors import ConfigError, DataError
+from lthmaml.files import replacing
 
 try:
     import onnxruntime as ort
@@ -39,6 +49,10 @@ except ImportError:  # the device extra was not installed
 INSTALL = "pip install 'lthmaml[device]'"
 COSINE_EPS = 1e-8
 """``torch.nn.functional.cosine_similarity``'s floor of a vector's norm."""
+ADAPTED_FILE = "adapted.npz"
+"""What ``lthmaml-device fit`` writes beside the predictions for MAML and the classifier."""
+MODEL_KEY = "__model_graph_sha256__"
+"""The entry of an adapted-weights file that binds it to its model's graph."""
 EUCLIDEAN_EPS = 1e-12
 """ProtoNet's offset under the square root of a Euclidean distance (``lthmaml.meta.protonet``)."""
 
@@ -82,6 +96,7 @@ class DeviceModel:
                 f"{artifact.graph.get('of')}"
             )
         self._metadata_json = json.dumps(artifact.metadata, sort_keys=True)
+        self.graph_sha256 = graph_digest(artifact.data)
         self.metadata = SimpleNamespace(**artifact.metadata)
         self.graph = artifact.graph
         self.session = _session(artifact, threads)
@@ -199,9 +214,18 @@ def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:
     return [x[start : start + size] for start in range(0, len(x), size)]
 
 
-def scores(model: DeviceModel, task: Task, batch_size: int, adapt: bool = True) -> np.ndarray:
+def scores(
+    model: DeviceModel,
+    task: Task,
+    batch_size: int,
+    adapt: bool = True,
+    weights: Optional[dict[str, np.ndarray]] = None,
+) -> tuple[np.ndarray, Optional[dict[str, np.ndarray]]]:
     """The query's class scores ``[queries, ways]`` (logits or log-probabilities), or its
-    predictions ``[queries, 1]`` for regression, after adapting to the support set."""
+    predictions ``[queries, 1]`` for regression, after adapting to the support set; and MAML's or
+    the classifier's adapted weights (None for the learners that adapt in a forward pass, or
+    without adapting). ``weights``: a fit's adapted weights (:func:`read_adapted`), scored with
+    instead of adapting again."""
     support, query = task.splits["support"], task.splits["query"]
     learner, kind = model.learner, model.graph["graph"]
     if kind == "embedding":
@@ -218,15 +242,57 @@ def scores(model: DeviceModel, task: Task, batch_size: int, adapt: bool = True) 
                         embedded, support.y, embedding, ways, model.metadata.metric_scale
                     )
                 )
-        return np.concatenate(parts)
+        return np.concatenate(parts), None
     if kind == "cnp":
-        return model.run(model.session, support.x, support.y, query.x)
-    if not adapt:
-        return np.concatenate([model.run(model.session, batch) for batch in _batches(query.x, batch_size)])
+        return model.run(model.session, support.x, support.y, query.x), None
+    if weights is not None or not adapt:
+        batches = _batches(query.x, batch_size)
+        return np.concatenate([model.run(model.session, batch, weights=weights) for batch in batches]), None
     size = max(batch_size, len(support))  # lthmaml-edge's inner loop takes the support set as one batch
     first, *others = _batches(query.x, size)
     outputs, weights = model.adapt(support.x, _support_targets(support, model.adaptation()), first)
-    return np.concatenate([outputs, *(model.run(model.session, batch, weights=weights) for batch in others)])
+    rest = [model.run(model.session, batch, weights=weights) for batch in others]
+    return np.concatenate([outputs, *rest]), weights
+
+
+def write_adapted(path: Path, model: DeviceModel, weights: dict[str, np.ndarray]) -> Path:
+    """``weights`` (a fit's adapted weights) as a numpy ``.npz`` at ``path``, bound to ``model``'s
+    graph by its SHA-256, for ``lthmaml-device predict --adapted`` (the device's counterpart of
+    ``lthmaml-edge``'s ``finetuned.safetensors``)."""
+    with replacing(path, "the adapted weights") as partial, open(partial, "wb") as handle:
+        np.savez(handle, **{MODEL_KEY: np.array(model.graph_sha256)}, **weights)
+    return path
+
+
+def read_adapted(path: Path, model: DeviceModel) -> dict[str, np.ndarray]:
+    """The adapted weights :func:`write_adapted` wrote at ``path`` for ``model``; a missing, damaged
+    or foreign file is a one-line DataError naming it."""
+    if model.graph["graph"] != "logits" or model.graph.get("adaptation") is None:
+        raise ConfigError(
+            f"--adapted: {model.path} ({model.learner}) has no adapted weights: "
+            + (
+                "it adapts to the support set in each launch"
+                if model.graph["graph"] != "logits"
+                else "it was exported without its adaptation graph"
+            )
+        )
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: no such file; `lthmaml-device fit` writes {ADAPTED_FILE} beside its predictions"
+        ) from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # cut, or not numpy's
+        raise DataError(
+            f"{path}: not readable adapted weights ({_first_line(error)}): run the fit again"
+        ) from None
+    bound = arrays.pop(MODEL_KEY, None)
+    if bound is None or str(bound) != model.graph_sha256:
+        raise DataError(
+            f"{path}: adapted weights of another model than {model.path}: run the fit again with it"
+        )
+    return arrays
 
 
 def _support_targets(support: Split, session: Any) -> np.ndarray:
