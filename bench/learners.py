@@ -14,8 +14,9 @@ shared Omniglot subset, each from its shipped config):
   tensors of the task's shape (the compute is the same for any pixels), the same for every learner.
   With ``--checkpoints DIR`` the artifacts are the ``train`` part's trained rounds instead.
 - ``--part train`` (``--minutes`` per round per learner): ``lthmaml fit`` of the config with a
-  one-shot lottery ticket (``LotteryTicket``: rounds 1, prune_rate 0.8, rewind to init, the output
-  layer at half rate), each round the whole epochs closest to ``--minutes`` of meta-updates
+  one-shot lottery ticket (``LotteryTicket``: rounds 1, prune_rate 0.8, the output layer at half
+  rate, rewound to init, or with ``--rewind-to K`` to the weights after ``K`` meta-updates of the
+  dense round: late rewinding), each round the whole epochs closest to ``--minutes`` of meta-updates
   measured on this machine by a short calibration fit, every round tested on the config's 600
   meta-test tasks.
   Reported: meta-test accuracy (mean ± 95% CI) of the dense round and the 80% ticket, and the
@@ -24,6 +25,7 @@ shared Omniglot subset, each from its shipped config):
     python -m bench.learners --part adapt                      # ~2 minutes on one core
     python -m bench.learners --part train --minutes 20         # 40 minutes per learner
     python -m bench.learners --part train --learners protonet-5way protonet-20way --minutes 20
+    python -m bench.learners --part train --learners maml-20way --minutes 30 --rewind-to 250
     python -m bench.learners --collect bench/out/learners-*.json   # one table
 """
 
@@ -281,9 +283,9 @@ def epochs_for(updates: float, updates_per_epoch: int) -> int:
     return max(1, round(updates / updates_per_epoch))
 
 
-def train_one(name: str, minutes: float, root: Path) -> dict[str, Any]:
+def train_one(name: str, minutes: float, root: Path, rewind_to: str = "init") -> dict[str, Any]:
     """The dense round and the 80% ticket of ``name``, each about ``minutes`` of meta-updates long
-    (whole epochs)."""
+    (whole epochs), the ticket's weights rewound to ``rewind_to`` (``init`` or a step)."""
     from lthmaml.cli import main as lthmaml
 
     root.mkdir(parents=True, exist_ok=True)
@@ -310,6 +312,7 @@ def train_one(name: str, minutes: float, root: Path) -> dict[str, Any]:
                 str(epochs),
             ),
             *("--trainer.callbacks.test_each_round", "true", "--trainer.callbacks.layer_rates", rates),
+            *("--trainer.callbacks.rewind_to", rewind_to),
             *("--trainer.callbacks+=bench.learners.UpdateClock", "--trainer.callbacks.path", str(clock)),
         ]
     )
@@ -329,7 +332,7 @@ def train_one(name: str, minutes: float, root: Path) -> dict[str, Any]:
                 "test_acc_ci95": record["test_metrics"].get("test/acc_post_ci95"),
             }
         )
-    return {"name": name, "rounds": rounds}
+    return {"name": name, "rewind_to": rewind_to, "rounds": rounds}
 
 
 # ---------------------------------------------------------------------------- the table
@@ -375,6 +378,13 @@ def speedups(adapt: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def rewind_point(text: str) -> str:
+    """``init`` or a whole number of meta-updates, checked before any training."""
+    if text != "init" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected init or a number of meta-updates > 0, got {text!r}")
+    return text
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.learners", description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["adapt", "train", "both"], default="adapt")
@@ -383,6 +393,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="tasks timed per artifact (adapt part)")
     parser.add_argument("--checkpoints", default=None, help="adapt the train part's rounds under this folder")
     parser.add_argument("--out", default="runs/learners", help="the train part's run folders")
+    parser.add_argument(
+        "--rewind-to",
+        default="init",
+        type=rewind_point,
+        help="the ticket's weights: init, or those after this many meta-updates (late rewinding)",
+    )
     parser.add_argument(
         "--json", default=None, help="write the results here (default bench/out/learners.json)"
     )
@@ -400,7 +416,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         adapt = adaptation_part(args) if args.part in ("adapt", "both") else []
         train = (
-            [train_one(name, args.minutes, Path(args.out)) for name in args.learners]
+            [train_one(name, args.minutes, Path(args.out), args.rewind_to) for name in args.learners]
             if args.part != "adapt"
             else []
         )

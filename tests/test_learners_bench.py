@@ -108,3 +108,15 @@ def test_a_round_is_the_whole_epochs_nearest_the_calibrated_updates():
     # (a 451-step round kept the validation at 250 and dropped 201 updates)
     assert [epochs_for(u, 250) for u in (451, 374, 376, 10)] == [2, 1, 2, 1]
     assert epochs_for(2727, 200) == 14
+
+
+def test_the_rewind_point_is_init_or_a_positive_step_and_a_bad_one_fails_before_training(capsys):
+    from bench.learners import main, rewind_point
+
+    assert rewind_point("init") == "init" and rewind_point("250") == "250"
+    for bad in ("0", "-5", "early", "2.5"):
+        with pytest.raises(SystemExit) as stop:
+            main(["--part", "train", "--rewind-to", bad, "--out", "/nonexistent/never-made"])
+        assert stop.value.code == 2
+        expected = f"--rewind-to: expected init or a number of meta-updates > 0, got {bad!r}"
+        assert expected in capsys.readouterr().err

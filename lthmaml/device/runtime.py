@@ -40,6 +40,7 @@ from lthmaml.edge.onnx_format import (
 )
 from lthmaml.errors import ConfigError, DataError
 from lthmaml.files import replacing
+from lthmaml.meta.distances import EUCLIDEAN_EPS
 
 try:
     import onnxruntime as ort
@@ -53,8 +54,6 @@ ADAPTED_FILE = "adapted.npz"
 """What ``lthmaml-device fit`` writes beside the predictions for MAML and the classifier."""
 MODEL_KEY = "__model_graph_sha256__"
 """The entry of an adapted-weights file that binds it to its model's graph."""
-EUCLIDEAN_EPS = 1e-12
-"""ProtoNet's offset under the square root of a Euclidean distance (``lthmaml.meta.protonet``)."""
 
 
 def _session(artifact: OnnxArtifact, threads: int) -> Any:

@@ -35,7 +35,7 @@ from lthmaml.edge.packing import unpack_tensors
 from lthmaml.errors import ConfigError, DataError, LthmamlError
 from lthmaml.files import read_bytes
 from lthmaml.masks import folded
-from lthmaml.meta.protonet import DISTANCES
+from lthmaml.meta.distances import DISTANCES
 from lthmaml.nets.models import MLP, CNPNet, Conv4
 from lthmaml.nets.resnet import ResNet12, ResNet18
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, get_args
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,12 +10,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lthmaml.errors import ConfigError
+from lthmaml.meta.distances import DISTANCES, EUCLIDEAN_EPS, Distance
 from lthmaml.meta.metric import MetricLearner
-
-Distance = Literal["squared", "euclidean"]
-DISTANCES = get_args(Distance)
-EUCLIDEAN_EPS = 1e-12
-"""Added under the square root, so the gradient stays finite for a query on its prototype."""
 
 
 def prototypes(support: Tensor, support_y: Tensor, ways: int) -> Tensor:
