@@ -17,15 +17,15 @@ shared Omniglot subset, each from its shipped config):
   one-shot lottery ticket (``LotteryTicket``: rounds 1, prune_rate 0.8, the output layer at half
   rate, rewound to init, or with ``--rewind-to K`` to the weights after ``K`` meta-updates of the
   dense round: late rewinding), each round the whole epochs closest to ``--minutes`` of meta-updates
-  measured on this machine by a short calibration fit, every round tested on the config's 600
-  meta-test tasks.
+  measured on this machine by a short calibration fit (``--epochs N`` instead: N epochs, for runs
+  of separate commands that must pair), every round tested on the config's 600 meta-test tasks.
   Reported: meta-test accuracy (mean ± 95% CI) of the dense round and the 80% ticket, and the
   round's training wall time.
 
     python -m bench.learners --part adapt                      # ~2 minutes on one core
     python -m bench.learners --part train --minutes 20         # 40 minutes per learner
     python -m bench.learners --part train --learners protonet-5way protonet-20way --minutes 20
-    python -m bench.learners --part train --learners maml-20way --minutes 30 --rewind-to 250
+    python -m bench.learners --part train --learners maml-20way --epochs 6 --rewind-to 100
     python -m bench.learners --collect bench/out/learners-*.json   # one table
 """
 
@@ -283,20 +283,24 @@ def epochs_for(updates: float, updates_per_epoch: int) -> int:
     return max(1, round(updates / updates_per_epoch))
 
 
-def train_one(name: str, minutes: float, root: Path, rewind_to: str = "init") -> dict[str, Any]:
+def train_one(
+    name: str, minutes: float, root: Path, rewind_to: str = "init", epochs: Optional[int] = None
+) -> dict[str, Any]:
     """The dense round and the 80% ticket of ``name``, each about ``minutes`` of meta-updates long
-    (whole epochs), the ticket's weights rewound to ``rewind_to`` (``init`` or a step)."""
+    (whole epochs; ``epochs`` fixes their number instead, so that runs of separate commands pair),
+    the ticket's weights rewound to ``rewind_to`` (``init`` or a step)."""
     from lthmaml.cli import main as lthmaml
 
     root.mkdir(parents=True, exist_ok=True)
     config, overrides = LEARNERS[name]
     module, data = build_module(name)
     per_epoch = data["tasks_per_epoch"] // data["meta_batch_size"]
-    epochs = epochs_for(60 * minutes / seconds_per_update(name, root), per_epoch)
+    if epochs is None:
+        epochs = epochs_for(60 * minutes / seconds_per_update(name, root), per_epoch)
     rates = "{net.head: 0.5}" if module_has_head(module) else "{}"
     clock = root / f"{name}-clock.json"
     print(
-        f"learners: {name}: 2 rounds of {epochs} epochs of {per_epoch} meta-updates (~{minutes:g} min each)",
+        f"learners: {name}: 2 rounds of {epochs} epochs of {per_epoch} meta-updates",
         file=sys.stderr,
     )
     lthmaml(
@@ -390,6 +394,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--part", choices=["adapt", "train", "both"], default="adapt")
     parser.add_argument("--learners", nargs="+", default=list(LEARNERS), choices=list(LEARNERS))
     parser.add_argument("--minutes", type=float, default=20.0, help="meta-training per round (train part)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs a round instead of calibrating --minutes (train part)",
+    )
     parser.add_argument("--repeats", type=int, default=30, help="tasks timed per artifact (adapt part)")
     parser.add_argument("--checkpoints", default=None, help="adapt the train part's rounds under this folder")
     parser.add_argument("--out", default="runs/learners", help="the train part's run folders")
@@ -416,7 +426,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         adapt = adaptation_part(args) if args.part in ("adapt", "both") else []
         train = (
-            [train_one(name, args.minutes, Path(args.out), args.rewind_to) for name in args.learners]
+            [
+                train_one(name, args.minutes, Path(args.out), args.rewind_to, args.epochs)
+                for name in args.learners
+            ]
             if args.part != "adapt"
             else []
         )
