@@ -174,11 +174,11 @@ def train_and_test(name: str, overrides: list[str], args: argparse.Namespace) ->
 
 
 def test_checkpoint(test_args: list[str]) -> dict[str, float]:
-    from lthmaml.cli import MetaCLI
+    from lthmaml.cli import LthmamlCLI
 
     captured: dict[str, float] = {}
 
-    class Capture(MetaCLI):
+    class Capture(LthmamlCLI):
         def after_test(self) -> None:
             captured.update(self.model.test_results)
 

@@ -79,10 +79,10 @@ def build_module(name: str, extra: Optional[list[str]] = None) -> tuple[torch.nn
     """The learner's LightningModule as its config builds it (seeded), and the config's data section."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    from lthmaml.cli import TRAINER_DEFAULTS, MetaCLI
+    from lthmaml.cli import TRAINER_DEFAULTS, LthmamlCLI
 
     config, overrides = LEARNERS[name]
-    cli = MetaCLI(
+    cli = LthmamlCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

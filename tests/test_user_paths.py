@@ -323,7 +323,7 @@ def test_the_pi_demo_drops_lightning_tips_and_torch_leafspec_notices(edge_task, 
 
 
 def test_predict_options_are_refused_elsewhere_and_a_classifier_has_no_tasks_to_predict(in_tmp, capsys):
-    from lthmaml.cli import MetaCLI
+    from lthmaml.cli import LthmamlCLI
     from lthmaml.errors import ConfigError
     from lthmaml.meta.classifier import Classifier
     from lthmaml.nets.models import MLP
@@ -333,4 +333,4 @@ def test_predict_options_are_refused_elsewhere_and_a_classifier_has_no_tasks_to_
     assert exit_info.value.code == 2
     assert error_line(capsys) == "lthmaml: error: --task_folder and --output: for predict, not fit"
     with pytest.raises(ConfigError, match="Classifier adapts to none: use `lthmaml test`"):
-        MetaCLI.predict(None, Classifier(MLP(in_features=1, hidden=[4], out_features=2)))
+        LthmamlCLI.predict(None, Classifier(MLP(in_features=1, hidden=[4], out_features=2)))

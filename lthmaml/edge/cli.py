@@ -17,7 +17,7 @@ writes ``predictions.csv`` there (or ``--output``). Every launch pays Python's, 
 start-up (seconds on a Pi), so ``fit --predict_after_fit true`` adapts and writes
 ``predictions.csv`` in one launch, and the log gives start-up, fit and predict times apart.
 ``--model.checkpoint run.ckpt`` starts from a ``lthmaml`` checkpoint instead of an artifact.
-``--threads``, and one-line errors, are the ``lthmaml`` command's (:class:`lthmaml.cli.MetaCLI`).
+``--threads``, and one-line errors, are shared with the ``lthmaml`` command (:class:`lthmaml.commands.MetaCLI`).
 
 A ProtoNet or MatchingNet artifact (its metadata's ``learner``) is adapted by embedding the
 support set: ``fit`` computes the prototypes / support embeddings (0 epochs, no backward pass)
@@ -39,7 +39,7 @@ from typing import Optional
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_info
 
-from lthmaml.cli import PARSER_KWARGS, LoggedConfig, MetaCLI, interrupted_quietly, quiet_third_party
+from lthmaml.commands import PARSER_KWARGS, LoggedConfig, MetaCLI, interrupted_quietly, quiet_third_party
 from lthmaml.data.taskfolder import TaskFolderDataModule
 from lthmaml.edge.finetune import FineTuneModule
 from lthmaml.edge.launch import process_start
@@ -65,7 +65,7 @@ EDGE_TRAINER_DEFAULTS = {
 
 
 class EdgeCLI(MetaCLI):
-    """:class:`~lthmaml.cli.MetaCLI` for fine-tuning: its ``--threads``, no checkpoint callbacks,
+    """:class:`~lthmaml.commands.MetaCLI` for fine-tuning: its ``--threads``, no checkpoint callbacks,
     ``--output`` (fit: the fine-tuned artifact; predict: ``predictions.csv`` or its folder) and
     ``--test_after_fit`` (tests the fine-tuned weights in memory); one folder per task folder
     (:meth:`task_dir`)."""

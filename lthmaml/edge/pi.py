@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import yaml
 
-from lthmaml.cli import interrupted_quietly, quiet_third_party
+from lthmaml.commands import interrupted_quietly, quiet_third_party
 from lthmaml.edge.cli import EdgeCLI, run_cli
 from lthmaml.errors import ConfigError, DataError, one_line_errors
 
