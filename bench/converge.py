@@ -174,7 +174,7 @@ def train_and_test(name: str, overrides: list[str], args: argparse.Namespace) ->
 
 
 def test_checkpoint(test_args: list[str]) -> dict[str, float]:
-    from lthmaml.cli import LthmamlCLI
+    from lthmaml.cli import LthmamlCLI, command
 
     captured: dict[str, float] = {}
 
@@ -182,20 +182,7 @@ def test_checkpoint(test_args: list[str]) -> dict[str, float]:
         def after_test(self) -> None:
             captured.update(self.model.test_results)
 
-    from lightning.pytorch import LightningDataModule, LightningModule
-
-    from lthmaml.cli import TRAINER_DEFAULTS
-
-    Capture(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        args=test_args,
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-    )
+    command(test_args, Capture, save_config_callback=None)
     return captured
 
 

@@ -77,21 +77,11 @@ LEARNERS: dict[str, tuple[str, list[str]]] = {
 # ---------------------------------------------------------------------------- building the nets
 def build_module(name: str, extra: Optional[list[str]] = None) -> tuple[torch.nn.Module, dict]:
     """The learner's LightningModule as its config builds it (seeded), and the config's data section."""
-    from lightning.pytorch import LightningDataModule, LightningModule
-
-    from lthmaml.cli import TRAINER_DEFAULTS, LthmamlCLI
+    from lthmaml.cli import command
 
     config, overrides = LEARNERS[name]
-    cli = LthmamlCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        args=["-c", str(REPO / config), *overrides, *(extra or [])],
-        run=False,
-        auto_configure_optimizers=False,
-        save_config_callback=None,
+    cli = command(
+        ["-c", str(REPO / config), *overrides, *(extra or [])], run=False, save_config_callback=None
     )
     return cli.model, cli.config["data"]["init_args"]
 

@@ -81,17 +81,26 @@ class RunConfig(LoggedConfig):
         )
 
 
+def command(args: Optional[list[str]], cli_class: type[LthmamlCLI] = LthmamlCLI, **kwargs: Any) -> LthmamlCLI:
+    """The ``lthmaml`` command on ``args`` (any LightningModule and DataModule, the trainer
+    defaults above); ``kwargs`` go to LightningCLI (``run=False``: build the config's objects only)."""
+    return cli_class(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=args,
+        auto_configure_optimizers=False,
+        **kwargs,
+    )
+
+
 def main(args: Optional[list[str]] = None) -> None:
     quiet_third_party()
     with interrupted_quietly(LthmamlCLI.prog), one_line_errors(LthmamlCLI.prog):
-        LthmamlCLI(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults=TRAINER_DEFAULTS,
-            args=args,
-            auto_configure_optimizers=False,
+        command(
+            args,
             save_config_callback=RunConfig,
             parser_kwargs={**PARSER_KWARGS, "description": DESCRIPTION},
         )

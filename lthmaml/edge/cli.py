@@ -17,7 +17,8 @@ writes ``predictions.csv`` there (or ``--output``). Every launch pays Python's, 
 start-up (seconds on a Pi), so ``fit --predict_after_fit true`` adapts and writes
 ``predictions.csv`` in one launch, and the log gives start-up, fit and predict times apart.
 ``--model.checkpoint run.ckpt`` starts from a ``lthmaml`` checkpoint instead of an artifact.
-``--threads``, and one-line errors, are shared with the ``lthmaml`` command (:class:`lthmaml.commands.MetaCLI`).
+``--threads``, and one-line errors, are shared with the ``lthmaml`` command
+(:class:`lthmaml.commands.MetaCLI`).
 
 A ProtoNet or MatchingNet artifact (its metadata's ``learner``) is adapted by embedding the
 support set: ``fit`` computes the prototypes / support embeddings (0 epochs, no backward pass)
