@@ -27,10 +27,9 @@ from torch import Tensor
 Validation = Literal["auto", "folder", "holdout", "augment", "none"]
 """How a task's validation split is found: ``folder`` (``val/`` or ``val.csv``), ``holdout``,
 ``augment``, ``none``; ``auto`` takes the folder if there is one, else none. A derived split is
-asked for by name: on the Omniglot meta-test tasks of ``bench/early_stopping.py`` it cost
-accuracy (1-shot: 83.8% stopping on jittered copies against 85.0% for the artifact's 3 inner
-steps without validation), because the net still improves on new images after it is perfect on
-its own support images moved a little."""
+asked for by name, never chosen for the user: stopping on one can cost accuracy against the
+meta-learned inner steps, because the net still improves on new images after it is perfect on its
+own support images moved a little (docs/benchmarks.md, ``bench/early_stopping.py``)."""
 
 
 def holdout_per_class(y: Tensor, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
