@@ -379,6 +379,12 @@ def rewind_point(text: str) -> str:
     return text
 
 
+def whole_epochs(text: str) -> int:
+    if not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of epochs > 0, got {text!r}")
+    return int(text)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.learners", description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["adapt", "train", "both"], default="adapt")
@@ -386,7 +392,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--minutes", type=float, default=20.0, help="meta-training per round (train part)")
     parser.add_argument(
         "--epochs",
-        type=int,
+        type=whole_epochs,
         default=None,
         help="epochs a round instead of calibrating --minutes (train part)",
     )

@@ -110,7 +110,7 @@ def test_a_round_is_the_whole_epochs_nearest_the_calibrated_updates():
     assert epochs_for(2727, 200) == 14
 
 
-def test_the_rewind_point_is_init_or_a_positive_step_and_a_bad_one_fails_before_training(capsys):
+def test_a_bad_rewind_point_or_round_length_fails_before_training(capsys):
     from bench.learners import main, rewind_point
 
     assert rewind_point("init") == "init" and rewind_point("250") == "250"
@@ -120,3 +120,7 @@ def test_the_rewind_point_is_init_or_a_positive_step_and_a_bad_one_fails_before_
         assert stop.value.code == 2
         expected = f"--rewind-to: expected init or a number of meta-updates > 0, got {bad!r}"
         assert expected in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["--part", "train", "--epochs", "0", "--out", "/nonexistent/never-made"])
+    assert stop.value.code == 2
+    assert "--epochs: expected a number of epochs > 0, got '0'" in capsys.readouterr().err
