@@ -16,7 +16,8 @@ shared Omniglot subset, each from its shipped config):
 - ``--part train`` (``--minutes`` per round per learner): ``lthmaml fit`` of the config with a
   one-shot lottery ticket (``LotteryTicket``: rounds 1, prune_rate 0.8, the output layer at half
   rate, rewound to init, or with ``--rewind-to K`` to the weights after ``K`` meta-updates of the
-  dense round: late rewinding), each round the whole epochs closest to ``--minutes`` of meta-updates
+  dense round: late rewinding; ``--rewind-to none``: not rewound, the pruned dense net trained
+  on), each round the whole epochs closest to ``--minutes`` of meta-updates
   measured on this machine by a short calibration fit (``--epochs N`` instead: N epochs, for runs
   of separate commands that must pair), every round tested on the config's 600 meta-test tasks.
   Reported: meta-test accuracy (mean ± 95% CI) of the dense round and the 80% ticket, and the
@@ -373,9 +374,9 @@ def speedups(adapt: list[dict[str, Any]]) -> list[str]:
 
 
 def rewind_point(text: str) -> str:
-    """``init`` or a whole number of meta-updates, checked before any training."""
-    if text != "init" and not (text.isdigit() and int(text) > 0):
-        raise argparse.ArgumentTypeError(f"expected init or a number of meta-updates > 0, got {text!r}")
+    """``init``, ``none`` or a whole number of meta-updates, checked before any training."""
+    if text not in ("init", "none") and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected init, none or a number of meta-updates > 0, got {text!r}")
     return text
 
 
@@ -403,7 +404,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--rewind-to",
         default="init",
         type=rewind_point,
-        help="the ticket's weights: init, or those after this many meta-updates (late rewinding)",
+        help="the ticket's weights: init, those after this many meta-updates (late rewinding), or none "
+        "(the dense round's trained weights pruned and trained on: fine-tuning, not a lottery ticket)",
     )
     parser.add_argument(
         "--json", default=None, help="write the results here (default bench/out/learners.json)"

@@ -113,12 +113,12 @@ def test_a_round_is_the_whole_epochs_nearest_the_calibrated_updates():
 def test_a_bad_rewind_point_or_round_length_fails_before_training(capsys):
     from bench.learners import main, rewind_point
 
-    assert rewind_point("init") == "init" and rewind_point("250") == "250"
+    assert [rewind_point(point) for point in ("init", "none", "250")] == ["init", "none", "250"]
     for bad in ("0", "-5", "early", "2.5"):
         with pytest.raises(SystemExit) as stop:
             main(["--part", "train", "--rewind-to", bad, "--out", "/nonexistent/never-made"])
         assert stop.value.code == 2
-        expected = f"--rewind-to: expected init or a number of meta-updates > 0, got {bad!r}"
+        expected = f"--rewind-to: expected init, none or a number of meta-updates > 0, got {bad!r}"
         assert expected in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(["--part", "train", "--epochs", "0", "--out", "/nonexistent/never-made"])
