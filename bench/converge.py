@@ -91,6 +91,10 @@ RECIPES: dict[str, list[str]] = {
     # Within one alphabet: one more training alphabet (Latin) taken from validation; the two test
     # alphabets stay, so the test tasks are the same. Koch et al. trained on 40 alphabets.
     "five-alphabets": [f"{D}class_split", "[5, 1, 2]"],
+    # ProtoNet: three conv blocks instead of four. At 28 pixels the fourth block pools a 3x3 map to
+    # one pixel; without it the embedding keeps where the strokes are (576 features, not 64), for
+    # a little less compute.
+    "blocks3": [f"{M}net.init_args.blocks", "3"],
 }
 """Named recipes of the sweep (CLI overrides); ``shipped`` is whatever the base config says now."""
 RECIPES["shipped"] = []
