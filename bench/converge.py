@@ -76,6 +76,7 @@ RECIPES: dict[str, list[str]] = {
     # ProtoNet sweep (with the affine distortions): Snell et al. train on wider episodes than they
     # test; easyfsl's logits are minus the Euclidean distance, not its square.
     "affine-euclid": [f"{D}augment_affine", "true", f"{M}distance", "euclidean"],
+    "squared": [f"{M}distance", "squared"],  # Snell et al.'s, what the 20-way config took before
     "affine-wide40": [f"{D}augment_affine", "true", f"{D}train_ways", "40", f"{D}meta_batch_size", "1"],
     "affine-w128": [f"{D}augment_affine", "true", f"{M}net.init_args.hidden_channels", "128"],
     # The 20-way config halves its learning rate every 2000 updates (Snell et al.); this keeps it.

@@ -53,6 +53,23 @@ def test_the_20way_protonet_config_halves_its_rate_every_2000_updates_and_consta
     assert constant["model"]["init_args"]["lr_scheduler"] is None
 
 
+def test_the_20way_protonet_config_takes_the_euclidean_distance_and_within_keeps_the_square(resolved_config):
+    across = resolved_config("-c", CONFIGS / "protonet_20way1shot.yaml")
+    squared = resolved_config("-c", CONFIGS / "protonet_20way1shot.yaml", *RECIPES["squared"])
+    within = resolved_config(
+        "-c", CONFIGS / "protonet_20way1shot.yaml", "-c", CONFIGS / "protonet_20way1shot_within.yaml"
+    )
+    assert [c["model"]["init_args"]["distance"] for c in (across, squared, within)] == [
+        "euclidean",
+        "squared",
+        "squared",
+    ]
+    # Stacking the within config changes the distance and the tasks, nothing else of the model.
+    assert {k: v for k, v in within["model"]["init_args"].items() if k != "distance"} == {
+        k: v for k, v in across["model"]["init_args"].items() if k != "distance"
+    }
+
+
 def test_finn_20way_restores_the_papers_maml_settings_on_the_shipped_20way_config(resolved_config):
     shipped = resolved_config("-c", CONFIGS / "omniglot_20way1shot.yaml")
     paper = resolved_config("-c", CONFIGS / "omniglot_20way1shot.yaml", *RECIPES["finn-20way"])
